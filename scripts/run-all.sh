@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR disable=SC2317 # functions run from traps
+# Runs one projector process per partition against PostgreSQL.
+#
+# Usage: scripts/run-all.sh [N] [PROJECTOR_ARGS...]
+#   N               number of partitions / processes (default 4)
+#   PROJECTOR_ARGS  passed to every process (e.g. --projection aggregate-stats)
+#
+# Without DATABASE_URL, a local server is run from .pgdata/ at the repository
+# root and stopped on exit. Each output line is prefixed with `[pK/N]`.
+# Ctrl-C or SIGTERM stops all processes. Process ids are kept in
+# .run-all.pids; a new run first stops the processes of an earlier one.
+set -euo pipefail
+
+usage() {
+    echo "usage: $(basename "$0") [N] [PROJECTOR_ARGS...]   (N: positive integer, default 4)"
+}
+
+n=4
+if [[ $# -gt 0 ]]; then
+    case $1 in
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    --*) ;; # no N given: everything is projector arguments
+    *)
+        if [[ ! $1 =~ ^[1-9][0-9]{0,3}$ ]]; then
+            usage >&2
+            exit 2
+        fi
+        n=$1
+        shift
+        ;;
+    esac
+fi
+extra=("$@")
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+source "$here/lib/pg.sh"
+cd "$root"
+
+bin=$root/target/release/projector
+pidfile=$root/.run-all.pids
+pgdir=
+pids=()
+children_done=0
+export RUST_LOG=${RUST_LOG:-info}
+
+log() {
+    printf 'run-all: %s\n' "$*" >&2
+}
+
+# True when PID is a projector process or a run-all.sh script.
+is_ours() {
+    local args
+    args=$(ps -o args= -p "$1" 2>/dev/null) || return 1
+    [[ $args == *projector* || $args == *run-all.sh* ]]
+}
+
+# Stops the processes listed in the pid file by an earlier run. The earlier
+# script is asked first (it stops its own processes and server); processes
+# whose script is gone are signalled directly.
+stop_previous_run() {
+    [[ -f $pidfile ]] || return 0
+    local pid runner='' live=() i alive=0
+    while read -r pid; do
+        [[ $pid =~ ^[0-9]+$ && $pid != "$$" ]] || continue
+        is_ours "$pid" || continue
+        if [[ -z $runner && $(ps -o args= -p "$pid" 2>/dev/null) == *run-all.sh* ]]; then
+            runner=$pid
+        fi
+        live+=("$pid")
+    done <"$pidfile"
+    if ((${#live[@]} > 0)); then
+        log "stopping ${#live[@]} process(es) from an earlier run"
+        if [[ -n $runner ]]; then
+            kill -TERM "$runner" 2>/dev/null || true
+        else
+            kill -TERM "${live[@]}" 2>/dev/null || true
+        fi
+        for ((i = 0; i < 100; i++)); do
+            alive=0
+            for pid in "${live[@]}"; do
+                kill -0 "$pid" 2>/dev/null && alive=1 && break
+            done
+            ((alive)) || break
+            sleep 0.1
+        done
+        if ((alive)); then
+            log "warning: processes from the earlier run are still alive after 10 s"
+        fi
+    fi
+    rm -f -- "$pidfile"
+}
+
+# Sends SIGTERM to our projector processes and waits for them (SIGKILL after
+# 30 s).
+stop_children() {
+    ((${#pids[@]} > 0 && !children_done)) || return 0
+    local pid watchdog
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    (
+        sleep 30
+        kill -KILL "${pids[@]}" 2>/dev/null
+    ) &
+    watchdog=$!
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    kill "$watchdog" 2>/dev/null || true
+    wait "$watchdog" 2>/dev/null || true
+    children_done=1
+}
+
+cleanup() {
+    trap '' INT TERM HUP
+    stop_children
+    if [[ -n $pgdir ]]; then
+        pg_stop "$pgdir" || true
+    fi
+    # Remove the pid file only if it is still ours.
+    if [[ -f $pidfile && $(head -n 1 "$pidfile" 2>/dev/null) == "$$" ]]; then
+        rm -f -- "$pidfile"
+    fi
+}
+
+on_signal() {
+    trap '' INT TERM HUP
+    log "stopping ${#pids[@]} projector process(es)"
+    stop_children
+    exit 0
+}
+
+trap cleanup EXIT
+trap on_signal INT TERM HUP
+
+if command -v cargo >/dev/null 2>&1; then
+    log "building target/release/projector"
+    cargo build --release --quiet --bin projector
+elif [[ ! -x $bin ]]; then
+    log "cargo not found and $bin does not exist"
+    exit 1
+fi
+
+stop_previous_run
+
+if [[ -z ${DATABASE_URL:-} ]]; then
+    pgdir=$root/.pgdata
+    pg_start "$pgdir"
+    log "PostgreSQL at $DATABASE_URL (data in .pgdata/)"
+fi
+
+"$bin" migrate
+"$bin" seed --if-empty
+
+# Each process runs in its own session when possible, so a terminal Ctrl-C
+# reaches only this script, which then sends a single SIGTERM to each.
+launcher=()
+if command -v setsid >/dev/null 2>&1; then
+    launcher=(setsid)
+fi
+
+# Prefixes each line of stdin with $1, without buffering.
+prefix_lines() {
+    if ((sed_unbuffered)); then
+        sed -u "s|^|$1|"
+    else
+        awk -v p="$1" '{ print p $0; fflush() }'
+    fi
+}
+sed_unbuffered=0
+if sed -u '' </dev/null >/dev/null 2>&1; then
+    sed_unbuffered=1
+fi
+
+for ((k = 0; k < n; k++)); do
+    "${launcher[@]}" "$bin" --partition-key "$k" --total-partitions "$n" "${extra[@]}" \
+        > >(prefix_lines "[p$k/$n] ") 2>&1 &
+    pids+=("$!")
+done
+printf '%s\n' "$$" "${pids[@]}" >"$pidfile"
+log "started ${#pids[@]} projector process(es): ${pids[*]}"
+
+# Exit with the first non-zero status among the processes (in partition order).
+status=0
+for pid in "${pids[@]}"; do
+    if wait "$pid"; then
+        :
+    else
+        rc=$?
+        ((status != 0)) || status=$rc
+    fi
+done
+children_done=1
+exit "$status"

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# The project's test command: formatting, lints, builds and all tests.
+#
+# Usage: scripts/test.sh [ARGS...]
+# ARGS go to `cargo test --all-targets` (e.g. a test-name filter).
+# Without DATABASE_URL, a throw-away PostgreSQL server is started for the run.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+source "$here/lib/pg.sh"
+
+cd "$root"
+
+pgdir=
+cleanup() {
+    if [[ -n $pgdir ]]; then
+        pg_stop "$pgdir" || true
+        rm -rf -- "$pgdir"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+if [[ -z ${DATABASE_URL:-} ]]; then
+    pgdir=$(mktemp -d "${TMPDIR:-/tmp}/projector-test-pg.XXXXXX")
+    [[ ${EUID} -eq 0 ]] && chown postgres: "$pgdir"
+    PG_FAST=1 pg_start "$pgdir"
+    printf 'Using a temporary PostgreSQL server at %s\n' "$DATABASE_URL"
+fi
+
+step() {
+    printf '\n==> %s\n' "$*"
+    if ! "$@"; then
+        printf '\n==> FAILED: %s\n' "$*" >&2
+        exit 1
+    fi
+}
+
+step cargo fmt --all -- --check
+step cargo clippy --all-targets --all-features -- -D warnings
+step cargo build --no-default-features
+step cargo test --all-targets "$@"
+step cargo test --doc
+
+printf '\n==> All checks passed\n'

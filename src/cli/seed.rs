@@ -1,0 +1,60 @@
+//! `projector seed`: demo users appended through the library's append.
+
+use log::info;
+use projector::{Database, Error, ExpectedVersion, NewEvent};
+use uuid::Uuid;
+
+use super::args::Seed;
+
+const CONTEXT: &str = "identity";
+const AGGREGATE: &str = "User";
+
+pub(crate) fn seed(database: &Database, seed: &Seed) -> Result<(), Error> {
+    let mut client = database.connect()?;
+    if seed.if_empty {
+        let any = client
+            .query_opt("SELECT 1 FROM events LIMIT 1", &[])
+            .map_err(|source| Error::Database {
+                action: "looking for events (did you run `projector migrate`?)".into(),
+                source,
+            })?;
+        if any.is_some() {
+            info!("the store already holds events: seeding nothing");
+            return Ok(());
+        }
+    }
+    let mut appended = 0u64;
+    for n in 0..seed.users {
+        let id = Uuid::new_v4().to_string();
+        let mut events = vec![event(
+            &id,
+            "UserCreated",
+            serde_json::json!({ "email": format!("user{n}@example.com"), "name": format!("User {n}") }),
+        )];
+        for r in 1..=seed.renames {
+            events.push(event(
+                &id,
+                "UserRenamed",
+                serde_json::json!({ "name": format!("User {n} ({r})") }),
+            ));
+        }
+        for e in 1..=seed.email_changes {
+            events.push(event(
+                &id,
+                "UserEmailChanged",
+                serde_json::json!({ "email": format!("user{n}.{e}@example.com") }),
+            ));
+        }
+        appended += events.len() as u64;
+        projector::append(&mut client, ExpectedVersion::NoStream, &events)?;
+        if (n + 1) % 10_000 == 0 {
+            info!("seeded {} users ({appended} events)", n + 1);
+        }
+    }
+    info!("seeded {} users: {appended} events", seed.users);
+    Ok(())
+}
+
+fn event(id: &str, event_type: &str, payload: serde_json::Value) -> NewEvent {
+    NewEvent::new(CONTEXT, AGGREGATE, id, event_type, payload.to_string().into_bytes())
+}

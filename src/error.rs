@@ -1,0 +1,240 @@
+//! The crate's one error type.
+
+use std::fmt;
+
+/// The error a projection's `apply` may return: any error, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in the projector.
+///
+/// Display is a short phrase naming the thing at fault (setting, projection, partition,
+/// position) and, where it helps, what to do; the cause is reachable through
+/// [`source`](std::error::Error::source). No variant ever holds a password.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting has a value that cannot be used.
+    InvalidSetting {
+        /// The setting, as the user spells it (a flag such as `--partition-key`).
+        setting: String,
+        /// The value given.
+        value: String,
+        /// Why it cannot be used and what to give instead.
+        reason: String,
+    },
+    /// The database could not be reached.
+    Connect {
+        /// Where, with the password removed.
+        target: String,
+        /// The driver's error.
+        source: postgres::Error,
+    },
+    /// No pooled connection became available in time.
+    Pool {
+        /// The pool's error.
+        source: r2d2::Error,
+    },
+    /// A statement failed.
+    Database {
+        /// What the projector was doing.
+        action: String,
+        /// The driver's error.
+        source: postgres::Error,
+    },
+    /// The schema lacks the projector's tables.
+    MissingTables {
+        /// The schema looked in.
+        schema: String,
+        /// The tables not found.
+        tables: Vec<String>,
+    },
+    /// The projection's checkpoints were written under another partition count.
+    LayoutMismatch {
+        /// The projection.
+        projection: String,
+        /// Partition counts found in the stored checkpoints.
+        stored: Vec<u32>,
+        /// The partition count asked for.
+        requested: u32,
+    },
+    /// An append found the aggregate at another version than expected.
+    VersionConflict {
+        /// `bounded_context/aggregate_type/aggregate_id`.
+        aggregate: String,
+        /// What the caller expected, in words.
+        expected: String,
+        /// The version found (0: no stream), when known.
+        actual: Option<i64>,
+    },
+    /// An append was given events that cannot be stored together.
+    InvalidAppend {
+        /// What is wrong.
+        reason: String,
+    },
+    /// A projection kept failing on one event; its checkpoint is left just before it.
+    Projection {
+        /// The projection's name.
+        projection: String,
+        /// The partition key.
+        partition: u32,
+        /// The number of partitions.
+        total: u32,
+        /// Global position of the failing event.
+        position: i64,
+        /// Its aggregate id.
+        aggregate_id: String,
+        /// Its event type.
+        event_type: String,
+        /// How many times it was tried.
+        attempts: u32,
+        /// The projection's error, or the panic message.
+        source: BoxError,
+    },
+    /// A runtime thread ended without reporting (it panicked outside a projection).
+    ThreadPanicked {
+        /// The thread's name.
+        thread: String,
+    },
+}
+
+impl Error {
+    /// True when the error comes from how the projector was configured or invoked (bad
+    /// setting, missing tables, partition layout mismatch), rather than from a failure at run
+    /// time. The command-line tool exits with code 2 for these.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidSetting { .. } | Error::MissingTables { .. } | Error::LayoutMismatch { .. }
+        )
+    }
+
+    /// An [`Error::InvalidSetting`]: `setting` has `value`, which cannot be used because `reason`.
+    pub fn invalid_setting(
+        setting: impl Into<String>,
+        value: impl fmt::Display,
+        reason: impl Into<String>,
+    ) -> Error {
+        Error::InvalidSetting {
+            setting: setting.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn database(action: impl Into<String>) -> impl FnOnce(postgres::Error) -> Error {
+        let action = action.into();
+        move |source| Error::Database { action, source }
+    }
+
+    /// True when the error means the connection to the database was lost (worth retrying
+    /// on a fresh connection), as opposed to a statement the database refused.
+    pub(crate) fn is_connection_loss(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::Pool { .. } => true,
+            Error::Database { source, .. } => is_connection_loss(source),
+            _ => false,
+        }
+    }
+}
+
+/// A driver error that means the connection is gone rather than the statement refused.
+pub(crate) fn is_connection_loss(error: &postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        // No SQLSTATE: an I/O or protocol error.
+        None => true,
+        // Class 08: connection exception; 57P01..57P03: the server is shutting down or starting.
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidSetting {
+                setting,
+                value,
+                reason,
+            } => write!(f, "invalid value '{value}' for {setting}: {reason}"),
+            Error::Connect { target, .. } => write!(f, "could not connect to the database at {target}"),
+            Error::Pool { .. } => write!(
+                f,
+                "no database connection became available in time: check that the database is up, \
+                 or increase the pool size"
+            ),
+            Error::Database { action, .. } => write!(f, "database error while {action}"),
+            Error::MissingTables { schema, tables } => write!(
+                f,
+                "table(s) {} not found in schema '{schema}': run `projector migrate` first",
+                tables.join(", ")
+            ),
+            Error::LayoutMismatch {
+                projection,
+                stored,
+                requested,
+            } => {
+                let stored: Vec<String> = stored.iter().map(u32::to_string).collect();
+                write!(
+                    f,
+                    "projection '{projection}' has checkpoints for {} partition(s), not {requested}: \
+                     a checkpoint only holds under the partition count that wrote it, so running \
+                     with {requested} would skip or repeat events. Start with --total-partitions {} \
+                     or rebuild the projection from the start",
+                    stored.join(" and "),
+                    stored.first().map(String::as_str).unwrap_or("?"),
+                )
+            }
+            Error::VersionConflict {
+                aggregate,
+                expected,
+                actual,
+            } => {
+                write!(f, "version conflict on {aggregate}: expected {expected}, ")?;
+                match actual {
+                    Some(actual) => write!(f, "found version {actual}")?,
+                    None => f.write_str("another append got there first")?,
+                }
+                f.write_str("; reload the aggregate and retry")
+            }
+            Error::InvalidAppend { reason } => write!(f, "cannot append: {reason}"),
+            Error::Projection {
+                projection,
+                partition,
+                total,
+                position,
+                aggregate_id,
+                event_type,
+                attempts,
+                ..
+            } => write!(
+                f,
+                "projection '{projection}' failed on partition {partition}/{total} at global position \
+                 {position} (aggregate '{aggregate_id}', event type '{event_type}') after {attempts} \
+                 attempt(s); its checkpoint is left before this event, fix the cause and restart"
+            ),
+            Error::ThreadPanicked { thread } => write!(f, "thread '{thread}' panicked"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Connect { source, .. } | Error::Database { source, .. } => Some(source),
+            Error::Pool { source } => Some(source),
+            Error::Projection { source, .. } => Some(source.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl From<r2d2::Error> for Error {
+    fn from(source: r2d2::Error) -> Error {
+        Error::Pool { source }
+    }
+}

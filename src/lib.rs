@@ -1,0 +1,136 @@
+//! Partitioned, exactly-once event-sourcing projections over a PostgreSQL event store.
+//!
+//! # Events
+//! Events live in one append-only `events` table (the layout of pupsourcing's PostgreSQL
+//! store), each with a `global_position` that grows with every append. [`append`] adds events
+//! to one aggregate with an [`ExpectedVersion`]; [`read_stream`] reads one aggregate back.
+//!
+//! # Partitions
+//! The stream is split into `N` partitions by aggregate: an event belongs to partition
+//! [`partition_of`]`(aggregate_id, N)`, FNV-1a 32-bit of the id modulo `N`. All events of one
+//! aggregate are in one partition and are applied in order. Several processes (or several
+//! threads of one) share the partitions: each owns some keys.
+//!
+//! # The journey of an event
+//! A [`Runner`] has one **fetcher** thread that reads the stream in batches, in position
+//! order, and hands each event over a bounded channel to the **worker** thread of its
+//! partition; events of partitions the process does not own are dropped there. Each worker
+//! applies its events through the [`Projection`] and commits the read-model change and the
+//! partition's checkpoint in **one transaction**. Full channels make the fetcher wait, so memory
+//! stays bounded whatever the backlog.
+//!
+//! # Checkpoints
+//! A checkpoint is kept per projection, partition count and partition. The worker locks its
+//! row (`FOR UPDATE`) in every transaction and applies only events above it, so a restart
+//! repeats nothing and a second process started on the same partition never applies an event
+//! the first one did. Starting a projection with another partition count than its checkpoints
+//! were written under is refused ([`Error::LayoutMismatch`]).
+//!
+//! # Shutdown
+//! [`Runner::shutdown`] (or a [`Stopper`] from another thread) disconnects a channel every
+//! thread watches: the fetcher stops reading, each worker finishes the transaction it is in,
+//! and [`Runner::join`] returns per-partition figures or the first error.
+//!
+//! # Example
+//! ```no_run
+//! use projector::{Builder, BoxError, Context, Database, Event, Projection};
+//! use projector::postgres::Transaction;
+//!
+//! #[derive(Clone)]
+//! struct CountEvents;
+//!
+//! impl Projection for CountEvents {
+//!     fn name(&self) -> &str {
+//!         "event-counts"
+//!     }
+//!
+//!     fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+//!         tx.batch_execute(
+//!             "CREATE TABLE IF NOT EXISTS event_counts (event_type TEXT PRIMARY KEY, n BIGINT NOT NULL)",
+//!         )?;
+//!         Ok(())
+//!     }
+//!
+//!     fn apply(&mut self, tx: &mut Transaction<'_>, event: &Event, _: &Context) -> Result<(), BoxError> {
+//!         tx.execute(
+//!             "INSERT INTO event_counts VALUES ($1, 1) \
+//!              ON CONFLICT (event_type) DO UPDATE SET n = event_counts.n + 1",
+//!             &[&event.event_type],
+//!         )?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! fn main() -> Result<(), projector::Error> {
+//!     let database = Database::new("postgres://app@localhost/app")?;
+//!     let summary = Builder::new(database, CountEvents)
+//!         .partitions(0..4)
+//!         .total_partitions(4)
+//!         .exit_when_caught_up(true)
+//!         .start()?
+//!         .join()?;
+//!     println!("applied {} events", summary.applied());
+//!     Ok(())
+//! }
+//! ```
+
+mod checkpoint;
+mod database;
+mod error;
+mod event;
+mod fetcher;
+mod partition;
+mod projection;
+pub mod projections;
+mod runner;
+mod store;
+mod worker;
+
+use std::time::Duration;
+
+pub use checkpoint::{CheckpointStatus, status};
+pub use database::{Database, Pool, redact};
+pub use error::{BoxError, Error};
+pub use event::{Event, ExpectedVersion, NewEvent};
+pub use partition::{
+    MAX_PARTITIONS, fnv1a32, parse_partition_keys, parse_total_partitions, partition_of,
+};
+pub use postgres;
+pub use projection::{Context, Projection};
+pub use runner::{Builder, Runner, Settings, Stopper, Summary};
+pub use store::{append, migrate, read_stream};
+pub use worker::PartitionSummary;
+
+/// An error and all its causes, as one line: `outer: cause: root cause`.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The delay before retry number `attempt` (1-based): `first`, doubling, at most `max`.
+pub(crate) fn backoff(attempt: u32, first: Duration, max: Duration) -> Duration {
+    let factor = 1u32 << attempt.saturating_sub(1).min(16);
+    first.saturating_mul(factor).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let first = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        let delays: Vec<u128> = (1..=8).map(|n| backoff(n, first, max).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+    }
+}

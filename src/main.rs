@@ -1,0 +1,33 @@
+//! The `projector` command: parses flags, sets up logging and signals, calls the library and
+//! turns the outcome into an exit code (0 clean stop, 1 runtime failure, 2 bad usage or
+//! configuration, 130 forced stop).
+
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let command = match cli::args::parse(&args) {
+        Ok(command) => command,
+        Err(cli::args::Parsed::Help(text)) => {
+            println!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(cli::args::Parsed::Usage(text)) => {
+            eprintln!("{text}");
+            eprintln!("Run projector --help for usage.");
+            return ExitCode::from(2);
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    match cli::run(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", projector::error_chain(&error));
+            ExitCode::from(if error.is_configuration() { 2 } else { 1 })
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The trait a read model implements.
+
+use postgres::Transaction;
+
+use crate::error::BoxError;
+use crate::event::Event;
+
+/// Where an event is being applied: which partition of how many.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Context {
+    /// The partition key of the worker applying the event.
+    pub partition: u32,
+    /// The number of partitions the stream is split into.
+    pub total_partitions: u32,
+}
+
+/// A read model built from the event stream.
+///
+/// Each worker thread applies the events of its partition, in `global_position` order, inside
+/// one database transaction per batch; the same transaction moves the partition's checkpoint.
+/// So the read model and the checkpoint commit together or not at all, and an event is applied
+/// exactly once however the process stops.
+///
+/// A handler must not commit or roll back the transaction it is given, and must not write the
+/// read model through another connection: such writes would escape the checkpoint's
+/// transaction and be repeated after a crash. An error (or a panic) rolls the batch back; the
+/// batch is retried a few times with back-off, then the runner stops with
+/// [`Error::Projection`](crate::Error::Projection), the checkpoint left just before the event.
+///
+/// Every worker gets its own clone of the projection.
+pub trait Projection: Clone + Send + 'static {
+    /// The projection's name: it keys the checkpoints, so renaming it starts from scratch.
+    fn name(&self) -> &str;
+
+    /// Prepares the read model (for example `CREATE TABLE IF NOT EXISTS`). Called once when a
+    /// runner starts, in its own transaction, before any event is applied.
+    fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        let _ = tx;
+        Ok(())
+    }
+
+    /// Applies one event to the read model, through `tx`.
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        context: &Context,
+    ) -> Result<(), BoxError>;
+}

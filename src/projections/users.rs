@@ -1,0 +1,100 @@
+//! `users`: the demo read model of the users that `projector seed` appends.
+
+use log::info;
+use postgres::Transaction;
+use serde_json::Value;
+
+use crate::error::BoxError;
+use crate::event::Event;
+use crate::projection::{Context, Projection};
+
+/// The `users` read model: one row per user (id, e-mail, name, version), plus how many users
+/// each partition created, in `user_partition_counts`.
+///
+/// Understands `UserCreated` (`{"email", "name"}`), `UserRenamed` (`{"name"}`) and
+/// `UserEmailChanged` (`{"email"}`); other events pass through untouched.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Users;
+
+impl Projection for Users {
+    fn name(&self) -> &str {
+        "users"
+    }
+
+    fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS users (
+                 id TEXT PRIMARY KEY,
+                 email TEXT NOT NULL,
+                 name TEXT NOT NULL,
+                 version BIGINT NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS user_partition_counts (
+                 total_partitions INT NOT NULL,
+                 partition_key INT NOT NULL,
+                 users BIGINT NOT NULL,
+                 PRIMARY KEY (total_partitions, partition_key)
+             );",
+        )?;
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        let field = |payload: &Value, name: &str| -> Result<String, BoxError> {
+            payload
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{} payload has no text field '{name}'", event.event_type).into())
+        };
+        let payload = || -> Result<Value, BoxError> {
+            serde_json::from_slice(&event.payload)
+                .map_err(|e| format!("{} payload is not JSON: {e}", event.event_type).into())
+        };
+        match event.event_type.as_str() {
+            "UserCreated" => {
+                let payload = payload()?;
+                let (email, name) = (field(&payload, "email")?, field(&payload, "name")?);
+                tx.execute(
+                    "INSERT INTO users (id, email, name, version) VALUES ($1, $2, $3, $4)",
+                    &[&event.aggregate_id, &email, &name, &event.aggregate_version],
+                )?;
+                let (total, key) = (
+                    i32::try_from(context.total_partitions)?,
+                    i32::try_from(context.partition)?,
+                );
+                tx.execute(
+                    "INSERT INTO user_partition_counts VALUES ($1, $2, 1) \
+                     ON CONFLICT (total_partitions, partition_key) \
+                     DO UPDATE SET users = user_partition_counts.users + 1",
+                    &[&total, &key],
+                )?;
+                info!(
+                    "user created: {} <{email}> '{name}' (partition {}/{})",
+                    event.aggregate_id, context.partition, context.total_partitions
+                );
+            }
+            "UserRenamed" => {
+                let name = field(&payload()?, "name")?;
+                tx.execute(
+                    "UPDATE users SET name = $2, version = $3 WHERE id = $1",
+                    &[&event.aggregate_id, &name, &event.aggregate_version],
+                )?;
+            }
+            "UserEmailChanged" => {
+                let email = field(&payload()?, "email")?;
+                tx.execute(
+                    "UPDATE users SET email = $2, version = $3 WHERE id = $1",
+                    &[&event.aggregate_id, &email, &event.aggregate_version],
+                )?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,247 @@
+//! The event store: migrations, appends with optimistic concurrency, and reads.
+
+use postgres::{GenericClient, Row};
+
+use crate::event::{Event, ExpectedVersion, NewEvent};
+use crate::{Database, Error};
+
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("001_event_store", include_str!("../sql/001_event_store.sql")),
+    ("002_checkpoints", include_str!("../sql/002_checkpoints.sql")),
+];
+
+/// The tables the projector reads and writes, in the configured schema.
+pub(crate) const REQUIRED_TABLES: &[&str] = &["events", "aggregate_heads", "projection_checkpoints"];
+
+/// The columns of an event, in the order [`event_from_row`] reads them.
+pub(crate) const EVENT_COLUMNS: &str = "global_position, bounded_context, aggregate_type, \
+    aggregate_id, aggregate_version, event_id, event_type, event_version, payload, trace_id, \
+    correlation_id, causation_id, metadata::text, created_at";
+
+/// Creates the schema and the projector's tables where they are missing. Safe to run again,
+/// and from several processes at once.
+pub fn migrate(database: &Database) -> Result<(), Error> {
+    let mut client = database.connect()?;
+    let mut tx = client
+        .transaction()
+        .map_err(Error::database("starting the migration"))?;
+    tx.batch_execute(
+        "SET LOCAL client_min_messages = warning; \
+         SELECT pg_advisory_xact_lock(hashtext('projector migrate'))",
+    )
+    .map_err(Error::database("waiting for other migrations"))?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {}",
+        database.schema_name()
+    ))
+    .map_err(Error::database(format!(
+        "creating schema '{}'",
+        database.schema_name()
+    )))?;
+    for (name, sql) in MIGRATIONS {
+        tx.batch_execute(sql)
+            .map_err(Error::database(format!("applying migration {name}")))?;
+    }
+    tx.commit().map_err(Error::database("committing the migration"))
+}
+
+/// Fails with [`Error::MissingTables`] unless all the projector's tables exist.
+pub(crate) fn check_tables(client: &mut impl GenericClient, schema: &str) -> Result<(), Error> {
+    let mut missing = Vec::new();
+    for table in REQUIRED_TABLES {
+        let row = client
+            .query_one("SELECT to_regclass($1)::text", &[table])
+            .map_err(Error::database("looking for the projector's tables"))?;
+        if row.get::<_, Option<String>>(0).is_none() {
+            missing.push((*table).to_owned());
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingTables {
+            schema: schema.to_owned(),
+            tables: missing,
+        })
+    }
+}
+
+/// Appends events to one aggregate, if its current version matches `expected`, and returns
+/// their global positions. All events must belong to the same aggregate; they get the
+/// versions that follow the current one. Listeners are notified when the append commits.
+///
+/// Two appends racing for the same version: one succeeds, the other gets
+/// [`Error::VersionConflict`].
+pub fn append(
+    client: &mut impl GenericClient,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+) -> Result<Vec<i64>, Error> {
+    let Some(first) = events.first() else {
+        return Ok(Vec::new());
+    };
+    let aggregate = format!(
+        "{}/{}/{}",
+        first.bounded_context, first.aggregate_type, first.aggregate_id
+    );
+    if let Some(other) = events.iter().find(|e| {
+        (&e.bounded_context, &e.aggregate_type, &e.aggregate_id)
+            != (&first.bounded_context, &first.aggregate_type, &first.aggregate_id)
+    }) {
+        return Err(Error::InvalidAppend {
+            reason: format!(
+                "one append takes events of one aggregate, got {aggregate} and {}/{}/{}",
+                other.bounded_context, other.aggregate_type, other.aggregate_id
+            ),
+        });
+    }
+    let conflict = |actual: Option<i64>| Error::VersionConflict {
+        aggregate: aggregate.clone(),
+        expected: expected.to_string(),
+        actual,
+    };
+
+    let mut tx = client
+        .transaction()
+        .map_err(Error::database("starting an append"))?;
+    let current: i64 = tx
+        .query_opt(
+            "SELECT aggregate_version FROM aggregate_heads \
+             WHERE bounded_context = $1 AND aggregate_type = $2 AND aggregate_id = $3 FOR UPDATE",
+            &[&first.bounded_context, &first.aggregate_type, &first.aggregate_id],
+        )
+        .map_err(Error::database(format!("reading the version of {aggregate}")))?
+        .map_or(0, |row| row.get(0));
+    let matches = match expected {
+        ExpectedVersion::Any => true,
+        ExpectedVersion::NoStream => current == 0,
+        ExpectedVersion::Exact(version) => current == version,
+    };
+    if !matches {
+        return Err(conflict(Some(current)));
+    }
+
+    let count = i64::try_from(events.len()).map_err(|_| Error::InvalidAppend {
+        reason: "too many events in one append".into(),
+    })?;
+    let versions: Vec<i64> = (current + 1..=current + count).collect();
+    let event_ids: Vec<_> = events.iter().map(|e| e.event_id).collect();
+    let event_types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let event_versions: Vec<i32> = events.iter().map(|e| e.event_version).collect();
+    let payloads: Vec<&[u8]> = events.iter().map(|e| e.payload.as_slice()).collect();
+    let trace_ids: Vec<Option<&str>> = events.iter().map(|e| e.trace_id.as_deref()).collect();
+    let correlation_ids: Vec<Option<&str>> =
+        events.iter().map(|e| e.correlation_id.as_deref()).collect();
+    let causation_ids: Vec<Option<&str>> =
+        events.iter().map(|e| e.causation_id.as_deref()).collect();
+    let metadata: Vec<Option<&str>> = events.iter().map(|e| e.metadata.as_deref()).collect();
+    let inserted = tx.query(
+        "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggregate_version, \
+             event_id, event_type, event_version, payload, trace_id, correlation_id, causation_id, \
+             metadata) \
+         SELECT $1, $2, $3, v.aggregate_version, v.event_id, v.event_type, v.event_version, \
+             v.payload, v.trace_id, v.correlation_id, v.causation_id, v.metadata::jsonb \
+         FROM unnest($4::bigint[], $5::uuid[], $6::text[], $7::int[], $8::bytea[], $9::text[], \
+             $10::text[], $11::text[], $12::text[]) \
+             AS v(aggregate_version, event_id, event_type, event_version, payload, trace_id, \
+                  correlation_id, causation_id, metadata) \
+         ORDER BY v.aggregate_version \
+         RETURNING global_position",
+        &[
+            &first.bounded_context,
+            &first.aggregate_type,
+            &first.aggregate_id,
+            &versions,
+            &event_ids,
+            &event_types,
+            &event_versions,
+            &payloads,
+            &trace_ids,
+            &correlation_ids,
+            &causation_ids,
+            &metadata,
+        ],
+    );
+    let inserted = match inserted {
+        Ok(rows) => rows,
+        Err(error) if error.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            // Another append took the same versions first (its head row did not exist yet).
+            return Err(conflict(None));
+        }
+        Err(error) => return Err(Error::database(format!("appending to {aggregate}"))(error)),
+    };
+    let mut positions: Vec<i64> = inserted.iter().map(|row| row.get(0)).collect();
+    positions.sort_unstable();
+
+    tx.execute(
+        "INSERT INTO aggregate_heads (bounded_context, aggregate_type, aggregate_id, aggregate_version) \
+         VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (bounded_context, aggregate_type, aggregate_id) \
+         DO UPDATE SET aggregate_version = EXCLUDED.aggregate_version, updated_at = NOW()",
+        &[
+            &first.bounded_context,
+            &first.aggregate_type,
+            &first.aggregate_id,
+            &(current + count),
+        ],
+    )
+    .map_err(Error::database(format!("moving the head of {aggregate}")))?;
+    let last = positions.last().copied().unwrap_or_default().to_string();
+    tx.execute(
+        "SELECT pg_notify('projector_events_' || current_schema(), $1)",
+        &[&last],
+    )
+    .map_err(Error::database("notifying listeners of an append"))?;
+    tx.commit()
+        .map_err(Error::database(format!("committing an append to {aggregate}")))?;
+    Ok(positions)
+}
+
+/// Reads one aggregate's events, oldest first.
+pub fn read_stream(
+    client: &mut impl GenericClient,
+    bounded_context: &str,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<Vec<Event>, Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE bounded_context = $1 \
+                 AND aggregate_type = $2 AND aggregate_id = $3 ORDER BY aggregate_version"
+            ),
+            &[&bounded_context, &aggregate_type, &aggregate_id],
+        )
+        .map_err(Error::database(format!(
+            "reading {bounded_context}/{aggregate_type}/{aggregate_id}"
+        )))?;
+    Ok(rows.iter().map(event_from_row).collect())
+}
+
+/// The highest global position committed, 0 for an empty store.
+pub(crate) fn head_position(client: &mut impl GenericClient) -> Result<i64, Error> {
+    client
+        .query_one("SELECT COALESCE(MAX(global_position), 0) FROM events", &[])
+        .map(|row| row.get(0))
+        .map_err(Error::database("reading the head of the event store"))
+}
+
+/// An [`Event`] from a row selected with [`EVENT_COLUMNS`].
+pub(crate) fn event_from_row(row: &Row) -> Event {
+    Event {
+        global_position: row.get(0),
+        bounded_context: row.get(1),
+        aggregate_type: row.get(2),
+        aggregate_id: row.get(3),
+        aggregate_version: row.get(4),
+        event_id: row.get(5),
+        event_type: row.get(6),
+        event_version: row.get(7),
+        payload: row.get(8),
+        trace_id: row.get(9),
+        correlation_id: row.get(10),
+        causation_id: row.get(11),
+        metadata: row.get(12),
+        created_at: row.get(13),
+    }
+}
