@@ -59,12 +59,42 @@ is_ours() {
     [[ $args == *projector* || $args == *run-all.sh* ]]
 }
 
+# Sends signal $1 to each of the other pids that is still one of ours.
+signal_ours() {
+    local sig=$1 pid
+    shift
+    for pid in "$@"; do
+        if is_ours "$pid"; then
+            kill "-$sig" "$pid" 2>/dev/null || true
+        fi
+    done
+}
+
+# Waits up to $1 tenths of a second until none of the other pids is alive.
+wait_gone() {
+    local tenths=$1 i pid alive
+    shift
+    for ((i = 0; ; i++)); do
+        alive=0
+        for pid in "$@"; do
+            if kill -0 "$pid" 2>/dev/null; then
+                alive=1
+                break
+            fi
+        done
+        ((alive)) || return 0
+        ((i < tenths)) || return 1
+        sleep 0.1
+    done
+}
+
 # Stops the processes listed in the pid file by an earlier run. The earlier
 # script is asked first (it stops its own processes and server); processes
-# whose script is gone are signalled directly.
+# whose script is gone are signalled directly. Whatever is left after 10 s
+# is killed.
 stop_previous_run() {
     [[ -f $pidfile ]] || return 0
-    local pid runner='' live=() i alive=0
+    local pid runner='' live=()
     while read -r pid; do
         [[ $pid =~ ^[0-9]+$ && $pid != "$$" ]] || continue
         is_ours "$pid" || continue
@@ -80,16 +110,10 @@ stop_previous_run() {
         else
             kill -TERM "${live[@]}" 2>/dev/null || true
         fi
-        for ((i = 0; i < 100; i++)); do
-            alive=0
-            for pid in "${live[@]}"; do
-                kill -0 "$pid" 2>/dev/null && alive=1 && break
-            done
-            ((alive)) || break
-            sleep 0.1
-        done
-        if ((alive)); then
-            log "warning: processes from the earlier run are still alive after 10 s"
+        if ! wait_gone 100 "${live[@]}"; then
+            log "processes from the earlier run still alive after 10 s; killing them"
+            signal_ours KILL "${live[@]}"
+            wait_gone 20 "${live[@]}" || true
         fi
     fi
     rm -f -- "$pidfile"
@@ -99,18 +123,15 @@ stop_previous_run() {
 # 30 s).
 stop_children() {
     ((${#pids[@]} > 0 && !children_done)) || return 0
-    local pid watchdog
+    local pid
     kill -TERM "${pids[@]}" 2>/dev/null || true
-    (
-        sleep 30
-        kill -KILL "${pids[@]}" 2>/dev/null
-    ) &
-    watchdog=$!
+    if ! wait_gone 300 "${pids[@]}"; then
+        log "projector processes still alive after 30 s; killing them"
+        signal_ours KILL "${pids[@]}"
+    fi
     for pid in "${pids[@]}"; do
         wait "$pid" 2>/dev/null || true
     done
-    kill "$watchdog" 2>/dev/null || true
-    wait "$watchdog" 2>/dev/null || true
     children_done=1
 }
 

@@ -69,7 +69,9 @@ impl Database {
             .next()
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && schema.len() <= 63
-            && schema.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
             return Err(Error::invalid_setting(
                 "--schema",
@@ -213,15 +215,27 @@ mod tests {
     fn redact_hides_passwords_in_every_form() {
         assert_eq!(redact("postgres://u:p%40ss@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact("postgres://h/db?password=x&sslmode=disable"), "postgres://h/db?password=***&sslmode=disable");
-        assert_eq!(redact("postgresql://u:a@b@h:1/db"), "postgresql://u:***@h:1/db");
-        assert_eq!(redact("user=u password=x host=h"), "user=u password=*** host=h");
+        assert_eq!(
+            redact("postgres://h/db?password=x&sslmode=disable"),
+            "postgres://h/db?password=***&sslmode=disable"
+        );
+        assert_eq!(
+            redact("postgresql://u:a@b@h:1/db"),
+            "postgresql://u:***@h:1/db"
+        );
+        assert_eq!(
+            redact("user=u password=x host=h"),
+            "user=u password=*** host=h"
+        );
     }
 
     #[test]
     fn debug_and_display_do_not_show_the_password() {
         let database = Database::new("postgres://app:hunter2@localhost:5432/events").ok();
-        let shown = format!("{database:?} {}", database.as_ref().map(|d| d.to_string()).unwrap_or_default());
+        let shown = format!(
+            "{database:?} {}",
+            database.as_ref().map(|d| d.to_string()).unwrap_or_default()
+        );
         assert!(shown.contains("app@localhost:5432/events"), "{shown}");
         assert!(!shown.contains("hunter2"), "{shown}");
     }
@@ -229,9 +243,20 @@ mod tests {
     #[test]
     fn schema_names_are_checked() {
         let database = Database::new("postgres://localhost/db").ok();
-        assert!(database.clone().and_then(|d| d.schema("tenant_1").ok()).is_some());
+        assert!(
+            database
+                .clone()
+                .and_then(|d| d.schema("tenant_1").ok())
+                .is_some()
+        );
         for bad in ["", "1abc", "a-b", "a b", "x\"; drop"] {
-            assert!(database.clone().map(|d| d.schema(bad).is_err()).unwrap_or(false), "{bad:?}");
+            assert!(
+                database
+                    .clone()
+                    .map(|d| d.schema(bad).is_err())
+                    .unwrap_or(false),
+                "{bad:?}"
+            );
         }
     }
 }

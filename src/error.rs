@@ -104,7 +104,9 @@ impl Error {
     pub fn is_configuration(&self) -> bool {
         matches!(
             self,
-            Error::InvalidSetting { .. } | Error::MissingTables { .. } | Error::LayoutMismatch { .. }
+            Error::InvalidSetting { .. }
+                | Error::MissingTables { .. }
+                | Error::LayoutMismatch { .. }
         )
     }
 
@@ -161,7 +163,9 @@ impl fmt::Display for Error {
                 value,
                 reason,
             } => write!(f, "invalid value '{value}' for {setting}: {reason}"),
-            Error::Connect { target, .. } => write!(f, "could not connect to the database at {target}"),
+            Error::Connect { target, .. } => {
+                write!(f, "could not connect to the database at {target}")
+            }
             Error::Pool { .. } => write!(
                 f,
                 "no database connection became available in time: check that the database is up, \

@@ -108,7 +108,10 @@ impl Fetcher {
                 let aggregate_id: &str = row.get(3);
                 let partition = partition_of(aggregate_id, self.total);
                 if self.workers.contains_key(&partition) {
-                    routed.entry(partition).or_default().push(event_from_row(row));
+                    routed
+                        .entry(partition)
+                        .or_default()
+                        .push(event_from_row(row));
                 }
             }
             read += rows.len() as u64;
@@ -154,7 +157,11 @@ impl Fetcher {
     }
 
     fn wait_before_retry(&self, attempt: u32, error: &Error) -> bool {
-        let delay = backoff(attempt, self.settings.retry_delay, self.settings.max_retry_delay);
+        let delay = backoff(
+            attempt,
+            self.settings.retry_delay,
+            self.settings.max_retry_delay,
+        );
         warn!(
             "fetcher: {}; retrying in {} ms",
             crate::error_chain(error),
@@ -169,8 +176,7 @@ impl Fetcher {
 
     fn stopped(&self) -> bool {
         use crossbeam_channel::TryRecvError::Disconnected;
-        matches!(self.stop.try_recv(), Err(Disconnected) | Ok(()))
-            || self.faults.try_recv().is_ok()
+        matches!(self.stop.try_recv(), Err(Disconnected) | Ok(())) || self.faults.try_recv().is_ok()
     }
 }
 

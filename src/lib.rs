@@ -130,7 +130,9 @@ mod tests {
     fn backoff_doubles_up_to_the_cap() {
         let first = Duration::from_millis(100);
         let max = Duration::from_secs(5);
-        let delays: Vec<u128> = (1..=8).map(|n| backoff(n, first, max).as_millis()).collect();
+        let delays: Vec<u128> = (1..=8)
+            .map(|n| backoff(n, first, max).as_millis())
+            .collect();
         assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
     }
 }

@@ -77,7 +77,11 @@ pub fn parse_partition_keys(setting: &str, text: &str, total: u32) -> Result<Vec
 /// Parses a partition count: a whole number of at least 1.
 pub fn parse_total_partitions(setting: &str, text: &str) -> Result<u32, Error> {
     match text.trim().parse::<u32>() {
-        Ok(0) => Err(Error::invalid_setting(setting, text, "there must be at least 1 partition")),
+        Ok(0) => Err(Error::invalid_setting(
+            setting,
+            text,
+            "there must be at least 1 partition",
+        )),
         Ok(total) if total > MAX_PARTITIONS => Err(Error::invalid_setting(
             setting,
             text,
@@ -129,8 +133,14 @@ mod tests {
     fn keys_accept_single_list_range_and_mix() {
         assert_eq!(parse_partition_keys("k", "2", 4).ok(), Some(vec![2]));
         assert_eq!(parse_partition_keys("k", "0,2", 4).ok(), Some(vec![0, 2]));
-        assert_eq!(parse_partition_keys("k", "0-3", 4).ok(), Some(vec![0, 1, 2, 3]));
-        assert_eq!(parse_partition_keys("k", "3, 0-1,1", 4).ok(), Some(vec![0, 1, 3]));
+        assert_eq!(
+            parse_partition_keys("k", "0-3", 4).ok(),
+            Some(vec![0, 1, 2, 3])
+        );
+        assert_eq!(
+            parse_partition_keys("k", "3, 0-1,1", 4).ok(),
+            Some(vec![0, 1, 3])
+        );
     }
 
     #[test]

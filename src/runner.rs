@@ -168,16 +168,24 @@ impl<P: Projection> Builder<P> {
             let mut tx = reader
                 .transaction()
                 .map_err(Error::database("starting the projection's setup"))?;
-            projection.setup(&mut tx).map_err(|source| Error::Projection {
-                projection: name.clone(),
-                partition: partitions[0],
-                total,
-                position: 0,
-                aggregate_id: String::new(),
-                event_type: "(setup)".into(),
-                attempts: 1,
-                source,
-            })?;
+            // Processes starting together must not race to create the same read-model tables.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
+                &[&name],
+            )
+            .map_err(Error::database("waiting for other processes' setup"))?;
+            projection
+                .setup(&mut tx)
+                .map_err(|source| Error::Projection {
+                    projection: name.clone(),
+                    partition: partitions[0],
+                    total,
+                    position: 0,
+                    aggregate_id: String::new(),
+                    event_type: "(setup)".into(),
+                    attempts: 1,
+                    source,
+                })?;
             tx.commit()
                 .map_err(Error::database("committing the projection's setup"))?;
         }
@@ -312,7 +320,11 @@ impl<P: Projection> Builder<P> {
             ));
         }
         if self.projection.name().is_empty() {
-            return Err(Error::invalid_setting("--projection", "", "a projection needs a name"));
+            return Err(Error::invalid_setting(
+                "--projection",
+                "",
+                "a projection needs a name",
+            ));
         }
         Ok(())
     }

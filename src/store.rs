@@ -6,12 +6,19 @@ use crate::event::{Event, ExpectedVersion, NewEvent};
 use crate::{Database, Error};
 
 const MIGRATIONS: &[(&str, &str)] = &[
-    ("001_event_store", include_str!("../sql/001_event_store.sql")),
-    ("002_checkpoints", include_str!("../sql/002_checkpoints.sql")),
+    (
+        "001_event_store",
+        include_str!("../sql/001_event_store.sql"),
+    ),
+    (
+        "002_checkpoints",
+        include_str!("../sql/002_checkpoints.sql"),
+    ),
 ];
 
 /// The tables the projector reads and writes, in the configured schema.
-pub(crate) const REQUIRED_TABLES: &[&str] = &["events", "aggregate_heads", "projection_checkpoints"];
+pub(crate) const REQUIRED_TABLES: &[&str] =
+    &["events", "aggregate_heads", "projection_checkpoints"];
 
 /// The columns of an event, in the order [`event_from_row`] reads them.
 pub(crate) const EVENT_COLUMNS: &str = "global_position, bounded_context, aggregate_type, \
@@ -42,7 +49,8 @@ pub fn migrate(database: &Database) -> Result<(), Error> {
         tx.batch_execute(sql)
             .map_err(Error::database(format!("applying migration {name}")))?;
     }
-    tx.commit().map_err(Error::database("committing the migration"))
+    tx.commit()
+        .map_err(Error::database("committing the migration"))
 }
 
 /// Fails with [`Error::MissingTables`] unless all the projector's tables exist.
@@ -86,7 +94,11 @@ pub fn append(
     );
     if let Some(other) = events.iter().find(|e| {
         (&e.bounded_context, &e.aggregate_type, &e.aggregate_id)
-            != (&first.bounded_context, &first.aggregate_type, &first.aggregate_id)
+            != (
+                &first.bounded_context,
+                &first.aggregate_type,
+                &first.aggregate_id,
+            )
     }) {
         return Err(Error::InvalidAppend {
             reason: format!(
@@ -108,9 +120,15 @@ pub fn append(
         .query_opt(
             "SELECT aggregate_version FROM aggregate_heads \
              WHERE bounded_context = $1 AND aggregate_type = $2 AND aggregate_id = $3 FOR UPDATE",
-            &[&first.bounded_context, &first.aggregate_type, &first.aggregate_id],
+            &[
+                &first.bounded_context,
+                &first.aggregate_type,
+                &first.aggregate_id,
+            ],
         )
-        .map_err(Error::database(format!("reading the version of {aggregate}")))?
+        .map_err(Error::database(format!(
+            "reading the version of {aggregate}"
+        )))?
         .map_or(0, |row| row.get(0));
     let matches = match expected {
         ExpectedVersion::Any => true,
@@ -192,8 +210,9 @@ pub fn append(
         &[&last],
     )
     .map_err(Error::database("notifying listeners of an append"))?;
-    tx.commit()
-        .map_err(Error::database(format!("committing an append to {aggregate}")))?;
+    tx.commit().map_err(Error::database(format!(
+        "committing an append to {aggregate}"
+    )))?;
     Ok(positions)
 }
 

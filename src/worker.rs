@@ -144,7 +144,11 @@ impl<P: Projection> Worker<P> {
                 Err(Failure::Connection(message)) => {
                     *connection = None;
                     lost += 1;
-                    let delay = backoff(lost, self.settings.retry_delay, self.settings.max_retry_delay);
+                    let delay = backoff(
+                        lost,
+                        self.settings.retry_delay,
+                        self.settings.max_retry_delay,
+                    );
                     warn!(
                         "partition {}/{}: {message}; retrying in {} ms",
                         self.context.partition,
@@ -174,8 +178,11 @@ impl<P: Projection> Worker<P> {
                             source,
                         });
                     }
-                    let delay =
-                        backoff(failures, self.settings.retry_delay, self.settings.max_retry_delay);
+                    let delay = backoff(
+                        failures,
+                        self.settings.retry_delay,
+                        self.settings.max_retry_delay,
+                    );
                     warn!(
                         "projection '{}' failed on partition {}/{} at global position {} ({}); \
                          attempt {failures} of {}, retrying in {} ms",
@@ -251,7 +258,9 @@ impl<P: Projection> Worker<P> {
             }
             let projection = &mut self.projection;
             let context = &self.context;
-            let outcome = catch_unwind(AssertUnwindSafe(|| projection.apply(&mut tx, event, context)));
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                projection.apply(&mut tx, event, context)
+            }));
             let source = match outcome {
                 Ok(Ok(())) => {
                     debug!(
@@ -290,7 +299,9 @@ impl<P: Projection> Worker<P> {
         summary.skipped += skipped;
         summary.checkpoint = new_checkpoint;
         self.progress.applied.fetch_add(applied, Ordering::Relaxed);
-        self.progress.checkpoint.store(new_checkpoint, Ordering::Relaxed);
+        self.progress
+            .checkpoint
+            .store(new_checkpoint, Ordering::Relaxed);
         Ok(())
     }
 

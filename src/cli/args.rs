@@ -94,9 +94,9 @@ pub(crate) enum Parsed {
 }
 
 pub(crate) fn parse(args: &[String]) -> Result<Args, Parsed> {
-    let name = args.first().map_or("projector", |a| {
-        a.rsplit('/').next().unwrap_or("projector")
-    });
+    let name = args
+        .first()
+        .map_or("projector", |a| a.rsplit('/').next().unwrap_or("projector"));
     let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
     Args::from_args(&[name], &rest).map_err(|exit| match exit.status {
         Ok(()) => Parsed::Help(exit.output),
@@ -105,7 +105,11 @@ pub(crate) fn parse(args: &[String]) -> Result<Args, Parsed> {
 }
 
 /// A flag's value, or else the environment variable's, with the name to quote in errors.
-pub(crate) fn flag_or_env(flag: &str, value: Option<String>, variable: &str) -> Option<(String, String)> {
+pub(crate) fn flag_or_env(
+    flag: &str,
+    value: Option<String>,
+    variable: &str,
+) -> Option<(String, String)> {
     match value {
         Some(value) => Some((flag.to_owned(), value)),
         None => std::env::var(variable)

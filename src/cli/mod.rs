@@ -50,14 +50,23 @@ fn database(args: &Args) -> Result<Database, Error> {
     }
 }
 
-fn run_projection<P: Projection>(args: &Args, database: Database, projection: P) -> Result<(), Error> {
-    let (total_flag, total_text) =
-        flag_or_env("--total-partitions", args.total_partitions.clone(), "TOTAL_PARTITIONS")
-            .unwrap_or_else(|| ("--total-partitions".into(), "4".into()));
+fn run_projection<P: Projection>(
+    args: &Args,
+    database: Database,
+    projection: P,
+) -> Result<(), Error> {
+    let (total_flag, total_text) = flag_or_env(
+        "--total-partitions",
+        args.total_partitions.clone(),
+        "TOTAL_PARTITIONS",
+    )
+    .unwrap_or_else(|| ("--total-partitions".into(), "4".into()));
     let total = projector::parse_total_partitions(&total_flag, &total_text)?;
-    let Some((key_flag, key_text)) =
-        flag_or_env("--partition-key", args.partition_key.clone(), "PARTITION_KEY")
-    else {
+    let Some((key_flag, key_text)) = flag_or_env(
+        "--partition-key",
+        args.partition_key.clone(),
+        "PARTITION_KEY",
+    ) else {
         return Err(Error::invalid_setting(
             "--partition-key",
             "",
@@ -138,7 +147,12 @@ fn print_status(database: &Database, projection: Option<&str>) -> Result<(), Err
     let mut client = database.connect()?;
     let rows = projector::status(&mut client, projection)?;
     if rows.is_empty() {
-        println!("no checkpoints yet{}", projection.map(|p| format!(" for '{p}'")).unwrap_or_default());
+        println!(
+            "no checkpoints yet{}",
+            projection
+                .map(|p| format!(" for '{p}'"))
+                .unwrap_or_default()
+        );
         return Ok(());
     }
     println!(

@@ -56,5 +56,11 @@ pub(crate) fn seed(database: &Database, seed: &Seed) -> Result<(), Error> {
 }
 
 fn event(id: &str, event_type: &str, payload: serde_json::Value) -> NewEvent {
-    NewEvent::new(CONTEXT, AGGREGATE, id, event_type, payload.to_string().into_bytes())
+    NewEvent::new(
+        CONTEXT,
+        AGGREGATE,
+        id,
+        event_type,
+        payload.to_string().into_bytes(),
+    )
 }

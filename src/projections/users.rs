@@ -50,7 +50,9 @@ impl Projection for Users {
                 .get(name)
                 .and_then(Value::as_str)
                 .map(str::to_owned)
-                .ok_or_else(|| format!("{} payload has no text field '{name}'", event.event_type).into())
+                .ok_or_else(|| {
+                    format!("{} payload has no text field '{name}'", event.event_type).into()
+                })
         };
         let payload = || -> Result<Value, BoxError> {
             serde_json::from_slice(&event.payload)

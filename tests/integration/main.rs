@@ -1,0 +1,10 @@
+//! The projector against a real PostgreSQL (`DATABASE_URL`). Each test works in a schema of
+//! its own, dropped when it ends, so tests run in parallel.
+
+#![allow(unreachable_pub)]
+
+mod cli;
+mod partition;
+mod runtime;
+mod store;
+mod util;

@@ -1,0 +1,218 @@
+//! Test schemas, seeding and checks shared by the tests.
+
+use std::borrow::BorrowMut;
+use std::io::Read;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use projector::Database;
+use projector::postgres::{Client, NoTls};
+
+/// The server the tests run against.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL").expect(
+        "DATABASE_URL must point at a PostgreSQL server the tests may create schemas in; \
+         scripts/test.sh starts one",
+    )
+}
+
+/// A schema of its own for one test, dropped (with everything in it) when the test ends.
+pub struct TestSchema {
+    pub name: String,
+    pub database: Database,
+}
+
+impl TestSchema {
+    /// A new, empty schema (no tables).
+    pub fn empty(test: &str) -> TestSchema {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "t_{}_{}_{}",
+            test.replace('-', "_"),
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut admin = admin();
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+            ))
+            .expect("create the test schema");
+        let database = Database::new(&database_url())
+            .and_then(|d| d.schema(&name))
+            .expect("DATABASE_URL is a valid connection string");
+        TestSchema { name, database }
+    }
+
+    /// A new schema with the projector's tables.
+    pub fn migrated(test: &str) -> TestSchema {
+        let schema = TestSchema::empty(test);
+        projector::migrate(&schema.database).expect("migrate the test schema");
+        schema
+    }
+
+    /// A connection whose search path is this schema.
+    pub fn client(&self) -> Client {
+        self.database.connect().expect("connect to the test schema")
+    }
+
+    /// Appends `per_aggregate` events to each of `aggregates` aggregates (`thing-1`, …), set-based,
+    /// interleaved so that every batch holds many aggregates. Returns the number of events.
+    pub fn seed(&self, aggregates: i64, per_aggregate: i64) -> i64 {
+        self.seed_prefixed("thing", aggregates, per_aggregate)
+    }
+
+    /// As [`seed`](Self::seed), continuing the versions of aggregates named `prefix-N`.
+    pub fn seed_prefixed(&self, prefix: &str, aggregates: i64, per_aggregate: i64) -> i64 {
+        let mut client = self.client();
+        let start: i64 = client
+            .query_one(
+                "SELECT COALESCE(MAX(aggregate_version), 0) FROM events WHERE aggregate_id LIKE $1 || '-%'",
+                &[&prefix],
+            )
+            .expect("read versions")
+            .get(0);
+        client
+            .execute(
+                "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggregate_version, \
+                     event_id, event_type, payload) \
+                 SELECT 'test', 'Thing', $1 || '-' || a, $2 + v, gen_random_uuid(), 'Happened', \
+                     convert_to('{\"n\":' || v || '}', 'UTF8') \
+                 FROM generate_series(1, $3::bigint) v, generate_series(1, $4::bigint) a ORDER BY v, a",
+                &[&prefix, &start, &per_aggregate, &aggregates],
+            )
+            .expect("seed events");
+        aggregates * per_aggregate
+    }
+
+    pub fn count(&self, sql: &str) -> i64 {
+        self.client().query_one(sql, &[]).expect(sql).get(0)
+    }
+
+    /// Events applied to `aggregate_stats` so far; 0 before the table exists.
+    pub fn stats_applied(&self) -> i64 {
+        let mut client = self.client();
+        let exists: bool = client
+            .query_one("SELECT to_regclass('aggregate_stats') IS NOT NULL", &[])
+            .expect("look for aggregate_stats")
+            .get(0);
+        if !exists {
+            return 0;
+        }
+        client
+            .query_one(
+                "SELECT COALESCE(SUM(events_applied), 0)::bigint FROM aggregate_stats",
+                &[],
+            )
+            .expect("count applied events")
+            .get(0)
+    }
+
+    /// Aggregates whose `aggregate_stats` row differs from what the events table says: zero
+    /// means every event was applied exactly once, in order.
+    pub fn stats_mismatches(&self) -> i64 {
+        self.count(
+            "SELECT COUNT(*) FROM ( \
+                 SELECT bounded_context, aggregate_type, aggregate_id, COUNT(*) AS n, \
+                     MAX(aggregate_version) AS v, MAX(global_position) AS p \
+                 FROM events GROUP BY 1, 2, 3) e \
+             FULL JOIN aggregate_stats s USING (bounded_context, aggregate_type, aggregate_id) \
+             WHERE s.events_applied IS DISTINCT FROM e.n OR s.last_version IS DISTINCT FROM e.v \
+                 OR s.last_global_position IS DISTINCT FROM e.p",
+        )
+    }
+
+    /// The `projector` binary with this schema and the test database in its environment.
+    pub fn projector(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_projector"));
+        command
+            .args(args)
+            .env("DATABASE_URL", database_url())
+            .env("PROJECTOR_SCHEMA", &self.name)
+            .env_remove("PARTITION_KEY")
+            .env_remove("TOTAL_PARTITIONS")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        command
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = Client::connect(&database_url(), NoTls) {
+            let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+        }
+    }
+}
+
+/// A connection with the server's default search path.
+pub fn admin() -> Client {
+    Client::connect(&database_url(), NoTls).expect("connect to DATABASE_URL")
+}
+
+/// Runs `command` to its end, failing the test if it takes longer than `limit`.
+pub fn run_within(mut command: impl BorrowMut<Command>, limit: Duration) -> Output {
+    let child = command
+        .borrow_mut()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the projector binary");
+    wait_within(child, limit)
+}
+
+/// Waits for `child` to exit and collects its output, killing it and failing past `limit`.
+pub fn wait_within(mut child: Child, limit: Duration) -> Output {
+    let started = Instant::now();
+    // Drain the pipes on threads so a chatty child never blocks on a full pipe.
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let out = std::thread::spawn(move || {
+        let mut buffer = Vec::new();
+        if let Some(pipe) = stdout.as_mut() {
+            let _ = pipe.read_to_end(&mut buffer);
+        }
+        buffer
+    });
+    let err = std::thread::spawn(move || {
+        let mut buffer = Vec::new();
+        if let Some(pipe) = stderr.as_mut() {
+            let _ = pipe.read_to_end(&mut buffer);
+        }
+        buffer
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll the child") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+            panic!("the projector did not exit within {limit:?}; its stderr:\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// Polls `condition` until it holds, failing the test after `limit`.
+pub fn eventually(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
