@@ -169,11 +169,14 @@ impl<P: Projection> Builder<P> {
                 .transaction()
                 .map_err(Error::database("starting the projection's setup"))?;
             // Processes starting together must not race to create the same read-model tables.
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
-                &[&name],
-            )
-            .map_err(Error::database("waiting for other processes' setup"))?;
+            tx.execute("SET LOCAL client_min_messages = warning", &[])
+                .and_then(|_| {
+                    tx.execute(
+                        "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
+                        &[&name],
+                    )
+                })
+                .map_err(Error::database("waiting for other processes' setup"))?;
             projection
                 .setup(&mut tx)
                 .map_err(|source| Error::Projection {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use log::{info, warn};
-use projector::projections::{AggregateStats, Users};
+use projector::projections::{AggregateStats, Noop, Users};
 use projector::{Builder, Database, Error, Projection, Summary};
 
 use args::{Args, Command, flag_or_env};
@@ -25,10 +25,11 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
         None => match args.projection.as_str() {
             "users" => run_projection(&args, database, Users),
             "aggregate-stats" => run_projection(&args, database, AggregateStats),
+            "noop" => run_projection(&args, database, Noop),
             other => Err(Error::invalid_setting(
                 "--projection",
                 other,
-                "known projections are users and aggregate-stats",
+                "known projections are users, aggregate-stats and noop",
             )),
         },
     }
@@ -134,13 +135,23 @@ fn log_summary(summary: &Summary) {
         );
     }
     let seconds = summary.elapsed.as_secs_f64();
+    let memory = peak_memory_kib()
+        .map(|kib| format!(", peak memory {:.1} MiB", kib as f64 / 1024.0))
+        .unwrap_or_default();
     info!(
-        "stopped '{}' after {seconds:.1} s: read {} events, applied {} ({:.0} events/s)",
+        "stopped '{}' after {seconds:.1} s: read {} events, applied {} ({:.0} events/s){memory}",
         summary.projection,
         summary.events_read,
         summary.applied(),
         summary.applied() as f64 / seconds.max(0.001)
     );
+}
+
+/// The process's peak resident memory (VmHWM), where the system reports it.
+fn peak_memory_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn print_status(database: &Database, projection: Option<&str>) -> Result<(), Error> {

@@ -1,7 +1,9 @@
-//! The projections the command-line tool offers: `users` and `aggregate-stats`.
+//! The projections the command-line tool offers: `users`, `aggregate-stats` and `noop`.
 
 mod aggregate_stats;
+mod noop;
 mod users;
 
 pub use aggregate_stats::AggregateStats;
+pub use noop::Noop;
 pub use users::Users;
