@@ -113,7 +113,6 @@ impl Database {
     }
 
     /// The channel appends notify, for this schema.
-    #[allow(dead_code)]
     pub(crate) fn channel(&self) -> String {
         format!("projector_events_{}", self.schema)
     }

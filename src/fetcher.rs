@@ -1,19 +1,26 @@
-//! The fetcher: reads the stream in global position order and hands each event to the worker
-//! of its partition.
+//! The fetcher: reads the stream in global position order, never past a position that may
+//! still commit, and hands each event to the worker of its partition.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info, warn};
-use postgres::{Client, Statement};
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::{Client, Row, Statement};
 
+use crate::event::Event;
+use crate::gap::{Gaps, Held, Writers, holes};
 use crate::partition::partition_of;
 use crate::runner::Settings;
 use crate::store::{EVENT_COLUMNS, event_from_row};
 use crate::worker::Batch;
 use crate::{Database, Error, backoff};
+
+/// The longest the fetcher sleeps without looking at its stop channel.
+const WAKE_SLICE: Duration = Duration::from_millis(25);
 
 /// Figures the fetcher shares while it runs, for progress lines.
 #[derive(Debug, Default)]
@@ -37,46 +44,181 @@ pub(crate) struct Fetcher {
     pub(crate) progress: Arc<FetchProgress>,
 }
 
+/// A connection that reads events, listens for appends, and knows the writers' relations.
 struct Reader {
     client: Client,
     next_batch: Statement,
+    in_runs: Statement,
+    writers: Writers,
+}
+
+/// One read of the stream, cut before the first position that may still commit.
+struct Read {
+    /// The events of owned partitions, by partition.
+    routed: HashMap<u32, Vec<Event>>,
+    /// The stream is complete up to here (no position at or below may still appear).
+    upto: i64,
+    /// Rows read, of all partitions.
+    rows: u64,
+    /// The read filled its limit: more may be waiting.
+    full: bool,
+    /// A missing position held the read back.
+    held: bool,
+}
+
+impl Reader {
+    fn open(mut client: Client, database: &Database) -> Result<Reader, Error> {
+        let next_batch = client
+            .prepare(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE global_position > $1 \
+                 ORDER BY global_position LIMIT $2"
+            ))
+            .map_err(Error::database("preparing the event query"))?;
+        let in_runs = client
+            .prepare(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events \
+                 JOIN unnest($1::bigint[], $2::bigint[]) AS run(first, last) \
+                     ON global_position BETWEEN run.first AND run.last \
+                 ORDER BY global_position"
+            ))
+            .map_err(Error::database("preparing the event query"))?;
+        let writers = Writers::find(&mut client)
+            .map_err(Error::database("finding the events table's sequence"))?;
+        client
+            .batch_execute(&format!("LISTEN \"{}\"", database.channel()))
+            .map_err(Error::database("listening for appends"))?;
+        Ok(Reader {
+            client,
+            next_batch,
+            in_runs,
+            writers,
+        })
+    }
+
+    /// Reads up to `limit` events after `position`, keeping only the complete prefix.
+    fn read(
+        &mut self,
+        position: i64,
+        limit: i64,
+        gaps: &mut Gaps,
+        settings: &Settings,
+        owned: &HashMap<u32, Sender<Batch>>,
+        total: u32,
+    ) -> Result<Read, postgres::Error> {
+        let dead_through = gaps
+            .cleared_through(&mut self.client, &self.writers, settings.gap_warn_after)?
+            .unwrap_or(position);
+        let mut rows = self.client.query(&self.next_batch, &[&position, &limit])?;
+        let full = rows.len() as i64 == limit;
+        let Some(last) = rows.last().map(|row| row.get::<_, i64>(0)) else {
+            return Ok(Read {
+                routed: HashMap::new(),
+                upto: position,
+                rows: 0,
+                full,
+                held: false,
+            });
+        };
+        let positions: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+        let holes = holes(position, &positions, dead_through);
+        let in_runs = &self.in_runs;
+        let held = gaps.hold(
+            &mut self.client,
+            &self.writers,
+            &holes,
+            last,
+            |client, runs| {
+                let (firsts, lasts): (Vec<i64>, Vec<i64>) = runs.iter().copied().unzip();
+                client.query(in_runs, &[&firsts, &lasts])
+            },
+        )?;
+        let (upto, held) = match held {
+            Held::Pass(late) => {
+                if !late.is_empty() {
+                    debug!("fetcher: {} event(s) committed late into gaps", late.len());
+                    rows.extend(late);
+                    rows.sort_by_key(|row| row.get::<_, i64>(0));
+                }
+                (last, false)
+            }
+            Held::Wait => {
+                let first_hole = holes.first().map_or(last + 1, |&(first, _)| first);
+                rows.retain(|row| row.get::<_, i64>(0) < first_hole);
+                (first_hole - 1, true)
+            }
+        };
+        Ok(Read {
+            routed: route(&rows, owned, total),
+            upto,
+            rows: rows.len() as u64,
+            full,
+            held,
+        })
+    }
+}
+
+/// The events of `rows` that belong to owned partitions, by partition.
+fn route(
+    rows: &[Row],
+    owned: &HashMap<u32, Sender<Batch>>,
+    total: u32,
+) -> HashMap<u32, Vec<Event>> {
+    let mut routed: HashMap<u32, Vec<Event>> = HashMap::with_capacity(owned.len());
+    for row in rows {
+        let partition = partition_of(row.get(3), total);
+        if owned.contains_key(&partition) {
+            routed
+                .entry(partition)
+                .or_default()
+                .push(event_from_row(row));
+        }
+    }
+    routed
 }
 
 impl Fetcher {
     /// Reads until stopped; dropping `self.workers` on return tells the workers to finish.
-    pub(crate) fn run(self, reader: Client) -> Result<u64, Error> {
-        let mut reader = Some(prepare(reader)?);
+    pub(crate) fn run(self, client: Client) -> Result<u64, Error> {
+        let mut reader = Some(Reader::open(client, &self.database)?);
+        let mut gaps = Gaps::default();
         let mut position = self.start;
         let mut read = 0;
         let mut lost = 0;
+        let mut quiet = 0;
         let limit = i64::from(self.settings.batch_size);
-        loop {
-            if self.stopped() {
-                break;
-            }
-            let reader_now = match reader.as_mut() {
-                Some(reader) => reader,
-                None => match self.database.connect().and_then(prepare) {
+        while !self.stopped() {
+            let Some(current) = reader.as_mut() else {
+                match self
+                    .database
+                    .connect()
+                    .and_then(|c| Reader::open(c, &self.database))
+                {
                     Ok(fresh) => {
                         info!("fetcher: reconnected to the database");
+                        gaps.reset();
                         lost = 0;
-                        reader.insert(fresh)
+                        reader = Some(fresh);
                     }
                     Err(error) if error.is_connection_loss() => {
                         lost += 1;
                         if self.wait_before_retry(lost, &error) {
                             break;
                         }
-                        continue;
                     }
                     Err(error) => return Err(error),
-                },
+                }
+                continue;
             };
-            let rows = match reader_now
-                .client
-                .query(&reader_now.next_batch, &[&position, &limit])
-            {
-                Ok(rows) => rows,
+            let batch = current.read(
+                position,
+                limit,
+                &mut gaps,
+                &self.settings,
+                &self.workers,
+                self.total,
+            );
+            let batch = match batch {
+                Ok(batch) => batch,
                 Err(source) => {
                     let error = Error::Database {
                         action: format!("reading events after global position {position}"),
@@ -93,36 +235,37 @@ impl Fetcher {
                     continue;
                 }
             };
-            let Some(last) = rows.last().map(|row| row.get::<_, i64>(0)) else {
-                if self.settings.exit_when_caught_up && position >= self.target {
+            let progressed = batch.upto > position;
+            if progressed {
+                if self.hand_out(batch.routed, batch.upto) {
                     break;
                 }
-                if self.idle() {
-                    break;
-                }
-                continue;
-            };
-            let full = rows.len() as i64 == limit;
-            let mut routed: HashMap<u32, Vec<_>> = HashMap::with_capacity(self.workers.len());
-            for row in &rows {
-                let aggregate_id: &str = row.get(3);
-                let partition = partition_of(aggregate_id, self.total);
-                if self.workers.contains_key(&partition) {
-                    routed
-                        .entry(partition)
-                        .or_default()
-                        .push(event_from_row(row));
-                }
+                position = batch.upto;
+                read += batch.rows;
+                self.progress.read.store(read, Ordering::Relaxed);
+                self.progress.position.store(position, Ordering::Relaxed);
+                quiet = 0;
             }
-            read += rows.len() as u64;
-            drop(rows);
-            if self.hand_out(routed, last) {
+            let caught_up = !batch.full || batch.held;
+            if caught_up && self.settings.exit_when_caught_up && position >= self.target {
                 break;
             }
-            position = last;
-            self.progress.read.store(read, Ordering::Relaxed);
-            self.progress.position.store(position, Ordering::Relaxed);
-            if !full && self.settings.exit_when_caught_up && position >= self.target {
+            if !caught_up {
+                continue;
+            }
+            // Caught up, or held at a gap: wait for an append's notification, or poll. Polls
+            // that find nothing back off; a gap is looked at again at the base interval.
+            let wait = if batch.held {
+                self.settings.poll_interval
+            } else {
+                quiet += 1;
+                backoff(
+                    quiet,
+                    self.settings.poll_interval,
+                    self.settings.max_poll_interval,
+                )
+            };
+            if self.wait_for_appends(&mut reader, wait) {
                 break;
             }
         }
@@ -132,7 +275,7 @@ impl Fetcher {
 
     /// Sends every owned partition its events of this read (possibly none) and `upto`; true
     /// when asked to stop meanwhile, or a worker has gone.
-    fn hand_out(&self, mut routed: HashMap<u32, Vec<crate::Event>>, upto: i64) -> bool {
+    fn hand_out(&self, mut routed: HashMap<u32, Vec<Event>>, upto: i64) -> bool {
         for (partition, worker) in &self.workers {
             let batch = Batch {
                 events: routed.remove(partition).unwrap_or_default(),
@@ -147,12 +290,43 @@ impl Fetcher {
         false
     }
 
-    /// Waits for the poll interval; true when asked to stop meanwhile.
-    fn idle(&self) -> bool {
-        select! {
-            recv(self.stop) -> _ => true,
-            recv(self.faults) -> _ => true,
-            default(self.settings.poll_interval) => false,
+    /// Waits up to `timeout` for a notification of an append; true when asked to stop
+    /// meanwhile. A lost connection ends the wait (the next read reconnects).
+    fn wait_for_appends(&self, reader: &mut Option<Reader>, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stopped() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let Some(current) = reader.as_mut() else {
+                return false;
+            };
+            let slice = (deadline - now).min(WAKE_SLICE);
+            let arrived = {
+                let mut notifications = current.client.notifications();
+                let arrived = notifications
+                    .timeout_iter(slice)
+                    .next()
+                    .map(|n| n.is_some());
+                if let Ok(true) = arrived {
+                    // Drain what else has arrived; one read serves them all.
+                    while let Ok(Some(_)) = notifications.iter().next() {}
+                }
+                arrived
+            };
+            match arrived {
+                Ok(true) => return false,
+                Ok(false) => {}
+                Err(error) => {
+                    warn!("fetcher: lost the database connection while waiting ({error})");
+                    *reader = None;
+                    return false;
+                }
+            }
         }
     }
 
@@ -178,14 +352,4 @@ impl Fetcher {
         use crossbeam_channel::TryRecvError::Disconnected;
         matches!(self.stop.try_recv(), Err(Disconnected) | Ok(())) || self.faults.try_recv().is_ok()
     }
-}
-
-fn prepare(mut client: Client) -> Result<Reader, Error> {
-    let next_batch = client
-        .prepare(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE global_position > $1 \
-             ORDER BY global_position LIMIT $2"
-        ))
-        .map_err(Error::database("preparing the event query"))?;
-    Ok(Reader { client, next_batch })
 }

@@ -79,6 +79,7 @@ mod database;
 mod error;
 mod event;
 mod fetcher;
+mod gap;
 mod partition;
 mod projection;
 pub mod projections;

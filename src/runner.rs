@@ -24,8 +24,15 @@ use crate::{Database, Error};
 pub struct Settings {
     /// Events read from the store per query. Default 1,000.
     pub batch_size: u32,
-    /// How long the fetcher waits before reading again once it has caught up. Default 100 ms.
+    /// How long the fetcher waits before reading again once it has caught up, when no append
+    /// notifies it sooner; also how often a gap is looked at again. Default 100 ms.
     pub poll_interval: Duration,
+    /// The longest wait between polls: while nothing arrives, the wait doubles from
+    /// `poll_interval` up to this. Default 1 s.
+    pub max_poll_interval: Duration,
+    /// How long a missing position may hold the fetcher back before it logs a warning naming
+    /// the transactions that may still commit it (repeated at this interval). Default 10 s.
+    pub gap_warn_after: Duration,
     /// Batches queued per worker before the fetcher waits (back-pressure). Default 4.
     pub queue_depth: usize,
     /// How often a worker that receives no events still moves its checkpoint forward.
@@ -49,6 +56,8 @@ impl Default for Settings {
         Settings {
             batch_size: 1_000,
             poll_interval: Duration::from_millis(100),
+            max_poll_interval: Duration::from_secs(1),
+            gap_warn_after: Duration::from_secs(10),
             queue_depth: 4,
             idle_checkpoint_interval: Duration::from_secs(1),
             progress_interval: Duration::from_secs(5),
@@ -163,6 +172,7 @@ impl<P: Projection> Builder<P> {
 
         let mut reader = database.connect()?;
         store::check_tables(&mut reader, database.schema_name())?;
+        store::check_sequence(&mut reader)?;
         checkpoint::claim_layout(&mut reader, &name, total)?;
         {
             let mut tx = reader

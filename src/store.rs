@@ -74,6 +74,38 @@ pub(crate) fn check_tables(client: &mut impl GenericClient, schema: &str) -> Res
     }
 }
 
+/// Fails unless the sequence behind `global_position` hands out one value at a time.
+///
+/// With `CACHE n > 1` each session takes positions in blocks of `n`, so a position can be
+/// committed long after higher ones from another session, and no reader can tell a gap that
+/// will fill from a dead one.
+pub(crate) fn check_sequence(client: &mut impl GenericClient) -> Result<(), Error> {
+    let row = client
+        .query_opt(
+            "SELECT pg_get_serial_sequence('events', 'global_position'), s.seqcache \
+             FROM pg_sequence s \
+             WHERE s.seqrelid = pg_get_serial_sequence('events', 'global_position')::regclass",
+            &[],
+        )
+        .map_err(Error::database("reading the global position sequence"))?;
+    match row {
+        Some(row) if row.get::<_, i64>(1) > 1 => {
+            let sequence: String = row.get(0);
+            let cache: i64 = row.get(1);
+            Err(Error::invalid_setting(
+                format!("the CACHE of sequence {sequence}"),
+                cache,
+                format!(
+                    "positions must be handed out one at a time for the projector to tell a \
+                     transaction still in flight from a rolled-back one: run ALTER SEQUENCE \
+                     {sequence} CACHE 1"
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Appends events to one aggregate, if its current version matches `expected`, and returns
 /// their global positions. All events must belong to the same aggregate; they get the
 /// versions that follow the current one. Listeners are notified when the append commits.
