@@ -4,6 +4,7 @@
 #![allow(unreachable_pub)]
 
 mod cli;
+mod gap;
 mod partition;
 mod runtime;
 mod store;
