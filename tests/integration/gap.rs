@@ -297,3 +297,27 @@ impl Random {
         self.0 % n
     }
 }
+
+#[test]
+fn a_sequence_that_caches_positions_is_refused_with_the_fix() {
+    let schema = TestSchema::migrated("gap_cache");
+    schema
+        .client()
+        .batch_execute("ALTER SEQUENCE events_global_position_seq CACHE 20")
+        .expect("alter the sequence");
+    let refused = Builder::new(schema.database.clone(), Journal).start();
+    match refused {
+        Err(error) => {
+            assert!(error.is_configuration(), "{error:?}");
+            let message = error.to_string();
+            assert!(
+                message.starts_with(&format!(
+                    "invalid value '20' for the CACHE of sequence {}.events_global_position_seq",
+                    schema.name
+                )) && message.ends_with("CACHE 1"),
+                "{message}"
+            );
+        }
+        Ok(_) => panic!("a cached sequence must be refused"),
+    }
+}
