@@ -1,0 +1,224 @@
+//! Latency from an append's commit to the read model's commit, at a steady append rate, with
+//! wake-ups by notification and with polling only.
+//!
+//! ```sh
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench --bench latency -- [--rate 1000] [--seconds 10]
+//! ```
+//!
+//! The projection notifies inside the worker's transaction, so the notification arrives when
+//! the read-model change commits; the time from the writer's commit to that arrival is the
+//! latency. Both instants are taken in this process.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use projector::postgres::fallible_iterator::FallibleIterator;
+use projector::postgres::{Client, NoTls, Transaction};
+use projector::{
+    BoxError, Builder, Context, Database, Event, ExpectedVersion, NewEvent, Projection,
+};
+
+#[derive(Clone)]
+struct NotifyOnCommit;
+
+impl Projection for NotifyOnCommit {
+    fn name(&self) -> &str {
+        "latency"
+    }
+
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        _: &Context,
+    ) -> Result<(), BoxError> {
+        tx.execute(
+            "SELECT pg_notify('latency_applied', $1)",
+            &[&event.global_position.to_string()],
+        )?;
+        Ok(())
+    }
+}
+
+struct Options {
+    url: String,
+    rate: u64,
+    seconds: u64,
+}
+
+fn options() -> Result<Options, String> {
+    let mut options = Options {
+        url: std::env::var("DATABASE_URL").unwrap_or_default(),
+        rate: 1_000,
+        seconds: 10,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--database-url" => options.url = value()?,
+            "--rate" => options.rate = value()?.parse().map_err(|_| "--rate: a number")?,
+            "--seconds" => options.seconds = value()?.parse().map_err(|_| "--seconds: a number")?,
+            "--bench" => {}
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if options.url.is_empty() {
+        return Err("set DATABASE_URL or pass --database-url".into());
+    }
+    Ok(options)
+}
+
+fn main() {
+    let options = match options() {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("latency: {message}");
+            std::process::exit(2);
+        }
+    };
+    println!(
+        "latency from append commit to read-model commit, {} appends/s for {} s per mode",
+        options.rate, options.seconds
+    );
+    println!("| wake-up | samples | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|");
+    for notify in [true, false] {
+        match measure(&options, notify) {
+            Ok(mut samples) => {
+                samples.sort_by(f64::total_cmp);
+                let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+                println!(
+                    "| {} | {} | {:.2} | {:.2} | {:.2} |",
+                    if notify {
+                        "notify"
+                    } else {
+                        "polling only (100 ms)"
+                    },
+                    samples.len(),
+                    at(0.50),
+                    at(0.99),
+                    samples.last().copied().unwrap_or_default()
+                );
+            }
+            Err(error) => {
+                eprintln!("latency: {}", projector::error_chain(error.as_ref()));
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// Runs a live projector and a writer at the given rate in a fresh schema; returns latencies
+/// in milliseconds.
+fn measure(options: &Options, notify: bool) -> Result<Vec<f64>, BoxError> {
+    let schema = format!("bench_latency_{}_{}", std::process::id(), u8::from(notify));
+    let mut admin = Client::connect(&options.url, NoTls)?;
+    admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
+    let database = Database::new(&options.url)?.schema(&schema)?;
+    projector::migrate(&database)?;
+
+    let mut listener = database.connect()?;
+    listener.batch_execute("LISTEN latency_applied")?;
+    let runner = Builder::new(database.clone(), NotifyOnCommit)
+        .partitions(0..4)
+        .total_partitions(4)
+        .start()?;
+
+    let (committed_tx, committed) = mpsc::channel::<(i64, Instant)>();
+    let writer_database = database.clone();
+    let (rate, seconds) = (options.rate, options.seconds);
+    let writer = std::thread::spawn(move || -> Result<u64, BoxError> {
+        let mut client = writer_database.connect()?;
+        let interval = Duration::from_secs_f64(1.0 / rate as f64);
+        let started = Instant::now();
+        let mut n = 0u64;
+        while started.elapsed() < Duration::from_secs(seconds) {
+            let due = started + interval * n as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let id = format!("agg-{}", n % 1_000);
+            let event = NewEvent::new("bench", "Thing", id, "Happened", b"{}".to_vec());
+            let position = if notify {
+                projector::append(&mut client, ExpectedVersion::Any, &[event])?[0]
+            } else {
+                silent_append(&mut client, &event)?
+            };
+            let _ = committed_tx.send((position, Instant::now()));
+            n += 1;
+        }
+        Ok(n)
+    });
+
+    let mut commits: HashMap<i64, Instant> = HashMap::new();
+    let mut applied: HashMap<i64, Instant> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(seconds + 10);
+    let mut writer = Some(writer);
+    let mut written = None;
+    while Instant::now() < deadline {
+        for (position, at) in committed.try_iter() {
+            commits.insert(position, at);
+        }
+        let mut notifications = listener.notifications();
+        let mut arrivals = notifications.timeout_iter(Duration::from_millis(5));
+        while let Some(notification) = arrivals.next()? {
+            let now = Instant::now();
+            if let Ok(position) = notification.payload().parse::<i64>() {
+                applied.entry(position).or_insert(now);
+            }
+        }
+        if writer.as_ref().is_some_and(|w| w.is_finished()) {
+            if let Some(handle) = writer.take() {
+                written = Some(handle.join().map_err(|_| "writer panicked")??);
+            }
+        }
+        if written.is_some_and(|n| applied.len() as u64 >= n) {
+            break;
+        }
+    }
+    for (position, at) in committed.try_iter() {
+        commits.insert(position, at);
+    }
+    runner.shutdown();
+    runner.join()?;
+    admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
+    let samples: Vec<f64> = commits
+        .iter()
+        .filter_map(|(position, committed)| {
+            applied.get(position).map(|applied| {
+                applied.saturating_duration_since(*committed).as_secs_f64() * 1_000.0
+            })
+        })
+        .collect();
+    if samples.len() < commits.len() {
+        return Err(format!(
+            "only {} of {} appends reached the read model",
+            samples.len(),
+            commits.len()
+        )
+        .into());
+    }
+    Ok(samples)
+}
+
+/// An append as a writer that knows nothing of the projector does it: no notification.
+fn silent_append(client: &mut Client, event: &NewEvent) -> Result<i64, projector::postgres::Error> {
+    let row = client.query_one(
+        "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggregate_version, \
+             event_id, event_type, payload) \
+         SELECT $1, $2, $3, COALESCE(MAX(aggregate_version), 0) + 1, $4, $5, $6 \
+         FROM events WHERE bounded_context = $1 AND aggregate_type = $2 AND aggregate_id = $3 \
+         RETURNING global_position",
+        &[
+            &event.bounded_context,
+            &event.aggregate_type,
+            &event.aggregate_id,
+            &event.event_id,
+            &event.event_type,
+            &event.payload,
+        ],
+    )?;
+    Ok(row.get(0))
+}
