@@ -47,4 +47,23 @@ pub trait Projection: Clone + Send + 'static {
         event: &Event,
         context: &Context,
     ) -> Result<(), BoxError>;
+
+    /// Applies several events of one partition, in position order, through `tx`. The default
+    /// calls [`apply`](Self::apply) for each; override it to prepare statements once per batch
+    /// or to write the read model set-based.
+    ///
+    /// If it fails, the transaction is rolled back and the same events are applied again one
+    /// by one through `apply`, so that a persistent failure names its event. The two must
+    /// therefore have the same effect.
+    fn apply_batch(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        for event in events {
+            self.apply(tx, event, context)?;
+        }
+        Ok(())
+    }
 }

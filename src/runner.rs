@@ -35,6 +35,9 @@ pub struct Settings {
     pub gap_warn_after: Duration,
     /// Batches queued per worker before the fetcher waits (back-pressure). Default 4.
     pub queue_depth: usize,
+    /// Most events a worker applies in one transaction: batches queued behind the one it takes
+    /// are applied with it, up to this many. Default 10,000.
+    pub max_events_per_transaction: usize,
     /// How often a worker that receives no events still moves its checkpoint forward.
     /// Default 1 s.
     pub idle_checkpoint_interval: Duration,
@@ -59,6 +62,7 @@ impl Default for Settings {
             max_poll_interval: Duration::from_secs(1),
             gap_warn_after: Duration::from_secs(10),
             queue_depth: 4,
+            max_events_per_transaction: 10_000,
             idle_checkpoint_interval: Duration::from_secs(1),
             progress_interval: Duration::from_secs(5),
             max_attempts: 3,

@@ -71,6 +71,8 @@ enum Failure {
     Connection(String),
     /// The projection failed on `events[index]`.
     Projection { index: usize, source: BoxError },
+    /// The projection's batch handler failed (which event is not known yet).
+    Batch(BoxError),
     /// Anything else the database refused.
     Fatal(Error),
 }
@@ -115,14 +117,26 @@ impl<P: Projection> Worker<P> {
                     continue;
                 }
             }
-            let upto = idle_upto.take().map_or(batch.upto, |u| u.max(batch.upto));
-            self.commit_with_retries(&mut connection, &batch.events, upto, &mut summary)?;
+            // Batches queued behind this one go into the same transaction: one commit for
+            // many reads while catching up, none added while live.
+            let mut events = batch.events;
+            let mut upto = idle_upto.take().map_or(batch.upto, |u| u.max(batch.upto));
+            while events.len() < self.settings.max_events_per_transaction {
+                match self.batches.try_recv() {
+                    Ok(more) => {
+                        events.extend(more.events);
+                        upto = upto.max(more.upto);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_with_retries(&mut connection, &events, upto, &mut summary)?;
             last_write = Instant::now();
         }
         if let Some(upto) = idle_upto {
             // One attempt: a stop must not wait on a lost connection, and nothing is lost if
             // this fails (the range is read again after a restart).
-            let _ = self.commit(&mut connection, &[], upto, &mut summary);
+            let _ = self.commit(&mut connection, &[], upto, true, &mut summary);
         }
         Ok(summary)
     }
@@ -138,8 +152,10 @@ impl<P: Projection> Worker<P> {
     ) -> Result<(), Error> {
         let mut failures = 0;
         let mut lost = 0;
+        // The whole batch at once first; after a failure, event by event, to find the event.
+        let mut whole = true;
         loop {
-            match self.commit(connection, events, upto, summary) {
+            match self.commit(connection, events, upto, whole, summary) {
                 Ok(()) => return Ok(()),
                 Err(Failure::Connection(message)) => {
                     *connection = None;
@@ -160,13 +176,23 @@ impl<P: Projection> Worker<P> {
                     }
                 }
                 Err(Failure::Fatal(error)) => return Err(error),
+                Err(Failure::Batch(source)) => {
+                    debug!(
+                        "projection '{}' failed on a batch of partition {}/{} ({source}); \
+                         applying it event by event",
+                        self.projection.name(),
+                        self.context.partition,
+                        self.context.total_partitions
+                    );
+                    whole = false;
+                }
                 Err(Failure::Projection { index, source }) => {
                     failures += 1;
                     let event = &events[index];
                     if failures >= self.settings.max_attempts {
                         // Keep what came before the failing event, and stop just before it.
                         let before = event.global_position - 1;
-                        let _ = self.commit(connection, &events[..index], before, summary);
+                        let _ = self.commit(connection, &events[..index], before, false, summary);
                         return Err(Error::Projection {
                             projection: self.projection.name().to_owned(),
                             partition: self.context.partition,
@@ -216,6 +242,7 @@ impl<P: Projection> Worker<P> {
         connection: &mut Option<Connection>,
         events: &[Event],
         upto: i64,
+        whole: bool,
         summary: &mut PartitionSummary,
     ) -> Result<(), Failure> {
         let connection = match connection {
@@ -250,29 +277,10 @@ impl<P: Projection> Worker<P> {
                     ),
                 ))
             })?;
-        let (mut applied, mut skipped) = (0, 0);
-        for (index, event) in events.iter().enumerate() {
-            if event.global_position <= checkpoint {
-                skipped += 1;
-                continue;
-            }
-            let projection = &mut self.projection;
-            let context = &self.context;
-            let outcome = catch_unwind(AssertUnwindSafe(|| {
-                projection.apply(&mut tx, event, context)
-            }));
-            let source = match outcome {
-                Ok(Ok(())) => {
-                    debug!(
-                        "partition {partition}/{total}: applied {} at {} ({})",
-                        event.event_type, event.global_position, event.aggregate_id
-                    );
-                    applied += 1;
-                    continue;
-                }
-                Ok(Err(source)) => source,
-                Err(panic) => panic_message(panic).into(),
-            };
+        // Events are in position order: those at or below the checkpoint come first.
+        let skipped = events.partition_point(|e| e.global_position <= checkpoint);
+        let pending = &events[skipped..];
+        if let Err((index, source)) = self.apply(&mut tx, pending, whole) {
             drop(tx);
             let connection_gone = connection.client.is_closed()
                 || source
@@ -284,9 +292,17 @@ impl<P: Projection> Worker<P> {
                      of '{name}': {source}"
                 ))
             } else {
-                Failure::Projection { index, source }
+                match index {
+                    Some(index) => Failure::Projection {
+                        index: skipped + index,
+                        source,
+                    },
+                    None => Failure::Batch(source),
+                }
             });
         }
+        let applied = pending.len() as u64;
+        let skipped = skipped as u64;
         let new_checkpoint = checkpoint.max(upto);
         if new_checkpoint != checkpoint {
             connection
@@ -302,6 +318,54 @@ impl<P: Projection> Worker<P> {
         self.progress
             .checkpoint
             .store(new_checkpoint, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Applies `events` through the projection: all at once (`whole`), or one by one so that
+    /// a failure names its event (the index into `events`).
+    fn apply(
+        &mut self,
+        tx: &mut postgres::Transaction<'_>,
+        events: &[Event],
+        whole: bool,
+    ) -> Result<(), (Option<usize>, BoxError)> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let projection = &mut self.projection;
+        let context = &self.context;
+        if whole {
+            return match catch_unwind(AssertUnwindSafe(|| {
+                projection.apply_batch(tx, events, context)
+            })) {
+                Ok(Ok(())) => {
+                    debug!(
+                        "partition {}/{}: applied {} events up to {}",
+                        context.partition,
+                        context.total_partitions,
+                        events.len(),
+                        events[events.len() - 1].global_position
+                    );
+                    Ok(())
+                }
+                Ok(Err(source)) => Err((None, source)),
+                Err(panic) => Err((None, panic_message(panic).into())),
+            };
+        }
+        for (index, event) in events.iter().enumerate() {
+            match catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event, context))) {
+                Ok(Ok(())) => debug!(
+                    "partition {}/{}: applied {} at {} ({})",
+                    context.partition,
+                    context.total_partitions,
+                    event.event_type,
+                    event.global_position,
+                    event.aggregate_id
+                ),
+                Ok(Err(source)) => return Err((Some(index), source)),
+                Err(panic) => return Err((Some(index), panic_message(panic).into())),
+            }
+        }
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use log::{info, warn};
-use projector::projections::{AggregateStats, Noop, Users};
+use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, Users};
 use projector::{Builder, Database, Error, Projection, Summary};
 
 use args::{Args, Command, flag_or_env};
@@ -25,11 +25,12 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
         None => match args.projection.as_str() {
             "users" => run_projection(&args, database, Users),
             "aggregate-stats" => run_projection(&args, database, AggregateStats),
+            "aggregate-stats-batch" => run_projection(&args, database, AggregateStatsBatch),
             "noop" => run_projection(&args, database, Noop),
             other => Err(Error::invalid_setting(
                 "--projection",
                 other,
-                "known projections are users, aggregate-stats and noop",
+                "known projections are users, aggregate-stats, aggregate-stats-batch and noop",
             )),
         },
     }

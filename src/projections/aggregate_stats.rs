@@ -1,6 +1,9 @@
 //! `aggregate-stats`: per aggregate, how many events were applied, checking order as it goes.
 
+use std::collections::HashMap;
+
 use postgres::Transaction;
+use postgres::types::ToSql;
 
 use crate::error::BoxError;
 use crate::event::Event;
@@ -9,8 +12,71 @@ use crate::projection::{Context, Projection};
 /// One row per aggregate in `aggregate_stats`: events applied, last version, last global
 /// position. An event whose version is not the last applied version plus one fails its batch,
 /// so the table checks by itself that every event was applied once, in order.
+///
+/// Writes one upsert per event (the statement prepared once per batch).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AggregateStats;
+
+/// The same read model as [`AggregateStats`], written set-based: one statement per batch,
+/// whatever its size. Run one or the other on a schema, not both.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AggregateStatsBatch;
+
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS aggregate_stats (
+    bounded_context TEXT NOT NULL,
+    aggregate_type TEXT NOT NULL,
+    aggregate_id TEXT NOT NULL,
+    events_applied BIGINT NOT NULL,
+    last_version BIGINT NOT NULL,
+    last_global_position BIGINT NOT NULL,
+    PRIMARY KEY (bounded_context, aggregate_type, aggregate_id)
+)";
+
+/// Adds one event; updates only when the event follows the last applied version.
+const UPSERT_ONE: &str = "INSERT INTO aggregate_stats AS s VALUES ($1, $2, $3, 1, $4, $5) \
+    ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO UPDATE \
+        SET events_applied = s.events_applied + 1, \
+            last_version = EXCLUDED.last_version, \
+            last_global_position = EXCLUDED.last_global_position \
+        WHERE s.last_version + 1 = EXCLUDED.last_version \
+    RETURNING s.events_applied";
+
+/// Adds a run of consecutive versions per aggregate; updates only when each run follows the
+/// last applied version, and returns the rows written.
+const UPSERT_RUNS: &str = "INSERT INTO aggregate_stats AS s \
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) \
+    ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO UPDATE \
+        SET events_applied = s.events_applied + EXCLUDED.events_applied, \
+            last_version = EXCLUDED.last_version, \
+            last_global_position = EXCLUDED.last_global_position \
+        WHERE s.last_version = EXCLUDED.last_version - EXCLUDED.events_applied \
+    RETURNING s.events_applied, s.last_version";
+
+fn params(event: &Event) -> [&(dyn ToSql + Sync); 5] {
+    [
+        &event.bounded_context,
+        &event.aggregate_type,
+        &event.aggregate_id,
+        &event.aggregate_version,
+        &event.global_position,
+    ]
+}
+
+fn out_of_order(event: &Event) -> BoxError {
+    format!(
+        "event version {} of {}/{} does not follow the last applied version",
+        event.aggregate_version, event.aggregate_type, event.aggregate_id
+    )
+    .into()
+}
+
+/// Checks what [`UPSERT_ONE`] returned: a row, and for a new aggregate, version 1.
+fn check_one(event: &Event, events_applied: Option<i64>) -> Result<(), BoxError> {
+    match events_applied {
+        Some(n) if n > 1 || event.aggregate_version == 1 => Ok(()),
+        _ => Err(out_of_order(event)),
+    }
+}
 
 impl Projection for AggregateStats {
     fn name(&self) -> &str {
@@ -18,17 +84,7 @@ impl Projection for AggregateStats {
     }
 
     fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS aggregate_stats (
-                 bounded_context TEXT NOT NULL,
-                 aggregate_type TEXT NOT NULL,
-                 aggregate_id TEXT NOT NULL,
-                 events_applied BIGINT NOT NULL,
-                 last_version BIGINT NOT NULL,
-                 last_global_position BIGINT NOT NULL,
-                 PRIMARY KEY (bounded_context, aggregate_type, aggregate_id)
-             );",
-        )?;
+        tx.batch_execute(CREATE)?;
         Ok(())
     }
 
@@ -36,32 +92,100 @@ impl Projection for AggregateStats {
         &mut self,
         tx: &mut Transaction<'_>,
         event: &Event,
-        _context: &Context,
+        _: &Context,
     ) -> Result<(), BoxError> {
-        let row = tx.query_opt(
-            "INSERT INTO aggregate_stats AS s VALUES ($1, $2, $3, 1, $4, $5) \
-             ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO UPDATE \
-                 SET events_applied = s.events_applied + 1, \
-                     last_version = EXCLUDED.last_version, \
-                     last_global_position = EXCLUDED.last_global_position \
-                 WHERE s.last_version + 1 = EXCLUDED.last_version \
-             RETURNING s.events_applied",
+        let row = tx.query_opt(UPSERT_ONE, &params(event))?;
+        check_one(event, row.map(|row| row.get(0)))
+    }
+
+    fn apply_batch(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+        _: &Context,
+    ) -> Result<(), BoxError> {
+        let upsert = tx.prepare(UPSERT_ONE)?;
+        for event in events {
+            let row = tx.query_opt(&upsert, &params(event))?;
+            check_one(event, row.map(|row| row.get(0)))?;
+        }
+        Ok(())
+    }
+}
+
+impl Projection for AggregateStatsBatch {
+    fn name(&self) -> &str {
+        "aggregate-stats-batch"
+    }
+
+    fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        AggregateStats.setup(tx)
+    }
+
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        AggregateStats.apply(tx, event, context)
+    }
+
+    fn apply_batch(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+        _: &Context,
+    ) -> Result<(), BoxError> {
+        // One run per aggregate: how many events, the last version and position. Versions must
+        // follow each other within the batch; the statement checks the join to what is stored.
+        let mut runs: HashMap<(&str, &str, &str), (i64, i64, i64)> = HashMap::new();
+        let mut order = Vec::new();
+        for event in events {
+            let key = (
+                event.bounded_context.as_str(),
+                event.aggregate_type.as_str(),
+                event.aggregate_id.as_str(),
+            );
+            match runs.get_mut(&key) {
+                Some(run) if run.1 + 1 == event.aggregate_version => {
+                    *run = (run.0 + 1, event.aggregate_version, event.global_position);
+                }
+                Some(_) => return Err(out_of_order(event)),
+                None => {
+                    runs.insert(key, (1, event.aggregate_version, event.global_position));
+                    order.push(key);
+                }
+            }
+        }
+        let mut columns: (Vec<&str>, Vec<&str>, Vec<&str>) = Default::default();
+        let mut figures: (Vec<i64>, Vec<i64>, Vec<i64>) = Default::default();
+        for key in &order {
+            let (applied, version, position) = runs[key];
+            columns.0.push(key.0);
+            columns.1.push(key.1);
+            columns.2.push(key.2);
+            figures.0.push(applied);
+            figures.1.push(version);
+            figures.2.push(position);
+        }
+        let rows = tx.query(
+            UPSERT_RUNS,
             &[
-                &event.bounded_context,
-                &event.aggregate_type,
-                &event.aggregate_id,
-                &event.aggregate_version,
-                &event.global_position,
+                &columns.0, &columns.1, &columns.2, &figures.0, &figures.1, &figures.2,
             ],
         )?;
-        let first_ok = event.aggregate_version == 1;
-        match row {
-            Some(row) if row.get::<_, i64>(0) > 1 || first_ok => Ok(()),
-            _ => Err(format!(
-                "event version {} of {}/{} does not follow the last applied version",
-                event.aggregate_version, event.aggregate_type, event.aggregate_id
-            )
-            .into()),
+        // Every run must have been written, and every aggregate must count as many events as
+        // its last version (so a new one started at version 1).
+        let written_all = rows.len() == order.len();
+        let all_start_right = rows.iter().all(|row| {
+            let (applied, version): (i64, i64) = (row.get(0), row.get(1));
+            applied == version
+        });
+        if written_all && all_start_right {
+            Ok(())
+        } else {
+            Err("a batch does not follow the last applied versions".into())
         }
     }
 }

@@ -207,7 +207,7 @@ fn bad_flags_exit_2_naming_the_flag_and_the_value() {
         ),
         (
             &["--partition-key", "0", "--projection", "nope"],
-            "error: invalid value 'nope' for --projection: known projections are users, aggregate-stats and noop",
+            "error: invalid value 'nope' for --projection: known projections are users, aggregate-stats, aggregate-stats-batch and noop",
         ),
     ];
     for (args, expected) in cases {

@@ -352,3 +352,50 @@ fn shutdown_stops_a_live_runner_promptly_and_keeps_what_it_applied() {
     assert_eq!(summary.applied(), 500);
     assert_eq!(schema.stats_mismatches(), 0);
 }
+
+#[test]
+fn the_set_based_batch_projection_builds_the_same_read_model() {
+    use projector::projections::AggregateStatsBatch;
+    let schema = TestSchema::migrated("batch_projection");
+    let events = schema.seed(250, 9);
+    let summary = catch_up(&schema, AggregateStatsBatch, &[0, 1, 2], 3).expect("catch up");
+    assert_eq!(summary.applied(), events as u64);
+    assert_eq!(schema.stats_mismatches(), 0);
+}
+
+#[test]
+fn the_set_based_batch_projection_names_an_out_of_order_event() {
+    use projector::projections::AggregateStatsBatch;
+    let schema = TestSchema::migrated("batch_out_of_order");
+    schema.seed(30, 4);
+    // Version 5 of thing-3 is missing, so version 6 cannot follow.
+    schema
+        .client()
+        .execute(
+            "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggregate_version, \
+                 event_id, event_type, payload) \
+             VALUES ('test', 'Thing', 'thing-3', 6, gen_random_uuid(), 'Skipped', '\\x7b7d')",
+            &[],
+        )
+        .expect("insert an event out of order");
+    let error = catch_up(&schema, AggregateStatsBatch, &[0], 1).expect_err("out of order");
+    match error {
+        Error::Projection {
+            aggregate_id,
+            event_type,
+            position,
+            ..
+        } => {
+            assert_eq!(
+                (aggregate_id.as_str(), event_type.as_str(), position),
+                ("thing-3", "Skipped", 121)
+            );
+        }
+        other => panic!("expected a projection error, got {other:?}"),
+    }
+    assert_eq!(
+        schema.count("SELECT last_position FROM projection_checkpoints"),
+        120,
+        "everything before the event is applied"
+    );
+}
