@@ -1,1 +1,973 @@
-fn main() {}
+//! Catch-up benchmark: seeds the `events` table set-based, measures the fastest possible read
+//! of it (a binary `COPY`), then times the `projector` binary catching up from position 0 in
+//! several layouts, and prints one markdown table with the floors the runtime should meet.
+//!
+//! Usually run by `scripts/bench.sh`, which creates and drops a database for it. Directly:
+//!
+//! ```text
+//! cargo bench --bench catch_up -- --database-url URL [--events N] [--big-events N]
+//!     [--scale 1,2,4,8,16] [--batch-size B] [--projector PATH]
+//! ```
+//!
+//! The database must have no events yet; the benchmark migrates it and seeds it.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use postgres::{Client, NoTls};
+
+type BoxError = Box<dyn std::error::Error>;
+type Result<T, E = BoxError> = std::result::Result<T, E>;
+
+const USAGE: &str = "usage: catch_up [--database-url URL] [--events N] [--big-events N] \
+    [--scale T,T,...] [--batch-size B] [--projector PATH]
+  --database-url  database to seed and run against (env DATABASE_URL); must have no events
+  --events        events in the main runs, default 1000000
+  --big-events    events for the second peak-memory run, default 5000000; 0 skips it
+  --scale         partition counts for the scaling runs, default 1,2,4,8,16
+  --batch-size    --batch-size passed to every projector run (default: the projector's)
+  --projector     the projector binary (default: the one cargo built with this benchmark)";
+
+/// Distinct aggregates in the seeded stream.
+const AGGREGATES: i64 = 10_000;
+/// Rows per seeding statement.
+const SEED_CHUNK: i64 = 250_000;
+/// Event `g` (from 0) is version `g / AGGREGATES + 1` of aggregate `agg-<g % AGGREGATES>`, so
+/// every aggregate's versions are consecutive in position order.
+const SEED_SQL: &str = "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, \
+        aggregate_version, event_id, event_type, event_version, payload) \
+    SELECT 'bench', 'Account', 'agg-' || g % $3::int8, g / $3::int8 + 1, gen_random_uuid(), \
+        CASE WHEN g < $3::int8 THEN 'AccountOpened' \
+            ELSE (ARRAY['MoneyDeposited', 'MoneyWithdrawn', 'AccountRenamed'])[g % 3 + 1] END, \
+        1, \
+        convert_to(json_build_object('account', 'agg-' || g % $3::int8, 'amount', g % 1000, \
+            'currency', 'EUR', 'ref', md5(g::text))::text, 'UTF8') \
+    FROM generate_series($1::int8, $2::int8) AS g ORDER BY g";
+const COPY_SQL: &str = "COPY (SELECT global_position, bounded_context, aggregate_type, \
+    aggregate_id, aggregate_version, event_id, event_type, event_version, payload, trace_id, \
+    correlation_id, causation_id, metadata, created_at FROM events ORDER BY global_position) \
+    TO STDOUT (FORMAT binary)";
+
+/// The projection with a set-based batch handler, run as P4 when the binary has it.
+const BATCH_PROJECTION: &str = "aggregate-stats-batch";
+/// Throughput of the Go pupsourcing v1 projection runtime, for comparison with P3.
+const GO_REFERENCE: f64 = 4_100.0;
+/// P3's floor: ten times the Go reference.
+const P3_FLOOR: f64 = 41_000.0;
+const RSS_CEILING_MIB: f64 = 64.0;
+/// Lines of a failed child's stderr to show.
+const STDERR_TAIL: usize = 30;
+
+struct Options {
+    database_url: String,
+    events: i64,
+    big_events: i64,
+    scale: Vec<u32>,
+    batch_size: Option<u32>,
+    projector: PathBuf,
+}
+
+fn main() {
+    let options = match parse_options(std::env::args().skip(1)) {
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{USAGE}");
+            return;
+        }
+        Err(message) => {
+            eprintln!("catch_up: {message}\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(error) = run(&options) {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        eprintln!("catch_up: {message}");
+        std::process::exit(1);
+    }
+}
+
+/// `Ok(None)` when help was asked for.
+fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
+    let mut database_url = std::env::var("DATABASE_URL").ok();
+    let mut projector = option_env!("CARGO_BIN_EXE_projector").map(PathBuf::from);
+    let mut options = Options {
+        database_url: String::new(),
+        events: 1_000_000,
+        big_events: 5_000_000,
+        scale: vec![1, 2, 4, 8, 16],
+        batch_size: None,
+        projector: PathBuf::new(),
+    };
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            // `cargo bench` passes this to every benchmark binary.
+            "--bench" => {}
+            "-h" | "--help" => return Ok(None),
+            "--database-url" => database_url = Some(value()?),
+            "--events" => options.events = count(&arg, &value()?)?,
+            "--big-events" => options.big_events = count(&arg, &value()?)?,
+            "--batch-size" => options.batch_size = Some(positive(&arg, &value()?)?),
+            "--projector" => projector = Some(PathBuf::from(value()?)),
+            "--scale" => {
+                options.scale = value()?
+                    .split(',')
+                    .map(|part| positive(&arg, part))
+                    .collect::<Result<_, _>>()?;
+            }
+            other => return Err(format!("unknown argument '{other}'")),
+        }
+    }
+    options.database_url = database_url
+        .filter(|url| !url.is_empty())
+        .ok_or("no database: pass --database-url or set DATABASE_URL")?;
+    options.projector = projector.ok_or(
+        "the projector binary was not built with this benchmark (feature `cli` off): \
+         pass --projector PATH",
+    )?;
+    if options.events < 1 {
+        return Err("--events must be at least 1".into());
+    }
+    if options.big_events != 0 && options.big_events <= options.events {
+        return Err("--big-events must be 0 or more than --events".into());
+    }
+    Ok(Some(options))
+}
+
+fn count(flag: &str, text: &str) -> Result<i64, String> {
+    text.replace('_', "")
+        .parse::<i64>()
+        .ok()
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| format!("{flag}: '{text}' is not a whole number"))
+}
+
+fn positive(flag: &str, text: &str) -> Result<u32, String> {
+    text.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{flag}: '{text}' is not a whole number of at least 1"))
+}
+
+fn run(options: &Options) -> Result<()> {
+    let mut client = Client::connect(&options.database_url, NoTls)
+        .map_err(|error| format!("connecting to {}: {error}", redact(&options.database_url)))?;
+    let machine = Machine::probe(&mut client)?;
+    machine.print();
+    let bench = Bench { options, client };
+    bench.run(machine)
+}
+
+/// What the numbers were measured on.
+struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    server_version: String,
+}
+
+impl Machine {
+    fn probe(client: &mut Client) -> Result<Self> {
+        let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|line| line.starts_with("model name"))
+                    .and_then(|line| line.split_once(':'))
+                    .map(|(_, model)| model.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let server_version = client
+            .query_one("SHOW server_version", &[])?
+            .get::<_, String>(0);
+        Ok(Self {
+            cpus,
+            cpu_model,
+            server_version,
+        })
+    }
+
+    fn print(&self) {
+        println!("machine: nproc {}", self.cpus);
+        println!("machine: CPU {}", self.cpu_model);
+        println!("machine: PostgreSQL {}", self.server_version);
+    }
+}
+
+/// One projector run: its wall time and each process's summary line.
+struct Outcome {
+    wall: Duration,
+    /// Events in the stream when it ran.
+    events: i64,
+    processes: Vec<ProcessSummary>,
+}
+
+impl Outcome {
+    /// Events of the stream per second of wall time.
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.wall.as_secs_f64()
+    }
+
+    fn peak_mib(&self) -> Option<f64> {
+        self.processes
+            .iter()
+            .filter_map(|p| p.peak_mib)
+            .reduce(f64::max)
+    }
+
+    fn applied(&self) -> u64 {
+        self.processes.iter().map(|p| p.applied).sum()
+    }
+}
+
+/// The figures of a projector's `stopped '...' after ...` line.
+struct ProcessSummary {
+    read: u64,
+    applied: u64,
+    peak_mib: Option<f64>,
+}
+
+impl ProcessSummary {
+    fn parse(stderr: &str) -> Option<Self> {
+        let line = stderr
+            .lines()
+            .rev()
+            .find(|line| line.contains("stopped '"))?;
+        Some(Self {
+            read: number_after(line, ": read ")?.parse().ok()?,
+            applied: number_after(line, ", applied ")?.parse().ok()?,
+            peak_mib: number_after(line, "peak memory ").and_then(|n| n.parse().ok()),
+        })
+    }
+}
+
+/// The number (digits and dots) right after `marker` in `line`.
+fn number_after<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    (end > 0).then(|| &rest[..end])
+}
+
+/// One row of the results table.
+#[derive(Clone)]
+struct Row {
+    run: String,
+    what: String,
+    wall: Option<Duration>,
+    rate: Option<f64>,
+    ratio: String,
+    notes: String,
+}
+
+struct Bench<'a> {
+    options: &'a Options,
+    client: Client,
+}
+
+impl Bench<'_> {
+    fn run(mut self, machine: Machine) -> Result<()> {
+        let n = self.options.events;
+        let keys4 = vec!["0-3".to_owned()];
+        self.projector("migrate", &["migrate".to_owned()])?;
+        let existing: i64 = self
+            .client
+            .query_one("SELECT count(*) FROM events", &[])?
+            .get(0);
+        if existing != 0 {
+            return Err(format!(
+                "the database already has {existing} events: give the benchmark an empty database"
+            )
+            .into());
+        }
+        self.seed(0, n)?;
+
+        let r0 = self.copy_all(n)?;
+        let p1 = self.project("P1", "noop", 4, &keys4)?;
+        let p2 = self.project("P2", "noop", 4, &["0", "1", "2", "3"].map(String::from))?;
+        let p3 = self.project("P3", "aggregate-stats", 4, &keys4)?;
+        let p3_check = self.aggregate_stats_check(n)?;
+        let p4 = if self.has_batch_projection()? {
+            let outcome = self.project("P4", BATCH_PROJECTION, 4, &keys4)?;
+            let check = self.aggregate_stats_check(n)?;
+            Some((outcome, check))
+        } else {
+            println!("\n# P4: '{BATCH_PROJECTION}' is not in `projector --help`: skipped");
+            None
+        };
+        let mut scale = Vec::new();
+        for &total in &self.options.scale {
+            let keys = [all_keys(total)];
+            let outcome = self.project(&format!("scale T={total}"), "noop", total, &keys)?;
+            scale.push((total, outcome));
+        }
+        let big = if self.options.big_events > 0 {
+            self.seed(n, self.options.big_events)?;
+            Some(self.project("RSS big", "noop", 4, &keys4)?)
+        } else {
+            None
+        };
+
+        let report = Report {
+            options: self.options,
+            r0,
+            p1,
+            p2,
+            p3,
+            p3_check,
+            p4,
+            scale,
+            big,
+        };
+        report.print(&machine);
+        Ok(())
+    }
+
+    /// Appends events `from..to` (counted from 0), then vacuums and analyzes the table. The
+    /// unique constraints are dropped for the load and added back after it: one index build
+    /// is much faster than millions of inserts into random places of the `event_id` index.
+    fn seed(&mut self, from: i64, to: i64) -> Result<()> {
+        println!(
+            "\n# seeding events {} to {} ({} aggregates, {} rows per statement)",
+            thousands(from + 1),
+            thousands(to),
+            thousands(AGGREGATES),
+            thousands(SEED_CHUNK)
+        );
+        let started = Instant::now();
+        self.client
+            .batch_execute("SET maintenance_work_mem = '256MB'")?;
+        let constraints: Vec<(String, String)> = self
+            .client
+            .query(
+                "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint \
+                 WHERE conrelid = 'events'::regclass AND contype = 'u'",
+                &[],
+            )?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        for (name, _) in &constraints {
+            let sql = format!("ALTER TABLE events DROP CONSTRAINT {}", identifier(name));
+            println!("sql> {sql}");
+            self.client.batch_execute(&sql)?;
+        }
+        let insert = self.client.prepare(SEED_SQL)?;
+        let mut low = from;
+        while low < to {
+            let high = (low + SEED_CHUNK).min(to) - 1;
+            self.client.execute(&insert, &[&low, &high, &AGGREGATES])?;
+            low = high + 1;
+        }
+        let inserted = started.elapsed();
+        for (name, definition) in &constraints {
+            let sql = format!(
+                "ALTER TABLE events ADD CONSTRAINT {} {definition}",
+                identifier(name)
+            );
+            println!("sql> {sql}");
+            self.client.batch_execute(&sql)?;
+        }
+        let indexed = started.elapsed();
+        self.client.batch_execute("VACUUM ANALYZE events")?;
+        let done = started.elapsed();
+        let row = self.client.query_one(
+            "SELECT count(*), coalesce(max(global_position), 0), \
+                 coalesce(avg(octet_length(payload)), 0)::float8, \
+                 pg_total_relation_size('events') FROM events",
+            &[],
+        )?;
+        let (count, head, payload, size): (i64, i64, f64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        println!(
+            "seeded {} events in {:.1} s: inserts {:.1} s, unique constraints {:.1} s, \
+             VACUUM ANALYZE {:.1} s",
+            thousands(to - from),
+            done.as_secs_f64(),
+            inserted.as_secs_f64(),
+            (indexed - inserted).as_secs_f64(),
+            (done - indexed).as_secs_f64(),
+        );
+        println!(
+            "events: {}, head {}, payload {payload:.0} bytes on average, \
+             table with indexes {:.0} MB",
+            thousands(count),
+            thousands(head),
+            size as f64 / 1e6,
+        );
+        if count != to || head != to {
+            return Err(format!("expected {to} events at positions 1..={to} after seeding").into());
+        }
+        Ok(())
+    }
+
+    /// R0: the stream read in full, in order, by one binary `COPY`; the faster of two runs.
+    fn copy_all(&mut self, events: i64) -> Result<Row> {
+        println!("\n# R0: {COPY_SQL}");
+        let mut best: Option<(Duration, u64)> = None;
+        for attempt in 1..=2 {
+            let started = Instant::now();
+            let mut reader = self.client.copy_out(COPY_SQL)?;
+            let mut bytes = 0u64;
+            loop {
+                let len = reader.fill_buf()?.len();
+                if len == 0 {
+                    break;
+                }
+                bytes += len as u64;
+                reader.consume(len);
+            }
+            let wall = started.elapsed();
+            println!(
+                "R0 run {attempt}: {:.2} s, {:.1} MB",
+                wall.as_secs_f64(),
+                bytes as f64 / 1e6
+            );
+            if best.is_none_or(|(fastest, _)| wall < fastest) {
+                best = Some((wall, bytes));
+            }
+        }
+        let (wall, bytes) = best.ok_or("no COPY run")?;
+        Ok(Row {
+            run: "R0".into(),
+            what: format!(
+                "binary COPY of all {} events in order (the limit)",
+                thousands(events)
+            ),
+            wall: Some(wall),
+            rate: Some(events as f64 / wall.as_secs_f64()),
+            ratio: "1.00".into(),
+            notes: format!(
+                "{:.1} MB, {:.0} MB/s, faster of 2 runs",
+                bytes as f64 / 1e6,
+                bytes as f64 / 1e6 / wall.as_secs_f64()
+            ),
+        })
+    }
+
+    /// Runs `projection` from position 0 until caught up: one process per entry of `keys`,
+    /// all started together. The wall time runs until the last one has exited.
+    fn project(
+        &mut self,
+        label: &str,
+        projection: &str,
+        total: u32,
+        keys: &[String],
+    ) -> Result<Outcome> {
+        println!(
+            "\n# {label}: {projection}, {total} partition(s), {} process(es)",
+            keys.len()
+        );
+        self.reset(projection)?;
+        let commands: Vec<Vec<String>> = keys
+            .iter()
+            .map(|key| {
+                let mut args = vec![
+                    "--projection".to_owned(),
+                    projection.to_owned(),
+                    "--partition-key".to_owned(),
+                    key.clone(),
+                    "--total-partitions".to_owned(),
+                    total.to_string(),
+                    "--exit-when-caught-up".to_owned(),
+                ];
+                if let Some(size) = self.options.batch_size {
+                    args.extend(["--batch-size".to_owned(), size.to_string()]);
+                }
+                args
+            })
+            .collect();
+        for args in &commands {
+            let background = if commands.len() > 1 { " &" } else { "" };
+            println!("$ {}{background}", self.command_line(args));
+        }
+        let started = Instant::now();
+        let mut children = Vec::new();
+        for args in &commands {
+            let child = self.command(args).spawn().map_err(|error| {
+                format!("starting {}: {error}", self.options.projector.display())
+            })?;
+            children.push(std::thread::spawn(move || {
+                let output = child.wait_with_output();
+                (Instant::now(), output)
+            }));
+        }
+        let mut ended = started;
+        let mut processes = Vec::new();
+        let mut failures = Vec::new();
+        for (handle, args) in children.into_iter().zip(&commands) {
+            let (at, output) = handle.join().map_err(|_| "a waiting thread panicked")?;
+            let output = output?;
+            ended = ended.max(at);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            match ProcessSummary::parse(&stderr) {
+                Some(summary) if output.status.success() => processes.push(summary),
+                _ => failures.push(failure(&self.command_line(args), output.status, &stderr)),
+            }
+        }
+        if !failures.is_empty() {
+            return Err(failures.join("\n").into());
+        }
+        let outcome = Outcome {
+            wall: ended - started,
+            events: self.events()?,
+            processes,
+        };
+        println!(
+            "{label}: {:.2} s, {} events/s, applied {}, read {}, peak RSS {}",
+            outcome.wall.as_secs_f64(),
+            thousands_f(outcome.rate().round()),
+            thousands(outcome.applied() as i64),
+            outcome
+                .processes
+                .iter()
+                .map(|p| thousands(p.read as i64))
+                .collect::<Vec<_>>()
+                .join(" + "),
+            mib(outcome.peak_mib())
+        );
+        Ok(outcome)
+    }
+
+    /// Runs the projector once to completion (for `migrate`), failing on a non-zero exit.
+    fn projector(&self, label: &str, args: &[String]) -> Result<()> {
+        println!("\n# {label}\n$ {}", self.command_line(args));
+        let output = self.command(args).output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() {
+            return Err(failure(&self.command_line(args), output.status, &stderr).into());
+        }
+        Ok(())
+    }
+
+    fn command(&self, args: &[String]) -> Command {
+        let mut command = Command::new(&self.options.projector);
+        command
+            .args(args)
+            .env("DATABASE_URL", &self.options.database_url)
+            .env("RUST_LOG", "info")
+            .env_remove("PROJECTOR_SCHEMA")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    /// The command as a shell line, with any password in the URL hidden.
+    fn command_line(&self, args: &[String]) -> String {
+        let mut words = vec![
+            format!(
+                "DATABASE_URL={}",
+                quote(&redact(&self.options.database_url))
+            ),
+            "RUST_LOG=info".to_owned(),
+            quote(&self.options.projector.display().to_string()),
+        ];
+        words.extend(args.iter().map(|arg| quote(arg)));
+        words.join(" ")
+    }
+
+    /// Removes what an earlier run of `projection` left, so the next one starts from 0.
+    fn reset(&mut self, projection: &str) -> Result<()> {
+        println!("sql> DELETE FROM projection_checkpoints WHERE projection = '{projection}'");
+        self.client.execute(
+            "DELETE FROM projection_checkpoints WHERE projection = $1",
+            &[&projection],
+        )?;
+        if projection.starts_with("aggregate-stats") {
+            println!("sql> DROP TABLE IF EXISTS aggregate_stats");
+            self.client.batch_execute(
+                "SET client_min_messages = warning; DROP TABLE IF EXISTS aggregate_stats",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn events(&mut self) -> Result<i64> {
+        Ok(self
+            .client
+            .query_one("SELECT count(*) FROM events", &[])?
+            .get(0))
+    }
+
+    /// Whether `aggregate_stats` holds every aggregate once and every event once.
+    fn aggregate_stats_check(&mut self, events: i64) -> Result<String> {
+        let exists: Option<String> = self
+            .client
+            .query_one("SELECT to_regclass('aggregate_stats')::text", &[])?
+            .get(0);
+        if exists.is_none() {
+            return Ok("no aggregate_stats table to check".into());
+        }
+        let row = self.client.query_one(
+            "SELECT count(*), coalesce(sum(events_applied), 0)::int8 FROM aggregate_stats",
+            &[],
+        )?;
+        let (rows, applied): (i64, i64) = (row.get(0), row.get(1));
+        let expected_rows = AGGREGATES.min(events);
+        let verdict = if rows == expected_rows && applied == events {
+            "ok"
+        } else {
+            "MISMATCH"
+        };
+        Ok(format!(
+            "aggregate_stats {verdict}: {} rows, {} events",
+            thousands(rows),
+            thousands(applied)
+        ))
+    }
+
+    fn has_batch_projection(&self) -> Result<bool> {
+        let args = ["--help".to_owned()];
+        println!("\n# P4: looking for '{BATCH_PROJECTION}'");
+        println!(
+            "$ {} --help",
+            quote(&self.options.projector.display().to_string())
+        );
+        let output = Command::new(&self.options.projector).args(args).output()?;
+        let help = String::from_utf8_lossy(&output.stdout);
+        Ok(help.contains(BATCH_PROJECTION))
+    }
+}
+
+/// The partition keys of one process owning all `total` partitions: `0` or `0-<total - 1>`.
+fn all_keys(total: u32) -> String {
+    if total == 1 {
+        "0".to_owned()
+    } else {
+        format!("0-{}", total - 1)
+    }
+}
+
+/// A failed child, with the tail of its stderr.
+fn failure(command: &str, status: ExitStatus, stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(STDERR_TAIL)..];
+    let why = if status.success() {
+        "exited 0 without a summary line".to_owned()
+    } else {
+        format!("failed ({status})")
+    };
+    format!(
+        "{command}\n{why}; last {} lines of its stderr:\n{}",
+        tail.len(),
+        tail.join("\n")
+    )
+}
+
+/// Everything measured, turned into the results table and the floor checks.
+struct Report<'a> {
+    options: &'a Options,
+    r0: Row,
+    p1: Outcome,
+    p2: Outcome,
+    p3: Outcome,
+    p3_check: String,
+    p4: Option<(Outcome, String)>,
+    scale: Vec<(u32, Outcome)>,
+    big: Option<Outcome>,
+}
+
+impl Report<'_> {
+    fn print(&self, machine: &Machine) {
+        let n = self.options.events;
+        let r0_rate = self.r0.rate.unwrap_or(f64::NAN);
+        let p1_rate = self.p1.rate();
+        let p3_rate = self.p3.rate();
+        let p2_ratio = self.p2.wall.as_secs_f64() / self.p1.wall.as_secs_f64();
+        let rss_n = self.p1.peak_mib();
+        let rss_big = self.big.as_ref().and_then(Outcome::peak_mib);
+        let one = self
+            .scale
+            .iter()
+            .find(|(total, _)| *total == 1)
+            .map(|(_, outcome)| outcome.rate());
+        let sixteen = self
+            .scale
+            .iter()
+            .find(|(total, _)| *total == 16)
+            .map(|(_, outcome)| outcome.rate());
+        let size = short_count(n);
+
+        let mut rows = vec![
+            self.r0.clone(),
+            self.projection_row(
+                "P1",
+                "noop, 1 process, partitions 0-3 of 4",
+                &self.p1,
+                format!("{:.2} x R0", p1_rate / r0_rate),
+                format!("peak RSS {}", mib(rss_n)),
+            ),
+            self.projection_row(
+                "P2",
+                "noop, 4 processes, partition K of 4 each (K = 0..3)",
+                &self.p2,
+                format!("{p2_ratio:.2} x P1 wall"),
+                format!(
+                    "wall until the last exits; events/s = events / wall; peak RSS {} (max)",
+                    mib(self.p2.peak_mib())
+                ),
+            ),
+            self.projection_row(
+                "P3",
+                "aggregate-stats (per-event upsert), 1 process, 0-3 of 4",
+                &self.p3,
+                format!("{:.3} x R0", p3_rate / r0_rate),
+                format!(
+                    "{:.1} x Go pupsourcing v1 reference ({} events/s); floor {} events/s: {}; {}",
+                    p3_rate / GO_REFERENCE,
+                    thousands_f(GO_REFERENCE),
+                    thousands_f(P3_FLOOR),
+                    pass(p3_rate >= P3_FLOOR),
+                    self.p3_check
+                ),
+            ),
+        ];
+        rows.push(match &self.p4 {
+            Some((outcome, check)) => {
+                let rate = outcome.rate();
+                self.projection_row(
+                    "P4",
+                    &format!("{BATCH_PROJECTION} (set-based batch), 1 process, 0-3 of 4"),
+                    outcome,
+                    format!("{:.3} x R0", rate / r0_rate),
+                    format!("{:.2} x P3; {check}", rate / p3_rate),
+                )
+            }
+            None => Row {
+                run: "P4".into(),
+                what: format!("{BATCH_PROJECTION} (set-based batch)"),
+                wall: None,
+                rate: None,
+                ratio: "n/a".into(),
+                notes: "n/a (no batch handler yet)".into(),
+            },
+        });
+        rows.push(self.projection_row(
+            &format!("RSS {size}"),
+            &format!("peak RSS of P1 at {} events", thousands(n)),
+            &self.p1,
+            "-".into(),
+            format!("{} (the P1 run)", mib(rss_n)),
+        ));
+        rows.push(match &self.big {
+            Some(outcome) => self.projection_row(
+                "RSS big",
+                &format!(
+                    "peak RSS of P1 at {} events",
+                    thousands(self.options.big_events)
+                ),
+                outcome,
+                match (rss_big, rss_n) {
+                    (Some(big), Some(small)) => format!("{:.2} x RSS {size}", big / small),
+                    _ => "n/a".into(),
+                },
+                mib(rss_big),
+            ),
+            None => Row {
+                run: "RSS big".into(),
+                what: "peak RSS of P1 at the big size".into(),
+                wall: None,
+                rate: None,
+                ratio: "n/a".into(),
+                notes: "skipped (--big-events 0)".into(),
+            },
+        });
+        for (total, outcome) in &self.scale {
+            let keys = all_keys(*total);
+            rows.push(self.projection_row(
+                &format!("scale T={total}"),
+                &format!("noop, 1 process, partitions {keys} of {total}"),
+                outcome,
+                one.map_or_else(
+                    || "n/a".into(),
+                    |one| format!("{:.2} x T=1", outcome.rate() / one),
+                ),
+                format!("peak RSS {}", mib(outcome.peak_mib())),
+            ));
+        }
+
+        println!("\n## Catch-up benchmark: {} events\n", thousands(n));
+        println!(
+            "machine: nproc {}, CPU {}, PostgreSQL {}; projector {}; batch size {}\n",
+            machine.cpus,
+            machine.cpu_model,
+            machine.server_version,
+            self.options.projector.display(),
+            self.options
+                .batch_size
+                .map_or_else(|| "default".into(), |b| b.to_string())
+        );
+        println!("| run | what | wall s | events/s | ratio | notes |");
+        println!("|---|---|---:|---:|---:|---|");
+        for row in &rows {
+            println!(
+                "| {} | {} | {} | {} | {} | {} |",
+                row.run,
+                row.what,
+                row.wall
+                    .map_or_else(|| "n/a".into(), |w| format!("{:.2}", w.as_secs_f64())),
+                row.rate
+                    .map_or_else(|| "n/a".into(), |r| thousands_f(r.round())),
+                row.ratio,
+                row.notes
+            );
+        }
+
+        println!("\n### Floors (reported, not asserted)\n");
+        floor(
+            "P1 >= 0.5 x R0",
+            format!("{:.2} x R0", p1_rate / r0_rate),
+            Some(p1_rate >= 0.5 * r0_rate),
+        );
+        floor(
+            "P2 wall <= 2 x P1 wall",
+            format!("{p2_ratio:.2} x P1 wall"),
+            Some(p2_ratio <= 2.0),
+        );
+        floor(
+            "P3 >= 41,000 events/s",
+            format!(
+                "{} events/s, {:.3} x R0, {:.1} x Go pupsourcing v1 (4,100 events/s)",
+                thousands_f(p3_rate.round()),
+                p3_rate / r0_rate,
+                p3_rate / GO_REFERENCE
+            ),
+            Some(p3_rate >= P3_FLOOR),
+        );
+        let peak = rss_n.into_iter().chain(rss_big).reduce(f64::max);
+        floor(
+            "peak RSS <= 64 MiB",
+            format!("RSS {size} {}, RSS big {}", mib(rss_n), mib(rss_big)),
+            peak.map(|peak| peak <= RSS_CEILING_MIB),
+        );
+        floor(
+            &format!("RSS not growing with backlog: RSS big <= 1.25 x RSS {size}"),
+            match (rss_big, rss_n) {
+                (Some(big), Some(small)) => format!("{:.2} x", big / small),
+                _ => "n/a (no big run)".into(),
+            },
+            rss_big.zip(rss_n).map(|(big, small)| big <= 1.25 * small),
+        );
+        floor(
+            "P1 at 16 partitions >= 0.75 x P1 at 1",
+            match (sixteen, one) {
+                (Some(sixteen), Some(one)) => format!("{:.2} x", sixteen / one),
+                _ => "n/a (T=1 or T=16 not run)".into(),
+            },
+            sixteen.zip(one).map(|(sixteen, one)| sixteen >= 0.75 * one),
+        );
+    }
+
+    fn projection_row(
+        &self,
+        run: &str,
+        what: &str,
+        outcome: &Outcome,
+        ratio: String,
+        notes: String,
+    ) -> Row {
+        Row {
+            run: run.to_owned(),
+            what: what.to_owned(),
+            wall: Some(outcome.wall),
+            rate: Some(outcome.rate()),
+            ratio,
+            notes,
+        }
+    }
+}
+
+fn floor(check: &str, value: String, passed: Option<bool>) {
+    let verdict = passed.map_or("n/a", pass);
+    println!("- {check}: {value} -> **{verdict}**");
+}
+
+fn pass(passed: bool) -> &'static str {
+    if passed { "PASS" } else { "FAIL" }
+}
+
+fn mib(value: Option<f64>) -> String {
+    value.map_or_else(|| "n/a".into(), |v| format!("{v:.1} MiB"))
+}
+
+fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+fn thousands_f(value: f64) -> String {
+    if value.is_finite() {
+        thousands(value as i64)
+    } else {
+        "n/a".into()
+    }
+}
+
+/// `1000000` as `1M`, `250000` as `250k`.
+fn short_count(n: i64) -> String {
+    if n >= 1_000_000 && n % 100_000 == 0 {
+        let millions = n as f64 / 1e6;
+        format!("{millions}M")
+    } else if n >= 1_000 && n % 1_000 == 0 {
+        format!("{}k", n / 1_000)
+    } else {
+        thousands(n)
+    }
+}
+
+/// `url` with its password replaced by `***` (URL or `key=value` form).
+fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        return match authority.rsplit_once('@') {
+            Some((userinfo, host)) if userinfo.contains(':') => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                format!("{scheme}://{user}:***@{host}{tail}")
+            }
+            _ => url.to_owned(),
+        };
+    }
+    url.split_whitespace()
+        .map(|word| match word.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => word.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `name` as a quoted SQL identifier.
+fn identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `word` quoted for a POSIX shell where needed.
+fn quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,%+".contains(c));
+    if plain {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, Sender, bounded, select};
 use log::{debug, info, warn};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Row, Statement};
@@ -54,12 +54,10 @@ struct Reader {
 
 /// One read of the stream, cut before the first position that may still commit.
 struct Read {
-    /// The events of owned partitions, by partition.
-    routed: HashMap<u32, Vec<Event>>,
+    /// The rows, in position order, up to `upto`.
+    rows: Vec<Row>,
     /// The stream is complete up to here (no position at or below may still appear).
     upto: i64,
-    /// Rows read, of all partitions.
-    rows: u64,
     /// The read filled its limit: more may be waiting.
     full: bool,
     /// A missing position held the read back.
@@ -102,8 +100,6 @@ impl Reader {
         limit: i64,
         gaps: &mut Gaps,
         settings: &Settings,
-        owned: &HashMap<u32, Sender<Batch>>,
-        total: u32,
     ) -> Result<Read, postgres::Error> {
         let dead_through = gaps
             .cleared_through(&mut self.client, &self.writers, settings.gap_warn_after)?
@@ -112,9 +108,8 @@ impl Reader {
         let full = rows.len() as i64 == limit;
         let Some(last) = rows.last().map(|row| row.get::<_, i64>(0)) else {
             return Ok(Read {
-                routed: HashMap::new(),
+                rows,
                 upto: position,
-                rows: 0,
                 full,
                 held: false,
             });
@@ -148,9 +143,8 @@ impl Reader {
             }
         };
         Ok(Read {
-            routed: route(&rows, owned, total),
+            rows,
             upto,
-            rows: rows.len() as u64,
             full,
             held,
         })
@@ -178,11 +172,49 @@ fn route(
 
 impl Fetcher {
     /// Reads until stopped; dropping `self.workers` on return tells the workers to finish.
+    /// Returns how many events were read.
+    ///
+    /// Two threads share the work, so that the database produces the next batch while the
+    /// current one is decoded: this one reads (and waits at gaps), `projector-route` decodes
+    /// the rows and hands each owned partition its events.
     pub(crate) fn run(self, client: Client) -> Result<u64, Error> {
-        let mut reader = Some(Reader::open(client, &self.database)?);
+        let reader = Reader::open(client, &self.database)?;
+        let (reads_tx, reads) = bounded::<(Vec<Row>, i64)>(2);
+        std::thread::scope(|scope| {
+            let router = std::thread::Builder::new()
+                .name("projector-route".into())
+                .spawn_scoped(scope, || self.route(reads))
+                .map_err(|_| Error::ThreadPanicked {
+                    thread: "projector-route".into(),
+                })?;
+            let outcome = self.read(reader, reads_tx);
+            let read = router.join().map_err(|_| Error::ThreadPanicked {
+                thread: "projector-route".into(),
+            })?;
+            outcome.map(|()| read)
+        })
+    }
+
+    /// Decodes and routes what the reader sends, until it stops or a worker has gone.
+    fn route(&self, reads: Receiver<(Vec<Row>, i64)>) -> u64 {
+        let mut read = 0;
+        for (rows, upto) in reads {
+            let routed = route(&rows, &self.workers, self.total);
+            read += rows.len() as u64;
+            drop(rows);
+            if self.hand_out(routed, upto) {
+                break;
+            }
+            self.progress.read.store(read, Ordering::Relaxed);
+        }
+        read
+    }
+
+    /// Reads the stream in order until stopped, sending each complete prefix to the router.
+    fn read(&self, reader: Reader, reads: Sender<(Vec<Row>, i64)>) -> Result<(), Error> {
+        let mut reader = Some(reader);
         let mut gaps = Gaps::default();
         let mut position = self.start;
-        let mut read = 0;
         let mut lost = 0;
         let mut quiet = 0;
         let limit = i64::from(self.settings.batch_size);
@@ -209,15 +241,7 @@ impl Fetcher {
                 }
                 continue;
             };
-            let batch = current.read(
-                position,
-                limit,
-                &mut gaps,
-                &self.settings,
-                &self.workers,
-                self.total,
-            );
-            let batch = match batch {
+            let batch = match current.read(position, limit, &mut gaps, &self.settings) {
                 Ok(batch) => batch,
                 Err(source) => {
                     let error = Error::Database {
@@ -235,14 +259,13 @@ impl Fetcher {
                     continue;
                 }
             };
-            let progressed = batch.upto > position;
-            if progressed {
-                if self.hand_out(batch.routed, batch.upto) {
-                    break;
+            if batch.upto > position {
+                select! {
+                    send(reads, (batch.rows, batch.upto)) -> sent => if sent.is_err() { break },
+                    recv(self.stop) -> _ => break,
+                    recv(self.faults) -> _ => break,
                 }
                 position = batch.upto;
-                read += batch.rows;
-                self.progress.read.store(read, Ordering::Relaxed);
                 self.progress.position.store(position, Ordering::Relaxed);
                 quiet = 0;
             }
@@ -269,8 +292,8 @@ impl Fetcher {
                 break;
             }
         }
-        debug!("fetcher: stopped at global position {position} after reading {read} events");
-        Ok(read)
+        debug!("fetcher: stopped reading at global position {position}");
+        Ok(())
     }
 
     /// Sends every owned partition its events of this read (possibly none) and `upto`; true

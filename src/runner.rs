@@ -22,7 +22,7 @@ use crate::{Database, Error};
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Settings {
-    /// Events read from the store per query. Default 1,000.
+    /// Events read from the store per query. Default 5,000.
     pub batch_size: u32,
     /// How long the fetcher waits before reading again once it has caught up, when no append
     /// notifies it sooner; also how often a gap is looked at again. Default 100 ms.
@@ -57,7 +57,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
-            batch_size: 1_000,
+            batch_size: 5_000,
             poll_interval: Duration::from_millis(100),
             max_poll_interval: Duration::from_secs(1),
             gap_warn_after: Duration::from_secs(10),

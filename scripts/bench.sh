@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR disable=SC2317 # cleanup runs from a trap
+# The catch-up benchmark (benches/catch_up.rs) against a database of its own.
+#
+# Usage: scripts/bench.sh [--events N] [--big-events N] [--quick]
+#   --events N      events in the main runs (default 1000000)
+#   --big-events N  events for the second peak-memory run (default 5000000, 0 skips it)
+#   --quick         smoke run: 100000 events, no big run, scaling at 1, 4 and 16 partitions
+#
+# Without DATABASE_URL, a throw-away PostgreSQL server is started for the run. Either way a
+# database projector_bench_<pid>_<time> is created on the server and dropped at the end.
+# Numbers are reported, not asserted: the script exits 0 unless something fails to run.
+set -euo pipefail
+
+usage() {
+    sed -n '5,8s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+}
+
+events=1000000
+big_events=5000000
+scale=1,2,4,8,16
+events_set=0
+big_set=0
+quick=0
+while [[ $# -gt 0 ]]; do
+    case $1 in
+    --events | --big-events)
+        if [[ $# -lt 2 || ! $2 =~ ^(0|[1-9][0-9]*)$ ]]; then
+            printf '%s needs a whole number\n' "$1" >&2
+            usage >&2
+            exit 2
+        fi
+        if [[ $1 == --events ]]; then
+            events=$2 events_set=1
+        else
+            big_events=$2 big_set=1
+        fi
+        shift 2
+        ;;
+    --quick)
+        quick=1
+        shift
+        ;;
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    *)
+        printf 'unknown argument: %s\n' "$1" >&2
+        usage >&2
+        exit 2
+        ;;
+    esac
+done
+if ((quick)); then
+    ((events_set)) || events=100000
+    ((big_set)) || big_events=0
+    scale=1,4,16
+fi
+if ((events < 1)) || ((big_events != 0 && big_events <= events)); then
+    printf 'need --events >= 1 and --big-events 0 or above --events (got %s and %s)\n' \
+        "$events" "$big_events" >&2
+    exit 2
+fi
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+source "$here/lib/pg.sh"
+cd "$root"
+
+# The URL with any password replaced by ***.
+redact() {
+    sed -E 's#^([a-z]+://[^:/@?]*):[^@/?]*@#\1:***@#' <<<"$1"
+}
+
+# Prints a command (passwords in URLs hidden, words quoted where needed), then runs it.
+run() {
+    local line='' word
+    for word in "$@"; do
+        word=$(redact "$word")
+        [[ $word =~ ^[A-Za-z0-9_./:=@,%+-]+$ ]] || word=${word@Q}
+        line+=${line:+ }$word
+    done
+    printf '\n$ %s\n' "$line"
+    "$@"
+}
+
+# The URL of database $2 on the server of URL $1 (any query string kept).
+with_database() {
+    local url=$1 db=$2 base query rest scheme authority
+    base=${url%%\?*}
+    query=${url#"$base"}
+    scheme=${base%%://*}
+    rest=${base#*://}
+    authority=${rest%%/*}
+    printf '%s://%s/%s%s\n' "$scheme" "$authority" "$db" "$query"
+}
+
+psql_bin() {
+    if command -v psql >/dev/null 2>&1; then
+        command -v psql
+    elif [[ -x $(pg_bindir)/psql ]]; then
+        printf '%s/psql\n' "$(pg_bindir)"
+    else
+        printf 'pg: psql not found\n' >&2
+        return 1
+    fi
+}
+
+pgdir=
+admin_url=
+bench_db=
+cleanup() {
+    if [[ -n $bench_db ]]; then
+        run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 \
+            -c "DROP DATABASE IF EXISTS $bench_db WITH (FORCE)" || true
+    fi
+    if [[ -n $pgdir ]]; then
+        printf '\n$ pg_stop %s\n' "$pgdir"
+        pg_stop "$pgdir" || true
+        rm -rf -- "$pgdir"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+if [[ -z ${DATABASE_URL:-} ]]; then
+    pgdir=$(mktemp -d "${TMPDIR:-/tmp}/projector-bench-pg.XXXXXX")
+    [[ ${EUID} -eq 0 ]] && chown postgres: "$pgdir"
+    printf '$ PG_FAST=1 pg_start %s\n' "$pgdir"
+    PG_FAST=1 pg_start "$pgdir"
+    printf 'Using a temporary PostgreSQL server at %s\n' "$DATABASE_URL"
+fi
+if [[ $DATABASE_URL != *://* ]]; then
+    printf 'DATABASE_URL must be a URL (postgres://user@host:port/db), got: %s\n' \
+        "$(redact "$DATABASE_URL")" >&2
+    exit 2
+fi
+admin_url=$DATABASE_URL
+psql=$(psql_bin)
+
+run nproc
+run cargo build --release
+run cargo bench --no-run --bench catch_up
+
+bench_db=projector_bench_$$_$(date +%s)
+run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 -c "CREATE DATABASE $bench_db"
+
+run cargo bench --bench catch_up -- \
+    --database-url "$(with_database "$admin_url" "$bench_db")" \
+    --events "$events" --big-events "$big_events" --scale "$scale"
