@@ -52,6 +52,15 @@ struct Reader {
     writers: Writers,
 }
 
+/// What the reader hands the router.
+struct Chunk {
+    /// Rows in position order: every event up to `upto` not sent before.
+    rows: Vec<Row>,
+    upto: i64,
+    /// The read filled its limit, so more rows are waiting.
+    more_waiting: bool,
+}
+
 /// One read of the stream, cut before the first position that may still commit.
 struct Read {
     /// The rows, in position order, up to `upto`.
@@ -179,7 +188,7 @@ impl Fetcher {
     /// the rows and hands each owned partition its events.
     pub(crate) fn run(self, client: Client) -> Result<u64, Error> {
         let reader = Reader::open(client, &self.database)?;
-        let (reads_tx, reads) = bounded::<(Vec<Row>, i64)>(2);
+        let (reads_tx, reads) = bounded::<Chunk>(2);
         std::thread::scope(|scope| {
             let router = std::thread::Builder::new()
                 .name("projector-route".into())
@@ -196,13 +205,20 @@ impl Fetcher {
     }
 
     /// Decodes and routes what the reader sends, until it stops or a worker has gone.
-    fn route(&self, reads: Receiver<(Vec<Row>, i64)>) -> u64 {
+    ///
+    /// While catching up (more rows are waiting), a partition's events are held until it has
+    /// `min_events_per_batch` of them, so that a process owning many partitions still commits
+    /// large transactions; once caught up, everything goes out at once.
+    fn route(&self, reads: Receiver<Chunk>) -> u64 {
         let mut read = 0;
-        for (rows, upto) in reads {
-            let routed = route(&rows, &self.workers, self.total);
-            read += rows.len() as u64;
-            drop(rows);
-            if self.hand_out(routed, upto) {
+        let mut held: HashMap<u32, Vec<Event>> = HashMap::with_capacity(self.workers.len());
+        for chunk in reads {
+            for (partition, events) in route(&chunk.rows, &self.workers, self.total) {
+                held.entry(partition).or_default().extend(events);
+            }
+            read += chunk.rows.len() as u64;
+            drop(chunk.rows);
+            if self.hand_out(&mut held, chunk.upto, chunk.more_waiting) {
                 break;
             }
             self.progress.read.store(read, Ordering::Relaxed);
@@ -211,12 +227,13 @@ impl Fetcher {
     }
 
     /// Reads the stream in order until stopped, sending each complete prefix to the router.
-    fn read(&self, reader: Reader, reads: Sender<(Vec<Row>, i64)>) -> Result<(), Error> {
+    fn read(&self, reader: Reader, reads: Sender<Chunk>) -> Result<(), Error> {
         let mut reader = Some(reader);
         let mut gaps = Gaps::default();
         let mut position = self.start;
         let mut lost = 0;
         let mut quiet = 0;
+        let mut router_holds = false;
         let limit = i64::from(self.settings.batch_size);
         while !self.stopped() {
             let Some(current) = reader.as_mut() else {
@@ -259,17 +276,26 @@ impl Fetcher {
                     continue;
                 }
             };
-            if batch.upto > position {
+            let caught_up = !batch.full || batch.held;
+            // Sent when the read moved on, or to make the router let go of events it holds
+            // for a larger batch once there is nothing more to read.
+            if batch.upto > position || (caught_up && router_holds) {
+                router_holds = !caught_up;
                 select! {
-                    send(reads, (batch.rows, batch.upto)) -> sent => if sent.is_err() { break },
+                    send(reads, Chunk {
+                        rows: batch.rows,
+                        upto: batch.upto.max(position),
+                        more_waiting: !caught_up,
+                    }) -> sent => if sent.is_err() { break },
                     recv(self.stop) -> _ => break,
                     recv(self.faults) -> _ => break,
                 }
-                position = batch.upto;
-                self.progress.position.store(position, Ordering::Relaxed);
-                quiet = 0;
+                if batch.upto > position {
+                    position = batch.upto;
+                    self.progress.position.store(position, Ordering::Relaxed);
+                    quiet = 0;
+                }
             }
-            let caught_up = !batch.full || batch.held;
             if caught_up && self.settings.exit_when_caught_up && position >= self.target {
                 break;
             }
@@ -296,12 +322,19 @@ impl Fetcher {
         Ok(())
     }
 
-    /// Sends every owned partition its events of this read (possibly none) and `upto`; true
-    /// when asked to stop meanwhile, or a worker has gone.
-    fn hand_out(&self, mut routed: HashMap<u32, Vec<Event>>, upto: i64) -> bool {
+    /// Sends every owned partition its events (possibly none) and `upto`; true when asked to
+    /// stop meanwhile, or a worker has gone.
+    ///
+    /// With `hold_small`, a partition holding fewer than `min_events_per_batch` events keeps
+    /// them (and is sent nothing, since its events up to `upto` are not all out yet).
+    fn hand_out(&self, held: &mut HashMap<u32, Vec<Event>>, upto: i64, hold_small: bool) -> bool {
         for (partition, worker) in &self.workers {
+            let events = held.get(partition).map_or(0, Vec::len);
+            if hold_small && events > 0 && events < self.settings.min_events_per_batch {
+                continue;
+            }
             let batch = Batch {
-                events: routed.remove(partition).unwrap_or_default(),
+                events: held.remove(partition).unwrap_or_default(),
                 upto,
             };
             select! {

@@ -33,6 +33,10 @@ pub struct Settings {
     /// How long a missing position may hold the fetcher back before it logs a warning naming
     /// the transactions that may still commit it (repeated at this interval). Default 10 s.
     pub gap_warn_after: Duration,
+    /// While catching up, events of a partition are gathered until it has this many before
+    /// they are sent to its worker, so that owning many partitions still makes large
+    /// transactions. Once caught up, events go out at once. Default 1,000.
+    pub min_events_per_batch: usize,
     /// Batches queued per worker before the fetcher waits (back-pressure). Default 4.
     pub queue_depth: usize,
     /// Most events a worker applies in one transaction: batches queued behind the one it takes
@@ -61,6 +65,7 @@ impl Default for Settings {
             poll_interval: Duration::from_millis(100),
             max_poll_interval: Duration::from_secs(1),
             gap_warn_after: Duration::from_secs(10),
+            min_events_per_batch: 1_000,
             queue_depth: 4,
             max_events_per_transaction: 10_000,
             idle_checkpoint_interval: Duration::from_secs(1),
