@@ -107,7 +107,6 @@ psql_bin() {
     fi
 }
 
-pgdir=
 admin_url=
 bench_db=
 cleanup() {
@@ -115,22 +114,14 @@ cleanup() {
         run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 \
             -c "DROP DATABASE IF EXISTS $bench_db WITH (FORCE)" || true
     fi
-    if [[ -n $pgdir ]]; then
-        printf '\n$ pg_stop %s\n' "$pgdir"
-        pg_stop "$pgdir" || true
-        rm -rf -- "$pgdir"
-    fi
+    pg_stop_temp
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
 if [[ -z ${DATABASE_URL:-} ]]; then
-    pgdir=$(mktemp -d "${TMPDIR:-/tmp}/projector-bench-pg.XXXXXX")
-    [[ ${EUID} -eq 0 ]] && chown postgres: "$pgdir"
-    printf '$ PG_FAST=1 pg_start %s\n' "$pgdir"
-    PG_FAST=1 pg_start "$pgdir"
-    printf 'Using a temporary PostgreSQL server at %s\n' "$DATABASE_URL"
+    pg_start_temp projector-bench-pg
 fi
 if [[ $DATABASE_URL != *://* ]]; then
     printf 'DATABASE_URL must be a URL (postgres://user@host:port/db), got: %s\n' \

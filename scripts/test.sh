@@ -13,22 +13,12 @@ source "$here/lib/pg.sh"
 
 cd "$root"
 
-pgdir=
-cleanup() {
-    if [[ -n $pgdir ]]; then
-        pg_stop "$pgdir" || true
-        rm -rf -- "$pgdir"
-    fi
-}
-trap cleanup EXIT
+trap pg_stop_temp EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
 if [[ -z ${DATABASE_URL:-} ]]; then
-    pgdir=$(mktemp -d "${TMPDIR:-/tmp}/projector-test-pg.XXXXXX")
-    [[ ${EUID} -eq 0 ]] && chown postgres: "$pgdir"
-    PG_FAST=1 pg_start "$pgdir"
-    printf 'Using a temporary PostgreSQL server at %s\n' "$DATABASE_URL"
+    pg_start_temp projector-test-pg
 fi
 
 step() {

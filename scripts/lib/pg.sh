@@ -233,3 +233,23 @@ pg_stop() {
         rm -rf -- "$sock"
     fi
 }
+
+# Starts a throw-away server (fast, non-durable settings) in a new temporary
+# directory named after $1, and records that directory in PG_TEMP_DIR.
+pg_start_temp() {
+    PG_TEMP_DIR=$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")
+    if [[ ${EUID} -eq 0 ]]; then
+        chown postgres: "$PG_TEMP_DIR"
+    fi
+    PG_FAST=1 pg_start "$PG_TEMP_DIR"
+    printf 'Using a temporary PostgreSQL server at %s\n' "$DATABASE_URL"
+}
+
+# Stops the server pg_start_temp started, if any, and removes its directory.
+pg_stop_temp() {
+    if [[ -n ${PG_TEMP_DIR:-} ]]; then
+        pg_stop "$PG_TEMP_DIR" || true
+        rm -rf -- "$PG_TEMP_DIR"
+        PG_TEMP_DIR=
+    fi
+}
