@@ -89,7 +89,7 @@ mod worker;
 
 use std::time::Duration;
 
-pub use checkpoint::{CheckpointStatus, status};
+pub use checkpoint::{CheckpointStatus, EarlierLayout, reset, status};
 pub use database::{Database, Pool, redact};
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent};
