@@ -141,7 +141,14 @@ impl<P: Projection> Worker<P> {
                     Err(_) => break,
                 },
                 default(self.settings.liveness_interval) => {
-                    self.keep_watch(connection, &mut summary)?;
+                    if let Some(upto) = idle_upto.take() {
+                        // Nothing more came: write the deferred checkpoint now, so that status
+                        // shows no lag that is not there. Like any commit, it checks the layout.
+                        self.commit_with_retries(connection, &[], upto, &mut summary)?;
+                        last_write = Instant::now();
+                    } else {
+                        self.keep_watch(connection, &mut summary)?;
+                    }
                     continue;
                 }
             };
