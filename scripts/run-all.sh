@@ -10,6 +10,9 @@
 # root and stopped on exit. Each output line is prefixed with `[pK/N]`.
 # Ctrl-C or SIGTERM stops all processes. Process ids are kept in
 # .run-all.pids; a new run first stops the processes of an earlier one.
+# Every process gets --repartition, so a run with another N after an earlier
+# run re-partitions the projection exactly: `run-all.sh 3` after
+# `run-all.sh 4` just works.
 set -euo pipefail
 
 usage() {
@@ -196,8 +199,17 @@ if sed -u '' </dev/null >/dev/null 2>&1; then
     sed_unbuffered=1
 fi
 
+# The earlier run's processes are stopped by now, so changing N here is safe;
+# --repartition makes it exact instead of refused.
+repartition=(--repartition)
+for arg in "${extra[@]}"; do
+    if [[ $arg == --repartition ]]; then
+        repartition=()
+    fi
+done
+
 for ((k = 0; k < n; k++)); do
-    "${launcher[@]}" "$bin" --partition-key "$k" --total-partitions "$n" "${extra[@]}" \
+    "${launcher[@]}" "$bin" --partition-key "$k" --total-partitions "$n" "${repartition[@]}" "${extra[@]}" \
         > >(prefix_lines "[p$k/$n] ") 2>&1 &
     pids+=("$!")
 done

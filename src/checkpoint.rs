@@ -1,51 +1,323 @@
-//! Checkpoints: per projection, partition layout and partition, the last global position applied.
+//! Checkpoints: per projection, partition layout and partition, the last global position applied;
+//! the layouts a projection is moving away from; who holds each partition; status and reset.
+//!
+//! # Changing the number of partitions
+//! A layout of `N` partitions has a checkpoint vector `C`: partition `k` applied exactly its
+//! events (those with `partition_of(aggregate, N) == k`) at or below `C[k]`. So an event `e`
+//! was applied under that layout iff `e.position <= C[partition_of(e, N)]`. When layout `M`
+//! replaces it (all of its transactions finished, its rows locked and deleted in the same
+//! transaction), every partition of `M` starts at `min(C)` (everything at or below was applied)
+//! and skips the events that rule covers, until it passes `max(C)`.
+//!
+//! A chain `N → M → K` keeps the rule exact: a partition `j` of `M` applied exactly the events
+//! of `j` at or below `C_M[j]` that `C_N` did not cover, so "applied by now" is "covered by
+//! `C_N` or by `C_M`". `K` therefore honours the list of every earlier vector still needed and
+//! starts at the highest of their minimums. Two vectors of the same partition count merge by
+//! taking the larger entry. A vector whose maximum is at or below where the new layout starts
+//! covers nothing the new layout will look at, and is dropped; the list is deleted once every
+//! partition of the current layout has passed all of its entries.
+//!
+//! # Fencing
+//! Checkpoint rows carry the generation of the claim that created them; a worker locks its row
+//! (`FOR UPDATE`) only with the generation it started under. A re-partitioning locks the old
+//! rows first (waiting for any transaction in flight) and deletes them, so a process of the old
+//! layout that is still running finds nothing at its next transaction and stops with
+//! [`Error::Fenced`], exactly, with no timing involved.
+//!
+//! # Liveness
+//! A worker holds a session-level advisory lock for its partition for as long as it works it.
+//! It vanishes with the connection, so `pg_locks` tells which partitions a live process holds:
+//! a second process started on the same partition waits as a standby and takes over when the
+//! lock is released, and a new layout waits until no live process of an older one holds a lock.
 
 use std::time::{Duration, SystemTime};
 
+use log::info;
 use postgres::{Client, GenericClient, Statement, Transaction};
 
-use crate::Error;
+use crate::partition::partition_of;
+use crate::projection::Projection;
+use crate::{BoxError, Error};
+
+/// A layout a projection ran under before its current one, kept while the current one catches
+/// up: its partition count and the checkpoint of each of its partitions when it was replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EarlierLayout {
+    /// Its number of partitions.
+    pub total_partitions: u32,
+    /// The checkpoint of each of its partitions when it was replaced, by partition key.
+    pub checkpoints: Vec<i64>,
+}
+
+impl EarlierLayout {
+    /// True when the event at `position` of aggregate `aggregate_id` was applied under this
+    /// layout.
+    pub fn covers(&self, position: i64, aggregate_id: &str) -> bool {
+        let key = partition_of(aggregate_id, self.total_partitions.max(1)) as usize;
+        self.checkpoints.get(key).is_some_and(|&c| position <= c)
+    }
+
+    /// Every event at or below this position was applied under this layout.
+    pub fn applied_through(&self) -> i64 {
+        self.checkpoints.iter().copied().min().unwrap_or(0)
+    }
+
+    /// No event above this position was applied under this layout.
+    pub fn applied_at_most(&self) -> i64 {
+        self.checkpoints.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// What a new layout inherits when it replaces `replaced`, which itself still honoured
+/// `earlier`: the position each of its partitions starts at, and the earlier layouts it must
+/// honour (merged by partition count, those that cover nothing above the start dropped).
+pub(crate) fn succession(
+    replaced: EarlierLayout,
+    earlier: Vec<EarlierLayout>,
+) -> (i64, Vec<EarlierLayout>) {
+    let mut merged: Vec<EarlierLayout> = Vec::new();
+    for layout in earlier.into_iter().chain([replaced]) {
+        match merged
+            .iter_mut()
+            .find(|m| m.total_partitions == layout.total_partitions)
+        {
+            Some(same) => {
+                for (kept, other) in same.checkpoints.iter_mut().zip(&layout.checkpoints) {
+                    *kept = (*kept).max(*other);
+                }
+            }
+            None => merged.push(layout),
+        }
+    }
+    let start = merged
+        .iter()
+        .map(EarlierLayout::applied_through)
+        .max()
+        .unwrap_or(0);
+    merged.retain(|layout| layout.applied_at_most() > start);
+    (start, merged)
+}
+
+/// The layout a runner works under, as [`claim_layout`] found or made it.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    /// The generation of its checkpoint rows.
+    pub(crate) generation: i64,
+    /// Earlier layouts whose applied events its partitions must still skip.
+    pub(crate) earlier: Vec<EarlierLayout>,
+}
 
 /// Makes sure the projection's checkpoints are kept under `total` partitions, creating the rows
-/// of every partition of that layout (at position 0) where missing.
+/// of every partition of that layout where missing, and returns the layout.
 ///
-/// Fails with [`Error::LayoutMismatch`] when checkpoints exist under another partition count:
-/// those positions only mean something under the modulus that wrote them.
-pub(crate) fn claim_layout(client: &mut Client, projection: &str, total: u32) -> Result<(), Error> {
+/// When checkpoints exist under another partition count, fails with [`Error::LayoutMismatch`]
+/// unless `repartition` is set; with it, replaces that layout (see the module docs): locks its
+/// rows, which waits for its transactions in flight, records its checkpoints as an earlier
+/// layout, deletes its rows and creates the new layout's, all in one transaction.
+pub(crate) fn claim_layout(
+    client: &mut Client,
+    projection: &str,
+    total: u32,
+    repartition: bool,
+) -> Result<Layout, Error> {
     let mut tx = client
         .transaction()
         .map_err(Error::database("starting to check the partition layout"))?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('projector layout ' || $1))",
-        &[&projection],
-    )
-    .map_err(Error::database("locking the partition layout"))?;
-    let stored: Vec<u32> = tx
+    lock_layout(&mut tx, projection)?;
+    let stored: Vec<(u32, i64)> = tx
         .query(
-            "SELECT DISTINCT total_partitions FROM projection_checkpoints \
-             WHERE projection = $1 ORDER BY 1",
+            "SELECT total_partitions, MAX(generation) FROM projection_checkpoints \
+             WHERE projection = $1 GROUP BY 1 ORDER BY 1",
             &[&projection],
         )
         .map_err(Error::database("reading the partition layout"))?
         .iter()
-        .map(|row| row.get::<_, i32>(0).unsigned_abs())
+        .map(|row| (row.get::<_, i32>(0).unsigned_abs(), row.get(1)))
         .collect();
-    if stored.iter().any(|&t| t != total) {
-        return Err(Error::LayoutMismatch {
-            projection: projection.to_owned(),
-            stored,
-            requested: total,
-        });
-    }
-    tx.execute(
-        "INSERT INTO projection_checkpoints (projection, total_partitions, partition_key) \
-         SELECT $1, $2, key FROM generate_series(0, $2 - 1) AS key \
-         ON CONFLICT DO NOTHING",
-        &[&projection, &to_i32(total)],
-    )
-    .map_err(Error::database("creating the checkpoints"))?;
+    let totals: Vec<u32> = stored.iter().map(|&(t, _)| t).collect();
+    let layout = match stored[..] {
+        [] => {
+            // A fresh start (or one after a reset): anything left over from earlier layouts
+            // no longer describes these checkpoints.
+            tx.execute(
+                "DELETE FROM projection_priors WHERE projection = $1",
+                &[&projection],
+            )
+            .map_err(Error::database("clearing earlier layouts"))?;
+            let generation = new_generation(&mut tx)?;
+            create_rows(&mut tx, projection, total, generation, 0)?;
+            Layout {
+                generation,
+                earlier: Vec::new(),
+            }
+        }
+        [(stored_total, generation)] if stored_total == total => {
+            create_rows(&mut tx, projection, total, generation, 0)?;
+            retire_earlier(&mut tx, projection, total)?;
+            Layout {
+                generation,
+                earlier: earlier_layouts(&mut tx, projection, total)?,
+            }
+        }
+        [(old_total, _)] if repartition => replace_layout(&mut tx, projection, old_total, total)?,
+        _ => {
+            return Err(Error::LayoutMismatch {
+                projection: projection.to_owned(),
+                stored: totals,
+                requested: total,
+            });
+        }
+    };
     tx.commit()
-        .map_err(Error::database("committing the checkpoints"))
+        .map_err(Error::database("committing the checkpoints"))?;
+    Ok(layout)
+}
+
+/// Serialises layout changes, starts and resets of one projection.
+fn lock_layout(tx: &mut Transaction<'_>, projection: &str) -> Result<(), Error> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('projector layout ' || current_schema() || ' ' || $1))",
+        &[&projection],
+    )
+    .map(drop)
+    .map_err(Error::database("locking the partition layout"))
+}
+
+/// A generation no earlier claim used: the claiming transaction's id.
+fn new_generation(tx: &mut Transaction<'_>) -> Result<i64, Error> {
+    tx.query_one("SELECT txid_current()", &[])
+        .map(|row| row.get(0))
+        .map_err(Error::database("numbering the partition layout"))
+}
+
+fn create_rows(
+    tx: &mut Transaction<'_>,
+    projection: &str,
+    total: u32,
+    generation: i64,
+    position: i64,
+) -> Result<(), Error> {
+    tx.execute(
+        "INSERT INTO projection_checkpoints \
+             (projection, total_partitions, partition_key, last_position, generation) \
+         SELECT $1, $2, key, $3, $4 FROM generate_series(0, $2 - 1) AS key \
+         ON CONFLICT DO NOTHING",
+        &[&projection, &to_i32(total), &position, &generation],
+    )
+    .map(drop)
+    .map_err(Error::database("creating the checkpoints"))
+}
+
+/// Replaces layout `old_total` by `total`; see [`claim_layout`].
+fn replace_layout(
+    tx: &mut Transaction<'_>,
+    projection: &str,
+    old_total: u32,
+    total: u32,
+) -> Result<Layout, Error> {
+    // Waits for the old layout's transactions in flight; any later one finds its row gone.
+    let rows = tx
+        .query(
+            "SELECT partition_key, last_position FROM projection_checkpoints \
+             WHERE projection = $1 AND total_partitions = $2 FOR UPDATE",
+            &[&projection, &to_i32(old_total)],
+        )
+        .map_err(Error::database("locking the old layout's checkpoints"))?;
+    let mut checkpoints = vec![0; old_total as usize];
+    for row in &rows {
+        if let Some(slot) = checkpoints.get_mut(row.get::<_, i32>(0).unsigned_abs() as usize) {
+            *slot = row.get(1);
+        }
+    }
+    let replaced = EarlierLayout {
+        total_partitions: old_total,
+        checkpoints,
+    };
+    let inherited = earlier_layouts(tx, projection, old_total)?;
+    let (start, earlier) = succession(replaced.clone(), inherited);
+    tx.execute(
+        "DELETE FROM projection_checkpoints WHERE projection = $1",
+        &[&projection],
+    )
+    .and_then(|_| {
+        tx.execute(
+            "DELETE FROM projection_priors WHERE projection = $1",
+            &[&projection],
+        )
+    })
+    .map_err(Error::database("removing the old layout"))?;
+    let generation = new_generation(tx)?;
+    create_rows(tx, projection, total, generation, start)?;
+    for layout in &earlier {
+        tx.execute(
+            "INSERT INTO projection_priors \
+                 (projection, total_partitions, prior_total, prior_positions) \
+             VALUES ($1, $2, $3, $4)",
+            &[
+                &projection,
+                &to_i32(total),
+                &to_i32(layout.total_partitions),
+                &layout.checkpoints,
+            ],
+        )
+        .map_err(Error::database("recording the old layout"))?;
+    }
+    let positions: Vec<String> = replaced.checkpoints.iter().map(i64::to_string).collect();
+    info!(
+        "projection '{projection}': re-partitioning from {old_total} to {total} partition(s); \
+         checkpoints of the {old_total} were [{}]; every partition starts at global position \
+         {start}{}",
+        positions.join(", "),
+        match earlier.iter().map(EarlierLayout::applied_at_most).max() {
+            Some(end) =>
+                format!(" and skips the events applied under earlier layouts up to position {end}"),
+            None => String::new(),
+        }
+    );
+    Ok(Layout {
+        generation,
+        earlier,
+    })
+}
+
+/// The earlier layouts layout `total` of `projection` still honours.
+fn earlier_layouts(
+    client: &mut impl GenericClient,
+    projection: &str,
+    total: u32,
+) -> Result<Vec<EarlierLayout>, Error> {
+    Ok(client
+        .query(
+            "SELECT prior_total, prior_positions FROM projection_priors \
+             WHERE projection = $1 AND total_partitions = $2 ORDER BY prior_total",
+            &[&projection, &to_i32(total)],
+        )
+        .map_err(Error::database("reading the earlier layouts"))?
+        .iter()
+        .map(|row| EarlierLayout {
+            total_partitions: row.get::<_, i32>(0).unsigned_abs(),
+            checkpoints: row.get(1),
+        })
+        .collect())
+}
+
+/// Deletes the earlier layouts that every partition of layout `total` has passed.
+fn retire_earlier(
+    client: &mut impl GenericClient,
+    projection: &str,
+    total: u32,
+) -> Result<u64, Error> {
+    client
+        .execute(
+            "DELETE FROM projection_priors p \
+             WHERE p.projection = $1 AND p.total_partitions = $2 \
+                 AND (SELECT MAX(x) FROM unnest(p.prior_positions) AS x) <= ( \
+                     SELECT MIN(c.last_position) FROM projection_checkpoints c \
+                     WHERE c.projection = $1 AND c.total_partitions = $2)",
+            &[&projection, &to_i32(total)],
+        )
+        .map_err(Error::database("retiring the earlier layouts"))
 }
 
 /// The checkpoints of `keys`, in the same order.
@@ -72,39 +344,124 @@ pub(crate) fn load(
         .collect())
 }
 
-/// The two statements a worker runs on its connection in every transaction, prepared once.
-pub(crate) struct CheckpointStatements {
-    lock: Statement,
-    save: Statement,
+/// The first key of a partition's session lock, as SQL over the projection expression given:
+/// the schema and the projection, hashed. The second key is
+/// `total_partitions * 65536 + partition_key` ([`MAX_PARTITIONS`](crate::MAX_PARTITIONS) keeps
+/// it within 32 bits).
+fn lock_class(projection: &str) -> String {
+    format!("hashtext('projector ' || current_schema() || ' ' || {projection})")
 }
 
-impl CheckpointStatements {
-    pub(crate) fn prepare(client: &mut Client) -> Result<CheckpointStatements, Error> {
-        let lock = client
-            .prepare(
-                "SELECT last_position FROM projection_checkpoints \
-                 WHERE projection = $1 AND total_partitions = $2 AND partition_key = $3 FOR UPDATE",
-            )
-            .map_err(Error::database("preparing the checkpoint statements"))?;
-        let save = client
-            .prepare(
-                "UPDATE projection_checkpoints SET last_position = $4, updated_at = NOW() \
-                 WHERE projection = $1 AND total_partitions = $2 AND partition_key = $3",
-            )
-            .map_err(Error::database("preparing the checkpoint statements"))?;
-        Ok(CheckpointStatements { lock, save })
-    }
+/// SQL selecting the granted partition locks of projection `$1` in this database, as
+/// `(total_partitions, partition_key, pid)`.
+fn held_partitions_sql() -> String {
+    format!(
+        "SELECT (l.objid::bigint / 65536)::int, (l.objid::bigint % 65536)::int, l.pid \
+         FROM pg_locks l \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND l.classid = {}::oid \
+         ORDER BY 1, 2",
+        lock_class("$1")
+    )
+}
 
-    /// Locks the partition's checkpoint row until `tx` ends and returns its position. A second
-    /// process on the same partition waits here, then sees what the first one committed.
-    pub(crate) fn lock(
-        &self,
-        tx: &mut Transaction<'_>,
+/// A partition some live process holds: its layout, key and the server process id of the
+/// connection holding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Holder {
+    pub(crate) total: u32,
+    pub(crate) key: u32,
+    pub(crate) pid: i32,
+}
+
+fn held_partitions(
+    client: &mut impl GenericClient,
+    projection: &str,
+) -> Result<Vec<Holder>, postgres::Error> {
+    Ok(client
+        .query(&held_partitions_sql(), &[&projection])?
+        .iter()
+        .map(|row| Holder {
+            total: row.get::<_, i32>(0).unsigned_abs(),
+            key: row.get::<_, i32>(1).unsigned_abs(),
+            pid: row.get(2),
+        })
+        .collect())
+}
+
+/// One worker's statements, prepared once on its connection for its projection, layout,
+/// generation and partition.
+pub(crate) struct PartitionStatements {
+    projection: String,
+    total: i32,
+    key: i32,
+    lock: Statement,
+    save: Statement,
+    try_hold: Statement,
+    peek: Statement,
+}
+
+/// What [`PartitionStatements::peek`] sees of a partition without locking its checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peek {
+    /// The checkpoint.
+    pub(crate) position: i64,
+    /// The server process id of the connection holding the partition, if any.
+    pub(crate) holder: Option<i32>,
+}
+
+impl PartitionStatements {
+    pub(crate) fn prepare(
+        client: &mut Client,
         projection: &str,
         total: u32,
         key: u32,
-    ) -> Result<Option<i64>, postgres::Error> {
-        tx.query_opt(&self.lock, &[&projection, &to_i32(total), &to_i32(key)])
+        generation: i64,
+    ) -> Result<PartitionStatements, Error> {
+        let row = "projection = $1 AND total_partitions = $2 AND partition_key = $3";
+        let mut prepare = |sql: String| {
+            client
+                .prepare(&sql)
+                .map_err(Error::database("preparing the checkpoint statements"))
+        };
+        let lock = prepare(format!(
+            "SELECT last_position FROM projection_checkpoints \
+             WHERE {row} AND generation = {generation} FOR UPDATE"
+        ))?;
+        let save = prepare(format!(
+            "UPDATE projection_checkpoints SET last_position = $4, updated_at = NOW() WHERE {row}"
+        ))?;
+        let try_hold = prepare(format!(
+            "SELECT pg_try_advisory_lock({}, $2 * 65536 + $3)",
+            lock_class("$1")
+        ))?;
+        let peek = prepare(format!(
+            "SELECT c.last_position, ( \
+                 SELECT l.pid FROM pg_locks l \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                     AND l.classid = {}::oid AND l.objid = ($2 * 65536 + $3)::oid \
+                 LIMIT 1) \
+             FROM projection_checkpoints c WHERE {row} AND generation = {generation}",
+            lock_class("$1")
+        ))?;
+        Ok(PartitionStatements {
+            projection: projection.to_owned(),
+            total: to_i32(total),
+            key: to_i32(key),
+            lock,
+            save,
+            try_hold,
+            peek,
+        })
+    }
+
+    /// Locks the partition's checkpoint row until `tx` ends and returns its position; `None`
+    /// when the row of this generation is gone (the layout was replaced or reset). A second
+    /// process on the same partition waits here, then sees what the first one committed.
+    pub(crate) fn lock(&self, tx: &mut Transaction<'_>) -> Result<Option<i64>, postgres::Error> {
+        tx.query_opt(&self.lock, &[&self.projection, &self.total, &self.key])
             .map(|row| row.map(|row| row.get(0)))
     }
 
@@ -112,16 +469,80 @@ impl CheckpointStatements {
     pub(crate) fn save(
         &self,
         tx: &mut Transaction<'_>,
-        projection: &str,
-        total: u32,
-        key: u32,
         position: i64,
     ) -> Result<(), postgres::Error> {
         tx.execute(
             &self.save,
-            &[&projection, &to_i32(total), &to_i32(key), &position],
+            &[&self.projection, &self.total, &self.key, &position],
         )
         .map(drop)
+    }
+
+    /// Takes the partition's session lock on this connection, if no other connection holds it.
+    pub(crate) fn try_hold(&self, client: &mut Client) -> Result<bool, postgres::Error> {
+        client
+            .query_one(&self.try_hold, &[&self.projection, &self.total, &self.key])
+            .map(|row| row.get(0))
+    }
+
+    /// Gives the partition's session lock back.
+    pub(crate) fn release(&self, client: &mut Client) -> Result<(), postgres::Error> {
+        client
+            .execute(
+                &format!(
+                    "SELECT pg_advisory_unlock({}, $2 * 65536 + $3)",
+                    lock_class("$1")
+                ),
+                &[&self.projection, &self.total, &self.key],
+            )
+            .map(drop)
+    }
+
+    /// The partition's checkpoint and who holds the partition, without locking anything;
+    /// `None` when the row of this generation is gone.
+    pub(crate) fn peek(&self, client: &mut Client) -> Result<Option<Peek>, postgres::Error> {
+        Ok(client
+            .query_opt(&self.peek, &[&self.projection, &self.total, &self.key])?
+            .map(|row| Peek {
+                position: row.get(0),
+                holder: row.get(1),
+            }))
+    }
+
+    /// Live processes holding partitions of the projection under another partition count.
+    pub(crate) fn other_layouts_holders(
+        &self,
+        client: &mut Client,
+    ) -> Result<Vec<Holder>, postgres::Error> {
+        let mut holders = held_partitions(client, &self.projection)?;
+        holders.retain(|holder| to_i32(holder.total) != self.total);
+        Ok(holders)
+    }
+
+    /// Deletes the earlier layouts every partition of this layout has passed.
+    pub(crate) fn retire_earlier(&self, client: &mut Client) -> Result<u64, Error> {
+        retire_earlier(client, &self.projection, self.total.unsigned_abs())
+    }
+
+    /// The error for a worker whose checkpoint row is gone, naming the layout now stored.
+    pub(crate) fn fenced(&self, client: &mut Client) -> Error {
+        let current = client
+            .query(
+                "SELECT DISTINCT total_partitions FROM projection_checkpoints \
+                 WHERE projection = $1 ORDER BY 1",
+                &[&self.projection],
+            )
+            .map(|rows| {
+                rows.iter()
+                    .map(|row| row.get::<_, i32>(0).unsigned_abs())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Error::Fenced {
+            projection: self.projection.clone(),
+            total: self.total.unsigned_abs(),
+            current,
+        }
     }
 }
 
@@ -131,7 +552,7 @@ impl CheckpointStatements {
 pub struct CheckpointStatus {
     /// The projection.
     pub projection: String,
-    /// The partition count the checkpoint was written under.
+    /// The partition count the checkpoint was written under: the projection's current layout.
     pub total_partitions: u32,
     /// The partition key.
     pub partition_key: u32,
@@ -142,52 +563,327 @@ pub struct CheckpointStatus {
     /// Events stored after the checkpoint (of all partitions): what the worker still has to
     /// read past.
     pub lag_events: i64,
+    /// How far behind the checkpoint is in time: how long ago the first event after it was
+    /// stored; zero when there is none.
+    pub lag_time: Duration,
     /// How long ago the checkpoint was written.
     pub age: Duration,
+    /// The server process id (`pg_stat_activity.pid`) of the connection through which a live
+    /// process holds this partition, if one does.
+    pub held_by_pid: Option<i32>,
+    /// While the projection catches up after a change of its number of partitions: the earlier
+    /// layouts whose applied events its partitions still skip. Empty otherwise.
+    pub earlier_layouts: Vec<EarlierLayout>,
 }
 
-/// Every stored checkpoint, or those of one projection, with lag and age.
+impl CheckpointStatus {
+    /// While a re-partitioning is in progress, the position this partition must pass before
+    /// the earlier layouts stop mattering to it; `None` when none is in progress.
+    pub fn repartitioning_until(&self) -> Option<i64> {
+        self.earlier_layouts
+            .iter()
+            .map(EarlierLayout::applied_at_most)
+            .max()
+    }
+}
+
+/// Every stored checkpoint, or those of one projection, with lag, age, the live process
+/// holding each partition and any re-partitioning in progress.
 pub fn status(
     client: &mut impl GenericClient,
     projection: Option<&str>,
 ) -> Result<Vec<CheckpointStatus>, Error> {
-    let schema: String = client
-        .query_one("SELECT current_schema()::text", &[])
-        .map_err(Error::database("reading the current schema"))?
-        .get::<_, Option<String>>(0)
-        .unwrap_or_default();
-    crate::store::check_tables(client, &schema)?;
+    check_tables_here(client)?;
     let head = crate::store::head_position(client)?;
+    let locks: Vec<(u32, u32, i32)> = client
+        .query(
+            "SELECT classid, objid, pid FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .map_err(Error::database(
+            "reading which partitions live processes hold",
+        ))?
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let priors: Vec<(String, u32, EarlierLayout)> = client
+        .query(
+            "SELECT projection, total_partitions, prior_total, prior_positions \
+             FROM projection_priors ORDER BY 1, 2, 3",
+            &[],
+        )
+        .map_err(Error::database("reading the earlier layouts"))?
+        .iter()
+        .map(|row| {
+            (
+                row.get(0),
+                row.get::<_, i32>(1).unsigned_abs(),
+                EarlierLayout {
+                    total_partitions: row.get::<_, i32>(2).unsigned_abs(),
+                    checkpoints: row.get(3),
+                },
+            )
+        })
+        .collect();
     let rows = client
         .query(
-            "SELECT c.projection, c.total_partitions, c.partition_key, c.last_position, \
-                 c.updated_at, NOW(), \
-                 (SELECT COUNT(*) FROM events e WHERE e.global_position > c.last_position) \
-             FROM projection_checkpoints c \
-             WHERE $1::text IS NULL OR c.projection = $1 \
-             ORDER BY c.projection, c.total_partitions, c.partition_key",
+            &format!(
+                "SELECT c.projection, c.total_partitions, c.partition_key, c.last_position, \
+                     c.updated_at, NOW(), \
+                     (SELECT COUNT(*) FROM events e WHERE e.global_position > c.last_position), \
+                     (SELECT e.created_at FROM events e WHERE e.global_position > c.last_position \
+                      ORDER BY e.global_position LIMIT 1), \
+                     {}::oid \
+                 FROM projection_checkpoints c \
+                 WHERE $1::text IS NULL OR c.projection = $1 \
+                 ORDER BY c.projection, c.total_partitions, c.partition_key",
+                lock_class("c.projection")
+            ),
             &[&projection],
         )
         .map_err(Error::database("reading the checkpoints"))?;
     Ok(rows
         .iter()
         .map(|row| {
+            let name: String = row.get(0);
+            let total = row.get::<_, i32>(1).unsigned_abs();
+            let key = row.get::<_, i32>(2).unsigned_abs();
             let updated: SystemTime = row.get(4);
             let now: SystemTime = row.get(5);
+            let first_unapplied: Option<SystemTime> = row.get(7);
+            let class: u32 = row.get(8);
+            let held_by_pid = locks
+                .iter()
+                .find(|&&(c, o, _)| c == class && o == total * 65536 + key)
+                .map(|&(_, _, pid)| pid);
+            let earlier_layouts = priors
+                .iter()
+                .filter(|(p, t, _)| *p == name && *t == total)
+                .map(|(_, _, layout)| layout.clone())
+                .collect();
             CheckpointStatus {
-                projection: row.get(0),
-                total_partitions: row.get::<_, i32>(1).unsigned_abs(),
-                partition_key: row.get::<_, i32>(2).unsigned_abs(),
+                projection: name,
+                total_partitions: total,
+                partition_key: key,
                 last_position: row.get(3),
                 head_position: head,
                 lag_events: row.get(6),
+                lag_time: first_unapplied
+                    .and_then(|t| now.duration_since(t).ok())
+                    .unwrap_or_default(),
                 age: now.duration_since(updated).unwrap_or_default(),
+                held_by_pid,
+                earlier_layouts,
             }
         })
         .collect())
 }
 
+/// Fails with [`Error::MissingTables`] unless the projector's tables are in the current schema.
+fn check_tables_here(client: &mut impl GenericClient) -> Result<(), Error> {
+    let schema: String = client
+        .query_one("SELECT current_schema()::text", &[])
+        .map_err(Error::database("reading the current schema"))?
+        .get::<_, Option<String>>(0)
+        .unwrap_or_default();
+    crate::store::check_tables(client, &schema)
+}
+
+/// Clears `projection`'s checkpoints (of every layout, with any re-partitioning in progress)
+/// and, through [`Projection::reset`], its read model, in one transaction: its next start
+/// rebuilds it from the first event. Returns how many checkpoints were deleted.
+///
+/// Refused with [`Error::ProjectionRunning`] while a live process holds one of its partitions;
+/// a process that was only standing by finds its checkpoint gone and stops
+/// ([`Error::Fenced`]).
+pub fn reset<P: Projection>(client: &mut Client, projection: &mut P) -> Result<u64, Error> {
+    check_tables_here(client)?;
+    let name = projection.name().to_owned();
+    let mut tx = client
+        .transaction()
+        .map_err(Error::database("starting the reset"))?;
+    lock_layout(&mut tx, &name)?;
+    let held = held_partitions(&mut tx, &name).map_err(Error::database(
+        "reading which partitions live processes hold",
+    ))?;
+    if !held.is_empty() {
+        return Err(Error::ProjectionRunning {
+            projection: name,
+            held: held.iter().map(|h| (h.total, h.key, h.pid)).collect(),
+        });
+    }
+    // The hook may clear tables the projection has not created yet.
+    tx.execute("SET LOCAL client_min_messages = warning", &[])
+        .and_then(|_| {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
+                &[&name],
+            )
+        })
+        .map_err(Error::database("waiting for other processes' setup"))?;
+    let read_model = |action: &str| {
+        let (projection, action) = (name.clone(), action.to_owned());
+        move |source: BoxError| Error::ReadModel {
+            projection,
+            action,
+            source,
+        }
+    };
+    projection
+        .setup(&mut tx)
+        .map_err(read_model("setting up its read model"))?;
+    let deleted = tx
+        .execute(
+            "DELETE FROM projection_checkpoints WHERE projection = $1",
+            &[&name],
+        )
+        .map_err(Error::database("deleting the checkpoints"))?;
+    tx.execute(
+        "DELETE FROM projection_priors WHERE projection = $1",
+        &[&name],
+    )
+    .map_err(Error::database("deleting the earlier layouts"))?;
+    projection
+        .reset(&mut tx)
+        .map_err(read_model("clearing its read model"))?;
+    tx.commit()
+        .map_err(Error::database("committing the reset"))?;
+    info!(
+        "projection '{name}': deleted {deleted} checkpoint(s) and cleared its read model; \
+         its next start rebuilds it from the first event"
+    );
+    Ok(deleted)
+}
+
 /// Partition numbers are at most [`MAX_PARTITIONS`](crate::partition::MAX_PARTITIONS), so they fit.
 fn to_i32(value: u32) -> i32 {
     i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator, so failures can be replayed.
+    struct Random(u64);
+
+    impl Random {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// Workers of layout `total` run partition by partition from `checkpoints` to a stop of
+    /// their own (at most `end`), applying what is above their checkpoint and not covered by
+    /// an earlier layout, as `Worker::commit` does.
+    fn run_partially(
+        events: &[String],
+        applied: &mut [u32],
+        total: u32,
+        checkpoints: &mut [i64],
+        earlier: &[EarlierLayout],
+        random: &mut Random,
+        to_the_end: bool,
+    ) {
+        let end = events.len() as i64;
+        for (key, checkpoint) in checkpoints.iter_mut().enumerate() {
+            let stop = if to_the_end {
+                end
+            } else {
+                *checkpoint + random.below((end - *checkpoint) as u64 + 1) as i64
+            };
+            for position in *checkpoint + 1..=stop {
+                let aggregate = &events[position as usize - 1];
+                if partition_of(aggregate, total) as usize == key
+                    && !earlier.iter().any(|l| l.covers(position, aggregate))
+                {
+                    applied[position as usize - 1] += 1;
+                }
+            }
+            *checkpoint = stop;
+        }
+    }
+
+    #[test]
+    fn chains_of_layout_changes_apply_every_event_exactly_once() {
+        let mut random = Random(0x9e37_79b9_7f4a_7c15);
+        for round in 0..300 {
+            let events: Vec<String> = (0..400)
+                .map(|_| format!("thing-{}", random.below(60)))
+                .collect();
+            let mut applied = vec![0u32; events.len()];
+            let mut total = 1 + random.below(8) as u32;
+            let mut checkpoints = vec![0i64; total as usize];
+            let mut earlier: Vec<EarlierLayout> = Vec::new();
+            let changes = 1 + random.below(4);
+            for _ in 0..changes {
+                run_partially(
+                    &events,
+                    &mut applied,
+                    total,
+                    &mut checkpoints,
+                    &earlier,
+                    &mut random,
+                    false,
+                );
+                // Retirement, as `retire_earlier` does it.
+                let lowest = checkpoints.iter().copied().min().unwrap_or(0);
+                earlier.retain(|l| l.applied_at_most() > lowest);
+                let replaced = EarlierLayout {
+                    total_partitions: total,
+                    checkpoints: checkpoints.clone(),
+                };
+                let (start, inherited) = succession(replaced, std::mem::take(&mut earlier));
+                earlier = inherited;
+                total = 1 + random.below(8) as u32;
+                checkpoints = vec![start; total as usize];
+            }
+            run_partially(
+                &events,
+                &mut applied,
+                total,
+                &mut checkpoints,
+                &earlier,
+                &mut random,
+                true,
+            );
+            let wrong: Vec<(usize, u32)> = applied
+                .iter()
+                .enumerate()
+                .filter(|&(_, &n)| n != 1)
+                .map(|(i, &n)| (i + 1, n))
+                .collect();
+            assert!(
+                wrong.is_empty(),
+                "round {round}: (position, times) {wrong:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn succession_merges_equal_layouts_and_drops_what_is_behind_the_start() {
+        let layout = |total, checkpoints: &[i64]| EarlierLayout {
+            total_partitions: total,
+            checkpoints: checkpoints.to_vec(),
+        };
+        let (start, earlier) = succession(
+            layout(2, &[50, 70]),
+            vec![layout(4, &[10, 30, 20, 40]), layout(2, &[60, 5])],
+        );
+        // The two vectors of 2 merge to [60, 70]; 4's highest entry (40) is below the start.
+        assert_eq!(start, 60);
+        assert_eq!(earlier, vec![layout(2, &[60, 70])]);
+
+        let (start, earlier) = succession(layout(3, &[9, 9, 9]), Vec::new());
+        assert_eq!(
+            (start, earlier),
+            (9, Vec::new()),
+            "a caught-up layout leaves nothing"
+        );
+    }
 }

@@ -90,6 +90,37 @@ pub enum Error {
         /// The projection's error, or the panic message.
         source: BoxError,
     },
+    /// This process's layout was replaced (re-partitioned, or the projection reset) after it
+    /// started: its checkpoint row is gone, so it stops before applying anything more.
+    Fenced {
+        /// The projection.
+        projection: String,
+        /// The partition count this process runs with.
+        total: u32,
+        /// The partition counts now stored (empty after a reset).
+        current: Vec<u32>,
+    },
+    /// A reset was refused because live processes hold partitions of the projection.
+    ProjectionRunning {
+        /// The projection.
+        projection: String,
+        /// Each held partition as `(total_partitions, partition_key, server process id)`.
+        held: Vec<(u32, u32, i32)>,
+    },
+    /// A projection's `setup` or `reset` hook failed.
+    ReadModel {
+        /// The projection.
+        projection: String,
+        /// What it was doing, such as "clearing its read model".
+        action: String,
+        /// The projection's error.
+        source: BoxError,
+    },
+    /// A destructive command was not confirmed.
+    NotConfirmed {
+        /// What it would do, in words.
+        action: String,
+    },
     /// A runtime thread ended without reporting (it panicked outside a projection).
     ThreadPanicked {
         /// The thread's name.
@@ -99,14 +130,19 @@ pub enum Error {
 
 impl Error {
     /// True when the error comes from how the projector was configured or invoked (bad
-    /// setting, missing tables, partition layout mismatch), rather than from a failure at run
-    /// time. The command-line tool exits with code 2 for these.
+    /// setting, missing tables, partition layout mismatch, a layout replaced under a running
+    /// process, a reset refused or not confirmed), rather than from a failure at run time. The
+    /// command-line tool exits with code 2 for these: starting again with the same flags would
+    /// not help.
     pub fn is_configuration(&self) -> bool {
         matches!(
             self,
             Error::InvalidSetting { .. }
                 | Error::MissingTables { .. }
                 | Error::LayoutMismatch { .. }
+                | Error::Fenced { .. }
+                | Error::ProjectionRunning { .. }
+                | Error::NotConfirmed { .. }
         )
     }
 
@@ -187,11 +223,18 @@ impl fmt::Display for Error {
                     f,
                     "projection '{projection}' has checkpoints for {} partition(s), not {requested}: \
                      a checkpoint only holds under the partition count that wrote it, so running \
-                     with {requested} would skip or repeat events. Start with --total-partitions {} \
-                     or rebuild the projection from the start",
+                     with {requested} would skip or repeat events. Start with --total-partitions {}",
                     stored.join(" and "),
                     stored.first().map(String::as_str).unwrap_or("?"),
-                )
+                )?;
+                if stored.len() == 1 {
+                    write!(
+                        f,
+                        ", or pass --repartition to move to {requested} partitions exactly"
+                    )
+                } else {
+                    f.write_str(", or rebuild the projection with `projector reset`")
+                }
             }
             Error::VersionConflict {
                 aggregate,
@@ -221,6 +264,39 @@ impl fmt::Display for Error {
                  {position} (aggregate '{aggregate_id}', event type '{event_type}') after {attempts} \
                  attempt(s); its checkpoint is left before this event, fix the cause and restart"
             ),
+            Error::Fenced {
+                projection,
+                total,
+                current,
+            } => match current[..] {
+                [now] if now != *total => write!(
+                    f,
+                    "fenced: projection '{projection}' now runs with {now} partitions; this \
+                     process ({total} partitions) stops"
+                ),
+                _ => write!(
+                    f,
+                    "fenced: projection '{projection}' was reset or re-partitioned after this \
+                     process started; this process ({total} partitions) stops: start it again to \
+                     carry on from the current checkpoints"
+                ),
+            },
+            Error::ProjectionRunning { projection, held } => {
+                let held: Vec<String> = held
+                    .iter()
+                    .map(|(total, key, pid)| format!("{key}/{total} (server pid {pid})"))
+                    .collect();
+                write!(
+                    f,
+                    "projection '{projection}' is running: live processes hold partition(s) {}; \
+                     stop them first",
+                    held.join(", ")
+                )
+            }
+            Error::ReadModel {
+                projection, action, ..
+            } => write!(f, "projection '{projection}' failed while {action}"),
+            Error::NotConfirmed { action } => write!(f, "{action}; pass --yes to go ahead"),
             Error::ThreadPanicked { thread } => write!(f, "thread '{thread}' panicked"),
         }
     }
@@ -231,7 +307,9 @@ impl std::error::Error for Error {
         match self {
             Error::Connect { source, .. } | Error::Database { source, .. } => Some(source),
             Error::Pool { source } => Some(source),
-            Error::Projection { source, .. } => Some(source.as_ref()),
+            Error::Projection { source, .. } | Error::ReadModel { source, .. } => {
+                Some(source.as_ref())
+            }
             _ => None,
         }
     }

@@ -22,9 +22,19 @@
 //! # Checkpoints
 //! A checkpoint is kept per projection, partition count and partition. The worker locks its
 //! row (`FOR UPDATE`) in every transaction and applies only events above it, so a restart
-//! repeats nothing and a second process started on the same partition never applies an event
-//! the first one did. Starting a projection with another partition count than its checkpoints
-//! were written under is refused ([`Error::LayoutMismatch`]).
+//! repeats nothing. While it works a partition, a worker holds a session advisory lock on it:
+//! a second process started on the same partition stands by and takes over when the first
+//! one's connection goes, and [`status`] shows which partitions a live process holds.
+//!
+//! # Changing the number of partitions
+//! Starting a projection with another partition count than its checkpoints were written under
+//! is refused ([`Error::LayoutMismatch`]) unless [`Builder::repartition`] is set. Then the old
+//! layout's checkpoint vector `C` is recorded and its rows replaced: every new partition starts
+//! at `min(C)` and skips an event exactly when `position <= C[partition_of(aggregate, old
+//! count)]`, until it passes `max(C)`; chains of changes keep the list of earlier vectors
+//! still needed ([`EarlierLayout`]). A runner of a replaced layout finds its checkpoint row gone
+//! at its next transaction and stops with [`Error::Fenced`]. [`reset`] clears a projection's
+//! checkpoints and, through [`Projection::reset`], its read model, so that it rebuilds.
 //!
 //! # Shutdown
 //! [`Runner::shutdown`] (or a [`Stopper`] from another thread) disconnects a channel every
@@ -89,7 +99,7 @@ mod worker;
 
 use std::time::Duration;
 
-pub use checkpoint::{CheckpointStatus, status};
+pub use checkpoint::{CheckpointStatus, EarlierLayout, reset, status};
 pub use database::{Database, Pool, redact};
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent};

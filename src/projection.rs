@@ -40,6 +40,15 @@ pub trait Projection: Clone + Send + 'static {
         Ok(())
     }
 
+    /// Clears the read model, for [`reset`](crate::reset) (`projector reset`): called after
+    /// [`setup`](Self::setup), in the transaction that deletes the projection's checkpoints,
+    /// so that the projection rebuilds from the first event. The default does nothing: the
+    /// read model is left as it is, and rebuilding applies every event again on top of it.
+    fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        let _ = tx;
+        Ok(())
+    }
+
     /// Applies one event to the read model, through `tx`.
     fn apply(
         &mut self,

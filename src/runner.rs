@@ -15,7 +15,7 @@ use crate::fetcher::{FetchProgress, Fetcher};
 use crate::partition::{MAX_PARTITIONS, describe_keys};
 use crate::projection::{Context, Projection};
 use crate::store;
-use crate::worker::{PartitionSummary, Progress, Worker};
+use crate::worker::{PartitionSummary, Progress, Role, Worker};
 use crate::{Database, Error};
 
 /// The runtime's settings. [`Settings::default`] holds every default in one place.
@@ -56,6 +56,13 @@ pub struct Settings {
     /// Stop once every owned partition has caught up with the head of the stream as it was at
     /// start. Default off: run until shut down.
     pub exit_when_caught_up: bool,
+    /// When the projection's checkpoints were written under another partition count, replace
+    /// that layout by this one, exactly (see [`Builder::repartition`]). Default off: refuse.
+    pub repartition: bool,
+    /// How often a standby tries to take its partition over, a worker that receives nothing
+    /// checks that its layout has not been replaced, and a new layout looks again for live
+    /// processes of the old one. Default 1 s.
+    pub liveness_interval: Duration,
 }
 
 impl Default for Settings {
@@ -74,6 +81,8 @@ impl Default for Settings {
             retry_delay: Duration::from_millis(100),
             max_retry_delay: Duration::from_secs(5),
             exit_when_caught_up: false,
+            repartition: false,
+            liveness_interval: Duration::from_secs(1),
         }
     }
 }
@@ -153,6 +162,17 @@ impl<P: Projection> Builder<P> {
         self
     }
 
+    /// Allows changing the number of partitions: when the projection's checkpoints were
+    /// written under another partition count, that layout is replaced by this one at start,
+    /// exactly (no event applied twice, none skipped; see the crate docs). Processes still
+    /// running the old layout stop at their next transaction with [`Error::Fenced`]. Without
+    /// it, a different partition count is refused with [`Error::LayoutMismatch`], so that a
+    /// typo cannot re-partition.
+    pub fn repartition(mut self, repartition: bool) -> Self {
+        self.settings.repartition = repartition;
+        self
+    }
+
     /// Replaces every setting at once.
     pub fn settings(mut self, settings: Settings) -> Self {
         self.settings = settings;
@@ -164,7 +184,7 @@ impl<P: Projection> Builder<P> {
     ///
     /// Fails before starting any thread when a setting is out of range, the database cannot be
     /// reached, the tables are missing, or the projection's checkpoints were written under
-    /// another partition count.
+    /// another partition count (unless [`repartition`](Self::repartition) is set).
     pub fn start(self) -> Result<Runner, Error> {
         self.check()?;
         let Builder {
@@ -182,7 +202,7 @@ impl<P: Projection> Builder<P> {
         let mut reader = database.connect()?;
         store::check_tables(&mut reader, database.schema_name())?;
         store::check_sequence(&mut reader)?;
-        checkpoint::claim_layout(&mut reader, &name, total)?;
+        let layout = checkpoint::claim_layout(&mut reader, &name, total, settings.repartition)?;
         {
             let mut tx = reader
                 .transaction()
@@ -221,6 +241,23 @@ impl<P: Projection> Builder<P> {
             settings.batch_size,
             database,
         );
+        if let Some(end) = layout
+            .earlier
+            .iter()
+            .map(checkpoint::EarlierLayout::applied_at_most)
+            .max()
+        {
+            let totals: Vec<String> = layout
+                .earlier
+                .iter()
+                .map(|l| l.total_partitions.to_string())
+                .collect();
+            info!(
+                "projection '{name}': re-partitioning in progress: events applied under the \
+                 earlier layout(s) of {} partition(s) are skipped, up to global position {end}",
+                totals.join(" and ")
+            );
+        }
 
         let pool = pool.unwrap_or_else(|| database.pool(partitions.len() as u32 + 1));
         let settings = Arc::new(settings);
@@ -250,6 +287,9 @@ impl<P: Projection> Builder<P> {
                 stop: stop.clone(),
                 faults: faults_tx.clone(),
                 progress: shared,
+                generation: layout.generation,
+                earlier: layout.earlier.clone(),
+                role: Role::default(),
             };
             let done_tx = done_tx.clone();
             let handle = spawn(format!("projector-p{partition}"), move || {

@@ -14,11 +14,16 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "002_checkpoints",
         include_str!("../sql/002_checkpoints.sql"),
     ),
+    ("003_layouts", include_str!("../sql/003_layouts.sql")),
 ];
 
 /// The tables the projector reads and writes, in the configured schema.
-pub(crate) const REQUIRED_TABLES: &[&str] =
-    &["events", "aggregate_heads", "projection_checkpoints"];
+pub(crate) const REQUIRED_TABLES: &[&str] = &[
+    "events",
+    "aggregate_heads",
+    "projection_checkpoints",
+    "projection_priors",
+];
 
 /// The columns of an event, in the order [`event_from_row`] reads them.
 pub(crate) const EVENT_COLUMNS: &str = "global_position, bounded_context, aggregate_type, \

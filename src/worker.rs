@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, select};
-use log::{debug, warn};
+use log::{debug, info, warn};
 
-use crate::checkpoint::CheckpointStatements;
+use crate::checkpoint::{EarlierLayout, PartitionStatements, Peek};
 use crate::database::Pool;
 use crate::error::{BoxError, is_connection_loss};
 use crate::event::Event;
@@ -41,8 +41,8 @@ pub struct PartitionSummary {
     pub partition: u32,
     /// Events applied by this process.
     pub applied: u64,
-    /// Events passed over because the checkpoint was already past them (applied before, or by
-    /// another process on the same partition).
+    /// Events passed over as already applied: before (the checkpoint was past them), by the
+    /// live process holding the partition while this one stood by, or under an earlier layout.
     pub skipped: u64,
     /// The checkpoint when the worker stopped.
     pub checkpoint: i64,
@@ -57,12 +57,37 @@ pub(crate) struct Worker<P> {
     pub(crate) stop: Receiver<()>,
     pub(crate) faults: Sender<u32>,
     pub(crate) progress: Arc<Progress>,
+    /// The generation of the checkpoint rows of the layout this worker started under.
+    pub(crate) generation: i64,
+    /// Earlier layouts whose applied events this partition still skips; emptied once passed.
+    pub(crate) earlier: Vec<EarlierLayout>,
+    /// Whether this worker applies its partition's events, as last seen (changes are logged).
+    pub(crate) role: Role,
 }
 
-/// A pooled connection with the checkpoint statements prepared on it.
+/// Whether a worker may apply its partition's events.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Not known yet.
+    #[default]
+    Starting,
+    /// Another live process holds the partition: this worker follows its checkpoint and takes
+    /// over when that process's connection goes.
+    Standby,
+    /// This worker holds the partition but waits for live processes of another layout to stop.
+    Waiting,
+    /// This worker holds the partition and applies its events.
+    Owner,
+}
+
+/// A pooled connection with the partition's statements prepared on it.
 struct Connection {
     client: r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>>,
-    statements: CheckpointStatements,
+    statements: PartitionStatements,
+    /// This connection holds the partition's session lock.
+    holds: bool,
+    /// Since taking the lock, no live process of another layout was seen holding a partition.
+    clear: bool,
 }
 
 /// Why a transaction did not commit.
@@ -73,13 +98,20 @@ enum Failure {
     Projection { index: usize, source: BoxError },
     /// The projection's batch handler failed (which event is not known yet).
     Batch(BoxError),
-    /// Anything else the database refused.
+    /// Anything else the database refused, or this worker's layout was replaced.
     Fatal(Error),
+    /// Another live process holds the partition; this is what it has committed.
+    Standby(Peek),
+    /// Live processes of another layout still hold partitions of the projection.
+    Waiting,
 }
 
 impl<P: Projection> Worker<P> {
     pub(crate) fn run(mut self) -> Result<PartitionSummary, Error> {
-        let result = self.run_until_stopped();
+        let mut connection = None;
+        let result = self.run_until_stopped(&mut connection);
+        // Give the partition back at once, rather than when the pool closes the connection.
+        discard(&mut connection);
         if let Err(error) = &result {
             if !error.is_connection_loss() {
                 let _ = self.faults.send(self.context.partition);
@@ -88,17 +120,21 @@ impl<P: Projection> Worker<P> {
         result
     }
 
-    fn run_until_stopped(&mut self) -> Result<PartitionSummary, Error> {
+    fn run_until_stopped(
+        &mut self,
+        connection: &mut Option<Connection>,
+    ) -> Result<PartitionSummary, Error> {
         let mut summary = PartitionSummary {
             partition: self.context.partition,
             applied: 0,
             skipped: 0,
             checkpoint: self.progress.checkpoint.load(Ordering::Relaxed),
         };
-        let mut connection = None;
         // A position the checkpoint may move to with no event to apply, written lazily.
         let mut idle_upto: Option<i64> = None;
         let mut last_write = Instant::now();
+        // Take the partition (or stand by for it) before the first batch arrives.
+        self.keep_watch(connection, &mut summary)?;
         loop {
             let batch = select! {
                 recv(self.stop) -> _ => break,
@@ -106,6 +142,17 @@ impl<P: Projection> Worker<P> {
                     Ok(batch) => batch,
                     Err(_) => break,
                 },
+                default(self.settings.liveness_interval) => {
+                    if let Some(upto) = idle_upto.take() {
+                        // Nothing more came: write the deferred checkpoint now, so that status
+                        // shows no lag that is not there. Like any commit, it checks the layout.
+                        self.commit_with_retries(connection, &[], upto, &mut summary)?;
+                        last_write = Instant::now();
+                    } else {
+                        self.keep_watch(connection, &mut summary)?;
+                    }
+                    continue;
+                }
             };
             if batch.events.is_empty() {
                 if batch.upto > summary.checkpoint {
@@ -130,19 +177,166 @@ impl<P: Projection> Worker<P> {
                     Err(_) => break,
                 }
             }
-            self.commit_with_retries(&mut connection, &events, upto, &mut summary)?;
+            self.commit_with_retries(connection, &events, upto, &mut summary)?;
             last_write = Instant::now();
         }
         if let Some(upto) = idle_upto {
             // One attempt: a stop must not wait on a lost connection, and nothing is lost if
             // this fails (the range is read again after a restart).
-            let _ = self.commit(&mut connection, &[], upto, true, &mut summary);
+            let _ = self.commit(connection, &[], upto, true, &mut summary);
         }
         Ok(summary)
     }
 
+    /// Between batches: takes the partition over once its holder is gone, and checks that
+    /// this worker's layout still stands, so that a standby takes over and a fenced process
+    /// stops even while no events arrive.
+    fn keep_watch(
+        &mut self,
+        slot: &mut Option<Connection>,
+        summary: &mut PartitionSummary,
+    ) -> Result<(), Error> {
+        let connection = match slot {
+            Some(connection) => connection,
+            None => match self.connect() {
+                Ok(connection) => slot.insert(connection),
+                Err(Failure::Fatal(error)) => return Err(error),
+                // The next batch retries the connection, with back-off.
+                Err(_) => return Ok(()),
+            },
+        };
+        let outcome = self.own(connection).and_then(|()| {
+            match connection.statements.peek(&mut connection.client) {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(Failure::Fatal(
+                    connection.statements.fenced(&mut connection.client),
+                )),
+                Err(source) => Err(self.failure(source)),
+            }
+        });
+        match outcome {
+            Ok(()) | Err(Failure::Waiting | Failure::Projection { .. } | Failure::Batch(_)) => {
+                Ok(())
+            }
+            Err(Failure::Standby(peek)) => {
+                self.follow(peek, summary);
+                Ok(())
+            }
+            Err(Failure::Connection(_)) => {
+                discard(slot);
+                Ok(())
+            }
+            Err(Failure::Fatal(error)) => Err(error),
+        }
+    }
+
+    /// Makes sure this worker may apply: its connection holds the partition's session lock,
+    /// and no live process of another layout holds a partition of the projection.
+    fn own(&mut self, connection: &mut Connection) -> Result<(), Failure> {
+        if connection.holds && connection.clear {
+            return Ok(());
+        }
+        let (partition, total) = (self.context.partition, self.context.total_partitions);
+        if !connection.holds {
+            let held = connection
+                .statements
+                .try_hold(&mut connection.client)
+                .map_err(|e| self.failure(e))?;
+            if !held {
+                let peek = connection
+                    .statements
+                    .peek(&mut connection.client)
+                    .map_err(|e| self.failure(e))?;
+                let Some(peek) = peek else {
+                    return Err(Failure::Fatal(
+                        connection.statements.fenced(&mut connection.client),
+                    ));
+                };
+                if self.role != Role::Standby {
+                    info!(
+                        "partition {partition}/{total} of '{}' is held by another live process \
+                         (server pid {}, checkpoint {}): standing by, taking over if it stops",
+                        self.projection.name(),
+                        peek.holder.map_or("?".into(), |pid| pid.to_string()),
+                        peek.position
+                    );
+                    self.role = Role::Standby;
+                }
+                return Err(Failure::Standby(peek));
+            }
+            connection.holds = true;
+            connection.clear = false;
+            if self.role == Role::Standby {
+                info!(
+                    "partition {partition}/{total} of '{}': the process holding it is gone; \
+                     taking it over",
+                    self.projection.name()
+                );
+            }
+        }
+        let others = connection
+            .statements
+            .other_layouts_holders(&mut connection.client)
+            .map_err(|e| self.failure(e))?;
+        if !others.is_empty() {
+            if self.role != Role::Waiting {
+                let held: Vec<String> = others
+                    .iter()
+                    .map(|h| format!("{}/{} by server pid {}", h.key, h.total, h.pid))
+                    .collect();
+                warn!(
+                    "partition {partition}/{total} of '{}' waits for live processes of another \
+                     layout to stop (partition {} held); they are fenced and stop at their next \
+                     transaction or check, within about {} s; stop them if they do not",
+                    self.projection.name(),
+                    held.join(", "),
+                    self.settings.liveness_interval.as_secs().max(1)
+                );
+                self.role = Role::Waiting;
+            }
+            return Err(Failure::Waiting);
+        }
+        connection.clear = true;
+        if self.role == Role::Waiting {
+            info!(
+                "partition {partition}/{total} of '{}': no process of another layout is left; \
+                 applying",
+                self.projection.name()
+            );
+        }
+        self.role = Role::Owner;
+        Ok(())
+    }
+
+    /// As a standby, shows the holder's checkpoint as this partition's.
+    fn follow(&self, peek: Peek, summary: &mut PartitionSummary) {
+        summary.checkpoint = summary.checkpoint.max(peek.position);
+        self.progress
+            .checkpoint
+            .store(summary.checkpoint, Ordering::Relaxed);
+    }
+
+    /// A failed statement, as a lost connection (retried) or a fatal error.
+    fn failure(&self, source: postgres::Error) -> Failure {
+        let error = Error::Database {
+            action: format!(
+                "committing partition {}/{} of '{}'",
+                self.context.partition,
+                self.context.total_partitions,
+                self.projection.name()
+            ),
+            source,
+        };
+        if error.is_connection_loss() {
+            Failure::Connection(crate::error_chain(&error))
+        } else {
+            Failure::Fatal(error)
+        }
+    }
+
     /// Commits `events` (those above the checkpoint) and the checkpoint `upto`, retrying lost
-    /// connections without end and projection failures a few times.
+    /// connections without end and projection failures a few times. As a standby, waits until
+    /// the process holding the partition has applied the batch, or has gone.
     fn commit_with_retries(
         &mut self,
         connection: &mut Option<Connection>,
@@ -157,8 +351,28 @@ impl<P: Projection> Worker<P> {
         loop {
             match self.commit(connection, events, upto, whole, summary) {
                 Ok(()) => return Ok(()),
+                Err(Failure::Standby(peek)) => {
+                    self.follow(peek, summary);
+                    // The holder applied everything up to its checkpoint: a batch behind it
+                    // has nothing left for this process.
+                    if events
+                        .last()
+                        .is_none_or(|e| e.global_position <= peek.position)
+                    {
+                        summary.skipped += events.len() as u64;
+                        return Ok(());
+                    }
+                    if self.sleep_or_stop(self.settings.liveness_interval) {
+                        return Ok(());
+                    }
+                }
+                Err(Failure::Waiting) => {
+                    if self.sleep_or_stop(self.settings.liveness_interval) {
+                        return Ok(());
+                    }
+                }
                 Err(Failure::Connection(message)) => {
-                    *connection = None;
+                    discard(connection);
                     lost += 1;
                     let delay = backoff(
                         lost,
@@ -236,7 +450,8 @@ impl<P: Projection> Worker<P> {
         }
     }
 
-    /// One transaction: lock the checkpoint, apply the events above it, move it to `upto`.
+    /// One transaction: lock the checkpoint, apply the events above it that no earlier layout
+    /// applied, move it to `upto`.
     fn commit(
         &mut self,
         connection: &mut Option<Connection>,
@@ -249,37 +464,47 @@ impl<P: Projection> Worker<P> {
             Some(connection) => connection,
             None => connection.insert(self.connect()?),
         };
+        self.own(connection)?;
         let name = self.projection.name().to_owned();
         let (partition, total) = (self.context.partition, self.context.total_partitions);
-        let lost = |source: postgres::Error| {
-            let error = Error::Database {
-                action: format!("committing partition {partition}/{total} of '{name}'"),
-                source,
-            };
-            if error.is_connection_loss() {
-                Failure::Connection(crate::error_chain(&error))
-            } else {
-                Failure::Fatal(error)
-            }
-        };
-        let mut tx = connection.client.transaction().map_err(lost)?;
-        let checkpoint = connection
+        let mut tx = connection
+            .client
+            .transaction()
+            .map_err(|e| self.failure(e))?;
+        let Some(checkpoint) = connection
             .statements
-            .lock(&mut tx, &name, total, partition)
-            .map_err(lost)?
-            .ok_or_else(|| {
-                Failure::Fatal(Error::invalid_setting(
-                    "--projection",
-                    &name,
-                    format!(
-                        "the checkpoint of partition {partition}/{total} is gone (was the \
-                         projection reset while running?): restart the projector"
-                    ),
-                ))
-            })?;
-        // Events are in position order: those at or below the checkpoint come first.
-        let skipped = events.partition_point(|e| e.global_position <= checkpoint);
-        let pending = &events[skipped..];
+            .lock(&mut tx)
+            .map_err(|e| self.failure(e))?
+        else {
+            drop(tx);
+            return Err(Failure::Fatal(
+                connection.statements.fenced(&mut connection.client),
+            ));
+        };
+        // The events above the checkpoint that no earlier layout applied, by index in `events`.
+        let pending_at: Vec<usize> = (0..events.len())
+            .filter(|&index| {
+                let event = &events[index];
+                event.global_position > checkpoint
+                    && !self
+                        .earlier
+                        .iter()
+                        .any(|layout| layout.covers(event.global_position, &event.aggregate_id))
+            })
+            .collect();
+        let skipped = events.len() - pending_at.len();
+        let first = pending_at.first().copied().unwrap_or(events.len());
+        let gathered: Vec<Event>;
+        let pending: &[Event] = if pending_at.len() == events.len() - first {
+            // The usual case: the pending events are the tail of the batch.
+            &events[first..]
+        } else {
+            gathered = pending_at
+                .iter()
+                .map(|&index| events[index].clone())
+                .collect();
+            &gathered
+        };
         if let Err((index, source)) = self.apply(&mut tx, pending, whole) {
             drop(tx);
             let connection_gone = connection.client.is_closed()
@@ -294,7 +519,7 @@ impl<P: Projection> Worker<P> {
             } else {
                 match index {
                     Some(index) => Failure::Projection {
-                        index: skipped + index,
+                        index: pending_at[index],
                         source,
                     },
                     None => Failure::Batch(source),
@@ -307,10 +532,10 @@ impl<P: Projection> Worker<P> {
         if new_checkpoint != checkpoint {
             connection
                 .statements
-                .save(&mut tx, &name, total, partition, new_checkpoint)
-                .map_err(lost)?;
+                .save(&mut tx, new_checkpoint)
+                .map_err(|e| self.failure(e))?;
         }
-        tx.commit().map_err(lost)?;
+        tx.commit().map_err(|e| self.failure(e))?;
         summary.applied += applied;
         summary.skipped += skipped;
         summary.checkpoint = new_checkpoint;
@@ -318,6 +543,22 @@ impl<P: Projection> Worker<P> {
         self.progress
             .checkpoint
             .store(new_checkpoint, Ordering::Relaxed);
+        let earlier_end = self
+            .earlier
+            .iter()
+            .map(EarlierLayout::applied_at_most)
+            .max();
+        if let Some(end) = earlier_end.filter(|&end| new_checkpoint >= end) {
+            self.earlier.clear();
+            info!(
+                "partition {partition}/{total} of '{name}' passed global position {end}, the \
+                 last applied under the earlier layout(s): its part of the re-partitioning is done"
+            );
+            // After this commit: the last partition to get here sees every other one past too.
+            if let Err(error) = connection.statements.retire_earlier(&mut connection.client) {
+                debug!("could not retire the earlier layouts yet: {error}");
+            }
+        }
         Ok(())
     }
 
@@ -374,14 +615,36 @@ impl<P: Projection> Worker<P> {
             .pool
             .get()
             .map_err(|e| Failure::Connection(crate::error_chain(&Error::from(e))))?;
-        let statements = CheckpointStatements::prepare(&mut client).map_err(|error| {
+        let statements = PartitionStatements::prepare(
+            &mut client,
+            self.projection.name(),
+            self.context.total_partitions,
+            self.context.partition,
+            self.generation,
+        )
+        .map_err(|error| {
             if error.is_connection_loss() {
                 Failure::Connection(crate::error_chain(&error))
             } else {
                 Failure::Fatal(error)
             }
         })?;
-        Ok(Connection { client, statements })
+        Ok(Connection {
+            client,
+            statements,
+            holds: false,
+            clear: false,
+        })
+    }
+}
+
+/// Drops a worker's connection, giving its partition's session lock back first: a connection
+/// returned to the pool would otherwise keep holding it.
+fn discard(slot: &mut Option<Connection>) {
+    if let Some(mut connection) = slot.take() {
+        if connection.holds && !connection.client.is_closed() {
+            let _ = connection.statements.release(&mut connection.client);
+        }
     }
 }
 

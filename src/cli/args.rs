@@ -30,6 +30,11 @@ pub(crate) struct Args {
     #[argh(switch)]
     pub(crate) exit_when_caught_up: bool,
 
+    /// if the checkpoints were written under another partition count, change to this one,
+    /// exactly; processes of the old layout stop at their next transaction
+    #[argh(switch)]
+    pub(crate) repartition: bool,
+
     /// database connection string (env DATABASE_URL)
     #[argh(option)]
     pub(crate) database_url: Option<String>,
@@ -48,6 +53,7 @@ pub(crate) enum Command {
     Migrate(Migrate),
     Seed(Seed),
     Status(Status),
+    Reset(Reset),
 }
 
 /// Create the event store and checkpoint tables (safe to run again).
@@ -76,13 +82,32 @@ pub(crate) struct Seed {
     pub(crate) if_empty: bool,
 }
 
-/// Show each projection's checkpoints, the head of the stream, lag and age.
+/// Show each projection's layout and checkpoints, lag in events and time, the live process
+/// holding each partition, and any re-partitioning in progress.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "status")]
 pub(crate) struct Status {
     /// show only this projection
     #[argh(option)]
     pub(crate) projection: Option<String>,
+
+    /// print one JSON document instead of a table
+    #[argh(switch)]
+    pub(crate) json: bool,
+}
+
+/// Delete a projection's checkpoints and clear its read model, so that it rebuilds from the
+/// first event at its next start. Refused while a live process holds one of its partitions.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "reset")]
+pub(crate) struct Reset {
+    /// the projection to reset: users, aggregate-stats or noop
+    #[argh(option)]
+    pub(crate) projection: String,
+
+    /// go ahead (without it, only says what would be cleared)
+    #[argh(switch)]
+    pub(crate) yes: bool,
 }
 
 /// How parsing the command line ended, when it did not give a command to run.

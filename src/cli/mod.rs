@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use log::{info, warn};
 use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, Users};
-use projector::{Builder, Database, Error, Projection, Summary};
+use projector::{Builder, CheckpointStatus, Database, Error, Projection, Summary};
+use serde_json::{Value, json};
 
 use args::{Args, Command, flag_or_env};
 
@@ -21,19 +22,32 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
             Ok(())
         }
         Some(Command::Seed(ref seed)) => seed::seed(&database, seed),
-        Some(Command::Status(ref status)) => print_status(&database, status.projection.as_deref()),
+        Some(Command::Status(ref status)) => {
+            print_status(&database, status.projection.as_deref(), status.json)
+        }
+        Some(Command::Reset(ref reset)) => match reset.projection.as_str() {
+            "users" => reset_projection(&database, Users, reset.yes),
+            "aggregate-stats" => reset_projection(&database, AggregateStats, reset.yes),
+            "aggregate-stats-batch" => reset_projection(&database, AggregateStatsBatch, reset.yes),
+            "noop" => reset_projection(&database, Noop, reset.yes),
+            other => Err(unknown_projection(other)),
+        },
         None => match args.projection.as_str() {
             "users" => run_projection(&args, database, Users),
             "aggregate-stats" => run_projection(&args, database, AggregateStats),
             "aggregate-stats-batch" => run_projection(&args, database, AggregateStatsBatch),
             "noop" => run_projection(&args, database, Noop),
-            other => Err(Error::invalid_setting(
-                "--projection",
-                other,
-                "known projections are users, aggregate-stats, aggregate-stats-batch and noop",
-            )),
+            other => Err(unknown_projection(other)),
         },
     }
+}
+
+fn unknown_projection(name: &str) -> Error {
+    Error::invalid_setting(
+        "--projection",
+        name,
+        "known projections are users, aggregate-stats, aggregate-stats-batch and noop",
+    )
 }
 
 fn database(args: &Args) -> Result<Database, Error> {
@@ -83,7 +97,8 @@ fn run_projection<P: Projection>(
     let mut builder = Builder::new(database, projection)
         .partitions(keys)
         .total_partitions(total)
-        .exit_when_caught_up(args.exit_when_caught_up);
+        .exit_when_caught_up(args.exit_when_caught_up)
+        .repartition(args.repartition);
     if let Some(text) = &args.batch_size {
         builder = builder.batch_size(positive("--batch-size", text)?);
     }
@@ -155,9 +170,23 @@ fn peak_memory_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn print_status(database: &Database, projection: Option<&str>) -> Result<(), Error> {
+fn print_status(database: &Database, projection: Option<&str>, json: bool) -> Result<(), Error> {
     let mut client = database.connect()?;
     let rows = projector::status(&mut client, projection)?;
+    if json {
+        let head = match rows.first() {
+            Some(row) => row.head_position,
+            None => client
+                .query_one("SELECT COALESCE(MAX(global_position), 0) FROM events", &[])
+                .map_err(|source| Error::Database {
+                    action: "reading the head of the event store".into(),
+                    source,
+                })?
+                .get(0),
+        };
+        println!("{}", status_json(head, &rows));
+        return Ok(());
+    }
     if rows.is_empty() {
         println!(
             "no checkpoints yet{}",
@@ -168,19 +197,136 @@ fn print_status(database: &Database, projection: Option<&str>) -> Result<(), Err
         return Ok(());
     }
     println!(
-        "{:<20} {:>9} {:>12} {:>12} {:>10} {:>10}",
-        "PROJECTION", "PARTITION", "CHECKPOINT", "HEAD", "LAG", "AGE"
+        "{:<20} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9}  HELD-BY",
+        "PROJECTION", "PARTITION", "CHECKPOINT", "HEAD", "LAG", "LAG-TIME", "AGE"
     );
-    for row in rows {
+    for row in &rows {
         println!(
-            "{:<20} {:>9} {:>12} {:>12} {:>10} {:>10}",
+            "{:<20} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9}  {}",
             row.projection,
             format!("{}/{}", row.partition_key, row.total_partitions),
             row.last_position,
             row.head_position,
             row.lag_events,
-            format!("{}s", row.age.as_secs())
+            format!("{}s", row.lag_time.as_secs()),
+            format!("{}s", row.age.as_secs()),
+            row.held_by_pid
+                .map_or_else(|| "-".to_owned(), |pid| format!("pid={pid}"))
         );
     }
+    for layout in layouts(&rows) {
+        let Some(until) = layout[0].repartitioning_until() else {
+            continue;
+        };
+        let from: Vec<String> = layout[0]
+            .earlier_layouts
+            .iter()
+            .map(|l| l.total_partitions.to_string())
+            .collect();
+        let behind: Vec<String> = layout
+            .iter()
+            .filter(|row| row.last_position < until)
+            .map(|row| format!("{}/{}", row.partition_key, row.total_partitions))
+            .collect();
+        println!(
+            "{}: re-partitioning from {} to {} partitions in progress: {} of {} partition(s) \
+             past global position {until}, the last applied under the earlier layout(s){}",
+            layout[0].projection,
+            from.join(" and "),
+            layout[0].total_partitions,
+            layout.len() - behind.len(),
+            layout.len(),
+            if behind.is_empty() {
+                String::new()
+            } else {
+                format!("; still skipping: {}", behind.join(", "))
+            }
+        );
+    }
+    Ok(())
+}
+
+/// The rows of each projection's layout, in order.
+fn layouts(rows: &[CheckpointStatus]) -> Vec<&[CheckpointStatus]> {
+    rows.chunk_by(|a, b| a.projection == b.projection && a.total_partitions == b.total_partitions)
+        .collect()
+}
+
+/// `projector status --json`: one document, one entry per projection and layout.
+fn status_json(head: i64, rows: &[CheckpointStatus]) -> Value {
+    let projections: Vec<Value> = layouts(rows)
+        .into_iter()
+        .map(|layout| {
+            let first = &layout[0];
+            let until = first.repartitioning_until();
+            let repartitioning = until.map(|until| {
+                json!({
+                    "from": first.earlier_layouts.iter().map(|l| json!({
+                        "total_partitions": l.total_partitions,
+                        "checkpoints": l.checkpoints,
+                    })).collect::<Vec<_>>(),
+                    "until_position": until,
+                    "partitions_done": layout.iter().filter(|r| r.last_position >= until).count(),
+                })
+            });
+            let partitions: Vec<Value> = layout
+                .iter()
+                .map(|row| {
+                    json!({
+                        "partition": row.partition_key,
+                        "checkpoint": row.last_position,
+                        "lag_events": row.lag_events,
+                        "lag_seconds": row.lag_time.as_secs_f64(),
+                        "age_seconds": row.age.as_secs_f64(),
+                        "held_by_pid": row.held_by_pid,
+                        "live": row.held_by_pid.is_some(),
+                    })
+                })
+                .collect();
+            json!({
+                "projection": first.projection,
+                "total_partitions": first.total_partitions,
+                "partitions": partitions,
+                "repartitioning": repartitioning,
+            })
+        })
+        .collect();
+    json!({ "head_position": head, "projections": projections })
+}
+
+/// `projector reset`: says what it would clear unless `yes`, then clears it.
+fn reset_projection<P: Projection>(
+    database: &Database,
+    mut projection: P,
+    yes: bool,
+) -> Result<(), Error> {
+    let mut client = database.connect()?;
+    if !yes {
+        let name = projection.name().to_owned();
+        let rows = projector::status(&mut client, Some(&name))?;
+        let checkpoints = match layouts(&rows).first() {
+            Some(layout) => format!(
+                "delete the {} checkpoint(s) of projection '{name}' ({} partitions, at global \
+                 positions {} to {})",
+                rows.len(),
+                layout[0].total_partitions,
+                rows.iter().map(|r| r.last_position).min().unwrap_or(0),
+                rows.iter().map(|r| r.last_position).max().unwrap_or(0),
+            ),
+            None => format!("delete the checkpoints of projection '{name}' (it has none)"),
+        };
+        let read_model = match name.as_str() {
+            "users" => "clear its read model (tables users and user_partition_counts)",
+            "aggregate-stats" => "clear its read model (table aggregate_stats)",
+            _ => "clear its read model",
+        };
+        return Err(Error::NotConfirmed {
+            action: format!(
+                "reset would {checkpoints} and {read_model}, so that its next start rebuilds it \
+                 from the first event"
+            ),
+        });
+    }
+    projector::reset(&mut client, &mut projection)?;
     Ok(())
 }

@@ -119,6 +119,11 @@ impl Projection for AggregateStats {
         Ok(())
     }
 
+    fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        tx.batch_execute("DELETE FROM aggregate_stats")?;
+        Ok(())
+    }
+
     fn apply(
         &mut self,
         tx: &mut Transaction<'_>,

@@ -39,6 +39,11 @@ impl Projection for Users {
         Ok(())
     }
 
+    fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        tx.batch_execute("DELETE FROM users; DELETE FROM user_partition_counts")?;
+        Ok(())
+    }
+
     fn apply(
         &mut self,
         tx: &mut Transaction<'_>,

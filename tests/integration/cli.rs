@@ -1,13 +1,25 @@
 //! The `projector` binary: exit codes, messages, signals, several processes.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use projector::partition_of;
+use serde_json::{Value, json};
 
 use crate::util::{TestSchema, eventually, run_within, text, wait_within};
 
 const LIMIT: Duration = Duration::from_secs(60);
+
+const STATUS_HEADER: [&str; 8] = [
+    "PROJECTION",
+    "PARTITION",
+    "CHECKPOINT",
+    "HEAD",
+    "LAG",
+    "LAG-TIME",
+    "AGE",
+    "HELD-BY",
+];
 
 fn signal(child: &std::process::Child, name: &str) {
     let status = Command::new("kill")
@@ -306,7 +318,9 @@ fn missing_tables_exit_2_and_say_to_migrate() {
         let stderr = text(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
-            stderr.contains("table(s) events, aggregate_heads, projection_checkpoints not found")
+            stderr.contains(
+                "table(s) events, aggregate_heads, projection_checkpoints, projection_priors not found"
+            )
                 && stderr.contains("run `projector migrate` first"),
             "{args:?}: {stderr}"
         );
@@ -396,17 +410,7 @@ fn status_shows_checkpoints_head_and_lag() {
         .lines()
         .map(|l| l.split_whitespace().collect())
         .collect();
-    assert_eq!(
-        lines[0],
-        [
-            "PROJECTION",
-            "PARTITION",
-            "CHECKPOINT",
-            "HEAD",
-            "LAG",
-            "AGE"
-        ]
-    );
+    assert_eq!(lines[0], STATUS_HEADER);
     assert_eq!(lines.len(), 3, "{stdout}");
     for (line, key) in lines[1..].iter().zip(["0/2", "1/2"]) {
         assert_eq!(
@@ -415,4 +419,403 @@ fn status_shows_checkpoints_head_and_lag() {
             "{stdout}"
         );
     }
+}
+
+/// `projector status` as words per line, and `projector status --json`.
+fn status(schema: &TestSchema) -> (Vec<Vec<String>>, Value) {
+    let table = run_within(schema.projector(&["status"]), LIMIT);
+    assert_eq!(table.status.code(), Some(0), "{}", text(&table.stderr));
+    let json = run_within(schema.projector(&["status", "--json"]), LIMIT);
+    assert_eq!(json.status.code(), Some(0), "{}", text(&json.stderr));
+    let lines = text(&table.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect();
+    let document = serde_json::from_slice(&json.stdout).expect("status --json prints JSON");
+    (lines, document)
+}
+
+/// Runs aggregate-stats on `keys` of `total` until caught up, with extra flags.
+fn catch_up_cli(schema: &TestSchema, keys: &str, total: &str, extra: &[&str]) {
+    let mut args = vec![
+        "--partition-key",
+        keys,
+        "--total-partitions",
+        total,
+        "--projection",
+        "aggregate-stats",
+        "--exit-when-caught-up",
+    ];
+    args.extend_from_slice(extra);
+    let output = run_within(schema.projector(&args), LIMIT);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+}
+
+/// A projector process on aggregate-stats, running until stopped.
+fn spawn_live(schema: &TestSchema, keys: &str, total: &str, extra: &[&str]) -> Child {
+    let mut args = vec![
+        "--partition-key",
+        keys,
+        "--total-partitions",
+        total,
+        "--projection",
+        "aggregate-stats",
+    ];
+    args.extend_from_slice(extra);
+    schema
+        .projector(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a projector")
+}
+
+/// The test database's URL with an `application_name` to find a process's connections by.
+fn url_named(name: &str) -> String {
+    let url = crate::util::database_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}application_name={name}")
+}
+
+#[test]
+fn status_shows_layout_lag_holder_and_repartitioning_as_a_table_and_as_json() {
+    let schema = TestSchema::migrated("status_situations");
+
+    // Fresh: nothing yet.
+    let (lines, json) = status(&schema);
+    assert_eq!(lines, [["no", "checkpoints", "yet"]]);
+    assert_eq!(json, json!({"head_position": 0, "projections": []}));
+
+    // Caught up.
+    schema.seed(10, 3);
+    catch_up_cli(&schema, "0-1", "2", &[]);
+    let (lines, json) = status(&schema);
+    assert_eq!(lines[0], STATUS_HEADER);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (line, key) in lines[1..].iter().zip(["0/2", "1/2"]) {
+        assert_eq!(line[..6], ["aggregate-stats", key, "30", "30", "0", "0s"]);
+        assert_eq!(line[7], "-", "no live process holds it: {line:?}");
+    }
+    let projection = &json["projections"][0];
+    assert_eq!(json["head_position"], 30);
+    assert_eq!(projection["projection"], "aggregate-stats");
+    assert_eq!(projection["total_partitions"], 2);
+    assert_eq!(projection["repartitioning"], Value::Null);
+    for (key, partition) in projection["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(partition["partition"], key);
+        assert_eq!(partition["checkpoint"], 30);
+        assert_eq!(partition["lag_events"], 0);
+        assert_eq!(partition["lag_seconds"], 0.0);
+        assert_eq!(partition["live"], false);
+        assert_eq!(partition["held_by_pid"], Value::Null);
+    }
+
+    // Lagging: 20 events stored over a second ago.
+    schema.seed(10, 2);
+    std::thread::sleep(Duration::from_millis(1_200));
+    let (lines, json) = status(&schema);
+    for line in &lines[1..] {
+        assert_eq!(line[2..5], ["30", "50", "20"], "{line:?}");
+        let seconds: u64 = line[5].trim_end_matches('s').parse().expect("LAG-TIME");
+        assert!(seconds >= 1, "{line:?}");
+    }
+    let lag = json["projections"][0]["partitions"][0]["lag_seconds"]
+        .as_f64()
+        .expect("lag_seconds");
+    assert!(lag >= 1.0, "{json}");
+    assert_eq!(json["projections"][0]["partitions"][1]["lag_events"], 20);
+
+    // Held by a live process.
+    let live = spawn_live(&schema, "0-1", "2", &[]);
+    eventually("the live process to catch up", LIMIT, || {
+        schema.stats_applied() == 50
+    });
+    let (lines, json) = status(&schema);
+    let partitions = json["projections"][0]["partitions"].clone();
+    for (line, partition) in lines[1..]
+        .iter()
+        .zip(partitions.as_array().expect("partitions"))
+    {
+        assert_eq!(partition["live"], true, "{json}");
+        let pid = partition["held_by_pid"].as_i64().expect("a pid");
+        assert_eq!(line[7], format!("pid={pid}"), "{line:?}");
+        assert_eq!(line[4], "0", "{line:?}");
+    }
+    signal(&live, "TERM");
+    let stopped = wait_within(live, LIMIT);
+    assert_eq!(stopped.status.code(), Some(0), "{}", text(&stopped.stderr));
+
+    // Re-partitioning in progress: 2 → 3 with the old partitions at 80 and 50, and only
+    // partition 0 of the new layout run so far.
+    schema.seed(10, 3);
+    catch_up_cli(&schema, "0", "2", &[]);
+    catch_up_cli(&schema, "0", "3", &["--repartition"]);
+    let (lines, json) = status(&schema);
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    let rows: Vec<&[String]> = lines[1..4].iter().map(|l| &l[1..3]).collect();
+    assert_eq!(rows, [["0/3", "80"], ["1/3", "50"], ["2/3", "50"]]);
+    assert_eq!(
+        lines[4].join(" "),
+        "aggregate-stats: re-partitioning from 2 to 3 partitions in progress: 1 of 3 \
+         partition(s) past global position 80, the last applied under the earlier layout(s); \
+         still skipping: 1/3, 2/3"
+    );
+    assert_eq!(
+        json["projections"][0]["repartitioning"],
+        json!({
+            "from": [{"total_partitions": 2, "checkpoints": [80, 50]}],
+            "until_position": 80,
+            "partitions_done": 1,
+        })
+    );
+
+    // Done: the earlier layout is retired, and every event was applied once.
+    catch_up_cli(&schema, "1-2", "3", &[]);
+    let (lines, json) = status(&schema);
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(json["projections"][0]["repartitioning"], Value::Null);
+    assert_eq!(schema.stats_applied(), 80);
+    assert_eq!(schema.stats_mismatches(), 0);
+}
+
+#[test]
+fn a_process_of_the_old_layout_is_fenced_by_a_new_one_and_exits_2() {
+    let schema = TestSchema::migrated("cli_fenced");
+    let first = schema.seed(100, 5);
+    let old = spawn_live(&schema, "0-3", "4", &[]);
+    eventually("the old layout to catch up", LIMIT, || {
+        schema.stats_applied() == first
+    });
+    let new = spawn_live(&schema, "0-2", "3", &["--repartition"]);
+    let second = schema.seed(100, 3);
+    let fenced = wait_within(old, Duration::from_secs(20));
+    let stderr = text(&fenced.stderr);
+    assert_eq!(fenced.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "error: fenced: projection 'aggregate-stats' now runs with 3 partitions; this \
+             process (4 partitions) stops"
+        ),
+        "{stderr}"
+    );
+    eventually("the new layout to apply the new events", LIMIT, || {
+        schema.stats_applied() == first + second
+    });
+    signal(&new, "TERM");
+    let output = wait_within(new, LIMIT);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("re-partitioning from 4 to 3 partition(s)"),
+        "{stderr}"
+    );
+    assert_eq!(schema.stats_mismatches(), 0);
+}
+
+#[test]
+fn a_standby_process_takes_over_within_seconds_after_the_owner_is_killed() {
+    let schema = TestSchema::migrated("standby_kill");
+    let first = schema.seed(200, 5);
+    let owner_name = format!("owner_{}", schema.name);
+    let standby_name = format!("standby_{}", schema.name);
+    let owner = spawn_live_named(&schema, &owner_name);
+    eventually("the owner to catch up", LIMIT, || {
+        schema.stats_applied() == first
+    });
+    let standby = spawn_live_named(&schema, &standby_name);
+    // The standby's reader and both workers are connected once it has tried the partitions.
+    let connections =
+        format!("SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = '{standby_name}'");
+    eventually("the standby to connect", LIMIT, || {
+        schema.count(&connections) >= 3
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let holders = |name: &str| {
+        let (_, json) = status(&schema);
+        json["projections"][0]["partitions"]
+            .as_array()
+            .expect("partitions")
+            .iter()
+            .filter(|p| {
+                p["held_by_pid"].as_i64().is_some_and(|pid| {
+                    schema.count(&format!(
+                        "SELECT COUNT(*) FROM pg_stat_activity \
+                         WHERE pid = {pid} AND application_name = '{name}'"
+                    )) == 1
+                })
+            })
+            .count()
+    };
+    assert_eq!(holders(&owner_name), 2, "the owner holds both partitions");
+
+    signal(&owner, "KILL");
+    let killed = wait_within(owner, LIMIT);
+    assert_eq!(killed.status.code(), None, "killed by a signal");
+    let second = schema.seed(200, 2);
+    let since = Instant::now();
+    eventually("the standby to take over and apply", LIMIT, || {
+        schema.stats_applied() == first + second
+    });
+    let took = since.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(
+        holders(&standby_name),
+        2,
+        "the standby holds both partitions"
+    );
+
+    signal(&standby, "TERM");
+    let output = wait_within(standby, LIMIT);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("is held by another live process") && stderr.contains("standing by"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the process holding it is gone; taking it over"),
+        "{stderr}"
+    );
+    assert_eq!(schema.stats_mismatches(), 0);
+}
+
+fn spawn_live_named(schema: &TestSchema, name: &str) -> Child {
+    schema
+        .projector(&[
+            "--partition-key",
+            "0-1",
+            "--total-partitions",
+            "2",
+            "--projection",
+            "aggregate-stats",
+        ])
+        .env("DATABASE_URL", url_named(name))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a projector")
+}
+
+/// Every row of `table`, ordered, as text.
+fn rows_of(schema: &TestSchema, table: &str) -> Vec<String> {
+    schema
+        .client()
+        .query(
+            &format!("SELECT t::text FROM {table} t ORDER BY t::text"),
+            &[],
+        )
+        .expect("read the table")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[test]
+fn reset_then_rebuild_gives_the_same_read_model() {
+    let schema = TestSchema::migrated("reset_rebuild");
+    let seed = run_within(schema.projector(&["seed", "--users", "60"]), LIMIT);
+    assert_eq!(seed.status.code(), Some(0), "{}", text(&seed.stderr));
+    let build = |keys: &str, total: &str| {
+        for projection in ["aggregate-stats", "users"] {
+            let output = run_within(
+                schema.projector(&[
+                    "--partition-key",
+                    keys,
+                    "--total-partitions",
+                    total,
+                    "--projection",
+                    projection,
+                    "--exit-when-caught-up",
+                ]),
+                LIMIT,
+            );
+            assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+        }
+    };
+    build("0-3", "4");
+    let stats = rows_of(&schema, "aggregate_stats");
+    let users = rows_of(&schema, "users");
+    assert_eq!((stats.len(), users.len()), (60, 60));
+
+    for projection in ["aggregate-stats", "users"] {
+        let output = run_within(
+            schema.projector(&["reset", "--projection", projection, "--yes"]),
+            LIMIT,
+        );
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    }
+    assert_eq!(
+        schema.count("SELECT COUNT(*) FROM projection_checkpoints"),
+        0
+    );
+    assert_eq!(schema.count("SELECT COUNT(*) FROM aggregate_stats"), 0);
+    assert_eq!(schema.count("SELECT COUNT(*) FROM users"), 0);
+    assert_eq!(
+        schema.count("SELECT COUNT(*) FROM user_partition_counts"),
+        0
+    );
+
+    // Rebuilt under another layout: no checkpoints are left, so it is a fresh start.
+    build("0-2", "3");
+    assert_eq!(rows_of(&schema, "aggregate_stats"), stats);
+    assert_eq!(rows_of(&schema, "users"), users);
+    assert_eq!(schema.stats_mismatches(), 0);
+}
+
+#[test]
+fn reset_needs_yes_and_is_refused_while_a_process_holds_a_partition() {
+    let schema = TestSchema::migrated("reset_refused");
+    schema.seed(20, 8);
+    catch_up_cli(&schema, "0-3", "4", &[]);
+
+    let unconfirmed = run_within(
+        schema.projector(&["reset", "--projection", "aggregate-stats"]),
+        LIMIT,
+    );
+    let stderr = text(&unconfirmed.stderr);
+    assert_eq!(unconfirmed.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "error: reset would delete the 4 checkpoint(s) of projection 'aggregate-stats' \
+             (4 partitions, at global positions 160 to 160) and clear its read model (table \
+             aggregate_stats), so that its next start rebuilds it from the first event; pass \
+             --yes to go ahead"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(
+        schema.count("SELECT COUNT(*) FROM projection_checkpoints"),
+        4
+    );
+
+    let live = spawn_live(&schema, "2", "4", &[]);
+    eventually("the live process to hold its partition", LIMIT, || {
+        status(&schema).1["projections"][0]["partitions"][2]["live"] == true
+    });
+    let refused = run_within(
+        schema.projector(&["reset", "--projection", "aggregate-stats", "--yes"]),
+        LIMIT,
+    );
+    let stderr = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "error: projection 'aggregate-stats' is running: live processes hold partition(s) \
+             2/4 (server pid "
+        ) && stderr.contains("stop them first"),
+        "{stderr}"
+    );
+    assert_eq!(
+        schema.count("SELECT COUNT(*) FROM projection_checkpoints"),
+        4
+    );
+    assert_eq!(schema.stats_applied(), 160);
+    signal(&live, "TERM");
+    let stopped = wait_within(live, LIMIT);
+    assert_eq!(stopped.status.code(), Some(0), "{}", text(&stopped.stderr));
 }

@@ -6,6 +6,7 @@
 mod cli;
 mod gap;
 mod partition;
+mod repartition;
 mod runtime;
 mod store;
 mod util;

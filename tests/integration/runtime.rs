@@ -178,6 +178,28 @@ fn an_idle_partition_still_moves_its_checkpoint() {
     assert_eq!(stored, 500);
 }
 
+#[test]
+fn a_live_runner_writes_an_idle_partitions_checkpoint_without_waiting_for_more_events() {
+    let schema = TestSchema::migrated("idle_live");
+    schema.seed_prefixed("solo", 1, 300);
+    let idle = 1 - partition_of("solo-1", 2);
+    let runner = Builder::new(schema.database.clone(), AggregateStats)
+        .partitions([0, 1])
+        .total_partitions(2)
+        .start()
+        .expect("start");
+    let stored =
+        format!("SELECT last_position FROM projection_checkpoints WHERE partition_key = {idle}");
+    // No event arrives after the first read: the deferred write must not wait for one.
+    eventually(
+        "the idle partition's checkpoint to reach the head",
+        Duration::from_secs(5),
+        || schema.count(&stored) == 300,
+    );
+    runner.shutdown();
+    runner.join().expect("a clean stop");
+}
+
 /// Fails (or panics) on events of one aggregate at one version while `broken` is set.
 #[derive(Clone)]
 struct FailsOn {

@@ -155,11 +155,24 @@ fn migrate_runs_twice_and_from_several_processes_at_once() {
         thread.join().expect("migrate thread").expect("migrate");
     }
     projector::migrate(&schema.database).expect("migrate again");
+    let mut client = schema.client();
+    let tables: Vec<String> = client
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1 \
+             ORDER BY 1",
+            &[&schema.name],
+        )
+        .expect("list tables")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
     assert_eq!(
-        schema.count(&format!(
-            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{}'",
-            schema.name
-        )),
-        3
+        tables,
+        [
+            "aggregate_heads",
+            "events",
+            "projection_checkpoints",
+            "projection_priors"
+        ]
     );
 }
