@@ -171,6 +171,10 @@ impl Projection for AggregateStatsBatch {
         AggregateStats.setup(tx)
     }
 
+    fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        AggregateStats.reset(tx)
+    }
+
     fn apply(
         &mut self,
         tx: &mut Transaction<'_>,
