@@ -37,10 +37,10 @@ pub struct Settings {
     /// they are sent to its worker, so that owning many partitions still makes large
     /// transactions. Once caught up, events go out at once. Default 1,000.
     pub min_events_per_batch: usize,
-    /// Batches queued per worker before the fetcher waits (back-pressure). Default 4.
+    /// Batches queued per worker before the fetcher waits (back-pressure). Default 2.
     pub queue_depth: usize,
     /// Most events a worker applies in one transaction: batches queued behind the one it takes
-    /// are applied with it, up to this many. Default 10,000.
+    /// are applied with it, up to this many. Default 5,000.
     pub max_events_per_transaction: usize,
     /// How often a worker that receives no events still moves its checkpoint forward.
     /// Default 1 s.
@@ -73,8 +73,8 @@ impl Default for Settings {
             max_poll_interval: Duration::from_secs(1),
             gap_warn_after: Duration::from_secs(10),
             min_events_per_batch: 1_000,
-            queue_depth: 4,
-            max_events_per_transaction: 10_000,
+            queue_depth: 2,
+            max_events_per_transaction: 5_000,
             idle_checkpoint_interval: Duration::from_secs(1),
             progress_interval: Duration::from_secs(5),
             max_attempts: 3,
