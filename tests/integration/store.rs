@@ -160,6 +160,7 @@ fn migrate_runs_twice_and_from_several_processes_at_once() {
             "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = '{}'",
             schema.name
         )),
-        3
+        4,
+        "events, aggregate_heads, projection_checkpoints, projection_priors"
     );
 }
