@@ -43,6 +43,8 @@ pub struct PartitionSummary {
     pub applied: u64,
     /// Events passed over as already applied: before (the checkpoint was past them), by the
     /// live process holding the partition while this one stood by, or under an earlier layout.
+    /// A commit that went through while its acknowledgement was lost with the connection is
+    /// found applied when retried, so its events count here rather than in `applied`.
     pub skipped: u64,
     /// The checkpoint when the worker stopped.
     pub checkpoint: i64,
