@@ -41,6 +41,9 @@ impl Projection for NotifyOnCommit {
     }
 }
 
+/// Writer threads sharing the append rate.
+const WRITERS: u64 = 2;
+
 struct Options {
     url: String,
     rate: u64,
@@ -79,7 +82,8 @@ fn main() {
         }
     };
     println!(
-        "latency from append commit to read-model commit, {} appends/s for {} s per mode",
+        "latency from append commit to read-model commit, {} appends/s from {WRITERS} writers \
+         for {} s per mode, 4 partitions in one process",
         options.rate, options.seconds
     );
     println!("| wake-up | samples | p50 ms | p99 ms | max ms |");
@@ -127,35 +131,43 @@ fn measure(options: &Options, notify: bool) -> Result<Vec<f64>, BoxError> {
         .start()?;
 
     let (committed_tx, committed) = mpsc::channel::<(i64, Instant)>();
-    let writer_database = database.clone();
     let (rate, seconds) = (options.rate, options.seconds);
-    let writer = std::thread::spawn(move || -> Result<u64, BoxError> {
-        let mut client = writer_database.connect()?;
-        let interval = Duration::from_secs_f64(1.0 / rate as f64);
-        let started = Instant::now();
-        let mut n = 0u64;
-        while started.elapsed() < Duration::from_secs(seconds) {
-            let due = started + interval * n as u32;
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            let id = format!("agg-{}", n % 1_000);
-            let event = NewEvent::new("bench", "Thing", id, "Happened", b"{}".to_vec());
-            let position = if notify {
-                projector::append(&mut client, ExpectedVersion::Any, &[event])?[0]
-            } else {
-                silent_append(&mut client, &event)?
-            };
-            let _ = committed_tx.send((position, Instant::now()));
-            n += 1;
-        }
-        Ok(n)
-    });
+    // Several writers share the rate, as concurrent services would; each appends to
+    // aggregates of its own.
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let database = database.clone();
+            let committed_tx = committed_tx.clone();
+            std::thread::spawn(move || -> Result<u64, BoxError> {
+                let mut client = database.connect()?;
+                let interval = Duration::from_secs_f64(WRITERS as f64 / rate as f64);
+                let started = Instant::now();
+                let mut n = 0u64;
+                while started.elapsed() < Duration::from_secs(seconds) {
+                    let due = started + interval * n as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let id = format!("agg-{w}-{}", n % 250);
+                    let event = NewEvent::new("bench", "Thing", id, "Happened", b"{}".to_vec());
+                    let position = if notify {
+                        projector::append(&mut client, ExpectedVersion::Any, &[event])?[0]
+                    } else {
+                        silent_append(&mut client, &event)?
+                    };
+                    let _ = committed_tx.send((position, Instant::now()));
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    drop(committed_tx);
 
     let mut commits: HashMap<i64, Instant> = HashMap::new();
     let mut applied: HashMap<i64, Instant> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(seconds + 10);
-    let mut writer = Some(writer);
+    let mut writers = Some(writers);
     let mut written = None;
     while Instant::now() < deadline {
         for (position, at) in committed.try_iter() {
@@ -169,10 +181,15 @@ fn measure(options: &Options, notify: bool) -> Result<Vec<f64>, BoxError> {
                 applied.entry(position).or_insert(now);
             }
         }
-        if writer.as_ref().is_some_and(|w| w.is_finished()) {
-            if let Some(handle) = writer.take() {
-                written = Some(handle.join().map_err(|_| "writer panicked")??);
+        if writers
+            .as_ref()
+            .is_some_and(|all| all.iter().all(|w| w.is_finished()))
+        {
+            let mut total = 0;
+            for handle in writers.take().into_iter().flatten() {
+                total += handle.join().map_err(|_| "writer panicked")??;
             }
+            written = Some(total);
         }
         if written.is_some_and(|n| applied.len() as u64 >= n) {
             break;

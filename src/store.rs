@@ -150,36 +150,14 @@ pub fn append(
         actual,
     };
 
-    let mut tx = client
-        .transaction()
-        .map_err(Error::database("starting an append"))?;
-    let current: i64 = tx
-        .query_opt(
-            "SELECT aggregate_version FROM aggregate_heads \
-             WHERE bounded_context = $1 AND aggregate_type = $2 AND aggregate_id = $3 FOR UPDATE",
-            &[
-                &first.bounded_context,
-                &first.aggregate_type,
-                &first.aggregate_id,
-            ],
-        )
-        .map_err(Error::database(format!(
-            "reading the version of {aggregate}"
-        )))?
-        .map_or(0, |row| row.get(0));
-    let matches = match expected {
-        ExpectedVersion::Any => true,
-        ExpectedVersion::NoStream => current == 0,
-        ExpectedVersion::Exact(version) => current == version,
-    };
-    if !matches {
-        return Err(conflict(Some(current)));
-    }
-
     let count = i64::try_from(events.len()).map_err(|_| Error::InvalidAppend {
         reason: "too many events in one append".into(),
     })?;
-    let versions: Vec<i64> = (current + 1..=current + count).collect();
+    let expected_version: Option<i64> = match expected {
+        ExpectedVersion::Any => None,
+        ExpectedVersion::NoStream => Some(0),
+        ExpectedVersion::Exact(version) => Some(version),
+    };
     let event_ids: Vec<_> = events.iter().map(|e| e.event_id).collect();
     let event_types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     let event_versions: Vec<i32> = events.iter().map(|e| e.event_version).collect();
@@ -190,23 +168,48 @@ pub fn append(
     let causation_ids: Vec<Option<&str>> =
         events.iter().map(|e| e.causation_id.as_deref()).collect();
     let metadata: Vec<Option<&str>> = events.iter().map(|e| e.metadata.as_deref()).collect();
-    let inserted = tx.query(
-        "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggregate_version, \
-             event_id, event_type, event_version, payload, trace_id, correlation_id, causation_id, \
-             metadata) \
-         SELECT $1, $2, $3, v.aggregate_version, v.event_id, v.event_type, v.event_version, \
-             v.payload, v.trace_id, v.correlation_id, v.causation_id, v.metadata::jsonb \
-         FROM unnest($4::bigint[], $5::uuid[], $6::text[], $7::int[], $8::bytea[], $9::text[], \
-             $10::text[], $11::text[], $12::text[]) \
-             AS v(aggregate_version, event_id, event_type, event_version, payload, trace_id, \
-                  correlation_id, causation_id, metadata) \
-         ORDER BY v.aggregate_version \
-         RETURNING global_position",
+
+    // One statement: lock the aggregate's head, check the expected version, insert the events
+    // with the versions that follow, move the head, and notify listeners (delivered at commit).
+    // Nothing is written when the version does not match.
+    let mut tx = client
+        .transaction()
+        .map_err(Error::database("starting an append"))?;
+    let outcome = tx.query_one(
+        "WITH current AS ( \
+             SELECT COALESCE((SELECT aggregate_version FROM aggregate_heads \
+                 WHERE bounded_context = $1 AND aggregate_type = $2 AND aggregate_id = $3 \
+                 FOR UPDATE), 0) AS version \
+         ), allowed AS ( \
+             SELECT version FROM current WHERE $12::bigint IS NULL OR version = $12 \
+         ), inserted AS ( \
+             INSERT INTO events (bounded_context, aggregate_type, aggregate_id, \
+                 aggregate_version, event_id, event_type, event_version, payload, trace_id, \
+                 correlation_id, causation_id, metadata) \
+             SELECT $1, $2, $3, allowed.version + v.n, v.event_id, v.event_type, \
+                 v.event_version, v.payload, v.trace_id, v.correlation_id, v.causation_id, \
+                 v.metadata::jsonb \
+             FROM allowed, unnest($4::uuid[], $5::text[], $6::int[], $7::bytea[], $8::text[], \
+                 $9::text[], $10::text[], $11::text[]) WITH ORDINALITY \
+                 AS v(event_id, event_type, event_version, payload, trace_id, correlation_id, \
+                      causation_id, metadata, n) \
+             ORDER BY v.n \
+             RETURNING global_position \
+         ), head AS ( \
+             INSERT INTO aggregate_heads (bounded_context, aggregate_type, aggregate_id, \
+                 aggregate_version) \
+             SELECT $1, $2, $3, version + $13 FROM allowed \
+             ON CONFLICT (bounded_context, aggregate_type, aggregate_id) \
+             DO UPDATE SET aggregate_version = EXCLUDED.aggregate_version, updated_at = NOW() \
+         ) \
+         SELECT (SELECT version FROM current), \
+             ARRAY(SELECT global_position FROM inserted ORDER BY 1), \
+             pg_notify('projector_events_' || current_schema(), \
+                 (SELECT MAX(global_position) FROM inserted)::text)::text",
         &[
             &first.bounded_context,
             &first.aggregate_type,
             &first.aggregate_id,
-            &versions,
             &event_ids,
             &event_types,
             &event_versions,
@@ -215,38 +218,23 @@ pub fn append(
             &correlation_ids,
             &causation_ids,
             &metadata,
+            &expected_version,
+            &count,
         ],
     );
-    let inserted = match inserted {
-        Ok(rows) => rows,
+    let row = match outcome {
+        Ok(row) => row,
         Err(error) if error.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) => {
             // Another append took the same versions first (its head row did not exist yet).
             return Err(conflict(None));
         }
         Err(error) => return Err(Error::database(format!("appending to {aggregate}"))(error)),
     };
-    let mut positions: Vec<i64> = inserted.iter().map(|row| row.get(0)).collect();
-    positions.sort_unstable();
-
-    tx.execute(
-        "INSERT INTO aggregate_heads (bounded_context, aggregate_type, aggregate_id, aggregate_version) \
-         VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (bounded_context, aggregate_type, aggregate_id) \
-         DO UPDATE SET aggregate_version = EXCLUDED.aggregate_version, updated_at = NOW()",
-        &[
-            &first.bounded_context,
-            &first.aggregate_type,
-            &first.aggregate_id,
-            &(current + count),
-        ],
-    )
-    .map_err(Error::database(format!("moving the head of {aggregate}")))?;
-    let last = positions.last().copied().unwrap_or_default().to_string();
-    tx.execute(
-        "SELECT pg_notify('projector_events_' || current_schema(), $1)",
-        &[&last],
-    )
-    .map_err(Error::database("notifying listeners of an append"))?;
+    let current: i64 = row.get(0);
+    let positions: Vec<i64> = row.get(1);
+    if positions.len() != events.len() {
+        return Err(conflict(Some(current)));
+    }
     tx.commit().map_err(Error::database(format!(
         "committing an append to {aggregate}"
     )))?;
