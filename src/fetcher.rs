@@ -1,7 +1,7 @@
 //! The fetcher: reads the stream in global position order, never past a position that may
 //! still commit, and hands each event to the worker of its partition.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -50,12 +50,25 @@ struct Reader {
     next_batch: Statement,
     in_runs: Statement,
     writers: Writers,
+    /// Set when the process owns at most half of the partitions.
+    keys_first: Option<KeysFirst>,
+}
+
+/// Reading in two steps, for a process that owns few partitions: the position and aggregate
+/// of every event (cheap for the server to send), then whole rows for the owned ones only.
+struct KeysFirst {
+    next_keys: Statement,
+    at_positions: Statement,
+    owned: HashSet<u32>,
+    total: u32,
 }
 
 /// What the reader hands the router.
 struct Chunk {
     /// Rows in position order: every event up to `upto` not sent before.
     rows: Vec<Row>,
+    /// Events read, of all partitions.
+    seen: usize,
     upto: i64,
     /// The read filled its limit, so more rows are waiting.
     more_waiting: bool,
@@ -63,8 +76,10 @@ struct Chunk {
 
 /// One read of the stream, cut before the first position that may still commit.
 struct Read {
-    /// The rows, in position order, up to `upto`.
+    /// The rows, in position order, up to `upto` (with `keys_first`, the owned ones only).
     rows: Vec<Row>,
+    /// Events read, of all partitions.
+    seen: usize,
     /// The stream is complete up to here (no position at or below may still appear).
     upto: i64,
     /// The read filled its limit: more may be waiting.
@@ -74,7 +89,12 @@ struct Read {
 }
 
 impl Reader {
-    fn open(mut client: Client, database: &Database) -> Result<Reader, Error> {
+    fn open(
+        mut client: Client,
+        database: &Database,
+        owned: &HashMap<u32, Sender<Batch>>,
+        total: u32,
+    ) -> Result<Reader, Error> {
         let next_batch = client
             .prepare(&format!(
                 "SELECT {EVENT_COLUMNS} FROM events WHERE global_position > $1 \
@@ -91,6 +111,28 @@ impl Reader {
             .map_err(Error::database("preparing the event query"))?;
         let writers = Writers::find(&mut client)
             .map_err(Error::database("finding the events table's sequence"))?;
+        let keys_first = if owned.len() * 2 <= total as usize {
+            let next_keys = client
+                .prepare(
+                    "SELECT global_position, aggregate_id FROM events \
+                     WHERE global_position > $1 ORDER BY global_position LIMIT $2",
+                )
+                .map_err(Error::database("preparing the event query"))?;
+            let at_positions = client
+                .prepare(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE global_position = ANY($1) \
+                     ORDER BY global_position"
+                ))
+                .map_err(Error::database("preparing the event query"))?;
+            Some(KeysFirst {
+                next_keys,
+                at_positions,
+                owned: owned.keys().copied().collect(),
+                total,
+            })
+        } else {
+            None
+        };
         client
             .batch_execute(&format!("LISTEN \"{}\"", database.channel()))
             .map_err(Error::database("listening for appends"))?;
@@ -99,6 +141,7 @@ impl Reader {
             next_batch,
             in_runs,
             writers,
+            keys_first,
         })
     }
 
@@ -113,11 +156,16 @@ impl Reader {
         let dead_through = gaps
             .cleared_through(&mut self.client, &self.writers, settings.gap_warn_after)?
             .unwrap_or(position);
-        let mut rows = self.client.query(&self.next_batch, &[&position, &limit])?;
+        let next = match &self.keys_first {
+            Some(keys_first) => &keys_first.next_keys,
+            None => &self.next_batch,
+        };
+        let mut rows = self.client.query(next, &[&position, &limit])?;
         let full = rows.len() as i64 == limit;
         let Some(last) = rows.last().map(|row| row.get::<_, i64>(0)) else {
             return Ok(Read {
                 rows,
+                seen: 0,
                 upto: position,
                 full,
                 held: false,
@@ -136,12 +184,13 @@ impl Reader {
                 client.query(in_runs, &[&firsts, &lasts])
             },
         )?;
+        // Whole rows that filled gaps since the read (of every partition).
+        let mut late_rows = Vec::new();
         let (upto, held) = match held {
             Held::Pass(late) => {
                 if !late.is_empty() {
                     debug!("fetcher: {} event(s) committed late into gaps", late.len());
-                    rows.extend(late);
-                    rows.sort_by_key(|row| row.get::<_, i64>(0));
+                    late_rows = late;
                 }
                 (last, false)
             }
@@ -151,8 +200,29 @@ impl Reader {
                 (first_hole - 1, true)
             }
         };
+        let seen = rows.len() + late_rows.len();
+        if let Some(keys_first) = &self.keys_first {
+            let wanted: Vec<i64> = rows
+                .iter()
+                .filter(|row| {
+                    let partition = partition_of(row.get(1), keys_first.total);
+                    keys_first.owned.contains(&partition)
+                })
+                .map(|row| row.get(0))
+                .collect();
+            rows = if wanted.is_empty() {
+                Vec::new()
+            } else {
+                self.client.query(&keys_first.at_positions, &[&wanted])?
+            };
+        }
+        if !late_rows.is_empty() {
+            rows.extend(late_rows);
+            rows.sort_by_key(|row| row.get::<_, i64>(0));
+        }
         Ok(Read {
             rows,
+            seen,
             upto,
             full,
             held,
@@ -187,7 +257,7 @@ impl Fetcher {
     /// current one is decoded: this one reads (and waits at gaps), `projector-route` decodes
     /// the rows and hands each owned partition its events.
     pub(crate) fn run(self, client: Client) -> Result<u64, Error> {
-        let reader = Reader::open(client, &self.database)?;
+        let reader = Reader::open(client, &self.database, &self.workers, self.total)?;
         let (reads_tx, reads) = bounded::<Chunk>(2);
         std::thread::scope(|scope| {
             let router = std::thread::Builder::new()
@@ -216,7 +286,7 @@ impl Fetcher {
             for (partition, events) in route(&chunk.rows, &self.workers, self.total) {
                 held.entry(partition).or_default().extend(events);
             }
-            read += chunk.rows.len() as u64;
+            read += chunk.seen as u64;
             drop(chunk.rows);
             if self.hand_out(&mut held, chunk.upto, chunk.more_waiting) {
                 break;
@@ -240,7 +310,7 @@ impl Fetcher {
                 match self
                     .database
                     .connect()
-                    .and_then(|c| Reader::open(c, &self.database))
+                    .and_then(|c| Reader::open(c, &self.database, &self.workers, self.total))
                 {
                     Ok(fresh) => {
                         info!("fetcher: reconnected to the database");
@@ -284,6 +354,7 @@ impl Fetcher {
                 select! {
                     send(reads, Chunk {
                         rows: batch.rows,
+                        seen: batch.seen,
                         upto: batch.upto.max(position),
                         more_waiting: !caught_up,
                     }) -> sent => if sent.is_err() { break },
