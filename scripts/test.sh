@@ -3,7 +3,8 @@
 # The project's test command: formatting, lints, builds and all tests.
 #
 # Usage: scripts/test.sh [ARGS...]
-# ARGS go to `cargo test --all-targets` (e.g. a test-name filter).
+# ARGS go to `cargo test` of the library, binary, tests and examples (e.g. a
+# test-name filter). Benchmarks are built by clippy here but run only by scripts/bench.sh.
 # Without DATABASE_URL, a throw-away PostgreSQL server is started for the run.
 set -euo pipefail
 
@@ -32,7 +33,7 @@ step() {
 step cargo fmt --all -- --check
 step cargo clippy --all-targets --all-features -- -D warnings
 step cargo build --no-default-features
-step cargo test --all-targets "$@"
+step cargo test --lib --bins --tests --examples "$@"
 step cargo test --doc
 
 printf '\n==> All checks passed\n'
