@@ -564,7 +564,8 @@ impl Monitor {
                 .as_mut()
                 .and_then(|c| store::head_position(c).ok())
                 .unwrap_or_else(|| self.fetch_progress.position.load(Ordering::Relaxed));
-            if head.is_positive() && client.as_ref().is_some_and(|c| c.is_closed()) {
+            // A lost connection is opened again at the next tick.
+            if client.as_ref().is_some_and(|c| c.is_closed()) {
                 client = None;
             }
             let seconds = last_time.elapsed().as_secs_f64();
