@@ -188,7 +188,7 @@ pg_start() {
         # Retry with another port if one gets taken between picking and binding.
         for attempt in 1 2 3; do
             port=$(_pg_free_port) || return 1
-            local opts="-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$sock -c max_connections=300"
+            local opts="-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$sock -c max_connections=300 -c max_prepared_transactions=20"
             if [[ ${PG_FAST:-0} == 1 ]]; then
                 opts+=" -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             fi

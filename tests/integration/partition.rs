@@ -2,15 +2,16 @@
 
 use projector::{fnv1a32, partition_of};
 
+/// A copy, kept in the repository, of the reference vectors (`tests/data/README.md`).
 const VECTORS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../shared/fnv1a32-partition-vectors.tsv"
+    "/tests/data/fnv1a32-partition-vectors.tsv"
 );
 
 #[test]
 fn partition_of_matches_every_reference_vector() {
     let table = std::fs::read_to_string(VECTORS).unwrap_or_else(|e| {
-        panic!("read {VECTORS}: {e} (the shared/ folder sits beside the repository)")
+        panic!("read {VECTORS}: {e}")
     });
     let mut lines = table.lines().filter(|line| !line.starts_with('#'));
     let header: Vec<&str> = lines.next().expect("a header line").split('\t').collect();
