@@ -176,13 +176,26 @@ impl Error {
 }
 
 /// A driver error that means the connection is gone rather than the statement refused.
+///
+/// Errors the driver raises itself (a type that does not convert, a query that returned no
+/// row) have no SQLSTATE either, but retrying them cannot help: only a closed connection, an
+/// I/O failure, a failed connection attempt or a time-out counts as lost.
 pub(crate) fn is_connection_loss(error: &postgres::Error) -> bool {
     if error.is_closed() {
         return true;
     }
     match error.code() {
-        // No SQLSTATE: an I/O or protocol error.
-        None => true,
+        None => {
+            let io = std::error::Error::source(error)
+                .is_some_and(|source| source.downcast_ref::<std::io::Error>().is_some());
+            io || matches!(
+                error.to_string().as_str(),
+                "error communicating with the server"
+                    | "error connecting to server"
+                    | "timeout waiting for server"
+                    | "connection closed"
+            )
+        }
         // Class 08: connection exception; 57P01..57P03: the server is shutting down or starting.
         Some(code) => {
             let code = code.code();

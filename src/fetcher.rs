@@ -12,9 +12,9 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Row, Statement};
 
 use crate::event::Event;
-use crate::gap::{Gaps, Held, Writers, holes};
+use crate::gap::{Before, Gaps, Held, Writers, holes};
 use crate::partition::partition_of;
-use crate::runner::Settings;
+use crate::settings::Settings;
 use crate::store::{EVENT_COLUMNS, event_from_row};
 use crate::worker::Batch;
 use crate::{Database, Error, backoff};
@@ -40,7 +40,6 @@ pub(crate) struct Fetcher {
     /// With `exit_when_caught_up`: stop once the stream is read up to here.
     pub(crate) target: i64,
     pub(crate) stop: Receiver<()>,
-    pub(crate) faults: Receiver<u32>,
     pub(crate) progress: Arc<FetchProgress>,
 }
 
@@ -48,7 +47,9 @@ pub(crate) struct Fetcher {
 struct Reader {
     client: Client,
     next_batch: Statement,
-    in_runs: Statement,
+    /// Whether one position has committed: looked at while a gap holds the fetcher back,
+    /// instead of reading the batch above it again.
+    filled: Statement,
     writers: Writers,
     /// Set when the process owns at most half of the partitions.
     keys_first: Option<KeysFirst>,
@@ -101,13 +102,8 @@ impl Reader {
                  ORDER BY global_position LIMIT $2"
             ))
             .map_err(Error::database("preparing the event query"))?;
-        let in_runs = client
-            .prepare(&format!(
-                "SELECT {EVENT_COLUMNS} FROM events \
-                 JOIN unnest($1::bigint[], $2::bigint[]) AS run(first, last) \
-                     ON global_position BETWEEN run.first AND run.last \
-                 ORDER BY global_position"
-            ))
+        let filled = client
+            .prepare("SELECT EXISTS (SELECT 1 FROM events WHERE global_position = $1)")
             .map_err(Error::database("preparing the event query"))?;
         let writers = Writers::find(&mut client)
             .map_err(Error::database("finding the events table's sequence"))?;
@@ -139,7 +135,7 @@ impl Reader {
         Ok(Reader {
             client,
             next_batch,
-            in_runs,
+            filled,
             writers,
             keys_first,
         })
@@ -153,54 +149,44 @@ impl Reader {
         gaps: &mut Gaps,
         settings: &Settings,
     ) -> Result<Read, postgres::Error> {
-        let dead_through = gaps
-            .cleared_through(&mut self.client, &self.writers, settings.gap_warn_after)?
-            .unwrap_or(position);
+        let dead_through =
+            match gaps.before_read(&mut self.client, &self.writers, settings.gap_warn_after)? {
+                Before::Read { dead_through } => dead_through.unwrap_or(position),
+                Before::Held => {
+                    // The fetcher waits at `position + 1`: read again only once it has committed.
+                    let filled: bool = self
+                        .client
+                        .query_one(&self.filled, &[&(position + 1)])?
+                        .get(0);
+                    if !filled {
+                        return Ok(Read::nothing_at(position, true));
+                    }
+                    position
+                }
+            };
         let next = match &self.keys_first {
             Some(keys_first) => &keys_first.next_keys,
             None => &self.next_batch,
         };
         let mut rows = self.client.query(next, &[&position, &limit])?;
-        let full = rows.len() as i64 == limit;
+        let mut full = rows.len() as i64 == limit;
         let Some(last) = rows.last().map(|row| row.get::<_, i64>(0)) else {
-            return Ok(Read {
-                rows,
-                seen: 0,
-                upto: position,
-                full,
-                held: false,
-            });
+            return Ok(Read::nothing_at(position, false));
         };
         let positions: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
         let holes = holes(position, &positions, dead_through);
-        let in_runs = &self.in_runs;
-        let held = gaps.hold(
-            &mut self.client,
-            &self.writers,
-            &holes,
-            last,
-            |client, runs| {
-                let (firsts, lasts): (Vec<i64>, Vec<i64>) = runs.iter().copied().unzip();
-                client.query(in_runs, &[&firsts, &lasts])
-            },
-        )?;
-        // Whole rows that filled gaps since the read (of every partition).
-        let mut late_rows = Vec::new();
-        let (upto, held) = match held {
-            Held::Pass(late) => {
-                if !late.is_empty() {
-                    debug!("fetcher: {} event(s) committed late into gaps", late.len());
-                    late_rows = late;
-                }
-                (last, false)
+        let first_hole = holes.first().map_or(last + 1, |&(first, _)| first);
+        let (upto, held) = match gaps.hold(&mut self.client, &self.writers, &holes, last)? {
+            Held::Pass => (last, false),
+            Held::ReadAgain => {
+                // Read again at once: rows may have filled the holes since this read.
+                full = true;
+                (first_hole - 1, false)
             }
-            Held::Wait => {
-                let first_hole = holes.first().map_or(last + 1, |&(first, _)| first);
-                rows.retain(|row| row.get::<_, i64>(0) < first_hole);
-                (first_hole - 1, true)
-            }
+            Held::Wait => (first_hole - 1, true),
         };
-        let seen = rows.len() + late_rows.len();
+        rows.retain(|row| row.get::<_, i64>(0) <= upto);
+        let seen = rows.len();
         if let Some(keys_first) = &self.keys_first {
             let wanted: Vec<i64> = rows
                 .iter()
@@ -216,10 +202,6 @@ impl Reader {
                 self.client.query(&keys_first.at_positions, &[&wanted])?
             };
         }
-        if !late_rows.is_empty() {
-            rows.extend(late_rows);
-            rows.sort_by_key(|row| row.get::<_, i64>(0));
-        }
         Ok(Read {
             rows,
             seen,
@@ -227,6 +209,19 @@ impl Reader {
             full,
             held,
         })
+    }
+}
+
+impl Read {
+    /// A read that found nothing new after `position`.
+    fn nothing_at(position: i64, held: bool) -> Read {
+        Read {
+            rows: Vec::new(),
+            seen: 0,
+            upto: position,
+            full: false,
+            held,
+        }
     }
 }
 
@@ -359,7 +354,6 @@ impl Fetcher {
                         more_waiting: !caught_up,
                     }) -> sent => if sent.is_err() { break },
                     recv(self.stop) -> _ => break,
-                    recv(self.faults) -> _ => break,
                 }
                 if batch.upto > position {
                     position = batch.upto;
@@ -411,7 +405,6 @@ impl Fetcher {
             select! {
                 send(worker, batch) -> sent => if sent.is_err() { return true },
                 recv(self.stop) -> _ => return true,
-                recv(self.faults) -> _ => return true,
             }
         }
         false
@@ -470,13 +463,12 @@ impl Fetcher {
         );
         select! {
             recv(self.stop) -> _ => true,
-            recv(self.faults) -> _ => true,
             default(delay) => false,
         }
     }
 
     fn stopped(&self) -> bool {
         use crossbeam_channel::TryRecvError::Disconnected;
-        matches!(self.stop.try_recv(), Err(Disconnected) | Ok(())) || self.faults.try_recv().is_ok()
+        matches!(self.stop.try_recv(), Err(Disconnected) | Ok(()))
     }
 }

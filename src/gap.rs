@@ -12,23 +12,36 @@
 //! drawn before that row was read. So the transactions holding such a lock after that read
 //! (the *blockers*) include the owner of every hole below it, if it is still running. Once all
 //! of them have ended, a fresh read shows every hole that committed; any still missing is dead.
-//! Transactions that never wrote to the events table (say, idle in transaction elsewhere) hold
-//! no such lock and never hold the reader back.
+//! Transactions that never wrote to the events table (say, idle in transaction elsewhere, or
+//! vacuuming, indexing or reading it with `FOR SHARE`) hold no such lock and never hold the
+//! reader back. A transaction that is prepared (`PREPARE TRANSACTION`) is followed by its
+//! transaction id until it is committed or rolled back.
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::warn;
 use postgres::Client;
 use postgres::types::Oid;
 
+/// A transaction that may still commit a missing position.
+#[derive(Debug, Clone)]
+struct Blocker {
+    /// Its virtual transaction id, as `pg_locks` shows it.
+    vxid: String,
+    /// Its transaction ids (with subtransactions), as text; empty before it has one.
+    xids: Vec<String>,
+}
+
 /// The blockers of the lowest gap seen, and how far up they cover.
 #[derive(Debug)]
-pub(crate) struct Watch {
-    /// Virtual transaction ids of the transactions that may still commit a missing position.
-    blockers: HashSet<String>,
+struct Watch {
+    blockers: Vec<Blocker>,
     /// Every missing position at or below this one is owned by one of `blockers`, or dead.
     through: i64,
+    /// When the blockers were read, by the server's clock: a transaction prepared since then
+    /// may be one of them under another name.
+    read_at: SystemTime,
     since: Instant,
     warned: Option<Instant>,
 }
@@ -37,12 +50,30 @@ pub(crate) struct Watch {
 #[derive(Debug, Default)]
 pub(crate) struct Gaps {
     watch: Option<Watch>,
+    /// Every position at or below this one missing from the next read is dead: no transaction
+    /// that could commit it was left when the last read's holes were looked at.
+    decided: Option<i64>,
+}
+
+/// Before a read: whether to read, and what is known dead.
+pub(crate) enum Before {
+    /// Read; positions missing at or below `dead_through` (if any) are dead.
+    Read { dead_through: Option<i64> },
+    /// The gap the fetcher waits at is still held: read again only if it has filled.
+    Held,
 }
 
 /// The relations whose write locks mark a transaction that may draw a position.
 #[derive(Debug, Clone)]
 pub(crate) struct Writers {
     relations: Vec<Oid>,
+}
+
+/// A transaction holding a write lock on the events table or its sequence, as the blocker
+/// query sees it.
+struct Holder {
+    vxid: String,
+    xids: Vec<String>,
 }
 
 impl Writers {
@@ -60,72 +91,146 @@ impl Writers {
 
     /// The transactions that hold a write lock on the events table or its sequence now
     /// (prepared transactions included), other than this connection's.
-    fn blockers(&self, client: &mut Client) -> Result<HashSet<String>, postgres::Error> {
+    ///
+    /// Drawing a position takes `ROW EXCLUSIVE` on the sequence (`nextval`) and inserting a
+    /// row takes it on the table, both kept to the end of the transaction. Nothing else can
+    /// commit a position: vacuum, `CREATE INDEX CONCURRENTLY` (`SHARE UPDATE EXCLUSIVE`),
+    /// `SELECT … FOR SHARE` and foreign-key checks (`ROW SHARE`) are not waited for.
+    fn holders(&self, client: &mut Client) -> Result<Vec<Holder>, postgres::Error> {
         let rows = client.query(
-            "SELECT DISTINCT virtualtransaction FROM pg_locks \
-             WHERE locktype = 'relation' AND granted AND mode <> 'AccessShareLock' \
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                 AND relation = ANY($1) AND pid IS DISTINCT FROM pg_backend_pid()",
+            "SELECT l.virtualtransaction, \
+                 ARRAY(SELECT x.transactionid::text FROM pg_locks x \
+                       WHERE x.locktype = 'transactionid' AND x.granted \
+                           AND x.mode = 'ExclusiveLock' \
+                           AND x.virtualtransaction = l.virtualtransaction) \
+             FROM pg_locks l \
+             WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'RowExclusiveLock' \
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND l.relation = ANY($1) AND l.pid IS DISTINCT FROM pg_backend_pid() \
+             GROUP BY l.virtualtransaction",
             &[&self.relations],
         )?;
-        Ok(rows.iter().map(|row| row.get(0)).collect())
+        Ok(rows
+            .iter()
+            .map(|row| Holder {
+                vxid: row.get(0),
+                xids: row.get(1),
+            })
+            .collect())
+    }
+}
+
+/// The transaction ids of the prepared transactions of this database, and whether one was
+/// prepared at or after `since`.
+fn prepared(
+    client: &mut Client,
+    since: SystemTime,
+) -> Result<(HashSet<String>, bool), postgres::Error> {
+    let rows = client.query(
+        "SELECT transaction::text, prepared >= $1 FROM pg_prepared_xacts \
+         WHERE database = current_database()",
+        &[&since],
+    )?;
+    let recent = rows.iter().any(|row| row.get::<_, bool>(1));
+    Ok((rows.iter().map(|row| row.get(0)).collect(), recent))
+}
+
+impl Watch {
+    /// Forgets the blockers that have ended. A blocker that prepared its transaction
+    /// (`PREPARE TRANSACTION`) is still live: found by its transaction id, or, when it had none
+    /// when the watch began, by any transaction prepared since.
+    fn forget_ended(
+        &mut self,
+        client: &mut Client,
+        writers: &Writers,
+    ) -> Result<(), postgres::Error> {
+        let live: HashSet<String> = writers
+            .holders(client)?
+            .into_iter()
+            .map(|holder| holder.vxid)
+            .collect();
+        if self.blockers.iter().all(|b| live.contains(&b.vxid)) {
+            return Ok(());
+        }
+        let (prepared_xids, prepared_since) = prepared(client, self.read_at)?;
+        self.blockers.retain(|blocker| {
+            live.contains(&blocker.vxid)
+                || blocker.xids.iter().any(|xid| prepared_xids.contains(xid))
+                || (blocker.xids.is_empty() && prepared_since)
+        });
+        Ok(())
     }
 }
 
 impl Gaps {
-    /// Call before each read. Returns the position at or below which every position still
-    /// missing in the coming read is dead, if the watched blockers have all ended.
-    pub(crate) fn cleared_through(
+    /// Call before each read: says whether the gap waited at is still held and what is known
+    /// to be dead. Warns (every `warn_after`) while a gap holds the fetcher back.
+    pub(crate) fn before_read(
         &mut self,
         client: &mut Client,
         writers: &Writers,
         warn_after: Duration,
-    ) -> Result<Option<i64>, postgres::Error> {
+    ) -> Result<Before, postgres::Error> {
+        if let Some(decided) = self.decided.take() {
+            return Ok(Before::Read {
+                dead_through: Some(decided),
+            });
+        }
         let Some(watch) = self.watch.as_mut() else {
-            return Ok(None);
+            return Ok(Before::Read { dead_through: None });
         };
-        let live = writers.blockers(client)?;
-        watch.blockers.retain(|blocker| live.contains(blocker));
+        watch.forget_ended(client, writers)?;
         if watch.blockers.is_empty() {
             let through = watch.through;
             self.watch = None;
-            return Ok(Some(through));
+            return Ok(Before::Read {
+                dead_through: Some(through),
+            });
         }
         if watch.since.elapsed() >= warn_after
             && watch.warned.is_none_or(|at| at.elapsed() >= warn_after)
         {
             watch.warned = Some(Instant::now());
-            let blockers: Vec<&String> = watch.blockers.iter().collect();
-            warn_about(client, &blockers, watch.since.elapsed());
+            warn_about(client, &watch.blockers, watch.since.elapsed());
         }
-        Ok(None)
+        Ok(Before::Held)
     }
 
     /// After a read that shows `holes` (ascending runs) below its last row `last`: decides
-    /// whether they may be passed. `fetch` reads the rows that filled runs since the read.
-    pub(crate) fn hold<R>(
+    /// whether they may be passed.
+    pub(crate) fn hold(
         &mut self,
         client: &mut Client,
         writers: &Writers,
         holes: &[(i64, i64)],
         last: i64,
-        fetch: impl FnOnce(&mut Client, &[(i64, i64)]) -> Result<Vec<R>, postgres::Error>,
-    ) -> Result<Held<R>, postgres::Error> {
+    ) -> Result<Held, postgres::Error> {
         let Some(&(first, _)) = holes.first() else {
-            return Ok(Held::Pass(Vec::new()));
+            return Ok(Held::Pass);
         };
         if self.watch.as_ref().is_some_and(|w| first <= w.through) {
             return Ok(Held::Wait);
         }
-        let blockers = writers.blockers(client)?;
-        if blockers.is_empty() {
-            // No transaction can commit a hole any more. Those that committed between the read
-            // and now are read here; the others are dead.
-            return Ok(Held::Pass(fetch(client, holes)?));
+        let read_at: SystemTime = client
+            .query_one("SELECT statement_timestamp()", &[])?
+            .get(0);
+        let holders = writers.holders(client)?;
+        if holders.is_empty() {
+            // No transaction can commit a hole any more. A fresh read shows those that
+            // committed since; the others are dead.
+            self.decided = Some(last);
+            return Ok(Held::ReadAgain);
         }
         self.watch = Some(Watch {
-            blockers,
+            blockers: holders
+                .into_iter()
+                .map(|holder| Blocker {
+                    vxid: holder.vxid,
+                    xids: holder.xids,
+                })
+                .collect(),
             through: last,
+            read_at,
             since: Instant::now(),
             warned: None,
         });
@@ -135,50 +240,98 @@ impl Gaps {
     /// Forgets everything (after a reconnect, the fetcher reads again from its position).
     pub(crate) fn reset(&mut self) {
         self.watch = None;
+        self.decided = None;
     }
 }
 
 /// What to do with the holes of a read.
-pub(crate) enum Held<R> {
-    /// Every hole is decided: these are the rows that filled some of them; the rest are dead.
-    Pass(Vec<R>),
+pub(crate) enum Held {
+    /// There are none.
+    Pass,
+    /// Every hole is decided, but rows may have filled some since the read: keep what is below
+    /// the first hole and read again at once (a fresh read, within the batch size).
+    ReadAgain,
     /// Some hole may still be filled: stop before the first hole and read again later.
     Wait,
 }
 
-fn warn_about(client: &mut Client, blockers: &[&String], waited: Duration) {
+/// Logs who holds the gap, in the words this role can see, and what to run to end it.
+fn warn_about(client: &mut Client, blockers: &[Blocker], waited: Duration) {
+    let vxids: Vec<&str> = blockers.iter().map(|b| b.vxid.as_str()).collect();
+    let xids: Vec<&str> = blockers
+        .iter()
+        .flat_map(|b| b.xids.iter().map(String::as_str))
+        .collect();
     let rows = client.query(
-        "SELECT l.pid, a.state, EXTRACT(EPOCH FROM NOW() - a.xact_start)::float8 \
+        "SELECT NULL::int, p.gid, EXTRACT(EPOCH FROM NOW() - p.prepared)::float8, p.owner::text, \
+             NULL::text, NULL::text \
+         FROM pg_prepared_xacts p \
+         WHERE p.database = current_database() AND p.transaction::text = ANY($2) \
+         UNION ALL \
+         SELECT DISTINCT l.pid, NULL, EXTRACT(EPOCH FROM NOW() - a.xact_start)::float8, \
+             a.usename::text, a.state, a.application_name \
          FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE l.locktype = 'virtualxid' AND l.virtualtransaction = ANY($1)",
-        &[&blockers],
+         WHERE l.virtualtransaction = ANY($1) AND l.pid IS NOT NULL",
+        &[&vxids, &xids],
     );
+    let mut advice = Vec::new();
     let described: Vec<String> = match rows {
-        Ok(rows) => rows
+        Ok(rows) if !rows.is_empty() => rows
             .iter()
             .map(|row| {
                 let pid: Option<i32> = row.get(0);
-                let state: Option<String> = row.get(1);
+                let gid: Option<String> = row.get(1);
                 let age: Option<f64> = row.get(2);
-                match pid {
-                    Some(pid) => format!(
-                        "pid {pid} ({}, transaction open for {:.0} s)",
-                        state.as_deref().unwrap_or("unknown state"),
-                        age.unwrap_or_default()
-                    ),
-                    None => "a prepared transaction (see pg_prepared_xacts)".to_owned(),
+                let role: Option<String> = row.get(3);
+                let state: Option<String> = row.get(4);
+                let application: Option<String> = row.get(5);
+                match (pid, gid) {
+                    (_, Some(gid)) => {
+                        advice.push(format!(
+                            "COMMIT PREPARED '{gid}' or ROLLBACK PREPARED '{gid}'"
+                        ));
+                        format!(
+                            "prepared transaction '{gid}' (prepared {:.0} s ago by {})",
+                            age.unwrap_or_default(),
+                            role.as_deref().unwrap_or("an unknown role")
+                        )
+                    }
+                    (Some(pid), None) => {
+                        advice.push(format!("SELECT pg_terminate_backend({pid})"));
+                        match state {
+                            Some(state) => format!(
+                                "pid {pid} ({state}, transaction open for {:.0} s, role {}, \
+                                 application '{}')",
+                                age.unwrap_or_default(),
+                                role.as_deref().unwrap_or("?"),
+                                application.as_deref().unwrap_or("")
+                            ),
+                            None => format!(
+                                "pid {pid} (a session of another role: its state is hidden \
+                                 from this one; pg_read_all_stats shows it)"
+                            ),
+                        }
+                    }
+                    (None, None) => "a transaction this role cannot see".to_owned(),
                 }
             })
             .collect(),
-        Err(_) => blockers
+        _ => vxids
             .iter()
-            .map(|b| format!("transaction {b}"))
+            .map(|vxid| format!("transaction {vxid} (see pg_locks)"))
             .collect(),
+    };
+    let advice = if advice.is_empty() {
+        "commit or roll back that transaction".to_owned()
+    } else {
+        format!(
+            "commit or roll back that transaction, or end it: {}",
+            advice.join("; ")
+        )
     };
     warn!(
         "fetcher: waiting {:.0} s for a missing global position: {} wrote to the events table \
-         and may still commit it. Nothing is skipped meanwhile; to go on, commit or roll back \
-         that transaction, or end it with SELECT pg_terminate_backend(<pid>)",
+         and may still commit it. Nothing is skipped meanwhile; to go on, {advice}",
         waited.as_secs_f64(),
         described.join(", ")
     );

@@ -94,6 +94,7 @@ mod partition;
 mod projection;
 pub mod projections;
 mod runner;
+mod settings;
 mod store;
 mod worker;
 
@@ -108,7 +109,8 @@ pub use partition::{
 };
 pub use postgres;
 pub use projection::{Context, Projection};
-pub use runner::{Builder, Runner, Settings, Stopper, Summary};
+pub use runner::{Builder, MAX_BATCH_SIZE, Runner, Summary};
+pub use settings::{Settings, Stopper};
 pub use store::{append, migrate, read_stream};
 pub use worker::PartitionSummary;
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, select};
 use log::{debug, info, warn};
 
 use crate::checkpoint::{EarlierLayout, PartitionStatements, Peek};
@@ -13,7 +13,7 @@ use crate::database::Pool;
 use crate::error::{BoxError, is_connection_loss};
 use crate::event::Event;
 use crate::projection::{Context, Projection};
-use crate::runner::Settings;
+use crate::settings::{Settings, Stopper};
 use crate::{Error, backoff};
 
 /// What the fetcher hands a worker: the partition's events from one read of the stream, and
@@ -57,7 +57,8 @@ pub(crate) struct Worker<P> {
     pub(crate) pool: Pool,
     pub(crate) batches: Receiver<Batch>,
     pub(crate) stop: Receiver<()>,
-    pub(crate) faults: Sender<u32>,
+    /// Stops every thread of the runner when this worker fails.
+    pub(crate) stopper: Stopper,
     pub(crate) progress: Arc<Progress>,
     /// The generation of the checkpoint rows of the layout this worker started under.
     pub(crate) generation: i64,
@@ -114,10 +115,10 @@ impl<P: Projection> Worker<P> {
         let result = self.run_until_stopped(&mut connection);
         // Give the partition back at once, rather than when the pool closes the connection.
         discard(&mut connection);
-        if let Err(error) = &result {
-            if !error.is_connection_loss() {
-                let _ = self.faults.send(self.context.partition);
-            }
+        if result.is_err() {
+            // Lost connections are retried inside; whatever ends a worker ends the runner, at
+            // once, so that the error is reported while the other threads stop.
+            self.stopper.stop();
         }
         result
     }
@@ -281,6 +282,17 @@ impl<P: Projection> Worker<P> {
             .other_layouts_holders(&mut connection.client)
             .map_err(|e| self.failure(e))?;
         if !others.is_empty() {
+            // Those holders may be the new layout waiting for this one: a worker whose own
+            // layout was replaced must find out here, or both sides would wait for ever.
+            let row = connection
+                .statements
+                .peek(&mut connection.client)
+                .map_err(|e| self.failure(e))?;
+            if row.is_none() {
+                return Err(Failure::Fatal(
+                    connection.statements.fenced(&mut connection.client),
+                ));
+            }
             if self.role != Role::Waiting {
                 let held: Vec<String> = others
                     .iter()

@@ -5,6 +5,7 @@
 
 mod cli;
 mod gap;
+mod hardening;
 mod partition;
 mod repartition;
 mod runtime;

@@ -216,3 +216,43 @@ pub fn eventually(what: &str, limit: Duration, mut condition: impl FnMut() -> bo
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// Waits for `runner` to stop, failing the test past `limit`.
+pub fn join_within(
+    runner: projector::Runner,
+    limit: Duration,
+) -> Result<projector::Summary, projector::Error> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || sender.send(runner.join()));
+    receiver
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("the runner did not stop within {limit:?}"))
+}
+
+/// Inserts one event for `aggregate_id` at `version` through `client` (no notification, as a
+/// writer that knows nothing of the projector would), returning its position.
+pub fn insert_event(
+    client: &mut impl projector::postgres::GenericClient,
+    aggregate_id: &str,
+    version: i64,
+) -> i64 {
+    client
+        .query_one(
+            "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggregate_version, \
+                 event_id, event_type, payload) \
+             VALUES ('test', 'Thing', $1, $2, gen_random_uuid(), 'Happened', '\\x7b7d') \
+             RETURNING global_position",
+            &[&aggregate_id, &version],
+        )
+        .expect("insert an event")
+        .get(0)
+}
+
+/// Sends signal `name` (TERM, KILL, STOP, …) to `child`.
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} failed");
+}

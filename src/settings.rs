@@ -1,0 +1,106 @@
+//! The runtime's settings, and the stop signal every thread of a runner watches.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+
+/// The runtime's settings. [`Settings::default`] holds every default in one place.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Settings {
+    /// Events read from the store per query. Default 5,000.
+    pub batch_size: u32,
+    /// How long the fetcher waits before reading again once it has caught up, when no append
+    /// notifies it sooner; also how often a gap is looked at again. Default 100 ms.
+    pub poll_interval: Duration,
+    /// The longest wait between polls: while nothing arrives, the wait doubles from
+    /// `poll_interval` up to this. Default 1 s.
+    pub max_poll_interval: Duration,
+    /// How long a missing position may hold the fetcher back before it logs a warning naming
+    /// the transactions that may still commit it (repeated at this interval). Default 10 s.
+    pub gap_warn_after: Duration,
+    /// While catching up, events of a partition are gathered until it has this many before
+    /// they are sent to its worker, so that owning many partitions still makes large
+    /// transactions. Once caught up, events go out at once. Default 1,000.
+    pub min_events_per_batch: usize,
+    /// Batches queued per worker before the fetcher waits (back-pressure). Default 2.
+    pub queue_depth: usize,
+    /// Most events a worker applies in one transaction: batches queued behind the one it takes
+    /// are applied with it, up to this many. Default 5,000.
+    pub max_events_per_transaction: usize,
+    /// How often a worker that receives no events still moves its checkpoint forward.
+    /// Default 1 s.
+    pub idle_checkpoint_interval: Duration,
+    /// How often a progress line is logged while there is work. Default 5 s.
+    pub progress_interval: Duration,
+    /// Attempts at a batch whose projection fails before the runner stops. Default 3.
+    pub max_attempts: u32,
+    /// First delay before a retry; it doubles with each failure. Default 100 ms.
+    pub retry_delay: Duration,
+    /// Longest delay between retries. Default 5 s.
+    pub max_retry_delay: Duration,
+    /// Stop once every owned partition has caught up with the head of the stream as it was at
+    /// start. Default off: run until shut down.
+    pub exit_when_caught_up: bool,
+    /// When the projection's checkpoints were written under another partition count, replace
+    /// that layout by this one, exactly (see [`Builder::repartition`]). Default off: refuse.
+    pub repartition: bool,
+    /// How often a standby tries to take its partition over, a worker that receives nothing
+    /// checks that its layout has not been replaced, and a new layout looks again for live
+    /// processes of the old one. Default 1 s.
+    pub liveness_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            batch_size: 5_000,
+            poll_interval: Duration::from_millis(100),
+            max_poll_interval: Duration::from_secs(1),
+            gap_warn_after: Duration::from_secs(10),
+            min_events_per_batch: 1_000,
+            queue_depth: 2,
+            max_events_per_transaction: 5_000,
+            idle_checkpoint_interval: Duration::from_secs(1),
+            progress_interval: Duration::from_secs(5),
+            max_attempts: 3,
+            retry_delay: Duration::from_millis(100),
+            max_retry_delay: Duration::from_secs(5),
+            exit_when_caught_up: false,
+            repartition: false,
+            liveness_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Stops a [`Runner`] from anywhere (a signal handler, another thread). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Stopper {
+    sender: Arc<Mutex<Option<Sender<()>>>>,
+}
+
+impl Stopper {
+    /// A stopper and the signal it gives: the receiver disconnects when [`stop`](Self::stop)
+    /// is called (or every clone is dropped).
+    pub(crate) fn new() -> (Stopper, Receiver<()>) {
+        let (sender, stop) = bounded::<()>(0);
+        (
+            Stopper {
+                sender: Arc::new(Mutex::new(Some(sender))),
+            },
+            stop,
+        )
+    }
+
+    /// Asks the runner to stop: the fetcher stops reading, workers finish the transaction they
+    /// are in (it commits or rolls back whole) and exit. Returns at once.
+    pub fn stop(&self) {
+        // Dropping the only sender disconnects the stop channel, which every thread watches.
+        let mut sender = match self.sender.lock() {
+            Ok(sender) => sender,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        sender.take();
+    }
+}
