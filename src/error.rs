@@ -121,6 +121,14 @@ pub enum Error {
         /// What it would do, in words.
         action: String,
     },
+    /// The database could not be reached for longer than the give-up limit
+    /// ([`Settings::give_up_after`](crate::Settings::give_up_after)).
+    Unavailable {
+        /// How long it was tried.
+        waited: std::time::Duration,
+        /// The last failure.
+        source: Box<Error>,
+    },
     /// A runtime thread ended without reporting (it panicked outside a projection).
     ThreadPanicked {
         /// The thread's name.
@@ -196,10 +204,12 @@ pub(crate) fn is_connection_loss(error: &postgres::Error) -> bool {
                     | "connection closed"
             )
         }
-        // Class 08: connection exception; 57P01..57P03: the server is shutting down or starting.
+        // Class 08: connection exception; 57P01..57P03: the server is shutting down or starting;
+        // 57P05 and 25P03: the server ended an idle session (see Settings::session_timeout).
         Some(code) => {
             let code = code.code();
-            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+            code.starts_with("08")
+                || matches!(code, "57P01" | "57P02" | "57P03" | "57P05" | "25P03")
         }
     }
 }
@@ -311,6 +321,12 @@ impl fmt::Display for Error {
             } => write!(f, "projection '{projection}' failed while {action}"),
             Error::NotConfirmed { action } => write!(f, "{action}; pass --yes to go ahead"),
             Error::ThreadPanicked { thread } => write!(f, "thread '{thread}' panicked"),
+            Error::Unavailable { waited, .. } => write!(
+                f,
+                "gave up after {} s without the database (the limit is --give-up-after): check \
+                 that it is up and reachable, then start again",
+                waited.as_secs()
+            ),
         }
     }
 }
@@ -320,6 +336,7 @@ impl std::error::Error for Error {
         match self {
             Error::Connect { source, .. } | Error::Database { source, .. } => Some(source),
             Error::Pool { source } => Some(source),
+            Error::Unavailable { source, .. } => Some(source.as_ref()),
             Error::Projection { source, .. } | Error::ReadModel { source, .. } => {
                 Some(source.as_ref())
             }

@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded, select};
-use log::{debug, info, warn};
+use log::debug;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Row, Statement};
 
 use crate::event::Event;
 use crate::gap::{Before, Gaps, Held, Writers, holes};
+use crate::outage::{Attempts, Outage};
 use crate::partition::partition_of;
 use crate::settings::Settings;
 use crate::store::{EVENT_COLUMNS, event_from_row};
@@ -41,6 +42,8 @@ pub(crate) struct Fetcher {
     pub(crate) target: i64,
     pub(crate) stop: Receiver<()>,
     pub(crate) progress: Arc<FetchProgress>,
+    /// Shared with the workers: an outage is logged once.
+    pub(crate) outage: Arc<Outage>,
 }
 
 /// A connection that reads events, listens for appends, and knows the writers' relations.
@@ -296,7 +299,7 @@ impl Fetcher {
         let mut reader = Some(reader);
         let mut gaps = Gaps::default();
         let mut position = self.start;
-        let mut lost = 0;
+        let mut attempts = Attempts::default();
         let mut quiet = 0;
         let mut router_holds = false;
         let limit = i64::from(self.settings.batch_size);
@@ -308,14 +311,12 @@ impl Fetcher {
                     .and_then(|c| Reader::open(c, &self.database, &self.workers, self.total))
                 {
                     Ok(fresh) => {
-                        info!("fetcher: reconnected to the database");
+                        self.outage.back("the fetcher", &mut attempts);
                         gaps.reset();
-                        lost = 0;
                         reader = Some(fresh);
                     }
                     Err(error) if error.is_connection_loss() => {
-                        lost += 1;
-                        if self.wait_before_retry(lost, &error) {
+                        if self.wait_before_retry(&mut attempts, error)? {
                             break;
                         }
                     }
@@ -334,8 +335,7 @@ impl Fetcher {
                         return Err(error);
                     }
                     reader = None;
-                    lost += 1;
-                    if self.wait_before_retry(lost, &error) {
+                    if self.wait_before_retry(&mut attempts, error)? {
                         break;
                     }
                     continue;
@@ -379,7 +379,7 @@ impl Fetcher {
                     self.settings.max_poll_interval,
                 )
             };
-            if self.wait_for_appends(&mut reader, wait) {
+            if self.wait_for_appends(&mut reader, wait, &mut attempts)? {
                 break;
             }
         }
@@ -412,18 +412,23 @@ impl Fetcher {
 
     /// Waits up to `timeout` for a notification of an append; true when asked to stop
     /// meanwhile. A lost connection ends the wait (the next read reconnects).
-    fn wait_for_appends(&self, reader: &mut Option<Reader>, timeout: Duration) -> bool {
+    fn wait_for_appends(
+        &self,
+        reader: &mut Option<Reader>,
+        timeout: Duration,
+        attempts: &mut Attempts,
+    ) -> Result<bool, Error> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.stopped() {
-                return true;
+                return Ok(true);
             }
             let now = Instant::now();
             if now >= deadline {
-                return false;
+                return Ok(false);
             }
             let Some(current) = reader.as_mut() else {
-                return false;
+                return Ok(false);
             };
             let slice = (deadline - now).min(WAKE_SLICE);
             let arrived = {
@@ -439,32 +444,42 @@ impl Fetcher {
                 arrived
             };
             match arrived {
-                Ok(true) => return false,
+                Ok(true) => return Ok(false),
                 Ok(false) => {}
-                Err(error) => {
-                    warn!("fetcher: lost the database connection while waiting ({error})");
+                Err(source) => {
                     *reader = None;
-                    return false;
+                    let error = Error::Database {
+                        action: "waiting for appends".into(),
+                        source,
+                    };
+                    // Reconnect at once: the first attempt costs nothing when the server is up.
+                    self.outage.lost(
+                        "the fetcher",
+                        attempts,
+                        error,
+                        Duration::ZERO,
+                        &self.settings,
+                    )?;
+                    return Ok(false);
                 }
             }
         }
     }
 
-    fn wait_before_retry(&self, attempt: u32, error: &Error) -> bool {
+    /// After a failed attempt to reach the database: waits before the next one, with
+    /// back-off. True when asked to stop meanwhile; an error once it is time to give up.
+    fn wait_before_retry(&self, attempts: &mut Attempts, error: Error) -> Result<bool, Error> {
         let delay = backoff(
-            attempt,
+            attempts.failed + 1,
             self.settings.retry_delay,
             self.settings.max_retry_delay,
         );
-        warn!(
-            "fetcher: {}; retrying in {} ms",
-            crate::error_chain(error),
-            delay.as_millis()
-        );
-        select! {
+        self.outage
+            .lost("the fetcher", attempts, error, delay, &self.settings)?;
+        Ok(select! {
             recv(self.stop) -> _ => true,
             default(delay) => false,
-        }
+        })
     }
 
     fn stopped(&self) -> bool {

@@ -90,6 +90,7 @@ mod error;
 mod event;
 mod fetcher;
 mod gap;
+mod outage;
 mod partition;
 mod projection;
 pub mod projections;

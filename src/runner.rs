@@ -12,6 +12,7 @@ use log::info;
 use crate::checkpoint;
 use crate::database::Pool;
 use crate::fetcher::{FetchProgress, Fetcher};
+use crate::outage::{Attempts, Outage};
 use crate::partition::{MAX_PARTITIONS, describe_keys};
 use crate::projection::{Context, Projection};
 use crate::settings::{Settings, Stopper};
@@ -88,6 +89,13 @@ impl<P: Projection> Builder<P> {
     /// How long to wait before reading again once caught up.
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.settings.poll_interval = interval;
+        self
+    }
+
+    /// How long to keep trying to reach a lost database before stopping with
+    /// [`Error::Unavailable`]; see [`Settings::give_up_after`].
+    pub fn give_up_after(mut self, limit: Duration) -> Self {
+        self.settings.give_up_after = limit;
         self
     }
 
@@ -198,6 +206,7 @@ impl<P: Projection> Builder<P> {
         let settings = Arc::new(settings);
         // Every thread watches `stop`; a thread that fails stops the others through `stopper`.
         let (stopper, stop) = Stopper::new();
+        let outage = Arc::new(Outage::default());
         let (done_tx, done) = bounded::<()>(0);
         let started = Instant::now();
 
@@ -225,6 +234,9 @@ impl<P: Projection> Builder<P> {
                 generation: layout.generation,
                 earlier: layout.earlier.clone(),
                 role: Role::default(),
+                outage: Arc::clone(&outage),
+                attempts: Attempts::default(),
+                thread: format!("partition {partition}/{total}"),
             };
             let done_tx = done_tx.clone();
             let handle = spawn(format!("projector-p{partition}"), move || {
@@ -246,6 +258,7 @@ impl<P: Projection> Builder<P> {
             target: head,
             stop: stop.clone(),
             progress: Arc::clone(&fetch_progress),
+            outage,
         };
         let fetcher_done = done_tx.clone();
         let fetcher_stopper = stopper.clone();

@@ -46,6 +46,10 @@ pub struct Settings {
     /// When the projection's checkpoints were written under another partition count, replace
     /// that layout by this one, exactly (see [`Builder::repartition`]). Default off: refuse.
     pub repartition: bool,
+    /// How long a thread keeps trying to reach the database before the runner gives up with
+    /// [`Error::Unavailable`](crate::Error::Unavailable); shorter outages are ridden out.
+    /// Default 10 minutes.
+    pub give_up_after: Duration,
     /// How often a standby tries to take its partition over, a worker that receives nothing
     /// checks that its layout has not been replaced, and a new layout looks again for live
     /// processes of the old one. Default 1 s.
@@ -70,6 +74,7 @@ impl Default for Settings {
             exit_when_caught_up: false,
             repartition: false,
             liveness_interval: Duration::from_secs(1),
+            give_up_after: Duration::from_secs(600),
         }
     }
 }

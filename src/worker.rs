@@ -12,6 +12,7 @@ use crate::checkpoint::{EarlierLayout, PartitionStatements, Peek};
 use crate::database::Pool;
 use crate::error::{BoxError, is_connection_loss};
 use crate::event::Event;
+use crate::outage::{Attempts, Outage};
 use crate::projection::{Context, Projection};
 use crate::settings::{Settings, Stopper};
 use crate::{Error, backoff};
@@ -66,6 +67,12 @@ pub(crate) struct Worker<P> {
     pub(crate) earlier: Vec<EarlierLayout>,
     /// Whether this worker applies its partition's events, as last seen (changes are logged).
     pub(crate) role: Role,
+    /// Shared with the fetcher and the other workers: an outage is logged once.
+    pub(crate) outage: Arc<Outage>,
+    /// This worker's failed attempts to reach the database, in a row.
+    pub(crate) attempts: Attempts,
+    /// How this worker is named in the logs.
+    pub(crate) thread: String,
 }
 
 /// Whether a worker may apply its partition's events.
@@ -95,8 +102,8 @@ struct Connection {
 
 /// Why a transaction did not commit.
 enum Failure {
-    /// The connection is gone: retry on a new one, for as long as it takes. Holds what to log.
-    Connection(String),
+    /// The connection is gone: retry on a new one, until the give-up limit.
+    Connection(Error),
     /// The projection failed on `events[index]`.
     Projection { index: usize, source: BoxError },
     /// The projection's batch handler failed (which event is not known yet).
@@ -203,8 +210,18 @@ impl<P: Projection> Worker<P> {
             Some(connection) => connection,
             None => match self.connect() {
                 Ok(connection) => slot.insert(connection),
+                Err(Failure::Connection(error)) => {
+                    // Tried again at the next tick.
+                    let delay = self.settings.liveness_interval;
+                    return self.outage.lost(
+                        &self.thread,
+                        &mut self.attempts,
+                        error,
+                        delay,
+                        &self.settings,
+                    );
+                }
                 Err(Failure::Fatal(error)) => return Err(error),
-                // The next batch retries the connection, with back-off.
                 Err(_) => return Ok(()),
             },
         };
@@ -219,15 +236,24 @@ impl<P: Projection> Worker<P> {
         });
         match outcome {
             Ok(()) | Err(Failure::Waiting | Failure::Projection { .. } | Failure::Batch(_)) => {
+                self.outage.back(&self.thread, &mut self.attempts);
                 Ok(())
             }
             Err(Failure::Standby(peek)) => {
+                self.outage.back(&self.thread, &mut self.attempts);
                 self.follow(peek, summary);
                 Ok(())
             }
-            Err(Failure::Connection(_)) => {
+            Err(Failure::Connection(error)) => {
                 discard(slot);
-                Ok(())
+                let delay = self.settings.liveness_interval;
+                self.outage.lost(
+                    &self.thread,
+                    &mut self.attempts,
+                    error,
+                    delay,
+                    &self.settings,
+                )
             }
             Err(Failure::Fatal(error)) => Err(error),
         }
@@ -342,7 +368,7 @@ impl<P: Projection> Worker<P> {
             source,
         };
         if error.is_connection_loss() {
-            Failure::Connection(crate::error_chain(&error))
+            Failure::Connection(error)
         } else {
             Failure::Fatal(error)
         }
@@ -359,12 +385,14 @@ impl<P: Projection> Worker<P> {
         summary: &mut PartitionSummary,
     ) -> Result<(), Error> {
         let mut failures = 0;
-        let mut lost = 0;
         // The whole batch at once first; after a failure, event by event, to find the event.
         let mut whole = true;
         loop {
             match self.commit(connection, events, upto, whole, summary) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.outage.back(&self.thread, &mut self.attempts);
+                    return Ok(());
+                }
                 Err(Failure::Standby(peek)) => {
                     self.follow(peek, summary);
                     // The holder applied everything up to its checkpoint: a batch behind it
@@ -385,20 +413,20 @@ impl<P: Projection> Worker<P> {
                         return Ok(());
                     }
                 }
-                Err(Failure::Connection(message)) => {
+                Err(Failure::Connection(error)) => {
                     discard(connection);
-                    lost += 1;
                     let delay = backoff(
-                        lost,
+                        self.attempts.failed + 1,
                         self.settings.retry_delay,
                         self.settings.max_retry_delay,
                     );
-                    warn!(
-                        "partition {}/{}: {message}; retrying in {} ms",
-                        self.context.partition,
-                        self.context.total_partitions,
-                        delay.as_millis()
-                    );
+                    self.outage.lost(
+                        &self.thread,
+                        &mut self.attempts,
+                        error,
+                        delay,
+                        &self.settings,
+                    )?;
                     if self.sleep_or_stop(delay) {
                         return Ok(());
                     }
@@ -526,10 +554,11 @@ impl<P: Projection> Worker<P> {
                     .downcast_ref::<postgres::Error>()
                     .is_some_and(is_connection_loss);
             return Err(if connection_gone {
-                Failure::Connection(format!(
-                    "lost the database connection while applying partition {partition}/{total} \
-                     of '{name}': {source}"
-                ))
+                Failure::Connection(Error::ReadModel {
+                    projection: name,
+                    action: format!("applying partition {partition}/{total}"),
+                    source,
+                })
             } else {
                 match index {
                     Some(index) => Failure::Projection {
@@ -628,7 +657,7 @@ impl<P: Projection> Worker<P> {
         let mut client = self
             .pool
             .get()
-            .map_err(|e| Failure::Connection(crate::error_chain(&Error::from(e))))?;
+            .map_err(|e| Failure::Connection(Error::from(e)))?;
         let statements = PartitionStatements::prepare(
             &mut client,
             self.projection.name(),
@@ -638,7 +667,7 @@ impl<P: Projection> Worker<P> {
         )
         .map_err(|error| {
             if error.is_connection_loss() {
-                Failure::Connection(crate::error_chain(&error))
+                Failure::Connection(error)
             } else {
                 Failure::Fatal(error)
             }

@@ -26,6 +26,11 @@ pub(crate) struct Args {
     #[argh(option)]
     pub(crate) poll_interval_ms: Option<String>,
 
+    /// how long to keep trying to reach a lost database before exiting 1, as 90s, 10m or 1h
+    /// (a bare number is seconds), default 10m (env PROJECTOR_GIVE_UP_AFTER)
+    #[argh(option)]
+    pub(crate) give_up_after: Option<String>,
+
     /// stop once caught up with the head of the stream as it was at start
     #[argh(switch)]
     pub(crate) exit_when_caught_up: bool,

@@ -108,6 +108,13 @@ fn run_projection<P: Projection>(
             text,
         )?)));
     }
+    if let Some((flag, text)) = flag_or_env(
+        "--give-up-after",
+        args.give_up_after.clone(),
+        "PROJECTOR_GIVE_UP_AFTER",
+    ) {
+        builder = builder.give_up_after(duration(&flag, &text)?);
+    }
     let runner = builder.start()?;
     let stopper = runner.stopper();
     let interrupts = AtomicU32::new(0);
@@ -126,6 +133,30 @@ fn run_projection<P: Projection>(
     let summary = runner.join()?;
     log_summary(&summary);
     Ok(())
+}
+
+/// A duration such as `90s`, `10m`, `1h` or `45` (seconds), at least one second.
+fn duration(flag: &str, text: &str) -> Result<Duration, Error> {
+    let trimmed = text.trim();
+    let (number, unit) = match trimmed.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => trimmed.split_at(at),
+        None => (trimmed, "s"),
+    };
+    let seconds = match (number.parse::<u64>(), unit) {
+        (Ok(n), "s") => Some(n),
+        (Ok(n), "m") => n.checked_mul(60),
+        (Ok(n), "h") => n.checked_mul(3600),
+        _ => None,
+    };
+    match seconds {
+        Some(seconds) if seconds > 0 => Ok(Duration::from_secs(seconds)),
+        _ => Err(Error::invalid_setting(
+            flag,
+            text,
+            "expected a duration of at least 1 second, such as 90s, 10m or 1h (a bare number is \
+             seconds)",
+        )),
+    }
 }
 
 fn positive(flag: &str, text: &str) -> Result<u32, Error> {

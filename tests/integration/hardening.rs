@@ -334,3 +334,27 @@ fn a_batch_size_beyond_the_limit_is_refused_naming_the_flag() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_give_up_limit_that_is_not_a_duration_is_refused_naming_the_flag() {
+    let schema = TestSchema::migrated("give_up_flag");
+    for bad in ["0", "5x", "-3m", "m"] {
+        let output = crate::util::run_within(
+            schema.projector(&[
+                "--partition-key",
+                "0",
+                "--total-partitions",
+                "1",
+                "--give-up-after",
+                bad,
+            ]),
+            Duration::from_secs(20),
+        );
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(
+            stderr.contains(&format!("invalid value '{bad}' for --give-up-after")),
+            "{stderr}"
+        );
+    }
+}
