@@ -301,10 +301,10 @@ impl Bench<'_> {
         let p1 = self.project("P1", "noop", 4, &keys4)?;
         let p2 = self.project("P2", "noop", 4, &["0", "1", "2", "3"].map(String::from))?;
         let p3 = self.project("P3", "aggregate-stats", 4, &keys4)?;
-        let p3_check = self.aggregate_stats_check(n)?;
+        let p3_check = self.aggregate_stats_check(n, "aggregate_stats")?;
         let p4 = if self.has_batch_projection()? {
             let outcome = self.project("P4", BATCH_PROJECTION, 4, &keys4)?;
-            let check = self.aggregate_stats_check(n)?;
+            let check = self.aggregate_stats_check(n, "aggregate_stats_batch")?;
             Some((outcome, check))
         } else {
             println!("\n# P4: '{BATCH_PROJECTION}' is not in `projector --help`: skipped");
@@ -590,10 +590,11 @@ impl Bench<'_> {
             &[&projection],
         )?;
         if projection.starts_with("aggregate-stats") {
-            println!("sql> DROP TABLE IF EXISTS aggregate_stats");
-            self.client.batch_execute(
-                "SET client_min_messages = warning; DROP TABLE IF EXISTS aggregate_stats",
-            )?;
+            let table = projection.replace('-', "_");
+            println!("sql> DROP TABLE IF EXISTS {table}");
+            self.client.batch_execute(&format!(
+                "SET client_min_messages = warning; DROP TABLE IF EXISTS {table}"
+            ))?;
         }
         Ok(())
     }
@@ -605,17 +606,17 @@ impl Bench<'_> {
             .get(0))
     }
 
-    /// Whether `aggregate_stats` holds every aggregate once and every event once.
-    fn aggregate_stats_check(&mut self, events: i64) -> Result<String> {
+    /// Whether the read model in `table` holds every aggregate once and every event once.
+    fn aggregate_stats_check(&mut self, events: i64, table: &str) -> Result<String> {
         let exists: Option<String> = self
             .client
-            .query_one("SELECT to_regclass('aggregate_stats')::text", &[])?
+            .query_one("SELECT to_regclass($1)::text", &[&table])?
             .get(0);
         if exists.is_none() {
-            return Ok("no aggregate_stats table to check".into());
+            return Ok(format!("no {table} table to check"));
         }
         let row = self.client.query_one(
-            "SELECT count(*), coalesce(sum(events_applied), 0)::int8 FROM aggregate_stats",
+            &format!("SELECT count(*), coalesce(sum(events_applied), 0)::int8 FROM {table}"),
             &[],
         )?;
         let (rows, applied): (i64, i64) = (row.get(0), row.get(1));
@@ -626,7 +627,7 @@ impl Bench<'_> {
             "MISMATCH"
         };
         Ok(format!(
-            "aggregate_stats {verdict}: {} rows, {} events",
+            "{table} {verdict}: {} rows, {} events",
             thousands(rows),
             thousands(applied)
         ))

@@ -6,6 +6,28 @@ mod cli;
 
 use std::process::ExitCode;
 
+/// The projector's own lines at info, or at the level RUST_LOG gives alone (`RUST_LOG=debug`);
+/// other crates (the database driver logs every statement at debug) at warn, unless RUST_LOG
+/// names them (`RUST_LOG=tokio_postgres=debug`).
+fn init_logging() {
+    let mut builder = env_logger::Builder::new();
+    builder
+        .filter_level(log::LevelFilter::Warn)
+        .filter_module("projector", log::LevelFilter::Info)
+        .format_target(false);
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        match spec.trim().parse::<log::LevelFilter>() {
+            Ok(level) => {
+                builder.filter_module("projector", level);
+            }
+            Err(_) => {
+                builder.parse_filters(&spec);
+            }
+        }
+    }
+    builder.init();
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let command = match cli::args::parse(&args) {
@@ -20,9 +42,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
+    init_logging();
     match cli::run(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

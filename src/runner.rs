@@ -472,6 +472,7 @@ impl Monitor {
         let mut client = None;
         let mut last_applied = 0;
         let mut last_time = Instant::now();
+        let mut was_lagging = false;
         loop {
             select! {
                 recv(self.stop) -> _ => return,
@@ -500,16 +501,29 @@ impl Monitor {
             if client.as_ref().is_some_and(|c| c.is_closed()) {
                 client = None;
             }
-            let seconds = last_time.elapsed().as_secs_f64();
-            let rate = (applied - last_applied) as f64 / seconds.max(0.001);
-            if applied != last_applied || checkpoint < head {
+            let lagging = checkpoint < head;
+            if lagging {
+                // A rate only over an interval that was busy from end to end: one that began
+                // caught up would understate it.
+                let rate = if was_lagging {
+                    let seconds = last_time.elapsed().as_secs_f64().max(0.001);
+                    format!(
+                        " ({:.0} events/s)",
+                        (applied - last_applied) as f64 / seconds
+                    )
+                } else {
+                    String::new()
+                };
                 info!(
-                    "progress: {applied} applied ({rate:.0} events/s), read {}, checkpoint {checkpoint}, \
-                     head {head}, lag {} positions",
+                    "progress: {applied} applied{rate}, read {}, checkpoint {checkpoint}, head \
+                     {head}, lag {} positions",
                     self.fetch_progress.read.load(Ordering::Relaxed),
-                    (head - checkpoint).max(0)
+                    head - checkpoint
                 );
+            } else if applied != last_applied {
+                info!("progress: {applied} applied, caught up at global position {head}");
             }
+            was_lagging = lagging;
             last_applied = applied;
             last_time = Instant::now();
         }

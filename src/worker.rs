@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
-use log::{debug, info, warn};
+use log::{debug, info, trace, warn};
 
 use crate::checkpoint::{EarlierLayout, PartitionStatements, Peek};
 use crate::database::Pool;
@@ -630,6 +630,11 @@ impl<P: Projection> Worker<P> {
                         events.len(),
                         events[events.len() - 1].global_position
                     );
+                    if log::log_enabled!(log::Level::Trace) {
+                        events
+                            .iter()
+                            .for_each(|event| trace_applied(event, context));
+                    }
                     Ok(())
                 }
                 Ok(Err(source)) => Err((None, source)),
@@ -638,14 +643,7 @@ impl<P: Projection> Worker<P> {
         }
         for (index, event) in events.iter().enumerate() {
             match catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event, context))) {
-                Ok(Ok(())) => debug!(
-                    "partition {}/{}: applied {} at {} ({})",
-                    context.partition,
-                    context.total_partitions,
-                    event.event_type,
-                    event.global_position,
-                    event.aggregate_id
-                ),
+                Ok(Ok(())) => trace_applied(event, context),
                 Ok(Err(source)) => return Err((Some(index), source)),
                 Err(panic) => return Err((Some(index), panic_message(panic).into())),
             }
@@ -689,6 +687,18 @@ fn discard(slot: &mut Option<Connection>) {
             let _ = connection.statements.release(&mut connection.client);
         }
     }
+}
+
+/// One line per applied event, at trace level (`RUST_LOG=projector=trace`).
+fn trace_applied(event: &Event, context: &Context) {
+    trace!(
+        "partition {}/{}: applied {} at {} ({})",
+        context.partition,
+        context.total_partitions,
+        event.event_type,
+        event.global_position,
+        event.aggregate_id
+    );
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {

@@ -1,7 +1,7 @@
 //! `projector seed`: demo users appended through the library's append.
 
 use log::info;
-use projector::{Database, Error, ExpectedVersion, NewEvent};
+use projector::{Database, Error, ExpectedVersion, NewEvent, postgres};
 use uuid::Uuid;
 
 use super::args::Seed;
@@ -11,6 +11,7 @@ const AGGREGATE: &str = "User";
 
 pub(crate) fn seed(database: &Database, seed: &Seed) -> Result<(), Error> {
     let mut client = database.connect()?;
+    check_store(&mut client, database)?;
     if seed.if_empty {
         let any = client
             .query_opt("SELECT 1 FROM events LIMIT 1", &[])
@@ -53,6 +54,33 @@ pub(crate) fn seed(database: &Database, seed: &Seed) -> Result<(), Error> {
     }
     info!("seeded {} users: {appended} events", seed.users);
     Ok(())
+}
+
+/// Fails with [`Error::MissingTables`] (run `projector migrate` first) unless the event store's
+/// tables exist.
+fn check_store(client: &mut postgres::Client, database: &Database) -> Result<(), Error> {
+    let row = client
+        .query_one(
+            "SELECT to_regclass('events') IS NULL, to_regclass('aggregate_heads') IS NULL",
+            &[],
+        )
+        .map_err(|source| Error::Database {
+            action: "looking for the event store".into(),
+            source,
+        })?;
+    let missing: Vec<String> = [("events", row.get(0)), ("aggregate_heads", row.get(1))]
+        .into_iter()
+        .filter(|&(_, missing)| missing)
+        .map(|(table, _)| table.to_owned())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingTables {
+            schema: database.schema_name().to_owned(),
+            tables: missing,
+        })
+    }
 }
 
 fn event(id: &str, event_type: &str, payload: serde_json::Value) -> NewEvent {

@@ -19,12 +19,18 @@ use crate::projection::{Context, Projection};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AggregateStats;
 
-/// The same read model as [`AggregateStats`], written set-based: one statement per batch,
-/// whatever its size. Run one or the other on a schema, not both.
+/// The same read model as [`AggregateStats`], in its own table `aggregate_stats_batch`, written
+/// set-based: one statement per batch, whatever its size. The two can run side by side.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AggregateStatsBatch;
 
-const CREATE: &str = "CREATE TABLE IF NOT EXISTS aggregate_stats (
+/// The table of [`AggregateStats`].
+const TABLE: &str = "aggregate_stats";
+/// The table of [`AggregateStatsBatch`].
+const BATCH_TABLE: &str = "aggregate_stats_batch";
+
+/// Creates table `{table}`.
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS {table} (
     bounded_context TEXT NOT NULL,
     aggregate_type TEXT NOT NULL,
     aggregate_id TEXT NOT NULL,
@@ -63,7 +69,7 @@ END
 $$";
 
 /// Adds one event; updates only when the event follows the last applied version.
-const UPSERT_ONE: &str = "INSERT INTO aggregate_stats AS s VALUES ($1, $2, $3, 1, $4, $5) \
+const UPSERT_ONE: &str = "INSERT INTO {table} AS s VALUES ($1, $2, $3, 1, $4, $5) \
     ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO UPDATE \
         SET events_applied = s.events_applied + 1, \
             last_version = EXCLUDED.last_version, \
@@ -73,7 +79,7 @@ const UPSERT_ONE: &str = "INSERT INTO aggregate_stats AS s VALUES ($1, $2, $3, 1
 
 /// Adds a run of consecutive versions per aggregate; updates only when each run follows the
 /// last applied version, and returns the rows written.
-const UPSERT_RUNS: &str = "INSERT INTO aggregate_stats AS s \
+const UPSERT_RUNS: &str = "INSERT INTO {table} AS s \
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[]) \
     ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO UPDATE \
         SET events_applied = s.events_applied + EXCLUDED.events_applied, \
@@ -81,6 +87,17 @@ const UPSERT_RUNS: &str = "INSERT INTO aggregate_stats AS s \
             last_global_position = EXCLUDED.last_global_position \
         WHERE s.last_version = EXCLUDED.last_version - EXCLUDED.events_applied \
     RETURNING s.events_applied, s.last_version";
+
+/// `sql` for the read model in `table`.
+fn on(sql: &str, table: &str) -> String {
+    sql.replace("{table}", table)
+}
+
+/// Adds one event to `table`, checking it follows the last applied version.
+fn upsert_one(tx: &mut Transaction<'_>, table: &str, event: &Event) -> Result<(), BoxError> {
+    let row = tx.query_opt(&on(UPSERT_ONE, table), &params(event))?;
+    check_one(event, row.map(|row| row.get(0)))
+}
 
 fn params(event: &Event) -> [&(dyn ToSql + Sync); 5] {
     [
@@ -114,13 +131,13 @@ impl Projection for AggregateStats {
     }
 
     fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
-        tx.batch_execute(CREATE)?;
+        tx.batch_execute(&on(CREATE, TABLE))?;
         tx.batch_execute(CREATE_APPLY)?;
         Ok(())
     }
 
     fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
-        tx.batch_execute("DELETE FROM aggregate_stats")?;
+        tx.batch_execute(&format!("DELETE FROM {TABLE}"))?;
         Ok(())
     }
 
@@ -130,8 +147,7 @@ impl Projection for AggregateStats {
         event: &Event,
         _: &Context,
     ) -> Result<(), BoxError> {
-        let row = tx.query_opt(UPSERT_ONE, &params(event))?;
-        check_one(event, row.map(|row| row.get(0)))
+        upsert_one(tx, TABLE, event)
     }
 
     fn apply_batch(
@@ -168,20 +184,22 @@ impl Projection for AggregateStatsBatch {
     }
 
     fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
-        AggregateStats.setup(tx)
+        tx.batch_execute(&on(CREATE, BATCH_TABLE))?;
+        Ok(())
     }
 
     fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
-        AggregateStats.reset(tx)
+        tx.batch_execute(&format!("DELETE FROM {BATCH_TABLE}"))?;
+        Ok(())
     }
 
     fn apply(
         &mut self,
         tx: &mut Transaction<'_>,
         event: &Event,
-        context: &Context,
+        _: &Context,
     ) -> Result<(), BoxError> {
-        AggregateStats.apply(tx, event, context)
+        upsert_one(tx, BATCH_TABLE, event)
     }
 
     fn apply_batch(
@@ -223,7 +241,7 @@ impl Projection for AggregateStatsBatch {
             figures.2.push(position);
         }
         let rows = tx.query(
-            UPSERT_RUNS,
+            &on(UPSERT_RUNS, BATCH_TABLE),
             &[
                 &columns.0, &columns.1, &columns.2, &figures.0, &figures.1, &figures.2,
             ],

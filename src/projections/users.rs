@@ -1,12 +1,40 @@
 //! `users`: the demo read model of the users that `projector seed` appends.
 
-use log::info;
+use std::cell::Cell;
+
+use log::{debug, info};
 use postgres::Transaction;
 use serde_json::Value;
 
 use crate::error::BoxError;
 use crate::event::Event;
 use crate::projection::{Context, Projection};
+
+/// How many created users a worker logs at info level; the rest go to debug.
+const SHOWN_PER_PARTITION: u32 = 3;
+
+thread_local! {
+    /// Created users this worker (one thread per partition) has logged so far.
+    static SHOWN: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Logs which partition created which user: the first few per partition at info, then debug,
+/// so that the start, progress and summary lines stay readable.
+fn show_created(id: &str, email: &str, name: &str, context: &Context) {
+    let (partition, total) = (context.partition, context.total_partitions);
+    let shown = SHOWN.with(|shown| shown.replace(shown.get().saturating_add(1)));
+    if shown < SHOWN_PER_PARTITION {
+        info!("partition {partition}/{total} created user {id} <{email}> '{name}'");
+    } else {
+        if shown == SHOWN_PER_PARTITION {
+            info!(
+                "partition {partition}/{total}: more users created; each is logged at debug level \
+                 (RUST_LOG=projector=debug)"
+            );
+        }
+        debug!("partition {partition}/{total} created user {id} <{email}> '{name}'");
+    }
+}
 
 /// The `users` read model: one row per user (id, e-mail, name, version), plus how many users
 /// each partition created, in `user_partition_counts`.
@@ -81,10 +109,7 @@ impl Projection for Users {
                      DO UPDATE SET users = user_partition_counts.users + 1",
                     &[&total, &key],
                 )?;
-                info!(
-                    "user created: {} <{email}> '{name}' (partition {}/{})",
-                    event.aggregate_id, context.partition, context.total_partitions
-                );
+                show_created(&event.aggregate_id, &email, &name, context);
             }
             "UserRenamed" => {
                 let name = field(&payload()?, "name")?;

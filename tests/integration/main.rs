@@ -6,6 +6,7 @@
 mod cli;
 mod gap;
 mod hardening;
+mod newcomer;
 mod partition;
 mod repartition;
 mod runtime;

@@ -112,15 +112,20 @@ impl TestSchema {
     /// Aggregates whose `aggregate_stats` row differs from what the events table says: zero
     /// means every event was applied exactly once, in order.
     pub fn stats_mismatches(&self) -> i64 {
-        self.count(
+        self.stats_mismatches_in("aggregate_stats")
+    }
+
+    /// As [`stats_mismatches`](Self::stats_mismatches), for the read model in `table`.
+    pub fn stats_mismatches_in(&self, table: &str) -> i64 {
+        self.count(&format!(
             "SELECT COUNT(*) FROM ( \
                  SELECT bounded_context, aggregate_type, aggregate_id, COUNT(*) AS n, \
                      MAX(aggregate_version) AS v, MAX(global_position) AS p \
                  FROM events GROUP BY 1, 2, 3) e \
-             FULL JOIN aggregate_stats s USING (bounded_context, aggregate_type, aggregate_id) \
+             FULL JOIN {table} s USING (bounded_context, aggregate_type, aggregate_id) \
              WHERE s.events_applied IS DISTINCT FROM e.n OR s.last_version IS DISTINCT FROM e.v \
-                 OR s.last_global_position IS DISTINCT FROM e.p",
-        )
+                 OR s.last_global_position IS DISTINCT FROM e.p"
+        ))
     }
 
     /// The `projector` binary with this schema and the test database in its environment.
