@@ -100,7 +100,7 @@ mod worker;
 use std::time::Duration;
 
 pub use checkpoint::{CheckpointStatus, EarlierLayout, reset, status};
-pub use database::{Database, Pool, redact};
+pub use database::{Database, Pool};
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent};
 pub use partition::{

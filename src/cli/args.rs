@@ -43,6 +43,12 @@ pub(crate) struct Args {
     #[argh(option)]
     pub(crate) schema: Option<String>,
 
+    /// seconds after which a connection whose network went silent counts as dead, on both
+    /// ends (TCP keepalives and user timeout), from 5 to 86400, default 30 (env
+    /// PROJECTOR_KEEPALIVE_TIMEOUT_SECS)
+    #[argh(option)]
+    pub(crate) keepalive_timeout_secs: Option<String>,
+
     #[argh(subcommand)]
     pub(crate) command: Option<Command>,
 }

@@ -51,15 +51,34 @@ fn unknown_projection(name: &str) -> Error {
 }
 
 fn database(args: &Args) -> Result<Database, Error> {
-    let Some((_, url)) = flag_or_env("--database-url", args.database_url.clone(), "DATABASE_URL")
+    let Some((setting, url)) =
+        flag_or_env("--database-url", args.database_url.clone(), "DATABASE_URL")
     else {
-        return Err(Error::invalid_setting(
-            "DATABASE_URL",
-            "",
-            "not set: set DATABASE_URL or pass --database-url, e.g. postgres://user@localhost:5432/db",
-        ));
+        return Err(Error::NotSet {
+            setting: "DATABASE_URL".into(),
+            hint: "set DATABASE_URL or pass --database-url, e.g. \
+                   DATABASE_URL=postgres://user:password@localhost:5432/dbname"
+                .into(),
+        });
     };
-    let database = Database::new(&url)?;
+    let mut database = Database::from_setting(&setting, &url)?;
+    if let Some((flag, text)) = flag_or_env(
+        "--keepalive-timeout-secs",
+        args.keepalive_timeout_secs.clone(),
+        "PROJECTOR_KEEPALIVE_TIMEOUT_SECS",
+    ) {
+        let seconds = positive(&flag, &text)?;
+        database = database
+            .keepalive_timeout_secs(seconds)
+            .map_err(|error| match error {
+                Error::InvalidSetting { reason, .. } => Error::InvalidSetting {
+                    setting: flag,
+                    value: text,
+                    reason,
+                },
+                other => other,
+            })?;
+    }
     match flag_or_env("--schema", args.schema.clone(), "PROJECTOR_SCHEMA") {
         Some((_, schema)) => database.schema(&schema),
         None => Ok(database),

@@ -4,6 +4,7 @@
 #![allow(unreachable_pub)]
 
 mod cli;
+mod connection;
 mod gap;
 mod partition;
 mod repartition;
