@@ -3,12 +3,12 @@
 pub(crate) mod args;
 mod seed;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use log::{info, warn};
 use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, Users};
-use projector::{Builder, CheckpointStatus, Database, Error, Projection, Summary};
+use projector::{Builder, CheckpointStatus, Database, Error, Projection, Stopper, Summary};
 use serde_json::{Value, json};
 
 use args::{Args, Command, flag_or_env};
@@ -90,6 +90,16 @@ fn run_projection<P: Projection>(
     database: Database,
     projection: P,
 ) -> Result<(), Error> {
+    // Before anything that may wait (the layout or setup lock, the database), so that a signal
+    // during start-up stops the process cleanly rather than killing it.
+    let signals = Arc::new(Mutex::new(Signals::Starting));
+    let handler = {
+        let signals = Arc::clone(&signals);
+        ctrlc::set_handler(move || on_signal(&signals))
+    };
+    if let Err(error) = handler {
+        warn!("could not install the Ctrl-C handler ({error}); stop with SIGKILL");
+    }
     let (total_flag, total_text) = flag_or_env(
         "--total-partitions",
         args.total_partitions.clone(),
@@ -128,23 +138,46 @@ fn run_projection<P: Projection>(
         )?)));
     }
     let runner = builder.start()?;
-    let stopper = runner.stopper();
-    let interrupts = AtomicU32::new(0);
-    let handler = ctrlc::set_handler(move || {
-        if interrupts.fetch_add(1, Ordering::SeqCst) == 0 {
-            info!("stopping: finishing the transactions in flight (press Ctrl-C again to force)");
-            stopper.stop();
-        } else {
-            eprintln!("forced stop");
-            std::process::exit(130);
-        }
-    });
-    if let Err(error) = handler {
-        warn!("could not install the Ctrl-C handler ({error}); stop with SIGKILL");
-    }
+    *lock(&signals) = Signals::Running(runner.stopper());
     let summary = runner.join()?;
     log_summary(&summary);
     Ok(())
+}
+
+/// Where the process stands when a signal (Ctrl-C, SIGTERM) arrives.
+enum Signals {
+    /// Starting: nothing is applied yet, so the process may end at once.
+    Starting,
+    /// Running: the first signal stops the runner.
+    Running(Stopper),
+    /// Stopping after a signal: another one forces the stop.
+    Stopping,
+}
+
+fn lock(signals: &Mutex<Signals>) -> MutexGuard<'_, Signals> {
+    signals
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn on_signal(signals: &Mutex<Signals>) {
+    let mut state = lock(signals);
+    match std::mem::replace(&mut *state, Signals::Stopping) {
+        Signals::Starting => {
+            // Whatever start-up had open (a transaction waiting on a lock) is rolled back by
+            // the server when the connection closes.
+            info!("stopped during start-up: nothing was applied");
+            std::process::exit(0);
+        }
+        Signals::Running(stopper) => {
+            info!("stopping: finishing the transactions in flight (press Ctrl-C again to force)");
+            stopper.stop();
+        }
+        Signals::Stopping => {
+            eprintln!("forced stop");
+            std::process::exit(130);
+        }
+    }
 }
 
 fn positive(flag: &str, text: &str) -> Result<u32, Error> {

@@ -9,7 +9,7 @@ use projector::postgres::Config;
 use projector::projections::AggregateStats;
 use projector::{Builder, Database, ExpectedVersion, NewEvent, Settings};
 
-use crate::util::{TestSchema, admin, database_url, eventually, run_within, text};
+use crate::util::{TestSchema, admin, database_url, eventually, run_within, text, wait_within};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -513,4 +513,47 @@ fn the_dead_connection_bound_is_one_setting_and_the_users_options_win() {
             "{stderr}"
         );
     }
+}
+
+#[test]
+fn sigterm_while_waiting_for_the_layout_lock_at_start_up_exits_0_at_once() {
+    let schema = TestSchema::migrated("start_up_signal");
+    schema.seed(10, 2);
+    // Another start (or a repartition) of the same projection holds the layout lock.
+    let mut holder = schema.client();
+    let mut tx = holder.transaction().expect("begin");
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('projector layout ' || current_schema() || ' ' \
+         || 'aggregate-stats'))",
+        &[],
+    )
+    .expect("take the layout lock");
+    let child = schema
+        .projector(&[
+            "--partition-key",
+            "0-1",
+            "--total-partitions",
+            "2",
+            "--projection",
+            "aggregate-stats",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the projector");
+    std::thread::sleep(Duration::from_secs(1));
+    let signalled = Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+    let output = wait_within(child, Duration::from_secs(10));
+    let took = signalled.elapsed();
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(took < Duration::from_secs(2), "took {took:?}: {stderr}");
+    assert!(stderr.contains("stopped during start-up"), "{stderr}");
+    tx.rollback().expect("release the lock");
+    assert_eq!(schema.stats_applied(), 0, "nothing was applied");
 }
