@@ -149,6 +149,13 @@ pub enum Error {
         /// The projection's error.
         source: BoxError,
     },
+    /// A flag that no longer exists was given.
+    RemovedFlag {
+        /// The flag.
+        flag: String,
+        /// What to do instead.
+        instead: String,
+    },
     /// A destructive command was not confirmed.
     NotConfirmed {
         /// What it would do, in words.
@@ -180,6 +187,7 @@ impl Error {
                 | Error::Fenced { .. }
                 | Error::ProjectionRunning { .. }
                 | Error::NotConfirmed { .. }
+                | Error::RemovedFlag { .. }
         )
     }
 
@@ -285,7 +293,8 @@ impl fmt::Display for Error {
                 if stored.len() == 1 {
                     write!(
                         f,
-                        ", or pass --repartition to move to {requested} partitions exactly"
+                        ", or run `projector repartition --projection {projection} --to \
+                         {requested}` to move to {requested} partitions exactly"
                     )
                 } else {
                     f.write_str(", or rebuild the projection with `projector reset`")
@@ -351,6 +360,7 @@ impl fmt::Display for Error {
             Error::ReadModel {
                 projection, action, ..
             } => write!(f, "projection '{projection}' failed while {action}"),
+            Error::RemovedFlag { flag, instead } => write!(f, "{flag} was removed: {instead}"),
             Error::NotConfirmed { action } => write!(f, "{action}; pass --yes to go ahead"),
             Error::ThreadPanicked { thread } => write!(f, "thread '{thread}' panicked"),
         }

@@ -56,9 +56,6 @@ pub struct Settings {
     /// Stop once every owned partition has caught up with the head of the stream as it was at
     /// start. Default off: run until shut down.
     pub exit_when_caught_up: bool,
-    /// When the projection's checkpoints were written under another partition count, replace
-    /// that layout by this one, exactly (see [`Builder::repartition`]). Default off: refuse.
-    pub repartition: bool,
     /// How often a standby tries to take its partition over, a worker that receives nothing
     /// checks that its layout has not been replaced, and a new layout looks again for live
     /// processes of the old one. Default 1 s.
@@ -81,7 +78,6 @@ impl Default for Settings {
             retry_delay: Duration::from_millis(100),
             max_retry_delay: Duration::from_secs(5),
             exit_when_caught_up: false,
-            repartition: false,
             liveness_interval: Duration::from_secs(1),
         }
     }
@@ -162,17 +158,6 @@ impl<P: Projection> Builder<P> {
         self
     }
 
-    /// Allows changing the number of partitions: when the projection's checkpoints were
-    /// written under another partition count, that layout is replaced by this one at start,
-    /// exactly (no event applied twice, none skipped; see the crate docs). Processes still
-    /// running the old layout stop at their next transaction with [`Error::Fenced`]. Without
-    /// it, a different partition count is refused with [`Error::LayoutMismatch`], so that a
-    /// typo cannot re-partition.
-    pub fn repartition(mut self, repartition: bool) -> Self {
-        self.settings.repartition = repartition;
-        self
-    }
-
     /// Replaces every setting at once.
     pub fn settings(mut self, settings: Settings) -> Self {
         self.settings = settings;
@@ -184,7 +169,7 @@ impl<P: Projection> Builder<P> {
     ///
     /// Fails before starting any thread when a setting is out of range, the database cannot be
     /// reached, the tables are missing, or the projection's checkpoints were written under
-    /// another partition count (unless [`repartition`](Self::repartition) is set).
+    /// another partition count (change it with [`repartition`](crate::repartition) first).
     pub fn start(self) -> Result<Runner, Error> {
         self.check()?;
         let Builder {
@@ -202,7 +187,7 @@ impl<P: Projection> Builder<P> {
         let mut reader = database.connect()?;
         store::check_tables(&mut reader, database.schema_name())?;
         store::check_sequence(&mut reader)?;
-        let layout = checkpoint::claim_layout(&mut reader, &name, total, settings.repartition)?;
+        let layout = checkpoint::claim_layout(&mut reader, &name, total, false)?;
         {
             let mut tx = reader
                 .transaction()

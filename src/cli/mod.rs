@@ -8,12 +8,24 @@ use std::time::Duration;
 
 use log::{info, warn};
 use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, Users};
-use projector::{Builder, CheckpointStatus, Database, Error, Projection, Stopper, Summary};
+use projector::{
+    Builder, CheckpointStatus, Database, Error, LayoutChange, Projection, Stopper, Summary,
+};
 use serde_json::{Value, json};
 
 use args::{Args, Command, flag_or_env};
 
 pub(crate) fn run(args: Args) -> Result<(), Error> {
+    if args.repartition {
+        return Err(Error::RemovedFlag {
+            flag: "--repartition".into(),
+            instead: "a process no longer changes the number of partitions at start (a \
+                      supervisor restarting it with stale flags would move the layout back); \
+                      run `projector repartition --projection NAME --to N` once, then start the \
+                      processes with --total-partitions N"
+                .into(),
+        });
+    }
     let database = database(&args)?;
     match args.command {
         Some(Command::Migrate(_)) => {
@@ -32,6 +44,7 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
             "noop" => reset_projection(&database, Noop, reset.yes),
             other => Err(unknown_projection(other)),
         },
+        Some(Command::Repartition(ref change)) => repartition(&database, change),
         None => match args.projection.as_str() {
             "users" => run_projection(&args, database, Users),
             "aggregate-stats" => run_projection(&args, database, AggregateStats),
@@ -49,6 +62,30 @@ fn unknown_projection(name: &str) -> Error {
         "known projections are users, aggregate-stats, aggregate-stats-batch and noop",
     )
 }
+
+/// `projector repartition`: changes the layout and says what changed.
+fn repartition(database: &Database, change: &args::Repartition) -> Result<(), Error> {
+    let name = change.projection.as_str();
+    if !KNOWN_PROJECTIONS.contains(&name) {
+        return Err(unknown_projection(name));
+    }
+    let total = projector::parse_total_partitions("--to", &change.to)?;
+    match projector::repartition(database, name, total)? {
+        LayoutChange::Replaced { from } => println!(
+            "projection '{name}' now has {total} partitions (was {from}): start its processes \
+             with --total-partitions {total}; processes still running with {from} stop at their \
+             next transaction"
+        ),
+        LayoutChange::Created => println!(
+            "projection '{name}' now has {total} partitions (it had no checkpoints): start its \
+             processes with --total-partitions {total}"
+        ),
+        _ => println!("projection '{name}' already has {total} partitions: nothing to do"),
+    }
+    Ok(())
+}
+
+const KNOWN_PROJECTIONS: [&str; 4] = ["users", "aggregate-stats", "aggregate-stats-batch", "noop"];
 
 fn database(args: &Args) -> Result<Database, Error> {
     let Some((setting, url)) =
@@ -126,8 +163,7 @@ fn run_projection<P: Projection>(
     let mut builder = Builder::new(database, projection)
         .partitions(keys)
         .total_partitions(total)
-        .exit_when_caught_up(args.exit_when_caught_up)
-        .repartition(args.repartition);
+        .exit_when_caught_up(args.exit_when_caught_up);
     if let Some(text) = &args.batch_size {
         builder = builder.batch_size(positive("--batch-size", text)?);
     }

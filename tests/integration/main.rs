@@ -8,6 +8,7 @@ mod connection;
 mod gap;
 mod partition;
 mod repartition;
+mod repartition_command;
 mod runtime;
 mod store;
 mod util;
