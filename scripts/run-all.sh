@@ -10,9 +10,10 @@
 # root and stopped on exit. Each output line is prefixed with `[pK/N]`.
 # Ctrl-C or SIGTERM stops all processes. Process ids are kept in
 # .run-all.pids; a new run first stops the processes of an earlier one.
-# Every process gets --repartition, so a run with another N after an earlier
-# run re-partitions the projection exactly: `run-all.sh 3` after
-# `run-all.sh 4` just works.
+# Before starting the processes, `projector repartition --to N` moves the
+# projection to N partitions, exactly (nothing when it already has N), so a run
+# with another N after an earlier run just works: `run-all.sh 3` after
+# `run-all.sh 4`.
 set -euo pipefail
 
 usage() {
@@ -199,17 +200,23 @@ if sed -u '' </dev/null >/dev/null 2>&1; then
     sed_unbuffered=1
 fi
 
-# The earlier run's processes are stopped by now, so changing N here is safe;
-# --repartition makes it exact instead of refused.
-repartition=(--repartition)
-for arg in "${extra[@]}"; do
-    if [[ $arg == --repartition ]]; then
-        repartition=()
-    fi
+# The earlier run's processes are stopped by now. Changing N goes through
+# `projector repartition`, which needs the projection and the connection flags
+# among the extra arguments.
+projection=users
+connection=()
+for ((i = 0; i < ${#extra[@]}; i++)); do
+    case ${extra[i]} in
+    --projection) projection=${extra[i + 1]:-users} ;;
+    --schema | --database-url | --keepalive-timeout-secs)
+        connection+=("${extra[i]}" "${extra[i + 1]:-}")
+        ;;
+    esac
 done
+"$bin" "${connection[@]}" repartition --projection "$projection" --to "$n"
 
 for ((k = 0; k < n; k++)); do
-    "${launcher[@]}" "$bin" --partition-key "$k" --total-partitions "$n" "${repartition[@]}" "${extra[@]}" \
+    "${launcher[@]}" "$bin" --partition-key "$k" --total-partitions "$n" "${extra[@]}" \
         > >(prefix_lines "[p$k/$n] ") 2>&1 &
     pids+=("$!")
 done

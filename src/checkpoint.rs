@@ -35,9 +35,9 @@ use std::time::{Duration, SystemTime};
 use log::info;
 use postgres::{Client, GenericClient, Statement, Transaction};
 
-use crate::partition::partition_of;
+use crate::partition::{MAX_PARTITIONS, partition_of};
 use crate::projection::Projection;
-use crate::{BoxError, Error};
+use crate::{BoxError, Database, Error};
 
 /// A layout a projection ran under before its current one, kept while the current one catches
 /// up: its partition count and the checkpoint of each of its partitions when it was replaced.
@@ -106,6 +106,55 @@ pub(crate) struct Layout {
     pub(crate) generation: i64,
     /// Earlier layouts whose applied events its partitions must still skip.
     pub(crate) earlier: Vec<EarlierLayout>,
+    /// What claiming it changed.
+    pub(crate) change: LayoutChange,
+}
+
+/// What [`repartition`] did to a projection's layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LayoutChange {
+    /// The projection already had that many partitions: nothing changed.
+    Unchanged,
+    /// The projection had no checkpoints: its layout was created, starting at the first event.
+    Created,
+    /// The layout of `from` partitions was replaced, exactly (see the crate docs).
+    Replaced {
+        /// The partition count replaced.
+        from: u32,
+    },
+}
+
+/// Changes the number of partitions of `projection` to `total`, exactly: no event is applied
+/// twice or skipped (see the crate docs), without starting anything.
+///
+/// This is the only way to change it: a process started with another partition count is
+/// refused ([`Error::LayoutMismatch`]), so a process restarted with stale flags cannot move the
+/// layout back. It works with no process running and while processes of the old layout run:
+/// it waits for their transactions in flight, and they stop with [`Error::Fenced`] at their
+/// next transaction. Start the new layout's processes with `total` partitions afterwards.
+pub fn repartition(
+    database: &Database,
+    projection: &str,
+    total: u32,
+) -> Result<LayoutChange, Error> {
+    if total == 0 || total > MAX_PARTITIONS {
+        return Err(Error::invalid_setting(
+            "--to",
+            total,
+            format!("the number of partitions must be from 1 to {MAX_PARTITIONS}"),
+        ));
+    }
+    if projection.is_empty() {
+        return Err(Error::invalid_setting(
+            "--projection",
+            "",
+            "a projection needs a name",
+        ));
+    }
+    let mut client = database.connect()?;
+    crate::store::check_tables(&mut client, database.schema_name())?;
+    Ok(claim_layout(&mut client, projection, total, true)?.change)
 }
 
 /// Makes sure the projection's checkpoints are kept under `total` partitions, creating the rows
@@ -150,6 +199,7 @@ pub(crate) fn claim_layout(
             Layout {
                 generation,
                 earlier: Vec::new(),
+                change: LayoutChange::Created,
             }
         }
         [(stored_total, generation)] if stored_total == total => {
@@ -158,6 +208,7 @@ pub(crate) fn claim_layout(
             Layout {
                 generation,
                 earlier: earlier_layouts(&mut tx, projection, total)?,
+                change: LayoutChange::Unchanged,
             }
         }
         [(old_total, _)] if repartition => replace_layout(&mut tx, projection, old_total, total)?,
@@ -278,6 +329,7 @@ fn replace_layout(
     Ok(Layout {
         generation,
         earlier,
+        change: LayoutChange::Replaced { from: old_total },
     })
 }
 

@@ -15,55 +15,90 @@ pub type Pool = r2d2::Pool<PostgresConnectionManager<NoTls>>;
 /// How long a connection attempt may take before it fails.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The default bound on how long a dead connection goes unnoticed, in seconds.
+const KEEPALIVE_TIMEOUT_SECS: u32 = 30;
+
+/// The bounds [`Database::keepalive_timeout_secs`] accepts, in seconds.
+const KEEPALIVE_TIMEOUT_RANGE: std::ops::RangeInclusive<u32> = 5..=86_400;
+
+/// Unanswered keepalive probes after which a connection counts as dead.
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// The channel appends notify and fetchers listen on, as SQL over `current_schema()`: the
+/// schema's name when the whole fits PostgreSQL's 63-byte limit on names, else its MD5.
+/// Appends and fetchers both use this one expression, so they always agree.
+macro_rules! notify_channel {
+    () => {
+        "(CASE WHEN octet_length(current_schema()) <= 46 \
+              THEN 'projector_events_' || current_schema() \
+              ELSE 'projector_events_' || md5(current_schema()) END)"
+    };
+}
+pub(crate) use notify_channel;
+
 /// A PostgreSQL database and the schema the projector's tables live in.
 ///
 /// Every connection made from it has `search_path` set to the schema, so the event store,
 /// the checkpoints and the read models are all found there by their plain names.
-/// `Debug` and `Display` never show the password.
+/// `Debug` and `Display` never show the password, and neither does any error: a connection
+/// string is described only by the user, host, port and database the driver read from it.
 #[derive(Clone)]
 pub struct Database {
     config: postgres::Config,
+    /// The startup `options` of the connection string, kept ahead of the projector's own.
+    user_options: Option<String>,
     schema: String,
+    keepalive_timeout_secs: u32,
     target: String,
+    /// Where the connection string came from, such as `DATABASE_URL`.
+    setting: String,
 }
 
 impl Database {
     /// Parses a connection string, as a URL (`postgres://user:secret@host:5432/db`) or as
     /// `key=value` pairs, with the tables in schema `public`.
+    ///
+    /// A password holding `@` must be percent-encoded in a URL (`%40`). When the string cannot
+    /// be used, the error says why without quoting any part of it.
     pub fn new(connection_string: &str) -> Result<Database, Error> {
-        let mut config = postgres::Config::from_str(connection_string).map_err(|_| {
-            Error::invalid_setting(
-                "DATABASE_URL",
-                redact(connection_string),
-                "expected a URL such as postgres://user:password@localhost:5432/dbname",
-            )
-        })?;
+        Database::from_setting("the connection string", connection_string)
+    }
+
+    /// As [`new`](Self::new), naming in errors the setting the string came from (such as
+    /// `--database-url` or `DATABASE_URL`).
+    pub fn from_setting(setting: &str, connection_string: &str) -> Result<Database, Error> {
+        let invalid = |reason: String| Error::InvalidConnectionString {
+            setting: setting.to_owned(),
+            reason,
+        };
+        if let Some(reason) = misplaced_at_sign(connection_string) {
+            return Err(invalid(reason.to_owned()));
+        }
+        let mut config = postgres::Config::from_str(connection_string)
+            .map_err(|error| invalid(parse_failure(&error)))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         if config.get_application_name().is_none() {
             config.application_name("projector");
         }
-        config.keepalives(true);
-        config.keepalives_idle(Duration::from_secs(30));
         let target = describe(&config);
         let mut database = Database {
+            user_options: config.get_options().map(str::to_owned),
             config,
-            schema: String::new(),
+            schema: "public".to_owned(),
+            keepalive_timeout_secs: KEEPALIVE_TIMEOUT_SECS,
             target,
+            setting: setting.to_owned(),
         };
-        database.set_schema("public")?;
+        database.apply_settings();
         Ok(database)
     }
 
     /// Uses `schema` for every table: the event store, the checkpoints and the read models.
-    /// Schema names are letters, digits and underscores, not starting with a digit.
+    /// Schema names are up to 63 letters, digits and underscores, not starting with a digit,
+    /// and are case-sensitive: `TenantA` is not `tenanta`.
     pub fn schema(mut self, schema: &str) -> Result<Database, Error> {
-        self.set_schema(schema)?;
-        Ok(self)
-    }
-
-    fn set_schema(&mut self, schema: &str) -> Result<(), Error> {
         let valid = schema
             .chars()
             .next()
@@ -80,8 +115,58 @@ impl Database {
             ));
         }
         self.schema = schema.to_owned();
-        self.config.options(&format!("-c search_path={schema}"));
-        Ok(())
+        self.apply_settings();
+        Ok(self)
+    }
+
+    /// Bounds how long a connection to a server that vanished without closing it (a host or
+    /// network gone silent) goes unnoticed, on both ends: TCP keepalives and the TCP user
+    /// timeout of the projector's connections, and of the server's side of them (so the server
+    /// releases a dead process's partitions, and a standby takes over, within about this
+    /// bound). From 5 to 86,400 seconds; default 30. Options of the same names given in the
+    /// connection string's `options` win over it on the server side.
+    pub fn keepalive_timeout_secs(mut self, seconds: u32) -> Result<Database, Error> {
+        if !KEEPALIVE_TIMEOUT_RANGE.contains(&seconds) {
+            return Err(Error::invalid_setting(
+                "--keepalive-timeout-secs",
+                seconds,
+                format!(
+                    "expected a whole number of seconds from {} to {}",
+                    KEEPALIVE_TIMEOUT_RANGE.start(),
+                    KEEPALIVE_TIMEOUT_RANGE.end()
+                ),
+            ));
+        }
+        self.keepalive_timeout_secs = seconds;
+        self.apply_settings();
+        Ok(self)
+    }
+
+    /// Sets the keepalives and the startup options from the settings: the projector's
+    /// keepalive options first, then the user's own options (which win over them), then the
+    /// schema (which wins over any `search_path` of the user's).
+    fn apply_settings(&mut self) {
+        let timeout = self.keepalive_timeout_secs;
+        let idle = (timeout / 2).max(1);
+        let interval = ((timeout - idle) / KEEPALIVE_PROBES).max(1);
+        self.config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(idle.into()))
+            .keepalives_interval(Duration::from_secs(interval.into()))
+            .keepalives_retries(KEEPALIVE_PROBES)
+            .tcp_user_timeout(Duration::from_secs(timeout.into()));
+        let mut options = format!(
+            "-c tcp_keepalives_idle={idle} -c tcp_keepalives_interval={interval} \
+             -c tcp_keepalives_count={KEEPALIVE_PROBES} -c tcp_user_timeout={}",
+            u64::from(timeout) * 1000
+        );
+        if let Some(user) = &self.user_options {
+            options.push(' ');
+            options.push_str(user);
+        }
+        // Quoted, so that the name is taken exactly; `schema` holds no quote or space.
+        options.push_str(&format!(" -c search_path=\"{}\"", self.schema));
+        self.config.options(&options);
     }
 
     /// The schema the tables live in.
@@ -96,9 +181,25 @@ impl Database {
 
     /// Opens one connection.
     pub fn connect(&self) -> Result<Client, Error> {
-        self.config.connect(NoTls).map_err(|source| Error::Connect {
-            target: self.target.clone(),
-            source,
+        self.config.connect(NoTls).map_err(|source| {
+            let target = self.target.clone();
+            let setting = self.setting.clone();
+            match source.code().map(|code| code.code()) {
+                // invalid_password, invalid_authorization_specification (unknown role, a role
+                // that may not log in, no pg_hba.conf entry).
+                Some("28P01" | "28000") => Error::LoginRefused {
+                    target,
+                    setting,
+                    source,
+                },
+                // invalid_catalog_name
+                Some("3D000") => Error::NoSuchDatabase {
+                    target,
+                    setting,
+                    source,
+                },
+                _ => Error::Connect { target, source },
+            }
         })
     }
 
@@ -112,9 +213,13 @@ impl Database {
             .build_unchecked(manager)
     }
 
-    /// The channel appends notify, for this schema.
-    pub(crate) fn channel(&self) -> String {
-        format!("projector_events_{}", self.schema)
+    /// The statement that listens on the channel appends notify, for this schema.
+    pub(crate) fn listen_statement(&self) -> &'static str {
+        concat!(
+            "DO $$ BEGIN EXECUTE format('LISTEN %I', ",
+            notify_channel!(),
+            "); END $$"
+        )
     }
 }
 
@@ -123,6 +228,7 @@ impl fmt::Debug for Database {
         f.debug_struct("Database")
             .field("target", &self.target)
             .field("schema", &self.schema)
+            .field("keepalive_timeout_secs", &self.keepalive_timeout_secs)
             .finish()
     }
 }
@@ -133,6 +239,7 @@ impl fmt::Display for Database {
     }
 }
 
+/// `user@host:port/dbname`, from what the driver parsed (never from the string itself).
 fn describe(config: &postgres::Config) -> String {
     let host = match config.get_hosts().first() {
         Some(postgres::config::Host::Tcp(host)) => host.clone(),
@@ -146,87 +253,95 @@ fn describe(config: &postgres::Config) -> String {
     format!("{user}@{host}:{port}/{dbname}")
 }
 
-/// Replaces the password of a connection string (URL or `key=value` form) with `***`.
-///
-/// ```
-/// assert_eq!(
-///     projector::redact("postgres://app:s3cret@db:5432/events"),
-///     "postgres://app:***@db:5432/events"
-/// );
-/// assert_eq!(projector::redact("host=db password=s3cret"), "host=db password=***");
-/// ```
-pub fn redact(connection_string: &str) -> String {
-    if let Some(scheme_end) = connection_string.find("://") {
-        let rest_start = scheme_end + 3;
-        let rest = &connection_string[rest_start..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let authority = &rest[..authority_end];
-        let mut out = connection_string[..rest_start].to_owned();
-        match authority.rfind('@') {
-            Some(at) => {
-                let userinfo = &authority[..at];
-                match userinfo.find(':') {
-                    Some(colon) => {
-                        out.push_str(&userinfo[..colon]);
-                        out.push_str(":***");
-                    }
-                    None => out.push_str(userinfo),
-                }
-                out.push_str(&authority[at..]);
-            }
-            None => out.push_str(authority),
-        }
-        out.push_str(&redact_query(&rest[authority_end..]));
-        out
-    } else {
-        connection_string
-            .split_whitespace()
-            .map(|pair| match pair.split_once('=') {
-                Some((key, _)) if key.trim() == "password" => format!("{key}=***"),
-                _ => pair.to_owned(),
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
+/// Why a URL is refused before parsing: the driver ends the credentials at the first `@`, so a
+/// password holding a raw `@` would leave its tail in the host (or the database name), which
+/// is then printed. `None` for a URL without that problem and for `key=value` strings.
+fn misplaced_at_sign(connection_string: &str) -> Option<&'static str> {
+    let rest = ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|scheme| connection_string.strip_prefix(scheme))?;
+    let (_, after_credentials) = rest.split_once('@')?;
+    let before_parameters = after_credentials
+        .split_once('?')
+        .map_or(after_credentials, |(head, _)| head);
+    before_parameters.contains('@').then_some(
+        "the URL holds more than one '@' before its host: write an '@' in the user name or \
+         password as %40 (percent-encoded)",
+    )
 }
 
-fn redact_query(path_and_query: &str) -> String {
-    match path_and_query.split_once('?') {
-        None => path_and_query.to_owned(),
-        Some((path, query)) => {
-            let pairs: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some(("password", _)) => "password=***".to_owned(),
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            format!("{path}?{}", pairs.join("&"))
-        }
+/// Option names of libpq that this driver does not take: naming one in an error reveals
+/// nothing, whereas an unknown word may be part of a value (an unquoted password with a space).
+const LIBPQ_ONLY_OPTIONS: [&str; 22] = [
+    "passfile",
+    "require_auth",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslrootcert",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "sslcompression",
+    "sslcertmode",
+    "sslnegotiation",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "requirepeer",
+    "gssencmode",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+    "service",
+    "fallback_application_name",
+    "client_encoding",
+];
+
+/// The driver's reason a connection string did not parse, in words that hold no part of the
+/// string: a reason the driver words with a piece of the string is reworded without it, and
+/// one not recognised here is not shown.
+fn parse_failure(error: &postgres::Error) -> String {
+    let cause = std::error::Error::source(error)
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    const QUOTE: &str = "quote a value holding spaces, as password='a b'";
+    if let Some(option) = cause
+        .strip_prefix("unknown option `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        return match LIBPQ_ONLY_OPTIONS.contains(&option) {
+            true => format!("option '{option}' is not supported"),
+            false => format!(
+                "it holds an unknown option (not shown, as it may be part of a value: {QUOTE})"
+            ),
+        };
+    }
+    if let Some(option) = cause
+        .strip_prefix("invalid value for option `")
+        .and_then(|rest| rest.strip_suffix('`'))
+        .filter(|option| option.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+    {
+        return format!("the value of option '{option}' is invalid");
+    }
+    if let Some(byte) = cause
+        .strip_prefix("unexpected character at byte ")
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|byte| byte.parse::<usize>().ok())
+    {
+        return format!("a key is not followed by '=' (at byte {byte}): {QUOTE}");
+    }
+    match cause.as_str() {
+        "unexpected EOF" => format!("it ends where a value or an '=' was expected: {QUOTE}"),
+        "unterminated quoted connection parameter value" => "a quoted value is not closed".into(),
+        "unterminated parameter" => "a URL parameter has no '='".into(),
+        _ if cause.contains("utf-8") => "a percent-encoded part is not valid UTF-8".into(),
+        _ => "the driver could not parse it".into(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redact_hides_passwords_in_every_form() {
-        assert_eq!(redact("postgres://u:p%40ss@h/db"), "postgres://u:***@h/db");
-        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(
-            redact("postgres://h/db?password=x&sslmode=disable"),
-            "postgres://h/db?password=***&sslmode=disable"
-        );
-        assert_eq!(
-            redact("postgresql://u:a@b@h:1/db"),
-            "postgresql://u:***@h:1/db"
-        );
-        assert_eq!(
-            redact("user=u password=x host=h"),
-            "user=u password=*** host=h"
-        );
-    }
 
     #[test]
     fn debug_and_display_do_not_show_the_password() {
@@ -240,15 +355,68 @@ mod tests {
     }
 
     #[test]
+    fn a_raw_at_sign_in_a_url_password_is_refused_and_an_encoded_one_taken() {
+        for refused in [
+            "postgres://app:p@ss@db/x",
+            "postgresql://app:p@ss/x@db/x",
+            "postgres://app:a?b@c@db/x",
+        ] {
+            assert!(misplaced_at_sign(refused).is_some(), "{refused}");
+        }
+        for taken in [
+            "postgres://app:p%40ss@db/x",
+            "postgres://db/x?user=me@corp",
+            "postgres://app@db/x?options=-c%20a%3Db",
+            "host=db password=p@ss@x",
+        ] {
+            assert!(misplaced_at_sign(taken).is_none(), "{taken}");
+        }
+    }
+
+    #[test]
+    fn parse_failures_name_no_part_of_the_string() {
+        for (string, expected) in [
+            (
+                "host=db password=se cret",
+                "it ends where a value or an '='",
+            ),
+            (
+                "host=db password=se cret user=x",
+                "a key is not followed by '='",
+            ),
+            (
+                "host=db password=se cret=x",
+                "it holds an unknown option (not shown",
+            ),
+            (
+                "host=db sslrootcert=x",
+                "option 'sslrootcert' is not supported",
+            ),
+            ("host=db port=se", "the value of option 'port' is invalid"),
+            ("host=db password='secret", "a quoted value is not closed"),
+            ("postgres://db/x?secret", "a URL parameter has no '='"),
+        ] {
+            match Database::new(string) {
+                Err(error) => {
+                    let shown = error.to_string();
+                    assert!(shown.contains(expected), "{string}: {shown}");
+                    assert!(!shown.contains("cret") && !shown.contains("=se"), "{shown}");
+                }
+                Ok(_) => panic!("{string} parsed"),
+            }
+        }
+    }
+
+    #[test]
     fn schema_names_are_checked() {
         let database = Database::new("postgres://localhost/db").ok();
-        assert!(
-            database
-                .clone()
-                .and_then(|d| d.schema("tenant_1").ok())
-                .is_some()
-        );
-        for bad in ["", "1abc", "a-b", "a b", "x\"; drop"] {
+        for good in ["tenant_1", "TenantA", &"x".repeat(63)] {
+            assert!(
+                database.clone().and_then(|d| d.schema(good).ok()).is_some(),
+                "{good}"
+            );
+        }
+        for bad in ["", "1abc", "a-b", "a b", "x\"; drop", &"x".repeat(64)] {
             assert!(
                 database
                     .clone()
@@ -257,5 +425,21 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_users_options_come_before_the_schema_and_after_the_keepalives() {
+        let database = Database::new("postgres://db/x?options=-c%20statement_timeout%3D5")
+            .and_then(|d| d.schema("TenantA"));
+        let options = database
+            .as_ref()
+            .ok()
+            .and_then(|d| d.config.get_options())
+            .unwrap_or_default();
+        assert_eq!(
+            options,
+            "-c tcp_keepalives_idle=15 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
+             -c tcp_user_timeout=30000 -c statement_timeout=5 -c search_path=\"TenantA\""
+        );
     }
 }

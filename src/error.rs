@@ -22,6 +22,39 @@ pub enum Error {
         /// Why it cannot be used and what to give instead.
         reason: String,
     },
+    /// A connection string could not be used. Neither field holds any part of it.
+    InvalidConnectionString {
+        /// Where it came from, such as `DATABASE_URL (from the environment)`.
+        setting: String,
+        /// Why, in words that quote nothing of the string.
+        reason: String,
+    },
+    /// A required setting was not given.
+    NotSet {
+        /// The setting, such as `DATABASE_URL`.
+        setting: String,
+        /// How to give it.
+        hint: String,
+    },
+    /// The server refused the login: wrong password, unknown user, or a user that may not log
+    /// in from here.
+    LoginRefused {
+        /// Where, with the password removed.
+        target: String,
+        /// Where the connection string came from.
+        setting: String,
+        /// The driver's error.
+        source: postgres::Error,
+    },
+    /// The database named in the connection string does not exist on the server.
+    NoSuchDatabase {
+        /// Where, with the password removed.
+        target: String,
+        /// Where the connection string came from.
+        setting: String,
+        /// The driver's error.
+        source: postgres::Error,
+    },
     /// The database could not be reached.
     Connect {
         /// Where, with the password removed.
@@ -116,6 +149,13 @@ pub enum Error {
         /// The projection's error.
         source: BoxError,
     },
+    /// A flag that no longer exists was given.
+    RemovedFlag {
+        /// The flag.
+        flag: String,
+        /// What to do instead.
+        instead: String,
+    },
     /// A destructive command was not confirmed.
     NotConfirmed {
         /// What it would do, in words.
@@ -138,7 +178,7 @@ pub enum Error {
 
 impl Error {
     /// True when the error comes from how the projector was configured or invoked (bad
-    /// setting, missing tables, partition layout mismatch, a layout replaced under a running
+    /// setting or connection string, a login refused, no such database, missing tables, partition layout mismatch, a layout replaced under a running
     /// process, a reset refused or not confirmed), rather than from a failure at run time. The
     /// command-line tool exits with code 2 for these: starting again with the same flags would
     /// not help.
@@ -146,11 +186,16 @@ impl Error {
         matches!(
             self,
             Error::InvalidSetting { .. }
+                | Error::InvalidConnectionString { .. }
+                | Error::NotSet { .. }
+                | Error::LoginRefused { .. }
+                | Error::NoSuchDatabase { .. }
                 | Error::MissingTables { .. }
                 | Error::LayoutMismatch { .. }
                 | Error::Fenced { .. }
                 | Error::ProjectionRunning { .. }
                 | Error::NotConfirmed { .. }
+                | Error::RemovedFlag { .. }
         )
     }
 
@@ -222,6 +267,24 @@ impl fmt::Display for Error {
                 value,
                 reason,
             } => write!(f, "invalid value '{value}' for {setting}: {reason}"),
+            Error::InvalidConnectionString { setting, reason } => {
+                write!(f, "{setting} is not a valid connection string: {reason}")
+            }
+            Error::NotSet { setting, hint } => write!(f, "{setting} is not set: {hint}"),
+            Error::LoginRefused {
+                target, setting, ..
+            } => write!(
+                f,
+                "the database at {target} refused the login: check the user and password in \
+                 {setting}"
+            ),
+            Error::NoSuchDatabase {
+                target, setting, ..
+            } => write!(
+                f,
+                "no such database at {target}: check the database name in {setting}, or create \
+                 the database"
+            ),
             Error::Connect { target, .. } => {
                 write!(f, "could not connect to the database at {target}")
             }
@@ -253,7 +316,8 @@ impl fmt::Display for Error {
                 if stored.len() == 1 {
                     write!(
                         f,
-                        ", or pass --repartition to move to {requested} partitions exactly"
+                        ", or run `projector repartition --projection {projection} --to \
+                         {requested}` to move to {requested} partitions exactly"
                     )
                 } else {
                     f.write_str(", or rebuild the projection with `projector reset`")
@@ -319,6 +383,7 @@ impl fmt::Display for Error {
             Error::ReadModel {
                 projection, action, ..
             } => write!(f, "projection '{projection}' failed while {action}"),
+            Error::RemovedFlag { flag, instead } => write!(f, "{flag} was removed: {instead}"),
             Error::NotConfirmed { action } => write!(f, "{action}; pass --yes to go ahead"),
             Error::ThreadPanicked { thread } => write!(f, "thread '{thread}' panicked"),
             Error::Unavailable { waited, .. } => write!(
@@ -334,7 +399,10 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Connect { source, .. } | Error::Database { source, .. } => Some(source),
+            Error::Connect { source, .. }
+            | Error::LoginRefused { source, .. }
+            | Error::NoSuchDatabase { source, .. }
+            | Error::Database { source, .. } => Some(source),
             Error::Pool { source } => Some(source),
             Error::Unavailable { source, .. } => Some(source.as_ref()),
             Error::Projection { source, .. } | Error::ReadModel { source, .. } => {

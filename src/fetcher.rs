@@ -133,7 +133,7 @@ impl Reader {
             None
         };
         client
-            .batch_execute(&format!("LISTEN \"{}\"", database.channel()))
+            .batch_execute(database.listen_statement())
             .map_err(Error::database("listening for appends"))?;
         Ok(Reader {
             client,

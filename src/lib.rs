@@ -28,8 +28,9 @@
 //!
 //! # Changing the number of partitions
 //! Starting a projection with another partition count than its checkpoints were written under
-//! is refused ([`Error::LayoutMismatch`]) unless [`Builder::repartition`] is set. Then the old
-//! layout's checkpoint vector `C` is recorded and its rows replaced: every new partition starts
+//! is refused ([`Error::LayoutMismatch`]); the count changes only through [`repartition`], so a
+//! process restarted with stale flags cannot move the layout back. [`repartition`] records the
+//! old layout's checkpoint vector `C` and replaces its rows: every new partition starts
 //! at `min(C)` and skips an event exactly when `position <= C[partition_of(aggregate, old
 //! count)]`, until it passes `max(C)`; chains of changes keep the list of earlier vectors
 //! still needed ([`EarlierLayout`]). A runner of a replaced layout finds its checkpoint row gone
@@ -101,8 +102,8 @@ mod worker;
 
 use std::time::Duration;
 
-pub use checkpoint::{CheckpointStatus, EarlierLayout, reset, status};
-pub use database::{Database, Pool, redact};
+pub use checkpoint::{CheckpointStatus, EarlierLayout, LayoutChange, repartition, reset, status};
+pub use database::{Database, Pool};
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent};
 pub use partition::{

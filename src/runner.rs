@@ -105,17 +105,6 @@ impl<P: Projection> Builder<P> {
         self
     }
 
-    /// Allows changing the number of partitions: when the projection's checkpoints were
-    /// written under another partition count, that layout is replaced by this one at start,
-    /// exactly (no event applied twice, none skipped; see the crate docs). Processes still
-    /// running the old layout stop at their next transaction with [`Error::Fenced`]. Without
-    /// it, a different partition count is refused with [`Error::LayoutMismatch`], so that a
-    /// typo cannot re-partition.
-    pub fn repartition(mut self, repartition: bool) -> Self {
-        self.settings.repartition = repartition;
-        self
-    }
-
     /// Replaces every setting at once.
     pub fn settings(mut self, settings: Settings) -> Self {
         self.settings = settings;
@@ -127,7 +116,7 @@ impl<P: Projection> Builder<P> {
     ///
     /// Fails before starting any thread when a setting is out of range, the database cannot be
     /// reached, the tables are missing, or the projection's checkpoints were written under
-    /// another partition count (unless [`repartition`](Self::repartition) is set).
+    /// another partition count (change it with [`repartition`](crate::repartition) first).
     pub fn start(self) -> Result<Runner, Error> {
         self.check()?;
         let Builder {
@@ -145,7 +134,7 @@ impl<P: Projection> Builder<P> {
         let mut reader = database.connect()?;
         store::check_tables(&mut reader, database.schema_name())?;
         store::check_sequence(&mut reader)?;
-        let layout = checkpoint::claim_layout(&mut reader, &name, total, settings.repartition)?;
+        let layout = checkpoint::claim_layout(&mut reader, &name, total, false)?;
         {
             let mut tx = reader
                 .transaction()

@@ -43,9 +43,6 @@ pub struct Settings {
     /// Stop once every owned partition has caught up with the head of the stream as it was at
     /// start. Default off: run until shut down.
     pub exit_when_caught_up: bool,
-    /// When the projection's checkpoints were written under another partition count, replace
-    /// that layout by this one, exactly (see [`Builder::repartition`]). Default off: refuse.
-    pub repartition: bool,
     /// How long a thread keeps trying to reach the database before the runner gives up with
     /// [`Error::Unavailable`](crate::Error::Unavailable); shorter outages are ridden out.
     /// Default 10 minutes.
@@ -72,7 +69,6 @@ impl Default for Settings {
             retry_delay: Duration::from_millis(100),
             max_retry_delay: Duration::from_secs(5),
             exit_when_caught_up: false,
-            repartition: false,
             liveness_interval: Duration::from_secs(1),
             give_up_after: Duration::from_secs(600),
         }

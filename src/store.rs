@@ -2,6 +2,7 @@
 
 use postgres::{GenericClient, Row};
 
+use crate::database::notify_channel;
 use crate::event::{Event, ExpectedVersion, NewEvent};
 use crate::{Database, Error};
 
@@ -42,8 +43,9 @@ pub fn migrate(database: &Database) -> Result<(), Error> {
          SELECT pg_advisory_xact_lock(hashtext('projector migrate'))",
     )
     .map_err(Error::database("waiting for other migrations"))?;
+    // Quoted, so that the name is taken exactly as given (case included).
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {}",
+        "CREATE SCHEMA IF NOT EXISTS \"{}\"",
         database.schema_name()
     ))
     .map_err(Error::database(format!(
@@ -176,7 +178,8 @@ pub fn append(
         .transaction()
         .map_err(Error::database("starting an append"))?;
     let outcome = tx.query_one(
-        "WITH current AS ( \
+        concat!(
+            "WITH current AS ( \
              SELECT COALESCE((SELECT aggregate_version FROM aggregate_heads \
                  WHERE bounded_context = $1 AND aggregate_type = $2 AND aggregate_id = $3 \
                  FOR UPDATE), 0) AS version \
@@ -204,8 +207,10 @@ pub fn append(
          ) \
          SELECT (SELECT version FROM current), \
              ARRAY(SELECT global_position FROM inserted ORDER BY 1), \
-             pg_notify('projector_events_' || current_schema(), \
-                 (SELECT MAX(global_position) FROM inserted)::text)::text",
+             pg_notify(",
+            notify_channel!(),
+            ", (SELECT MAX(global_position) FROM inserted)::text)::text"
+        ),
         &[
             &first.bounded_context,
             &first.aggregate_type,

@@ -35,9 +35,8 @@ pub(crate) struct Args {
     #[argh(switch)]
     pub(crate) exit_when_caught_up: bool,
 
-    /// if the checkpoints were written under another partition count, change to this one,
-    /// exactly; processes of the old layout stop at their next transaction
-    #[argh(switch)]
+    /// removed: exits 2 saying to run `projector repartition` instead
+    #[argh(switch, hidden_help)]
     pub(crate) repartition: bool,
 
     /// database connection string (env DATABASE_URL)
@@ -47,6 +46,12 @@ pub(crate) struct Args {
     /// schema holding the tables, default public (env PROJECTOR_SCHEMA)
     #[argh(option)]
     pub(crate) schema: Option<String>,
+
+    /// seconds after which a connection whose network went silent counts as dead, on both
+    /// ends (TCP keepalives and user timeout), from 5 to 86400, default 30 (env
+    /// PROJECTOR_KEEPALIVE_TIMEOUT_SECS)
+    #[argh(option)]
+    pub(crate) keepalive_timeout_secs: Option<String>,
 
     #[argh(subcommand)]
     pub(crate) command: Option<Command>,
@@ -59,6 +64,7 @@ pub(crate) enum Command {
     Seed(Seed),
     Status(Status),
     Reset(Reset),
+    Repartition(Repartition),
 }
 
 /// Create the event store and checkpoint tables (safe to run again).
@@ -113,6 +119,21 @@ pub(crate) struct Reset {
     /// go ahead (without it, only says what would be cleared)
     #[argh(switch)]
     pub(crate) yes: bool,
+}
+
+/// Change a projection's number of partitions, exactly: no event is applied twice or skipped.
+/// Processes still running the old layout stop at their next transaction; start the new
+/// layout's processes with --total-partitions set to the new count afterwards.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "repartition")]
+pub(crate) struct Repartition {
+    /// the projection: users, aggregate-stats, aggregate-stats-batch or noop
+    #[argh(option)]
+    pub(crate) projection: String,
+
+    /// the new number of partitions
+    #[argh(option)]
+    pub(crate) to: String,
 }
 
 /// How parsing the command line ended, when it did not give a command to run.

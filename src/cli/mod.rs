@@ -3,17 +3,29 @@
 pub(crate) mod args;
 mod seed;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use log::{info, warn};
 use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, Users};
-use projector::{Builder, CheckpointStatus, Database, Error, Projection, Summary};
+use projector::{
+    Builder, CheckpointStatus, Database, Error, LayoutChange, Projection, Stopper, Summary,
+};
 use serde_json::{Value, json};
 
 use args::{Args, Command, flag_or_env};
 
 pub(crate) fn run(args: Args) -> Result<(), Error> {
+    if args.repartition {
+        return Err(Error::RemovedFlag {
+            flag: "--repartition".into(),
+            instead: "a process no longer changes the number of partitions at start (a \
+                      supervisor restarting it with stale flags would move the layout back); \
+                      run `projector repartition --projection NAME --to N` once, then start the \
+                      processes with --total-partitions N"
+                .into(),
+        });
+    }
     let database = database(&args)?;
     match args.command {
         Some(Command::Migrate(_)) => {
@@ -32,6 +44,7 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
             "noop" => reset_projection(&database, Noop, reset.yes),
             other => Err(unknown_projection(other)),
         },
+        Some(Command::Repartition(ref change)) => repartition(&database, change),
         None => match args.projection.as_str() {
             "users" => run_projection(&args, database, Users),
             "aggregate-stats" => run_projection(&args, database, AggregateStats),
@@ -50,16 +63,59 @@ fn unknown_projection(name: &str) -> Error {
     )
 }
 
+/// `projector repartition`: changes the layout and says what changed.
+fn repartition(database: &Database, change: &args::Repartition) -> Result<(), Error> {
+    let name = change.projection.as_str();
+    if !KNOWN_PROJECTIONS.contains(&name) {
+        return Err(unknown_projection(name));
+    }
+    let total = projector::parse_total_partitions("--to", &change.to)?;
+    match projector::repartition(database, name, total)? {
+        LayoutChange::Replaced { from } => println!(
+            "projection '{name}' now has {total} partitions (was {from}): start its processes \
+             with --total-partitions {total}; processes still running with {from} stop at their \
+             next transaction"
+        ),
+        LayoutChange::Created => println!(
+            "projection '{name}' now has {total} partitions (it had no checkpoints): start its \
+             processes with --total-partitions {total}"
+        ),
+        _ => println!("projection '{name}' already has {total} partitions: nothing to do"),
+    }
+    Ok(())
+}
+
+const KNOWN_PROJECTIONS: [&str; 4] = ["users", "aggregate-stats", "aggregate-stats-batch", "noop"];
+
 fn database(args: &Args) -> Result<Database, Error> {
-    let Some((_, url)) = flag_or_env("--database-url", args.database_url.clone(), "DATABASE_URL")
+    let Some((setting, url)) =
+        flag_or_env("--database-url", args.database_url.clone(), "DATABASE_URL")
     else {
-        return Err(Error::invalid_setting(
-            "DATABASE_URL",
-            "",
-            "not set: set DATABASE_URL or pass --database-url, e.g. postgres://user@localhost:5432/db",
-        ));
+        return Err(Error::NotSet {
+            setting: "DATABASE_URL".into(),
+            hint: "set DATABASE_URL or pass --database-url, e.g. \
+                   DATABASE_URL=postgres://user:password@localhost:5432/dbname"
+                .into(),
+        });
     };
-    let database = Database::new(&url)?;
+    let mut database = Database::from_setting(&setting, &url)?;
+    if let Some((flag, text)) = flag_or_env(
+        "--keepalive-timeout-secs",
+        args.keepalive_timeout_secs.clone(),
+        "PROJECTOR_KEEPALIVE_TIMEOUT_SECS",
+    ) {
+        let seconds = positive(&flag, &text)?;
+        database = database
+            .keepalive_timeout_secs(seconds)
+            .map_err(|error| match error {
+                Error::InvalidSetting { reason, .. } => Error::InvalidSetting {
+                    setting: flag,
+                    value: text,
+                    reason,
+                },
+                other => other,
+            })?;
+    }
     match flag_or_env("--schema", args.schema.clone(), "PROJECTOR_SCHEMA") {
         Some((_, schema)) => database.schema(&schema),
         None => Ok(database),
@@ -71,6 +127,16 @@ fn run_projection<P: Projection>(
     database: Database,
     projection: P,
 ) -> Result<(), Error> {
+    // Before anything that may wait (the layout or setup lock, the database), so that a signal
+    // during start-up stops the process cleanly rather than killing it.
+    let signals = Arc::new(Mutex::new(Signals::Starting));
+    let handler = {
+        let signals = Arc::clone(&signals);
+        ctrlc::set_handler(move || on_signal(&signals))
+    };
+    if let Err(error) = handler {
+        warn!("could not install the Ctrl-C handler ({error}); stop with SIGKILL");
+    }
     let (total_flag, total_text) = flag_or_env(
         "--total-partitions",
         args.total_partitions.clone(),
@@ -97,8 +163,7 @@ fn run_projection<P: Projection>(
     let mut builder = Builder::new(database, projection)
         .partitions(keys)
         .total_partitions(total)
-        .exit_when_caught_up(args.exit_when_caught_up)
-        .repartition(args.repartition);
+        .exit_when_caught_up(args.exit_when_caught_up);
     if let Some(text) = &args.batch_size {
         builder = builder.batch_size(positive("--batch-size", text)?);
     }
@@ -116,20 +181,7 @@ fn run_projection<P: Projection>(
         builder = builder.give_up_after(duration(&flag, &text)?);
     }
     let runner = builder.start()?;
-    let stopper = runner.stopper();
-    let interrupts = AtomicU32::new(0);
-    let handler = ctrlc::set_handler(move || {
-        if interrupts.fetch_add(1, Ordering::SeqCst) == 0 {
-            info!("stopping: finishing the transactions in flight (press Ctrl-C again to force)");
-            stopper.stop();
-        } else {
-            eprintln!("forced stop");
-            std::process::exit(130);
-        }
-    });
-    if let Err(error) = handler {
-        warn!("could not install the Ctrl-C handler ({error}); stop with SIGKILL");
-    }
+    *lock(&signals) = Signals::Running(runner.stopper());
     let summary = runner.join()?;
     log_summary(&summary);
     Ok(())
@@ -156,6 +208,42 @@ fn duration(flag: &str, text: &str) -> Result<Duration, Error> {
             "expected a duration of at least 1 second, such as 90s, 10m or 1h (a bare number is \
              seconds)",
         )),
+    }
+}
+
+/// Where the process stands when a signal (Ctrl-C, SIGTERM) arrives.
+enum Signals {
+    /// Starting: nothing is applied yet, so the process may end at once.
+    Starting,
+    /// Running: the first signal stops the runner.
+    Running(Stopper),
+    /// Stopping after a signal: another one forces the stop.
+    Stopping,
+}
+
+fn lock(signals: &Mutex<Signals>) -> MutexGuard<'_, Signals> {
+    signals
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn on_signal(signals: &Mutex<Signals>) {
+    let mut state = lock(signals);
+    match std::mem::replace(&mut *state, Signals::Stopping) {
+        Signals::Starting => {
+            // Whatever start-up had open (a transaction waiting on a lock) is rolled back by
+            // the server when the connection closes.
+            info!("stopped during start-up: nothing was applied");
+            std::process::exit(0);
+        }
+        Signals::Running(stopper) => {
+            info!("stopping: finishing the transactions in flight (press Ctrl-C again to force)");
+            stopper.stop();
+        }
+        Signals::Stopping => {
+            eprintln!("forced stop");
+            std::process::exit(130);
+        }
     }
 }
 

@@ -37,10 +37,10 @@ fn standbys_of_a_replaced_layout_are_fenced_and_never_hold_the_new_layout_back()
     let standby = start_live(&schema, 0..4, 4);
     std::thread::sleep(Duration::from_millis(500));
 
+    projector::repartition(&schema.database, "aggregate-stats", 3).expect("re-partition to 3");
     let new = Builder::new(schema.database.clone(), AggregateStats)
         .partitions(0..3)
         .total_partitions(3)
-        .repartition(true)
         .poll_interval(Duration::from_millis(50))
         .start()
         .expect("start the new layout");

@@ -4,11 +4,13 @@
 #![allow(unreachable_pub)]
 
 mod cli;
+mod connection;
 mod gap;
 mod hardening;
 mod newcomer;
 mod partition;
 mod repartition;
+mod repartition_command;
 mod runtime;
 mod store;
 mod util;

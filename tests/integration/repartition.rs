@@ -64,7 +64,7 @@ fn checkpoints(schema: &TestSchema, total: u32) -> Vec<i64> {
         .collect()
 }
 
-/// Runs layout `total` (switching to it with `repartition`), each partition by itself up to a
+/// Runs layout `total` (switching to it with [`projector::repartition`]), each partition by itself up to a
 /// random position of its own (none, part-way, or to the end), and returns its checkpoints.
 fn run_to_random_points(schema: &TestSchema, total: u32, events: i64) -> Vec<i64> {
     let limits: Vec<i64> = (0..total)
@@ -77,6 +77,7 @@ fn run_to_random_points(schema: &TestSchema, total: u32, events: i64) -> Vec<i64
     let projection = StopsAfter {
         limits: Arc::new(limits.clone()),
     };
+    projector::repartition(&schema.database, "aggregate-stats", total).expect("repartition");
     for key in 0..total {
         let mut settings = Settings::default();
         settings.max_attempts = 1;
@@ -85,7 +86,6 @@ fn run_to_random_points(schema: &TestSchema, total: u32, events: i64) -> Vec<i64
             .partitions([key])
             .total_partitions(total)
             .batch_size(1 + random_below(40) as u32)
-            .repartition(true)
             .exit_when_caught_up(true)
             .start()
             .and_then(|runner| runner.join());
@@ -99,9 +99,10 @@ fn run_to_random_points(schema: &TestSchema, total: u32, events: i64) -> Vec<i64
     reached
 }
 
-/// Runs layout `total` (switching to it with `repartition`), each partition as a live runner
+/// Runs layout `total` (switching to it with [`projector::repartition`]), each partition as a live runner
 /// of its own, shut down once its checkpoint passed a random position; returns the checkpoints.
 fn run_live_and_stop_at_random_points(schema: &TestSchema, total: u32, events: i64) -> Vec<i64> {
+    projector::repartition(&schema.database, "aggregate-stats", total).expect("repartition");
     for key in 0..total {
         // 0: started and stopped at once.
         let target = random_below(events as u64 + 1) as i64;
@@ -109,7 +110,6 @@ fn run_live_and_stop_at_random_points(schema: &TestSchema, total: u32, events: i
             .partitions([key])
             .total_partitions(total)
             .batch_size(9)
-            .repartition(true)
             .start()
             .unwrap_or_else(|e| panic!("layout {total}, partition {key}: {e}"));
         eventually(
@@ -142,13 +142,16 @@ fn join_within(runner: Runner, limit: Duration) -> Result<Summary, Error> {
         .unwrap_or_else(|_| panic!("the runner did not stop within {limit:?}"))
 }
 
-/// One runner owning every partition of `total`, to the end.
+/// One runner owning every partition of `total` (switched to first with `repartition`), to
+/// the end.
 fn catch_up(schema: &TestSchema, total: u32, repartition: bool) -> Result<Summary, Error> {
+    if repartition {
+        projector::repartition(&schema.database, "aggregate-stats", total)?;
+    }
     Builder::new(schema.database.clone(), AggregateStats)
         .partitions(0..total)
         .total_partitions(total)
         .batch_size(41)
-        .repartition(repartition)
         .exit_when_caught_up(true)
         .start()?
         .join()
@@ -236,11 +239,11 @@ fn a_runner_of_the_old_layout_still_running_is_fenced_and_applies_nothing_after_
         schema.stats_applied() == first
     });
 
+    projector::repartition(&schema.database, "aggregate-stats", 3).expect("repartition");
     let new = Builder::new(schema.database.clone(), AggregateStats)
         .partitions(0..3)
         .total_partitions(3)
         .batch_size(25)
-        .repartition(true)
         .start()
         .expect("start the new layout");
     let switched = Instant::now();
@@ -296,18 +299,18 @@ fn a_process_of_a_replaced_layout_is_fenced_even_when_its_partition_count_comes_
         schema.stats_applied() == first
     });
     // 4 → 2 → 4 while the first runner sleeps: its rows are back, but not its generation.
+    projector::repartition(&schema.database, "aggregate-stats", 2).expect("repartition to 2");
     let switch = Builder::new(schema.database.clone(), AggregateStats)
         .partitions([0])
         .total_partitions(2)
-        .repartition(true)
         .start()
         .expect("switch to 2");
     switch.shutdown();
     switch.join().expect("the 2-partition runner stops");
+    projector::repartition(&schema.database, "aggregate-stats", 4).expect("repartition to 4");
     let back = Builder::new(schema.database.clone(), AggregateStats)
         .partitions(0..4)
         .total_partitions(4)
-        .repartition(true)
         .start()
         .expect("switch back to 4");
     let second = schema.seed(60, 5);
