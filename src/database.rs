@@ -21,6 +21,12 @@ const KEEPALIVE_TIMEOUT_SECS: u32 = 30;
 /// The bounds [`Database::keepalive_timeout_secs`] accepts, in seconds.
 const KEEPALIVE_TIMEOUT_RANGE: std::ops::RangeInclusive<u32> = 5..=86_400;
 
+/// The default bound on how long a paused or cut-off process keeps its partitions, in seconds.
+const SESSION_TIMEOUT_SECS: u32 = 60;
+
+/// The bounds [`Database::session_timeout_secs`] accepts, in seconds.
+const SESSION_TIMEOUT_RANGE: std::ops::RangeInclusive<u32> = 5..=86_400;
+
 /// Unanswered keepalive probes after which a connection counts as dead.
 const KEEPALIVE_PROBES: u32 = 3;
 
@@ -49,6 +55,7 @@ pub struct Database {
     user_options: Option<String>,
     schema: String,
     keepalive_timeout_secs: u32,
+    session_timeout_secs: u32,
     target: String,
     /// Where the connection string came from, such as `DATABASE_URL`.
     setting: String,
@@ -88,6 +95,7 @@ impl Database {
             config,
             schema: "public".to_owned(),
             keepalive_timeout_secs: KEEPALIVE_TIMEOUT_SECS,
+            session_timeout_secs: SESSION_TIMEOUT_SECS,
             target,
             setting: setting.to_owned(),
         };
@@ -139,6 +147,31 @@ impl Database {
         }
         self.keepalive_timeout_secs = seconds;
         self.apply_settings();
+        Ok(self)
+    }
+
+    /// Bounds how long a process that stops answering while its connections stay open (paused
+    /// with SIGSTOP, a frozen VM, a network that holds the connection without passing data)
+    /// keeps its partitions: the server ends a worker's session that stays idle, or idle in a
+    /// transaction, for this long, which releases its partition and row locks, so that a
+    /// standby takes over. Live workers talk to the server every second, so only a process
+    /// that has stopped is ended; a projection must not keep its transaction idle (computing
+    /// without a statement) for this long. From 5 to 86,400 seconds; default 60. Needs
+    /// PostgreSQL 14 or later. Options of the same names in the connection string's `options`
+    /// win over it.
+    pub fn session_timeout_secs(mut self, seconds: u32) -> Result<Database, Error> {
+        if !SESSION_TIMEOUT_RANGE.contains(&seconds) {
+            return Err(Error::invalid_setting(
+                "--session-timeout-secs",
+                seconds,
+                format!(
+                    "expected a whole number of seconds from {} to {}",
+                    SESSION_TIMEOUT_RANGE.start(),
+                    SESSION_TIMEOUT_RANGE.end()
+                ),
+            ));
+        }
+        self.session_timeout_secs = seconds;
         Ok(self)
     }
 
@@ -203,9 +236,19 @@ impl Database {
         })
     }
 
-    /// A pool of at most `size` connections, opened lazily.
+    /// A pool of at most `size` connections, opened lazily, for the workers: the server ends
+    /// their sessions once idle for the [session timeout](Self::session_timeout_secs), and
+    /// looks for a vanished client every few seconds while a statement runs.
     pub fn pool(&self, size: u32) -> Pool {
-        let manager = PostgresConnectionManager::new(self.config.clone(), NoTls);
+        let timeout = self.session_timeout_secs;
+        let mut config = self.config.clone();
+        config.options(&format!(
+            "-c idle_session_timeout={timeout}s -c idle_in_transaction_session_timeout={timeout}s \
+             -c client_connection_check_interval={}s {}",
+            timeout.min(5),
+            self.config.get_options().unwrap_or_default()
+        ));
+        let manager = PostgresConnectionManager::new(config, NoTls);
         r2d2::Pool::builder()
             .max_size(size.max(1))
             .min_idle(Some(0))
@@ -229,6 +272,7 @@ impl fmt::Debug for Database {
             .field("target", &self.target)
             .field("schema", &self.schema)
             .field("keepalive_timeout_secs", &self.keepalive_timeout_secs)
+            .field("session_timeout_secs", &self.session_timeout_secs)
             .finish()
     }
 }

@@ -53,6 +53,12 @@ pub(crate) struct Args {
     #[argh(option)]
     pub(crate) keepalive_timeout_secs: Option<String>,
 
+    /// seconds after which the server ends a worker's session that stopped answering while its
+    /// connection stays open (a paused process), freeing its partitions for a standby, from 5
+    /// to 86400, default 60 (env PROJECTOR_SESSION_TIMEOUT_SECS)
+    #[argh(option)]
+    pub(crate) session_timeout_secs: Option<String>,
+
     #[argh(subcommand)]
     pub(crate) command: Option<Command>,
 }

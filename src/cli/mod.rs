@@ -105,21 +105,32 @@ fn database(args: &Args) -> Result<Database, Error> {
         "PROJECTOR_KEEPALIVE_TIMEOUT_SECS",
     ) {
         let seconds = positive(&flag, &text)?;
-        database = database
-            .keepalive_timeout_secs(seconds)
-            .map_err(|error| match error {
-                Error::InvalidSetting { reason, .. } => Error::InvalidSetting {
-                    setting: flag,
-                    value: text,
-                    reason,
-                },
-                other => other,
-            })?;
+        database = named(database.keepalive_timeout_secs(seconds), &flag, &text)?;
+    }
+    if let Some((flag, text)) = flag_or_env(
+        "--session-timeout-secs",
+        args.session_timeout_secs.clone(),
+        "PROJECTOR_SESSION_TIMEOUT_SECS",
+    ) {
+        let seconds = positive(&flag, &text)?;
+        database = named(database.session_timeout_secs(seconds), &flag, &text)?;
     }
     match flag_or_env("--schema", args.schema.clone(), "PROJECTOR_SCHEMA") {
         Some((_, schema)) => database.schema(&schema),
         None => Ok(database),
     }
+}
+
+/// A setting's error, naming the flag or variable the value came from.
+fn named<T>(result: Result<T, Error>, flag: &str, text: &str) -> Result<T, Error> {
+    result.map_err(|error| match error {
+        Error::InvalidSetting { reason, .. } => Error::InvalidSetting {
+            setting: flag.to_owned(),
+            value: text.to_owned(),
+            reason,
+        },
+        other => other,
+    })
 }
 
 fn run_projection<P: Projection>(

@@ -358,3 +358,69 @@ fn a_give_up_limit_that_is_not_a_duration_is_refused_naming_the_flag() {
         );
     }
 }
+
+/// The binary live on both partitions of 2, with a short session timeout.
+fn spawn_with_session_timeout(schema: &TestSchema, seconds: &str) -> Child {
+    schema
+        .projector(&[
+            "--partition-key",
+            "0-1",
+            "--total-partitions",
+            "2",
+            "--projection",
+            "aggregate-stats",
+            "--session-timeout-secs",
+            seconds,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the projector")
+}
+
+#[test]
+fn a_paused_owner_loses_its_partitions_within_the_session_timeout_and_applies_nothing_twice() {
+    let schema = TestSchema::migrated("paused_owner");
+    let first = schema.seed(50, 4);
+    let owner = spawn_with_session_timeout(&schema, "5");
+    eventually("the owner to catch up", LIMIT, || {
+        schema.stats_applied() == first
+    });
+    let standby = spawn_with_session_timeout(&schema, "5");
+    std::thread::sleep(Duration::from_secs(1));
+
+    signal(&owner, "STOP");
+    let paused = Instant::now();
+    let second = schema.seed_prefixed("during", 50, 2);
+    eventually(
+        "the standby to take over from the paused owner",
+        Duration::from_secs(30),
+        || schema.stats_applied() == first + second,
+    );
+    let took = paused.elapsed();
+
+    signal(&owner, "CONT");
+    let third = schema.seed_prefixed("after", 50, 1);
+    eventually("the events after the owner came back", LIMIT, || {
+        schema.stats_applied() == first + second + third
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    for child in [&owner, &standby] {
+        signal(child, "TERM");
+    }
+    let owner = wait_within(owner, Duration::from_secs(20));
+    let standby = wait_within(standby, Duration::from_secs(20));
+    assert_eq!(
+        owner.status.code(),
+        Some(0),
+        "the owner, back from its pause: {}",
+        text(&owner.stderr)
+    );
+    assert_eq!(standby.status.code(), Some(0), "{}", text(&standby.stderr));
+    assert_eq!(schema.stats_applied(), first + second + third);
+    assert_eq!(schema.stats_mismatches(), 0, "nothing applied twice");
+    assert!(
+        took < Duration::from_secs(5 + 5),
+        "the standby took {took:?} with a 5 s session timeout"
+    );
+}
