@@ -10,9 +10,7 @@ const VECTORS: &str = concat!(
 
 #[test]
 fn partition_of_matches_every_reference_vector() {
-    let table = std::fs::read_to_string(VECTORS).unwrap_or_else(|e| {
-        panic!("read {VECTORS}: {e}")
-    });
+    let table = std::fs::read_to_string(VECTORS).unwrap_or_else(|e| panic!("read {VECTORS}: {e}"));
     let mut lines = table.lines().filter(|line| !line.starts_with('#'));
     let header: Vec<&str> = lines.next().expect("a header line").split('\t').collect();
     assert_eq!(header[..2], ["aggregate_id", "fnv1a32"]);
