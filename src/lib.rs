@@ -90,6 +90,7 @@ mod error;
 mod event;
 mod fetcher;
 mod gap;
+mod migration;
 mod partition;
 mod projection;
 pub mod projections;
@@ -103,13 +104,14 @@ pub use checkpoint::{CheckpointStatus, EarlierLayout, reset, status};
 pub use database::{Database, Pool, redact};
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent};
+pub use migration::migrate;
 pub use partition::{
     MAX_PARTITIONS, fnv1a32, parse_partition_keys, parse_total_partitions, partition_of,
 };
 pub use postgres;
 pub use projection::{Context, Projection};
 pub use runner::{Builder, Runner, Settings, Stopper, Summary};
-pub use store::{append, migrate, read_stream};
+pub use store::{append, read_stream};
 pub use worker::PartitionSummary;
 
 /// An error and all its causes, as one line: `outer: cause: root cause`.

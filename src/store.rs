@@ -3,70 +3,22 @@
 use postgres::{GenericClient, Row};
 
 use crate::event::{Event, ExpectedVersion, NewEvent};
-use crate::{Database, Error};
-
-const MIGRATIONS: &[(&str, &str)] = &[
-    (
-        "001_event_store",
-        include_str!("../sql/001_event_store.sql"),
-    ),
-    (
-        "002_checkpoints",
-        include_str!("../sql/002_checkpoints.sql"),
-    ),
-    ("003_layouts", include_str!("../sql/003_layouts.sql")),
-];
-
-/// The tables the projector reads and writes, in the configured schema.
-pub(crate) const REQUIRED_TABLES: &[&str] = &[
-    "events",
-    "aggregate_heads",
-    "projection_checkpoints",
-    "projection_priors",
-];
+use crate::{Error, migration};
 
 /// The columns of an event, in the order [`event_from_row`] reads them.
 pub(crate) const EVENT_COLUMNS: &str = "global_position, bounded_context, aggregate_type, \
     aggregate_id, aggregate_version, event_id, event_type, event_version, payload, trace_id, \
     correlation_id, causation_id, metadata::text, created_at";
 
-/// Creates the schema and the projector's tables where they are missing. Safe to run again,
-/// and from several processes at once.
-pub fn migrate(database: &Database) -> Result<(), Error> {
-    let mut client = database.connect()?;
-    let mut tx = client
-        .transaction()
-        .map_err(Error::database("starting the migration"))?;
-    tx.batch_execute(
-        "SET LOCAL client_min_messages = warning; \
-         SELECT pg_advisory_xact_lock(hashtext('projector migrate'))",
-    )
-    .map_err(Error::database("waiting for other migrations"))?;
-    tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {}",
-        database.schema_name()
-    ))
-    .map_err(Error::database(format!(
-        "creating schema '{}'",
-        database.schema_name()
-    )))?;
-    for (name, sql) in MIGRATIONS {
-        tx.batch_execute(sql)
-            .map_err(Error::database(format!("applying migration {name}")))?;
-    }
-    tx.commit()
-        .map_err(Error::database("committing the migration"))
-}
-
 /// Fails with [`Error::MissingTables`] unless all the projector's tables exist.
 pub(crate) fn check_tables(client: &mut impl GenericClient, schema: &str) -> Result<(), Error> {
     let mut missing = Vec::new();
-    for table in REQUIRED_TABLES {
+    for table in migration::TABLES {
         let row = client
-            .query_one("SELECT to_regclass($1)::text", &[table])
+            .query_one("SELECT to_regclass($1)::text", &[&table.name])
             .map_err(Error::database("looking for the projector's tables"))?;
         if row.get::<_, Option<String>>(0).is_none() {
-            missing.push((*table).to_owned());
+            missing.push(table.name.to_owned());
         }
     }
     if missing.is_empty() {

@@ -6,6 +6,7 @@
 mod cli;
 mod gap;
 mod partition;
+mod pupsourcing;
 mod repartition;
 mod runtime;
 mod store;
