@@ -593,7 +593,8 @@ pub fn status(
     client: &mut impl GenericClient,
     projection: Option<&str>,
 ) -> Result<Vec<CheckpointStatus>, Error> {
-    check_tables_here(client)?;
+    let schema = check_tables_here(client)?;
+    crate::store::check_event_columns(client, &schema)?;
     let head = crate::store::head_position(client)?;
     let locks: Vec<(u32, u32, i32)> = client
         .query(
@@ -681,14 +682,16 @@ pub fn status(
         .collect())
 }
 
-/// Fails with [`Error::MissingTables`] unless the projector's tables are in the current schema.
-fn check_tables_here(client: &mut impl GenericClient) -> Result<(), Error> {
+/// Fails with [`Error::MissingTables`] unless the projector's tables are in the current schema,
+/// which it returns.
+fn check_tables_here(client: &mut impl GenericClient) -> Result<String, Error> {
     let schema: String = client
         .query_one("SELECT current_schema()::text", &[])
         .map_err(Error::database("reading the current schema"))?
         .get::<_, Option<String>>(0)
         .unwrap_or_default();
-    crate::store::check_tables(client, &schema)
+    crate::store::check_tables(client, &schema)?;
+    Ok(schema)
 }
 
 /// Clears `projection`'s checkpoints (of every layout, with any re-partitioning in progress)

@@ -31,6 +31,15 @@ pub(crate) fn check_tables(client: &mut impl GenericClient, schema: &str) -> Res
     }
 }
 
+/// Fails with [`Error::UnexpectedColumns`] unless the events table has the columns the
+/// projector reads, of types it can read.
+pub(crate) fn check_event_columns(
+    client: &mut impl GenericClient,
+    schema: &str,
+) -> Result<(), Error> {
+    migration::check_columns(client, schema, &migration::EVENTS)
+}
+
 /// Fails unless the sequence behind `global_position` hands out one value at a time.
 ///
 /// With `CACHE n > 1` each session takes positions in blocks of `n`, so a position can be

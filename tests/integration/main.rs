@@ -10,4 +10,5 @@ mod pupsourcing;
 mod repartition;
 mod runtime;
 mod store;
+mod store_shape;
 mod util;
