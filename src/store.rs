@@ -1,5 +1,6 @@
 //! The event store: migrations, appends with optimistic concurrency, and reads.
 
+use postgres::types::Oid;
 use postgres::{GenericClient, Row};
 
 use crate::event::{Event, ExpectedVersion, NewEvent};
@@ -40,36 +41,86 @@ pub(crate) fn check_event_columns(
     migration::check_columns(client, schema, &migration::EVENTS)
 }
 
+/// The sequence `global_position` is drawn from, as its oid and its schema-qualified name as
+/// SQL spells it (quoted where needed).
+///
+/// It is the sequence the column's default calls (`BIGSERIAL`, or `DEFAULT nextval('seq')`
+/// whether or not the sequence is `OWNED BY` the column), else the one behind an identity
+/// column. The default comes first: a column may still own a sequence its default no longer
+/// calls. Fails with a configuration error when positions come from no sequence: the projector
+/// must watch the sequence to tell a transaction still in flight from a rolled-back one.
+pub(crate) fn position_sequence(client: &mut impl GenericClient) -> Result<(Oid, String), Error> {
+    let row = client
+        .query_opt(
+            "SELECT COALESCE( \
+                 (SELECT d.refobjid FROM pg_depend d \
+                  JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S' \
+                  WHERE d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid \
+                      AND d.refclassid = 'pg_class'::regclass \
+                  ORDER BY d.refobjid LIMIT 1), \
+                 pg_get_serial_sequence(a.attrelid::regclass::text, a.attname)::regclass::oid), \
+                 pg_get_expr(ad.adbin, ad.adrelid) \
+             FROM pg_attribute a \
+             LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum \
+             WHERE a.attrelid = to_regclass('events') AND a.attname = 'global_position' \
+                 AND NOT a.attisdropped",
+            &[],
+        )
+        .map_err(Error::database(
+            "finding the sequence behind events.global_position",
+        ))?;
+    let (sequence, default): (Option<Oid>, Option<String>) = match &row {
+        Some(row) => (row.get(0), row.get(1)),
+        None => (None, None),
+    };
+    let Some(sequence) = sequence else {
+        return Err(Error::invalid_setting(
+            "the default of events.global_position",
+            default.as_deref().unwrap_or("none"),
+            "positions must come from a sequence (BIGSERIAL, an identity column, or DEFAULT \
+             nextval('a_sequence')) for the projector to tell a transaction still in flight \
+             from a rolled-back one",
+        ));
+    };
+    let name: String = client
+        .query_one(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            &[&sequence],
+        )
+        .map_err(Error::database(
+            "finding the sequence behind events.global_position",
+        ))?
+        .get(0);
+    Ok((sequence, name))
+}
+
 /// Fails unless the sequence behind `global_position` hands out one value at a time.
 ///
 /// With `CACHE n > 1` each session takes positions in blocks of `n`, so a position can be
 /// committed long after higher ones from another session, and no reader can tell a gap that
 /// will fill from a dead one.
 pub(crate) fn check_sequence(client: &mut impl GenericClient) -> Result<(), Error> {
-    let row = client
-        .query_opt(
-            "SELECT pg_get_serial_sequence('events', 'global_position'), s.seqcache \
-             FROM pg_sequence s \
-             WHERE s.seqrelid = pg_get_serial_sequence('events', 'global_position')::regclass",
-            &[],
+    let (sequence, name) = position_sequence(client)?;
+    let cache: i64 = client
+        .query_one(
+            "SELECT seqcache FROM pg_sequence WHERE seqrelid = $1",
+            &[&sequence],
         )
-        .map_err(Error::database("reading the global position sequence"))?;
-    match row {
-        Some(row) if row.get::<_, i64>(1) > 1 => {
-            let sequence: String = row.get(0);
-            let cache: i64 = row.get(1);
-            Err(Error::invalid_setting(
-                format!("the CACHE of sequence {sequence}"),
-                cache,
-                format!(
-                    "positions must be handed out one at a time for the projector to tell a \
-                     transaction still in flight from a rolled-back one: run ALTER SEQUENCE \
-                     {sequence} CACHE 1"
-                ),
-            ))
-        }
-        _ => Ok(()),
+        .map_err(Error::database(format!("reading sequence {name}")))?
+        .get(0);
+    if cache > 1 {
+        return Err(Error::invalid_setting(
+            format!("the CACHE of sequence {name}"),
+            cache,
+            format!(
+                "positions must be handed out one at a time for the projector to tell a \
+                 transaction still in flight from a rolled-back one: run ALTER SEQUENCE \
+                 {name} CACHE 1"
+            ),
+        ));
     }
+    Ok(())
 }
 
 /// Appends events to one aggregate, if its current version matches `expected`, and returns
