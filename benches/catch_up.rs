@@ -584,9 +584,9 @@ impl Bench<'_> {
 
     /// Removes what an earlier run of `projection` left, so the next one starts from 0.
     fn reset(&mut self, projection: &str) -> Result<()> {
-        println!("sql> DELETE FROM projection_checkpoints WHERE projection = '{projection}'");
+        println!("sql> DELETE FROM projector_checkpoints WHERE projection = '{projection}'");
         self.client.execute(
-            "DELETE FROM projection_checkpoints WHERE projection = $1",
+            "DELETE FROM projector_checkpoints WHERE projection = $1",
             &[&projection],
         )?;
         if projection.starts_with("aggregate-stats") {

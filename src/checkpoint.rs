@@ -176,7 +176,7 @@ pub(crate) fn claim_layout(
     lock_layout(&mut tx, projection)?;
     let stored: Vec<(u32, i64)> = tx
         .query(
-            "SELECT total_partitions, MAX(generation) FROM projection_checkpoints \
+            "SELECT total_partitions, MAX(generation) FROM projector_checkpoints \
              WHERE projection = $1 GROUP BY 1 ORDER BY 1",
             &[&projection],
         )
@@ -190,7 +190,7 @@ pub(crate) fn claim_layout(
             // A fresh start (or one after a reset): anything left over from earlier layouts
             // no longer describes these checkpoints.
             tx.execute(
-                "DELETE FROM projection_priors WHERE projection = $1",
+                "DELETE FROM projector_prior_layouts WHERE projection = $1",
                 &[&projection],
             )
             .map_err(Error::database("clearing earlier layouts"))?;
@@ -250,7 +250,7 @@ fn create_rows(
     position: i64,
 ) -> Result<(), Error> {
     tx.execute(
-        "INSERT INTO projection_checkpoints \
+        "INSERT INTO projector_checkpoints \
              (projection, total_partitions, partition_key, last_position, generation) \
          SELECT $1, $2, key, $3, $4 FROM generate_series(0, $2 - 1) AS key \
          ON CONFLICT DO NOTHING",
@@ -270,7 +270,7 @@ fn replace_layout(
     // Waits for the old layout's transactions in flight; any later one finds its row gone.
     let rows = tx
         .query(
-            "SELECT partition_key, last_position FROM projection_checkpoints \
+            "SELECT partition_key, last_position FROM projector_checkpoints \
              WHERE projection = $1 AND total_partitions = $2 FOR UPDATE",
             &[&projection, &to_i32(old_total)],
         )
@@ -288,12 +288,12 @@ fn replace_layout(
     let inherited = earlier_layouts(tx, projection, old_total)?;
     let (start, earlier) = succession(replaced.clone(), inherited);
     tx.execute(
-        "DELETE FROM projection_checkpoints WHERE projection = $1",
+        "DELETE FROM projector_checkpoints WHERE projection = $1",
         &[&projection],
     )
     .and_then(|_| {
         tx.execute(
-            "DELETE FROM projection_priors WHERE projection = $1",
+            "DELETE FROM projector_prior_layouts WHERE projection = $1",
             &[&projection],
         )
     })
@@ -302,7 +302,7 @@ fn replace_layout(
     create_rows(tx, projection, total, generation, start)?;
     for layout in &earlier {
         tx.execute(
-            "INSERT INTO projection_priors \
+            "INSERT INTO projector_prior_layouts \
                  (projection, total_partitions, prior_total, prior_positions) \
              VALUES ($1, $2, $3, $4)",
             &[
@@ -341,7 +341,7 @@ fn earlier_layouts(
 ) -> Result<Vec<EarlierLayout>, Error> {
     Ok(client
         .query(
-            "SELECT prior_total, prior_positions FROM projection_priors \
+            "SELECT prior_total, prior_positions FROM projector_prior_layouts \
              WHERE projection = $1 AND total_partitions = $2 ORDER BY prior_total",
             &[&projection, &to_i32(total)],
         )
@@ -362,10 +362,10 @@ fn retire_earlier(
 ) -> Result<u64, Error> {
     client
         .execute(
-            "DELETE FROM projection_priors p \
+            "DELETE FROM projector_prior_layouts p \
              WHERE p.projection = $1 AND p.total_partitions = $2 \
                  AND (SELECT MAX(x) FROM unnest(p.prior_positions) AS x) <= ( \
-                     SELECT MIN(c.last_position) FROM projection_checkpoints c \
+                     SELECT MIN(c.last_position) FROM projector_checkpoints c \
                      WHERE c.projection = $1 AND c.total_partitions = $2)",
             &[&projection, &to_i32(total)],
         )
@@ -381,7 +381,7 @@ pub(crate) fn load(
 ) -> Result<Vec<i64>, Error> {
     let rows = client
         .query(
-            "SELECT partition_key, last_position FROM projection_checkpoints \
+            "SELECT partition_key, last_position FROM projector_checkpoints \
              WHERE projection = $1 AND total_partitions = $2",
             &[&projection, &to_i32(total)],
         )
@@ -478,11 +478,11 @@ impl PartitionStatements {
                 .map_err(Error::database("preparing the checkpoint statements"))
         };
         let lock = prepare(format!(
-            "SELECT last_position FROM projection_checkpoints \
+            "SELECT last_position FROM projector_checkpoints \
              WHERE {row} AND generation = {generation} FOR UPDATE"
         ))?;
         let save = prepare(format!(
-            "UPDATE projection_checkpoints SET last_position = $4, updated_at = NOW() WHERE {row}"
+            "UPDATE projector_checkpoints SET last_position = $4, updated_at = NOW() WHERE {row}"
         ))?;
         let try_hold = prepare(format!(
             "SELECT pg_try_advisory_lock({}, $2 * 65536 + $3)",
@@ -495,7 +495,7 @@ impl PartitionStatements {
                      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                      AND l.classid = {}::oid AND l.objid = ($2 * 65536 + $3)::oid \
                  LIMIT 1) \
-             FROM projection_checkpoints c WHERE {row} AND generation = {generation}",
+             FROM projector_checkpoints c WHERE {row} AND generation = {generation}",
             lock_class("$1")
         ))?;
         Ok(PartitionStatements {
@@ -580,7 +580,7 @@ impl PartitionStatements {
     pub(crate) fn fenced(&self, client: &mut Client) -> Error {
         let current = client
             .query(
-                "SELECT DISTINCT total_partitions FROM projection_checkpoints \
+                "SELECT DISTINCT total_partitions FROM projector_checkpoints \
                  WHERE projection = $1 ORDER BY 1",
                 &[&self.projection],
             )
@@ -645,7 +645,8 @@ pub fn status(
     client: &mut impl GenericClient,
     projection: Option<&str>,
 ) -> Result<Vec<CheckpointStatus>, Error> {
-    check_tables_here(client)?;
+    let schema = check_tables_here(client)?;
+    crate::store::check_event_columns(client, &schema)?;
     let head = crate::store::head_position(client)?;
     let locks: Vec<(u32, u32, i32)> = client
         .query(
@@ -663,7 +664,7 @@ pub fn status(
     let priors: Vec<(String, u32, EarlierLayout)> = client
         .query(
             "SELECT projection, total_partitions, prior_total, prior_positions \
-             FROM projection_priors ORDER BY 1, 2, 3",
+             FROM projector_prior_layouts ORDER BY 1, 2, 3",
             &[],
         )
         .map_err(Error::database("reading the earlier layouts"))?
@@ -688,7 +689,7 @@ pub fn status(
                      (SELECT e.created_at FROM events e WHERE e.global_position > c.last_position \
                       ORDER BY e.global_position LIMIT 1), \
                      {}::oid \
-                 FROM projection_checkpoints c \
+                 FROM projector_checkpoints c \
                  WHERE $1::text IS NULL OR c.projection = $1 \
                  ORDER BY c.projection, c.total_partitions, c.partition_key",
                 lock_class("c.projection")
@@ -733,14 +734,16 @@ pub fn status(
         .collect())
 }
 
-/// Fails with [`Error::MissingTables`] unless the projector's tables are in the current schema.
-fn check_tables_here(client: &mut impl GenericClient) -> Result<(), Error> {
+/// Fails with [`Error::MissingTables`] unless the projector's tables are in the current schema,
+/// which it returns.
+fn check_tables_here(client: &mut impl GenericClient) -> Result<String, Error> {
     let schema: String = client
         .query_one("SELECT current_schema()::text", &[])
         .map_err(Error::database("reading the current schema"))?
         .get::<_, Option<String>>(0)
         .unwrap_or_default();
-    crate::store::check_tables(client, &schema)
+    crate::store::check_tables(client, &schema)?;
+    Ok(schema)
 }
 
 /// Clears `projection`'s checkpoints (of every layout, with any re-partitioning in progress)
@@ -788,12 +791,12 @@ pub fn reset<P: Projection>(client: &mut Client, projection: &mut P) -> Result<u
         .map_err(read_model("setting up its read model"))?;
     let deleted = tx
         .execute(
-            "DELETE FROM projection_checkpoints WHERE projection = $1",
+            "DELETE FROM projector_checkpoints WHERE projection = $1",
             &[&name],
         )
         .map_err(Error::database("deleting the checkpoints"))?;
     tx.execute(
-        "DELETE FROM projection_priors WHERE projection = $1",
+        "DELETE FROM projector_prior_layouts WHERE projection = $1",
         &[&name],
     )
     .map_err(Error::database("deleting the earlier layouts"))?;

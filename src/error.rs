@@ -81,6 +81,17 @@ pub enum Error {
         /// The tables not found.
         tables: Vec<String>,
     },
+    /// A table of one of the projector's names lacks columns it needs, or has them with other
+    /// types: it seems to belong to another tool, or was changed by hand.
+    UnexpectedColumns {
+        /// The schema it is in.
+        schema: String,
+        /// The table.
+        table: String,
+        /// Each column at fault as `(column, expected type, type found)`; no type found when
+        /// the column is missing.
+        columns: Vec<(String, String, Option<String>)>,
+    },
     /// The projection's checkpoints were written under another partition count.
     LayoutMismatch {
         /// The projection.
@@ -178,7 +189,8 @@ pub enum Error {
 
 impl Error {
     /// True when the error comes from how the projector was configured or invoked (bad
-    /// setting or connection string, a login refused, no such database, missing tables, partition layout mismatch, a layout replaced under a running
+    /// setting or connection string, a login refused, no such database, missing tables, tables
+    /// of another shape, partition layout mismatch, a layout replaced under a running
     /// process, a reset refused or not confirmed), rather than from a failure at run time. The
     /// command-line tool exits with code 2 for these: starting again with the same flags would
     /// not help.
@@ -191,6 +203,7 @@ impl Error {
                 | Error::LoginRefused { .. }
                 | Error::NoSuchDatabase { .. }
                 | Error::MissingTables { .. }
+                | Error::UnexpectedColumns { .. }
                 | Error::LayoutMismatch { .. }
                 | Error::Fenced { .. }
                 | Error::ProjectionRunning { .. }
@@ -299,6 +312,25 @@ impl fmt::Display for Error {
                 "table(s) {} not found in schema '{schema}': run `projector migrate` first",
                 tables.join(", ")
             ),
+            Error::UnexpectedColumns {
+                schema,
+                table,
+                columns,
+            } => {
+                let columns: Vec<String> = columns
+                    .iter()
+                    .map(|(column, expected, found)| match found {
+                        Some(found) => format!("{table}.{column} is {found}, expected {expected}"),
+                        None => format!("{table}.{column} is missing, expected {expected}"),
+                    })
+                    .collect();
+                write!(
+                    f,
+                    "table '{schema}.{table}' is not the projector's ({}): it seems to belong to \
+                     another tool; use another --schema for the projector",
+                    columns.join("; ")
+                )
+            }
             Error::LayoutMismatch {
                 projection,
                 stored,

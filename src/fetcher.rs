@@ -108,8 +108,7 @@ impl Reader {
         let filled = client
             .prepare("SELECT EXISTS (SELECT 1 FROM events WHERE global_position = $1)")
             .map_err(Error::database("preparing the event query"))?;
-        let writers = Writers::find(&mut client)
-            .map_err(Error::database("finding the events table's sequence"))?;
+        let writers = Writers::find(&mut client)?;
         let keys_first = if owned.len() * 2 <= total as usize {
             let next_keys = client
                 .prepare(

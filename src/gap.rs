@@ -77,16 +77,16 @@ struct Holder {
 }
 
 impl Writers {
-    /// The events table and the sequence behind `global_position`, in the current schema.
-    pub(crate) fn find(client: &mut Client) -> Result<Writers, postgres::Error> {
-        let row = client.query_one(
-            "SELECT 'events'::regclass::oid, \
-                 pg_get_serial_sequence('events', 'global_position')::regclass::oid",
-            &[],
-        )?;
-        let mut relations = vec![row.get::<_, Oid>(0)];
-        relations.extend(row.get::<_, Option<Oid>>(1));
-        Ok(Writers { relations })
+    /// The events table and the sequence its positions are drawn from, in the current schema.
+    pub(crate) fn find(client: &mut Client) -> Result<Writers, crate::Error> {
+        let events: Oid = client
+            .query_one("SELECT 'events'::regclass::oid", &[])
+            .map_err(crate::Error::database("finding the events table"))?
+            .get(0);
+        let (sequence, _) = crate::store::position_sequence(client)?;
+        Ok(Writers {
+            relations: vec![events, sequence],
+        })
     }
 
     /// The transactions that hold a write lock on the events table or its sequence now

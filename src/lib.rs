@@ -91,6 +91,7 @@ mod error;
 mod event;
 mod fetcher;
 mod gap;
+mod migration;
 mod outage;
 mod partition;
 mod projection;
@@ -106,6 +107,7 @@ pub use checkpoint::{CheckpointStatus, EarlierLayout, LayoutChange, repartition,
 pub use database::{Database, Pool};
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent};
+pub use migration::migrate;
 pub use partition::{
     MAX_PARTITIONS, fnv1a32, parse_partition_keys, parse_total_partitions, partition_of,
 };
@@ -113,7 +115,7 @@ pub use postgres;
 pub use projection::{Context, Projection};
 pub use runner::{Builder, MAX_BATCH_SIZE, Runner, Summary};
 pub use settings::{Settings, Stopper};
-pub use store::{append, migrate, read_stream};
+pub use store::{append, read_stream};
 pub use worker::PartitionSummary;
 
 /// An error and all its causes, as one line: `outer: cause: root cause`.

@@ -133,6 +133,7 @@ impl<P: Projection> Builder<P> {
 
         let mut reader = database.connect()?;
         store::check_tables(&mut reader, database.schema_name())?;
+        store::check_event_columns(&mut reader, database.schema_name())?;
         store::check_sequence(&mut reader)?;
         let layout = checkpoint::claim_layout(&mut reader, &name, total, false)?;
         {

@@ -1,74 +1,26 @@
 //! The event store: migrations, appends with optimistic concurrency, and reads.
 
+use postgres::types::Oid;
 use postgres::{GenericClient, Row};
 
 use crate::database::notify_channel;
 use crate::event::{Event, ExpectedVersion, NewEvent};
-use crate::{Database, Error};
-
-const MIGRATIONS: &[(&str, &str)] = &[
-    (
-        "001_event_store",
-        include_str!("../sql/001_event_store.sql"),
-    ),
-    (
-        "002_checkpoints",
-        include_str!("../sql/002_checkpoints.sql"),
-    ),
-    ("003_layouts", include_str!("../sql/003_layouts.sql")),
-];
-
-/// The tables the projector reads and writes, in the configured schema.
-pub(crate) const REQUIRED_TABLES: &[&str] = &[
-    "events",
-    "aggregate_heads",
-    "projection_checkpoints",
-    "projection_priors",
-];
+use crate::{Error, migration};
 
 /// The columns of an event, in the order [`event_from_row`] reads them.
 pub(crate) const EVENT_COLUMNS: &str = "global_position, bounded_context, aggregate_type, \
     aggregate_id, aggregate_version, event_id, event_type, event_version, payload, trace_id, \
     correlation_id, causation_id, metadata::text, created_at";
 
-/// Creates the schema and the projector's tables where they are missing. Safe to run again,
-/// and from several processes at once.
-pub fn migrate(database: &Database) -> Result<(), Error> {
-    let mut client = database.connect()?;
-    let mut tx = client
-        .transaction()
-        .map_err(Error::database("starting the migration"))?;
-    tx.batch_execute(
-        "SET LOCAL client_min_messages = warning; \
-         SELECT pg_advisory_xact_lock(hashtext('projector migrate'))",
-    )
-    .map_err(Error::database("waiting for other migrations"))?;
-    // Quoted, so that the name is taken exactly as given (case included).
-    tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS \"{}\"",
-        database.schema_name()
-    ))
-    .map_err(Error::database(format!(
-        "creating schema '{}'",
-        database.schema_name()
-    )))?;
-    for (name, sql) in MIGRATIONS {
-        tx.batch_execute(sql)
-            .map_err(Error::database(format!("applying migration {name}")))?;
-    }
-    tx.commit()
-        .map_err(Error::database("committing the migration"))
-}
-
 /// Fails with [`Error::MissingTables`] unless all the projector's tables exist.
 pub(crate) fn check_tables(client: &mut impl GenericClient, schema: &str) -> Result<(), Error> {
     let mut missing = Vec::new();
-    for table in REQUIRED_TABLES {
+    for table in migration::TABLES {
         let row = client
-            .query_one("SELECT to_regclass($1)::text", &[table])
+            .query_one("SELECT to_regclass($1)::text", &[&table.name])
             .map_err(Error::database("looking for the projector's tables"))?;
         if row.get::<_, Option<String>>(0).is_none() {
-            missing.push((*table).to_owned());
+            missing.push(table.name.to_owned());
         }
     }
     if missing.is_empty() {
@@ -81,36 +33,95 @@ pub(crate) fn check_tables(client: &mut impl GenericClient, schema: &str) -> Res
     }
 }
 
+/// Fails with [`Error::UnexpectedColumns`] unless the events table has the columns the
+/// projector reads, of types it can read.
+pub(crate) fn check_event_columns(
+    client: &mut impl GenericClient,
+    schema: &str,
+) -> Result<(), Error> {
+    migration::check_columns(client, schema, &migration::EVENTS)
+}
+
+/// The sequence `global_position` is drawn from, as its oid and its schema-qualified name as
+/// SQL spells it (quoted where needed).
+///
+/// It is the sequence the column's default calls (`BIGSERIAL`, or `DEFAULT nextval('seq')`
+/// whether or not the sequence is `OWNED BY` the column), else the one behind an identity
+/// column. The default comes first: a column may still own a sequence its default no longer
+/// calls. Fails with a configuration error when positions come from no sequence: the projector
+/// must watch the sequence to tell a transaction still in flight from a rolled-back one.
+pub(crate) fn position_sequence(client: &mut impl GenericClient) -> Result<(Oid, String), Error> {
+    let row = client
+        .query_opt(
+            "SELECT COALESCE( \
+                 (SELECT d.refobjid FROM pg_depend d \
+                  JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S' \
+                  WHERE d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid \
+                      AND d.refclassid = 'pg_class'::regclass \
+                  ORDER BY d.refobjid LIMIT 1), \
+                 pg_get_serial_sequence(a.attrelid::regclass::text, a.attname)::regclass::oid), \
+                 pg_get_expr(ad.adbin, ad.adrelid) \
+             FROM pg_attribute a \
+             LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum \
+             WHERE a.attrelid = to_regclass('events') AND a.attname = 'global_position' \
+                 AND NOT a.attisdropped",
+            &[],
+        )
+        .map_err(Error::database(
+            "finding the sequence behind events.global_position",
+        ))?;
+    let (sequence, default): (Option<Oid>, Option<String>) = match &row {
+        Some(row) => (row.get(0), row.get(1)),
+        None => (None, None),
+    };
+    let Some(sequence) = sequence else {
+        return Err(Error::invalid_setting(
+            "the default of events.global_position",
+            default.as_deref().unwrap_or("none"),
+            "positions must come from a sequence (BIGSERIAL, an identity column, or DEFAULT \
+             nextval('a_sequence')) for the projector to tell a transaction still in flight \
+             from a rolled-back one",
+        ));
+    };
+    let name: String = client
+        .query_one(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            &[&sequence],
+        )
+        .map_err(Error::database(
+            "finding the sequence behind events.global_position",
+        ))?
+        .get(0);
+    Ok((sequence, name))
+}
+
 /// Fails unless the sequence behind `global_position` hands out one value at a time.
 ///
 /// With `CACHE n > 1` each session takes positions in blocks of `n`, so a position can be
 /// committed long after higher ones from another session, and no reader can tell a gap that
 /// will fill from a dead one.
 pub(crate) fn check_sequence(client: &mut impl GenericClient) -> Result<(), Error> {
-    let row = client
-        .query_opt(
-            "SELECT pg_get_serial_sequence('events', 'global_position'), s.seqcache \
-             FROM pg_sequence s \
-             WHERE s.seqrelid = pg_get_serial_sequence('events', 'global_position')::regclass",
-            &[],
+    let (sequence, name) = position_sequence(client)?;
+    let cache: i64 = client
+        .query_one(
+            "SELECT seqcache FROM pg_sequence WHERE seqrelid = $1",
+            &[&sequence],
         )
-        .map_err(Error::database("reading the global position sequence"))?;
-    match row {
-        Some(row) if row.get::<_, i64>(1) > 1 => {
-            let sequence: String = row.get(0);
-            let cache: i64 = row.get(1);
-            Err(Error::invalid_setting(
-                format!("the CACHE of sequence {sequence}"),
-                cache,
-                format!(
-                    "positions must be handed out one at a time for the projector to tell a \
-                     transaction still in flight from a rolled-back one: run ALTER SEQUENCE \
-                     {sequence} CACHE 1"
-                ),
-            ))
-        }
-        _ => Ok(()),
+        .map_err(Error::database(format!("reading sequence {name}")))?
+        .get(0);
+    if cache > 1 {
+        return Err(Error::invalid_setting(
+            format!("the CACHE of sequence {name}"),
+            cache,
+            format!(
+                "positions must be handed out one at a time for the projector to tell a \
+                 transaction still in flight from a rolled-back one: run ALTER SEQUENCE \
+                 {name} CACHE 1"
+            ),
+        ));
     }
+    Ok(())
 }
 
 /// Appends events to one aggregate, if its current version matches `expected`, and returns

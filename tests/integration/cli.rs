@@ -319,7 +319,7 @@ fn missing_tables_exit_2_and_say_to_migrate() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
             stderr.contains(
-                "table(s) events, aggregate_heads, projection_checkpoints, projection_priors not found"
+                "table(s) events, aggregate_heads, projector_checkpoints, projector_prior_layouts not found"
             )
                 && stderr.contains("run `projector migrate` first"),
             "{args:?}: {stderr}"
@@ -769,7 +769,7 @@ fn reset_then_rebuild_gives_the_same_read_model() {
         assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     }
     assert_eq!(
-        schema.count("SELECT COUNT(*) FROM projection_checkpoints"),
+        schema.count("SELECT COUNT(*) FROM projector_checkpoints"),
         0
     );
     assert_eq!(schema.count("SELECT COUNT(*) FROM aggregate_stats"), 0);
@@ -808,7 +808,7 @@ fn reset_needs_yes_and_is_refused_while_a_process_holds_a_partition() {
         "{stderr}"
     );
     assert_eq!(
-        schema.count("SELECT COUNT(*) FROM projection_checkpoints"),
+        schema.count("SELECT COUNT(*) FROM projector_checkpoints"),
         4
     );
 
@@ -830,7 +830,7 @@ fn reset_needs_yes_and_is_refused_while_a_process_holds_a_partition() {
         "{stderr}"
     );
     assert_eq!(
-        schema.count("SELECT COUNT(*) FROM projection_checkpoints"),
+        schema.count("SELECT COUNT(*) FROM projector_checkpoints"),
         4
     );
     assert_eq!(schema.stats_applied(), 160);

@@ -96,7 +96,7 @@ fn journal(schema: &TestSchema) -> Vec<i64> {
 }
 
 fn max_checkpoint(schema: &TestSchema) -> i64 {
-    schema.count("SELECT COALESCE(MAX(last_position), 0) FROM projection_checkpoints")
+    schema.count("SELECT COALESCE(MAX(last_position), 0) FROM projector_checkpoints")
 }
 
 #[test]

@@ -54,7 +54,7 @@ fn checkpoints(schema: &TestSchema, total: u32) -> Vec<i64> {
     schema
         .client()
         .query(
-            "SELECT last_position FROM projection_checkpoints \
+            "SELECT last_position FROM projector_checkpoints \
              WHERE projection = 'aggregate-stats' AND total_partitions = $1 ORDER BY partition_key",
             &[&(total as i32)],
         )
@@ -188,7 +188,7 @@ fn layouts_change_exactly(test: &str, layouts: &[u32], live: &[bool]) {
         "the last layout applied exactly what the earlier ones had not, after {history:?}"
     );
     assert_eq!(
-        schema.count("SELECT COUNT(*) FROM projection_priors"),
+        schema.count("SELECT COUNT(*) FROM projector_prior_layouts"),
         0,
         "the earlier layouts are retired once passed"
     );

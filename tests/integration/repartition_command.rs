@@ -44,7 +44,7 @@ fn stored_layouts(schema: &TestSchema) -> Vec<i32> {
     schema
         .client()
         .query(
-            "SELECT DISTINCT total_partitions FROM projection_checkpoints \
+            "SELECT DISTINCT total_partitions FROM projector_checkpoints \
              WHERE projection = 'aggregate-stats' ORDER BY 1",
             &[],
         )

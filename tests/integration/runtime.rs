@@ -172,7 +172,7 @@ fn an_idle_partition_still_moves_its_checkpoint() {
         "the idle partition's checkpoint reached the head"
     );
     let stored = schema.count(&format!(
-        "SELECT last_position FROM projection_checkpoints WHERE partition_key = {}",
+        "SELECT last_position FROM projector_checkpoints WHERE partition_key = {}",
         idle.partition
     ));
     assert_eq!(stored, 500);
@@ -189,7 +189,7 @@ fn a_live_runner_writes_an_idle_partitions_checkpoint_without_waiting_for_more_e
         .start()
         .expect("start");
     let stored =
-        format!("SELECT last_position FROM projection_checkpoints WHERE partition_key = {idle}");
+        format!("SELECT last_position FROM projector_checkpoints WHERE partition_key = {idle}");
     // No event arrives after the first read: the deferred write must not wait for one.
     eventually(
         "the idle partition's checkpoint to reach the head",
@@ -284,7 +284,7 @@ fn failing_projection_stops_before_the_event_and_resumes_once_fixed(panic: bool)
     assert!(cause.ends_with(expected_cause), "{cause}");
 
     let checkpoint = schema.count(&format!(
-        "SELECT last_position FROM projection_checkpoints WHERE projection = 'fails-on' AND partition_key = {partition}"
+        "SELECT last_position FROM projector_checkpoints WHERE projection = 'fails-on' AND partition_key = {partition}"
     ));
     assert_eq!(
         checkpoint,
@@ -424,7 +424,7 @@ fn the_set_based_batch_projection_names_an_out_of_order_event() {
         other => panic!("expected a projection error, got {other:?}"),
     }
     assert_eq!(
-        schema.count("SELECT last_position FROM projection_checkpoints"),
+        schema.count("SELECT last_position FROM projector_checkpoints"),
         120,
         "everything before the event is applied"
     );

@@ -171,8 +171,8 @@ fn migrate_runs_twice_and_from_several_processes_at_once() {
         [
             "aggregate_heads",
             "events",
-            "projection_checkpoints",
-            "projection_priors"
+            "projector_checkpoints",
+            "projector_prior_layouts"
         ]
     );
 }

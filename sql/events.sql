@@ -1,6 +1,6 @@
 -- The event store, column for column compatible with pupsourcing's PostgreSQL store,
 -- so that a store written by either can be read by the other.
-CREATE TABLE IF NOT EXISTS events (
+CREATE TABLE events (
     global_position BIGSERIAL PRIMARY KEY,
     bounded_context TEXT NOT NULL,
     aggregate_type TEXT NOT NULL,
@@ -16,14 +16,4 @@ CREATE TABLE IF NOT EXISTS events (
     metadata JSONB,
     created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
     UNIQUE (bounded_context, aggregate_type, aggregate_id, aggregate_version)
-);
-
--- The current version of every aggregate: appends lock this row to check the expected version.
-CREATE TABLE IF NOT EXISTS aggregate_heads (
-    bounded_context TEXT NOT NULL,
-    aggregate_type TEXT NOT NULL,
-    aggregate_id TEXT NOT NULL,
-    aggregate_version BIGINT NOT NULL,
-    updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-    PRIMARY KEY (bounded_context, aggregate_type, aggregate_id)
 );
