@@ -298,8 +298,16 @@ impl fmt::Display for Error {
                 "no such database at {target}: check the database name in {setting}, or create \
                  the database"
             ),
-            Error::Connect { target, .. } => {
-                write!(f, "could not connect to the database at {target}")
+            Error::Connect { target, source } => {
+                write!(f, "could not connect to the database at {target}")?;
+                if source.code() == Some(&postgres::error::SqlState::TOO_MANY_CONNECTIONS) {
+                    f.write_str(
+                        ": the server has no connection slot left; raise its max_connections, or \
+                         run fewer processes or fewer partitions per process (each process uses \
+                         one connection per owned partition, plus two)",
+                    )?;
+                }
+                Ok(())
             }
             Error::Pool { .. } => write!(
                 f,

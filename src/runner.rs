@@ -130,6 +130,20 @@ impl<P: Projection> Builder<P> {
         partitions.sort_unstable();
         partitions.dedup();
         let name = projection.name().to_owned();
+        let pool = pool.unwrap_or_else(|| database.pool(partitions.len() as u32 + 1));
+        if (pool.max_size() as usize) < partitions.len() {
+            // Each worker keeps its connection (it holds the partition's lock): with fewer, the
+            // workers left without one would wait for ever.
+            return Err(Error::invalid_setting(
+                "the connection pool's size",
+                pool.max_size(),
+                format!(
+                    "each owned partition's worker keeps one connection: give a pool of at least \
+                     {} connection(s), or own fewer partitions in this process",
+                    partitions.len()
+                ),
+            ));
+        }
 
         let mut reader = database.connect()?;
         store::check_tables(&mut reader, database.schema_name())?;
@@ -192,7 +206,6 @@ impl<P: Projection> Builder<P> {
             );
         }
 
-        let pool = pool.unwrap_or_else(|| database.pool(partitions.len() as u32 + 1));
         let settings = Arc::new(settings);
         // Every thread watches `stop`; a thread that fails stops the others through `stopper`.
         let (stopper, stop) = Stopper::new();

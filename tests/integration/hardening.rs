@@ -424,3 +424,31 @@ fn a_paused_owner_loses_its_partitions_within_the_session_timeout_and_applies_no
         "the standby took {took:?} with a 5 s session timeout"
     );
 }
+
+#[test]
+fn a_pool_smaller_than_the_owned_partitions_is_refused_saying_how_large_it_must_be() {
+    let schema = TestSchema::migrated("small_pool");
+    let error = Builder::new(schema.database.clone(), AggregateStats)
+        .partitions(0..4)
+        .total_partitions(4)
+        .pool(schema.database.pool(2))
+        .start()
+        .expect_err("two connections cannot serve four workers");
+    assert!(error.is_configuration());
+    assert!(
+        error
+            .to_string()
+            .contains("give a pool of at least 4 connection(s)"),
+        "{error}"
+    );
+    // Enough connections for the workers: it runs.
+    let summary = Builder::new(schema.database.clone(), AggregateStats)
+        .partitions(0..4)
+        .total_partitions(4)
+        .pool(schema.database.pool(4))
+        .exit_when_caught_up(true)
+        .start()
+        .and_then(|runner| runner.join())
+        .expect("a pool of one connection per partition");
+    assert_eq!(summary.partitions.len(), 4);
+}
