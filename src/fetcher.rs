@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded, select};
-use log::debug;
+use log::{debug, info};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Row, Statement};
 
@@ -17,6 +17,7 @@ use crate::outage::{Attempts, Outage};
 use crate::partition::partition_of;
 use crate::settings::Settings;
 use crate::store::{EVENT_COLUMNS, event_from_row};
+use crate::straggler::Stragglers;
 use crate::worker::Batch;
 use crate::{Database, Error, backoff};
 
@@ -44,6 +45,8 @@ pub(crate) struct Fetcher {
     pub(crate) progress: Arc<FetchProgress>,
     /// Shared with the workers: an outage is logged once.
     pub(crate) outage: Arc<Outage>,
+    /// Shared with the workers: the partitions left out of the shared read.
+    pub(crate) stragglers: Arc<Stragglers>,
 }
 
 /// A connection that reads events, listens for appends, and knows the writers' relations.
@@ -392,20 +395,37 @@ impl Fetcher {
     /// With `hold_small`, a partition holding fewer than `min_events_per_batch` events keeps
     /// them (and is sent nothing, since its events up to `upto` are not all out yet).
     fn hand_out(&self, held: &mut HashMap<u32, Vec<Event>>, upto: i64, hold_small: bool) -> bool {
-        for (partition, worker) in &self.workers {
-            let events = held.get(partition).map_or(0, Vec::len);
+        let mut hand_out = self.stragglers.hand_out();
+        for (&partition, worker) in &self.workers {
+            if self.stragglers.is_straggler(partition) {
+                // It reads its own events until it catches up (see `straggler`).
+                held.remove(&partition);
+                continue;
+            }
+            let events = held.get(&partition).map_or(0, Vec::len);
             if hold_small && events > 0 && events < self.settings.min_events_per_batch {
                 continue;
             }
             let batch = Batch {
-                events: held.remove(partition).unwrap_or_default(),
+                events: held.remove(&partition).unwrap_or_default(),
                 upto,
             };
             select! {
                 send(worker, batch) -> sent => if sent.is_err() { return true },
                 recv(self.stop) -> _ => return true,
+                default(self.settings.straggler_after) => {
+                    hand_out.mark(partition);
+                    info!(
+                        "partition {partition}/{}: its worker has not taken a batch for {} s, \
+                         slower than the stream; the other partitions go on without it, and it \
+                         reads its own events until it catches up",
+                        self.total,
+                        self.settings.straggler_after.as_secs_f64()
+                    );
+                }
             }
         }
+        hand_out.done(upto);
         false
     }
 

@@ -99,6 +99,7 @@ pub mod projections;
 mod runner;
 mod settings;
 mod store;
+mod straggler;
 mod worker;
 
 use std::time::Duration;

@@ -17,6 +17,7 @@ use crate::partition::{MAX_PARTITIONS, describe_keys};
 use crate::projection::{Context, Projection};
 use crate::settings::{Settings, Stopper};
 use crate::store;
+use crate::straggler::Stragglers;
 use crate::worker::{PartitionSummary, Progress, Role, Worker};
 use crate::{Database, Error};
 
@@ -210,6 +211,7 @@ impl<P: Projection> Builder<P> {
         // Every thread watches `stop`; a thread that fails stops the others through `stopper`.
         let (stopper, stop) = Stopper::new();
         let outage = Arc::new(Outage::default());
+        let stragglers = Arc::new(Stragglers::new(&partitions, start));
         let (done_tx, done) = bounded::<()>(0);
         let started = Instant::now();
 
@@ -240,6 +242,7 @@ impl<P: Projection> Builder<P> {
                 outage: Arc::clone(&outage),
                 attempts: Attempts::default(),
                 thread: format!("partition {partition}/{total}"),
+                stragglers: Arc::clone(&stragglers),
             };
             let done_tx = done_tx.clone();
             let handle = spawn(format!("projector-p{partition}"), move || {
@@ -262,6 +265,7 @@ impl<P: Projection> Builder<P> {
             stop: stop.clone(),
             progress: Arc::clone(&fetch_progress),
             outage,
+            stragglers,
         };
         let fetcher_done = done_tx.clone();
         let fetcher_stopper = stopper.clone();
@@ -517,9 +521,24 @@ impl Monitor {
                 } else {
                     String::new()
                 };
+                // With several partitions, the one furthest behind is the one to look at.
+                let slowest = match &self.progress[..] {
+                    [_, _, ..] => self
+                        .progress
+                        .iter()
+                        .min_by_key(|(_, p)| p.checkpoint.load(Ordering::Relaxed))
+                        .map(|(key, p)| {
+                            format!(
+                                " (slowest: partition {key} at {})",
+                                p.checkpoint.load(Ordering::Relaxed)
+                            )
+                        })
+                        .unwrap_or_default(),
+                    _ => String::new(),
+                };
                 info!(
                     "progress: {applied} applied{rate}, read {}, checkpoint {checkpoint}, head \
-                     {head}, lag {} positions",
+                     {head}, lag {} positions{slowest}",
                     self.fetch_progress.read.load(Ordering::Relaxed),
                     head - checkpoint
                 );

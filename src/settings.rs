@@ -43,6 +43,10 @@ pub struct Settings {
     /// Stop once every owned partition has caught up with the head of the stream as it was at
     /// start. Default off: run until shut down.
     pub exit_when_caught_up: bool,
+    /// How long the router waits for a worker to take a batch before it leaves that partition
+    /// out of the shared read, so that one slow partition does not hold the others back; the
+    /// partition then reads its own events until it catches up. Default 5 s.
+    pub straggler_after: Duration,
     /// How long a thread keeps trying to reach the database before the runner gives up with
     /// [`Error::Unavailable`](crate::Error::Unavailable); shorter outages are ridden out.
     /// Default 10 minutes.
@@ -71,6 +75,7 @@ impl Default for Settings {
             exit_when_caught_up: false,
             liveness_interval: Duration::from_secs(1),
             give_up_after: Duration::from_secs(600),
+            straggler_after: Duration::from_secs(5),
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::event::Event;
 use crate::outage::{Attempts, Outage};
 use crate::projection::{Context, Projection};
 use crate::settings::{Settings, Stopper};
+use crate::straggler::{Stragglers, read_own_events};
 use crate::{Error, backoff};
 
 /// What the fetcher hands a worker: the partition's events from one read of the stream, and
@@ -73,6 +74,8 @@ pub(crate) struct Worker<P> {
     pub(crate) attempts: Attempts,
     /// How this worker is named in the logs.
     pub(crate) thread: String,
+    /// Shared with the router: whether this partition reads its own events for now.
+    pub(crate) stragglers: Arc<Stragglers>,
 }
 
 /// Whether a worker may apply its partition's events.
@@ -143,14 +146,29 @@ impl<P: Projection> Worker<P> {
         // A position the checkpoint may move to with no event to apply, written lazily.
         let mut idle_upto: Option<i64> = None;
         let mut last_write = Instant::now();
+        // Everything of the partition up to here was received (or applied before).
+        let mut received = summary.checkpoint;
         // Take the partition (or stand by for it) before the first batch arrives.
         self.keep_watch(connection, &mut summary)?;
         loop {
+            let partition = self.context.partition;
+            if self.stragglers.is_straggler(partition) && self.batches.is_empty() {
+                if self.catch_up_alone(connection, &mut summary, &mut received)? {
+                    break;
+                }
+                last_write = Instant::now();
+            }
             let batch = select! {
                 recv(self.stop) -> _ => break,
                 recv(self.batches) -> batch => match batch {
                     Ok(batch) => batch,
-                    Err(_) => break,
+                    Err(_) => {
+                        // The fetcher is done: a straggler still reads up to where it stopped.
+                        if self.stragglers.is_straggler(partition) {
+                            self.catch_up_alone(connection, &mut summary, &mut received)?;
+                        }
+                        break;
+                    }
                 },
                 default(self.settings.liveness_interval) => {
                     if let Some(upto) = idle_upto.take() {
@@ -164,6 +182,7 @@ impl<P: Projection> Worker<P> {
                     continue;
                 }
             };
+            received = received.max(batch.upto);
             if batch.events.is_empty() {
                 if batch.upto > summary.checkpoint {
                     idle_upto = Some(batch.upto);
@@ -183,6 +202,7 @@ impl<P: Projection> Worker<P> {
                     Ok(more) => {
                         events.extend(more.events);
                         upto = upto.max(more.upto);
+                        received = received.max(more.upto);
                     }
                     Err(_) => break,
                 }
@@ -196,6 +216,80 @@ impl<P: Projection> Worker<P> {
             let _ = self.commit(connection, &[], upto, true, &mut summary);
         }
         Ok(summary)
+    }
+
+    /// As a straggler: reads the partition's own events after `received`, in bounded batches,
+    /// and applies them, until it has reached the position the router has handed out, then
+    /// rejoins the shared read. True when asked to stop meanwhile.
+    fn catch_up_alone(
+        &mut self,
+        slot: &mut Option<Connection>,
+        summary: &mut PartitionSummary,
+        received: &mut i64,
+    ) -> Result<bool, Error> {
+        let (partition, total) = (self.context.partition, self.context.total_partitions);
+        info!(
+            "partition {partition}/{total} of '{}': reading its own events after global \
+             position {received} until it catches up",
+            self.projection.name()
+        );
+        let limit = i64::from(self.settings.batch_size);
+        loop {
+            if self.sleep_or_stop(Duration::ZERO) {
+                return Ok(true);
+            }
+            let Some(through) = self.stragglers.rejoin_or_read_to(partition, *received) else {
+                info!(
+                    "partition {partition}/{total} of '{}' caught up at global position \
+                     {received}: back on the shared read",
+                    self.projection.name()
+                );
+                return Ok(false);
+            };
+            let read = match slot {
+                Some(connection) => read_own_events(
+                    &mut connection.client,
+                    partition,
+                    total,
+                    *received,
+                    through,
+                    limit,
+                )
+                .map_err(|e| self.failure(e)),
+                None => self.connect().map(|connection| {
+                    *slot = Some(connection);
+                    (Vec::new(), *received)
+                }),
+            };
+            match read {
+                Ok((events, covered)) => {
+                    if covered > *received {
+                        self.commit_with_retries(slot, &events, covered, summary)?;
+                        *received = covered;
+                    }
+                }
+                Err(Failure::Connection(error)) => {
+                    discard(slot);
+                    let delay = backoff(
+                        self.attempts.failed + 1,
+                        self.settings.retry_delay,
+                        self.settings.max_retry_delay,
+                    );
+                    self.outage.lost(
+                        &self.thread,
+                        &mut self.attempts,
+                        error,
+                        delay,
+                        &self.settings,
+                    )?;
+                    if self.sleep_or_stop(delay) {
+                        return Ok(true);
+                    }
+                }
+                Err(Failure::Fatal(error)) => return Err(error),
+                Err(_) => {}
+            }
+        }
     }
 
     /// Between batches: takes the partition over once its holder is gone, and checks that

@@ -452,3 +452,91 @@ fn a_pool_smaller_than_the_owned_partitions_is_refused_saying_how_large_it_must_
         .expect("a pool of one connection per partition");
     assert_eq!(summary.partitions.len(), 4);
 }
+
+/// `aggregate-stats`, sleeping 40 ms on every event of partition 0 (of the runner's count).
+#[derive(Clone)]
+struct SlowOnPartitionZero;
+
+impl Projection for SlowOnPartitionZero {
+    fn name(&self) -> &str {
+        "slow-on-zero"
+    }
+
+    fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        AggregateStats.setup(tx)
+    }
+
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        if context.partition == 0 {
+            tx.execute("SELECT pg_sleep(0.04)", &[])?;
+        }
+        AggregateStats.apply(tx, event, context)
+    }
+}
+
+fn slow_settings() -> projector::Settings {
+    let mut settings = projector::Settings::default();
+    settings.batch_size = 50;
+    settings.min_events_per_batch = 10;
+    settings.straggler_after = Duration::from_millis(300);
+    settings.poll_interval = Duration::from_millis(50);
+    settings
+}
+
+fn checkpoints(schema: &TestSchema, projection: &str) -> Vec<i64> {
+    projector::status(&mut schema.client(), Some(projection))
+        .expect("status")
+        .iter()
+        .map(|row| row.last_position)
+        .collect()
+}
+
+#[test]
+fn a_slow_partition_does_not_hold_the_others_back_and_catches_up_exactly() {
+    let schema = TestSchema::migrated("straggler");
+    let events = schema.seed(200, 5);
+    let runner = Builder::new(schema.database.clone(), SlowOnPartitionZero)
+        .settings(slow_settings())
+        .partitions(0..2)
+        .total_partitions(2)
+        .start()
+        .expect("start");
+    eventually(
+        "partition 1 to reach the head while partition 0 is slow",
+        Duration::from_secs(12),
+        || checkpoints(&schema, "slow-on-zero").get(1) == Some(&events),
+    );
+    assert!(
+        checkpoints(&schema, "slow-on-zero")[0] < events,
+        "partition 0 is still behind"
+    );
+    // Appends while partition 0 catches up on its own reach both partitions once.
+    let more = schema.seed_prefixed("later", 20, 2);
+    eventually("every event", LIMIT, || {
+        schema.stats_applied() == events + more
+    });
+    runner.shutdown();
+    join_within(runner, Duration::from_secs(20)).expect("clean stop");
+    assert_eq!(schema.stats_mismatches(), 0);
+}
+
+#[test]
+fn a_slow_partition_still_applies_everything_before_a_caught_up_runner_exits() {
+    let schema = TestSchema::migrated("straggler_exit");
+    let events = schema.seed(40, 5);
+    let runner = Builder::new(schema.database.clone(), SlowOnPartitionZero)
+        .settings(slow_settings())
+        .partitions(0..2)
+        .total_partitions(2)
+        .exit_when_caught_up(true)
+        .start()
+        .expect("start");
+    let summary = join_within(runner, LIMIT).expect("caught up");
+    assert_eq!(summary.applied(), events as u64);
+    assert_eq!(schema.stats_mismatches(), 0);
+}
