@@ -86,6 +86,7 @@
 //! ```
 
 mod checkpoint;
+mod commit;
 mod database;
 mod error;
 mod event;
@@ -93,7 +94,9 @@ mod fetcher;
 mod gap;
 mod migration;
 mod outage;
+mod ownership;
 mod partition;
+mod progress;
 mod projection;
 pub mod projections;
 mod runner;

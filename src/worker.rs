@@ -1,18 +1,18 @@
 //! A worker: applies one partition's events and commits them with the checkpoint.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
-use log::{debug, info, trace, warn};
+use log::{debug, info, warn};
 
 use crate::checkpoint::{EarlierLayout, PartitionStatements, Peek};
 use crate::database::Pool;
-use crate::error::{BoxError, is_connection_loss};
+use crate::error::BoxError;
 use crate::event::Event;
 use crate::outage::{Attempts, Outage};
+use crate::ownership::Role;
 use crate::projection::{Context, Projection};
 use crate::settings::{Settings, Stopper};
 use crate::straggler::{Stragglers, read_own_events};
@@ -78,33 +78,19 @@ pub(crate) struct Worker<P> {
     pub(crate) stragglers: Arc<Stragglers>,
 }
 
-/// Whether a worker may apply its partition's events.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
-    /// Not known yet.
-    #[default]
-    Starting,
-    /// Another live process holds the partition: this worker follows its checkpoint and takes
-    /// over when that process's connection goes.
-    Standby,
-    /// This worker holds the partition but waits for live processes of another layout to stop.
-    Waiting,
-    /// This worker holds the partition and applies its events.
-    Owner,
-}
-
 /// A pooled connection with the partition's statements prepared on it.
-struct Connection {
-    client: r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>>,
-    statements: PartitionStatements,
+pub(crate) struct Connection {
+    pub(crate) client:
+        r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>>,
+    pub(crate) statements: PartitionStatements,
     /// This connection holds the partition's session lock.
-    holds: bool,
+    pub(crate) holds: bool,
     /// Since taking the lock, no live process of another layout was seen holding a partition.
-    clear: bool,
+    pub(crate) clear: bool,
 }
 
 /// Why a transaction did not commit.
-enum Failure {
+pub(crate) enum Failure {
     /// The connection is gone: retry on a new one, until the give-up limit.
     Connection(Error),
     /// The projection failed on `events[index]`.
@@ -133,7 +119,7 @@ impl<P: Projection> Worker<P> {
         result
     }
 
-    fn run_until_stopped(
+    pub(crate) fn run_until_stopped(
         &mut self,
         connection: &mut Option<Connection>,
     ) -> Result<PartitionSummary, Error> {
@@ -221,7 +207,7 @@ impl<P: Projection> Worker<P> {
     /// As a straggler: reads the partition's own events after `received`, in bounded batches,
     /// and applies them, until it has reached the position the router has handed out, then
     /// rejoins the shared read. True when asked to stop meanwhile.
-    fn catch_up_alone(
+    pub(crate) fn catch_up_alone(
         &mut self,
         slot: &mut Option<Connection>,
         summary: &mut PartitionSummary,
@@ -292,166 +278,8 @@ impl<P: Projection> Worker<P> {
         }
     }
 
-    /// Between batches: takes the partition over once its holder is gone, and checks that
-    /// this worker's layout still stands, so that a standby takes over and a fenced process
-    /// stops even while no events arrive.
-    fn keep_watch(
-        &mut self,
-        slot: &mut Option<Connection>,
-        summary: &mut PartitionSummary,
-    ) -> Result<(), Error> {
-        let connection = match slot {
-            Some(connection) => connection,
-            None => match self.connect() {
-                Ok(connection) => slot.insert(connection),
-                Err(Failure::Connection(error)) => {
-                    // Tried again at the next tick.
-                    let delay = self.settings.liveness_interval;
-                    return self.outage.lost(
-                        &self.thread,
-                        &mut self.attempts,
-                        error,
-                        delay,
-                        &self.settings,
-                    );
-                }
-                Err(Failure::Fatal(error)) => return Err(error),
-                Err(_) => return Ok(()),
-            },
-        };
-        let outcome = self.own(connection).and_then(|()| {
-            match connection.statements.peek(&mut connection.client) {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => Err(Failure::Fatal(
-                    connection.statements.fenced(&mut connection.client),
-                )),
-                Err(source) => Err(self.failure(source)),
-            }
-        });
-        match outcome {
-            Ok(()) | Err(Failure::Waiting | Failure::Projection { .. } | Failure::Batch(_)) => {
-                self.outage.back(&self.thread, &mut self.attempts);
-                Ok(())
-            }
-            Err(Failure::Standby(peek)) => {
-                self.outage.back(&self.thread, &mut self.attempts);
-                self.follow(peek, summary);
-                Ok(())
-            }
-            Err(Failure::Connection(error)) => {
-                discard(slot);
-                let delay = self.settings.liveness_interval;
-                self.outage.lost(
-                    &self.thread,
-                    &mut self.attempts,
-                    error,
-                    delay,
-                    &self.settings,
-                )
-            }
-            Err(Failure::Fatal(error)) => Err(error),
-        }
-    }
-
-    /// Makes sure this worker may apply: its connection holds the partition's session lock,
-    /// and no live process of another layout holds a partition of the projection.
-    fn own(&mut self, connection: &mut Connection) -> Result<(), Failure> {
-        if connection.holds && connection.clear {
-            return Ok(());
-        }
-        let (partition, total) = (self.context.partition, self.context.total_partitions);
-        if !connection.holds {
-            let held = connection
-                .statements
-                .try_hold(&mut connection.client)
-                .map_err(|e| self.failure(e))?;
-            if !held {
-                let peek = connection
-                    .statements
-                    .peek(&mut connection.client)
-                    .map_err(|e| self.failure(e))?;
-                let Some(peek) = peek else {
-                    return Err(Failure::Fatal(
-                        connection.statements.fenced(&mut connection.client),
-                    ));
-                };
-                if self.role != Role::Standby {
-                    info!(
-                        "partition {partition}/{total} of '{}' is held by another live process \
-                         (server pid {}, checkpoint {}): standing by, taking over if it stops",
-                        self.projection.name(),
-                        peek.holder.map_or("?".into(), |pid| pid.to_string()),
-                        peek.position
-                    );
-                    self.role = Role::Standby;
-                }
-                return Err(Failure::Standby(peek));
-            }
-            connection.holds = true;
-            connection.clear = false;
-            if self.role == Role::Standby {
-                info!(
-                    "partition {partition}/{total} of '{}': the process holding it is gone; \
-                     taking it over",
-                    self.projection.name()
-                );
-            }
-        }
-        let others = connection
-            .statements
-            .other_layouts_holders(&mut connection.client)
-            .map_err(|e| self.failure(e))?;
-        if !others.is_empty() {
-            // Those holders may be the new layout waiting for this one: a worker whose own
-            // layout was replaced must find out here, or both sides would wait for ever.
-            let row = connection
-                .statements
-                .peek(&mut connection.client)
-                .map_err(|e| self.failure(e))?;
-            if row.is_none() {
-                return Err(Failure::Fatal(
-                    connection.statements.fenced(&mut connection.client),
-                ));
-            }
-            if self.role != Role::Waiting {
-                let held: Vec<String> = others
-                    .iter()
-                    .map(|h| format!("{}/{} by server pid {}", h.key, h.total, h.pid))
-                    .collect();
-                warn!(
-                    "partition {partition}/{total} of '{}' waits for live processes of another \
-                     layout to stop (partition {} held); they are fenced and stop at their next \
-                     transaction or check, within about {} s; stop them if they do not",
-                    self.projection.name(),
-                    held.join(", "),
-                    self.settings.liveness_interval.as_secs().max(1)
-                );
-                self.role = Role::Waiting;
-            }
-            return Err(Failure::Waiting);
-        }
-        connection.clear = true;
-        if self.role == Role::Waiting {
-            info!(
-                "partition {partition}/{total} of '{}': no process of another layout is left; \
-                 applying",
-                self.projection.name()
-            );
-        }
-        self.role = Role::Owner;
-        Ok(())
-    }
-
-    /// As a standby, shows the holder's checkpoint as this partition's.
-    fn follow(&self, peek: Peek, summary: &mut PartitionSummary) {
-        summary.checkpoint = summary.checkpoint.max(peek.position);
-        self.progress
-            .checkpoint
-            .store(summary.checkpoint, Ordering::Relaxed);
-    }
-
     /// A failed statement, as a lost connection (retried) or a fatal error.
-    fn failure(&self, source: postgres::Error) -> Failure {
+    pub(crate) fn failure(&self, source: postgres::Error) -> Failure {
         let error = Error::Database {
             action: format!(
                 "committing partition {}/{} of '{}'",
@@ -471,7 +299,7 @@ impl<P: Projection> Worker<P> {
     /// Commits `events` (those above the checkpoint) and the checkpoint `upto`, retrying lost
     /// connections without end and projection failures a few times. As a standby, waits until
     /// the process holding the partition has applied the batch, or has gone.
-    fn commit_with_retries(
+    pub(crate) fn commit_with_retries(
         &mut self,
         connection: &mut Option<Connection>,
         events: &[Event],
@@ -579,173 +407,14 @@ impl<P: Projection> Worker<P> {
     }
 
     /// Waits `delay`; true when asked to stop meanwhile.
-    fn sleep_or_stop(&self, delay: Duration) -> bool {
+    pub(crate) fn sleep_or_stop(&self, delay: Duration) -> bool {
         select! {
             recv(self.stop) -> _ => true,
             default(delay) => false,
         }
     }
 
-    /// One transaction: lock the checkpoint, apply the events above it that no earlier layout
-    /// applied, move it to `upto`.
-    fn commit(
-        &mut self,
-        connection: &mut Option<Connection>,
-        events: &[Event],
-        upto: i64,
-        whole: bool,
-        summary: &mut PartitionSummary,
-    ) -> Result<(), Failure> {
-        let connection = match connection {
-            Some(connection) => connection,
-            None => connection.insert(self.connect()?),
-        };
-        self.own(connection)?;
-        let name = self.projection.name().to_owned();
-        let (partition, total) = (self.context.partition, self.context.total_partitions);
-        let mut tx = connection
-            .client
-            .transaction()
-            .map_err(|e| self.failure(e))?;
-        let Some(checkpoint) = connection
-            .statements
-            .lock(&mut tx)
-            .map_err(|e| self.failure(e))?
-        else {
-            drop(tx);
-            return Err(Failure::Fatal(
-                connection.statements.fenced(&mut connection.client),
-            ));
-        };
-        // The events above the checkpoint that no earlier layout applied, by index in `events`.
-        let pending_at: Vec<usize> = (0..events.len())
-            .filter(|&index| {
-                let event = &events[index];
-                event.global_position > checkpoint
-                    && !self
-                        .earlier
-                        .iter()
-                        .any(|layout| layout.covers(event.global_position, &event.aggregate_id))
-            })
-            .collect();
-        let skipped = events.len() - pending_at.len();
-        let first = pending_at.first().copied().unwrap_or(events.len());
-        let gathered: Vec<Event>;
-        let pending: &[Event] = if pending_at.len() == events.len() - first {
-            // The usual case: the pending events are the tail of the batch.
-            &events[first..]
-        } else {
-            gathered = pending_at
-                .iter()
-                .map(|&index| events[index].clone())
-                .collect();
-            &gathered
-        };
-        if let Err((index, source)) = self.apply(&mut tx, pending, whole) {
-            drop(tx);
-            let connection_gone = connection.client.is_closed()
-                || source
-                    .downcast_ref::<postgres::Error>()
-                    .is_some_and(is_connection_loss);
-            return Err(if connection_gone {
-                Failure::Connection(Error::ReadModel {
-                    projection: name,
-                    action: format!("applying partition {partition}/{total}"),
-                    source,
-                })
-            } else {
-                match index {
-                    Some(index) => Failure::Projection {
-                        index: pending_at[index],
-                        source,
-                    },
-                    None => Failure::Batch(source),
-                }
-            });
-        }
-        let applied = pending.len() as u64;
-        let skipped = skipped as u64;
-        let new_checkpoint = checkpoint.max(upto);
-        if new_checkpoint != checkpoint {
-            connection
-                .statements
-                .save(&mut tx, new_checkpoint)
-                .map_err(|e| self.failure(e))?;
-        }
-        tx.commit().map_err(|e| self.failure(e))?;
-        summary.applied += applied;
-        summary.skipped += skipped;
-        summary.checkpoint = new_checkpoint;
-        self.progress.applied.fetch_add(applied, Ordering::Relaxed);
-        self.progress
-            .checkpoint
-            .store(new_checkpoint, Ordering::Relaxed);
-        let earlier_end = self
-            .earlier
-            .iter()
-            .map(EarlierLayout::applied_at_most)
-            .max();
-        if let Some(end) = earlier_end.filter(|&end| new_checkpoint >= end) {
-            self.earlier.clear();
-            info!(
-                "partition {partition}/{total} of '{name}' passed global position {end}, the \
-                 last applied under the earlier layout(s): its part of the re-partitioning is done"
-            );
-            // After this commit: the last partition to get here sees every other one past too.
-            if let Err(error) = connection.statements.retire_earlier(&mut connection.client) {
-                debug!("could not retire the earlier layouts yet: {error}");
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies `events` through the projection: all at once (`whole`), or one by one so that
-    /// a failure names its event (the index into `events`).
-    fn apply(
-        &mut self,
-        tx: &mut postgres::Transaction<'_>,
-        events: &[Event],
-        whole: bool,
-    ) -> Result<(), (Option<usize>, BoxError)> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let projection = &mut self.projection;
-        let context = &self.context;
-        if whole {
-            return match catch_unwind(AssertUnwindSafe(|| {
-                projection.apply_batch(tx, events, context)
-            })) {
-                Ok(Ok(())) => {
-                    debug!(
-                        "partition {}/{}: applied {} events up to {}",
-                        context.partition,
-                        context.total_partitions,
-                        events.len(),
-                        events[events.len() - 1].global_position
-                    );
-                    if log::log_enabled!(log::Level::Trace) {
-                        events
-                            .iter()
-                            .for_each(|event| trace_applied(event, context));
-                    }
-                    Ok(())
-                }
-                Ok(Err(source)) => Err((None, source)),
-                Err(panic) => Err((None, panic_message(panic).into())),
-            };
-        }
-        for (index, event) in events.iter().enumerate() {
-            match catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event, context))) {
-                Ok(Ok(())) => trace_applied(event, context),
-                Ok(Err(source)) => return Err((Some(index), source)),
-                Err(panic) => return Err((Some(index), panic_message(panic).into())),
-            }
-        }
-        Ok(())
-    }
-
-    fn connect(&self) -> Result<Connection, Failure> {
+    pub(crate) fn connect(&self) -> Result<Connection, Failure> {
         let mut client = self
             .pool
             .get()
@@ -775,31 +444,10 @@ impl<P: Projection> Worker<P> {
 
 /// Drops a worker's connection, giving its partition's session lock back first: a connection
 /// returned to the pool would otherwise keep holding it.
-fn discard(slot: &mut Option<Connection>) {
+pub(crate) fn discard(slot: &mut Option<Connection>) {
     if let Some(mut connection) = slot.take() {
         if connection.holds && !connection.client.is_closed() {
             let _ = connection.statements.release(&mut connection.client);
         }
     }
-}
-
-/// One line per applied event, at trace level (`RUST_LOG=projector=trace`).
-fn trace_applied(event: &Event, context: &Context) {
-    trace!(
-        "partition {}/{}: applied {} at {} ({})",
-        context.partition,
-        context.total_partitions,
-        event.event_type,
-        event.global_position,
-        event.aggregate_id
-    );
-}
-
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-text panic payload".to_owned());
-    format!("panicked: {message}")
 }

@@ -1,0 +1,196 @@
+//! One worker transaction: lock the partition's checkpoint, apply the events above it through
+//! the projection, and move the checkpoint, in one commit.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
+
+use log::{debug, info, trace};
+
+use crate::Error;
+use crate::checkpoint::EarlierLayout;
+use crate::error::{BoxError, is_connection_loss};
+use crate::event::Event;
+use crate::projection::{Context, Projection};
+use crate::worker::{Connection, Failure, PartitionSummary, Worker};
+
+impl<P: Projection> Worker<P> {
+    /// One transaction: lock the checkpoint, apply the events above it that no earlier layout
+    /// applied, move it to `upto`.
+    pub(crate) fn commit(
+        &mut self,
+        connection: &mut Option<Connection>,
+        events: &[Event],
+        upto: i64,
+        whole: bool,
+        summary: &mut PartitionSummary,
+    ) -> Result<(), Failure> {
+        let connection = match connection {
+            Some(connection) => connection,
+            None => connection.insert(self.connect()?),
+        };
+        self.own(connection)?;
+        let name = self.projection.name().to_owned();
+        let (partition, total) = (self.context.partition, self.context.total_partitions);
+        let mut tx = connection
+            .client
+            .transaction()
+            .map_err(|e| self.failure(e))?;
+        let Some(checkpoint) = connection
+            .statements
+            .lock(&mut tx)
+            .map_err(|e| self.failure(e))?
+        else {
+            drop(tx);
+            return Err(Failure::Fatal(
+                connection.statements.fenced(&mut connection.client),
+            ));
+        };
+        // The events above the checkpoint that no earlier layout applied, by index in `events`.
+        let pending_at: Vec<usize> = (0..events.len())
+            .filter(|&index| {
+                let event = &events[index];
+                event.global_position > checkpoint
+                    && !self
+                        .earlier
+                        .iter()
+                        .any(|layout| layout.covers(event.global_position, &event.aggregate_id))
+            })
+            .collect();
+        let skipped = events.len() - pending_at.len();
+        let first = pending_at.first().copied().unwrap_or(events.len());
+        let gathered: Vec<Event>;
+        let pending: &[Event] = if pending_at.len() == events.len() - first {
+            // The usual case: the pending events are the tail of the batch.
+            &events[first..]
+        } else {
+            gathered = pending_at
+                .iter()
+                .map(|&index| events[index].clone())
+                .collect();
+            &gathered
+        };
+        if let Err((index, source)) = self.apply(&mut tx, pending, whole) {
+            drop(tx);
+            let connection_gone = connection.client.is_closed()
+                || source
+                    .downcast_ref::<postgres::Error>()
+                    .is_some_and(is_connection_loss);
+            return Err(if connection_gone {
+                Failure::Connection(Error::ReadModel {
+                    projection: name,
+                    action: format!("applying partition {partition}/{total}"),
+                    source,
+                })
+            } else {
+                match index {
+                    Some(index) => Failure::Projection {
+                        index: pending_at[index],
+                        source,
+                    },
+                    None => Failure::Batch(source),
+                }
+            });
+        }
+        let applied = pending.len() as u64;
+        let skipped = skipped as u64;
+        let new_checkpoint = checkpoint.max(upto);
+        if new_checkpoint != checkpoint {
+            connection
+                .statements
+                .save(&mut tx, new_checkpoint)
+                .map_err(|e| self.failure(e))?;
+        }
+        tx.commit().map_err(|e| self.failure(e))?;
+        summary.applied += applied;
+        summary.skipped += skipped;
+        summary.checkpoint = new_checkpoint;
+        self.progress.applied.fetch_add(applied, Ordering::Relaxed);
+        self.progress
+            .checkpoint
+            .store(new_checkpoint, Ordering::Relaxed);
+        let earlier_end = self
+            .earlier
+            .iter()
+            .map(EarlierLayout::applied_at_most)
+            .max();
+        if let Some(end) = earlier_end.filter(|&end| new_checkpoint >= end) {
+            self.earlier.clear();
+            info!(
+                "partition {partition}/{total} of '{name}' passed global position {end}, the \
+                 last applied under the earlier layout(s): its part of the re-partitioning is done"
+            );
+            // After this commit: the last partition to get here sees every other one past too.
+            if let Err(error) = connection.statements.retire_earlier(&mut connection.client) {
+                debug!("could not retire the earlier layouts yet: {error}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `events` through the projection: all at once (`whole`), or one by one so that
+    /// a failure names its event (the index into `events`).
+    pub(crate) fn apply(
+        &mut self,
+        tx: &mut postgres::Transaction<'_>,
+        events: &[Event],
+        whole: bool,
+    ) -> Result<(), (Option<usize>, BoxError)> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let projection = &mut self.projection;
+        let context = &self.context;
+        if whole {
+            return match catch_unwind(AssertUnwindSafe(|| {
+                projection.apply_batch(tx, events, context)
+            })) {
+                Ok(Ok(())) => {
+                    debug!(
+                        "partition {}/{}: applied {} events up to {}",
+                        context.partition,
+                        context.total_partitions,
+                        events.len(),
+                        events[events.len() - 1].global_position
+                    );
+                    if log::log_enabled!(log::Level::Trace) {
+                        events
+                            .iter()
+                            .for_each(|event| trace_applied(event, context));
+                    }
+                    Ok(())
+                }
+                Ok(Err(source)) => Err((None, source)),
+                Err(panic) => Err((None, panic_message(panic).into())),
+            };
+        }
+        for (index, event) in events.iter().enumerate() {
+            match catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event, context))) {
+                Ok(Ok(())) => trace_applied(event, context),
+                Ok(Err(source)) => return Err((Some(index), source)),
+                Err(panic) => return Err((Some(index), panic_message(panic).into())),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One line per applied event, at trace level (`RUST_LOG=projector=trace`).
+fn trace_applied(event: &Event, context: &Context) {
+    trace!(
+        "partition {}/{}: applied {} at {} ({})",
+        context.partition,
+        context.total_partitions,
+        event.event_type,
+        event.global_position,
+        event.aggregate_id
+    );
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text panic payload".to_owned());
+    format!("panicked: {message}")
+}
