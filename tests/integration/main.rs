@@ -4,9 +4,11 @@
 #![allow(unreachable_pub)]
 
 mod cli;
+mod cluster;
 mod gap;
 mod hardening;
 mod partition;
+mod proxy;
 mod repartition;
 mod runtime;
 mod store;
