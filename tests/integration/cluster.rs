@@ -15,7 +15,7 @@ use std::time::Duration;
 const PG_CTL_TIMEOUT_SECONDS: &str = "60";
 
 /// A PostgreSQL cluster of its own in a fresh temporary directory, listening on 127.0.0.1 only
-/// (no Unix socket), with durability off. Stopped and removed when dropped.
+/// (no Unix socket), with `fsync` off. Stopped and removed when dropped.
 pub struct Cluster {
     bindir: PathBuf,
     /// The temporary directory: `data/` and `server.log` in it.
@@ -133,6 +133,9 @@ impl Cluster {
     }
 
     /// Settings in `postgresql.conf` itself, so that every start and restart uses them.
+    /// `fsync = off` loses nothing when only the server goes down (the kernel keeps what was
+    /// written); `synchronous_commit` stays on, since off would let `-m immediate` lose
+    /// commits that were acknowledged, which no projector could make up for.
     fn write_settings(&self) {
         let settings = format!(
             "\n# written by the tests' Cluster\n\
@@ -140,7 +143,6 @@ impl Cluster {
              port = {}\n\
              unix_socket_directories = ''\n\
              fsync = off\n\
-             synchronous_commit = off\n\
              full_page_writes = off\n\
              max_connections = 100\n\
              max_prepared_transactions = 20\n\

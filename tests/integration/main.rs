@@ -5,6 +5,7 @@
 
 mod cli;
 mod cluster;
+mod faults;
 mod gap;
 mod hardening;
 mod partition;
