@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use projector::projections::AggregateStats;
-use projector::{Builder, Database, Projection, Runner, Summary};
+use projector::{Builder, Database, Projection, Runner, Settings, Summary};
 
 use crate::cluster::Cluster;
 use crate::proxy::Proxy;
@@ -21,9 +21,16 @@ use crate::util::{TestSchema, eventually, join_within, signal, wait_within};
 
 const LIMIT: Duration = Duration::from_secs(90);
 
-/// Events in each test's backlog: 200 aggregates of 20 events.
+/// Each test's backlog: 200 aggregates of 20 events (runners) or 80 (the binary, whose
+/// transactions hold up to 1,000 events: the backlog must take several of them).
 const AGGREGATES: i64 = 200;
 const EVENTS_PER_AGGREGATE: i64 = 20;
+const EVENTS_PER_AGGREGATE_FOR_THE_BINARY: i64 = 80;
+
+/// How long the server waits on each write to `aggregate_stats` (an update is two writes: the
+/// insert that conflicts, then the update).
+const SLOW_WRITE: &str = "0.002";
+const SLOW_WRITE_FOR_THE_BINARY: &str = "0.0005";
 
 /// Events a writer appends one by one while the projector tails the stream.
 const LIVE_EVENTS: i64 = 300;
@@ -31,29 +38,40 @@ const LIVE_EVENTS: i64 = 300;
 /// Most lines a kind of thread (fetcher, workers, ...) may log about one outage.
 const LINES_PER_OUTAGE_PER_THREAD_KIND: usize = 3;
 
-/// A migrated schema on `cluster`, whose read model applies slowly, with a backlog.
-fn slow_backlog(cluster: &Cluster, test: &str) -> (TestSchema, i64) {
+/// A migrated schema on `cluster`, whose read model waits `slow_write` seconds per written row,
+/// with a backlog of `per_aggregate` events for each of `AGGREGATES` aggregates.
+fn slow_backlog(
+    cluster: &Cluster,
+    test: &str,
+    per_aggregate: i64,
+    slow_write: &str,
+) -> (TestSchema, i64) {
     let schema = TestSchema::migrated_on(&cluster.url(), test);
     let mut client = schema.client();
     let mut tx = client.transaction().expect("begin");
     AggregateStats
         .setup(&mut tx)
         .expect("create the read model");
-    tx.batch_execute(
+    tx.batch_execute(&format!(
         "CREATE FUNCTION slow_down() RETURNS trigger LANGUAGE plpgsql AS $$ \
-         BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$; \
+         BEGIN PERFORM pg_sleep({slow_write}); RETURN NEW; END $$; \
          CREATE TRIGGER slow_down BEFORE INSERT OR UPDATE ON aggregate_stats \
-             FOR EACH ROW EXECUTE FUNCTION slow_down()",
-    )
+             FOR EACH ROW EXECUTE FUNCTION slow_down()"
+    ))
     .expect("slow the read model down");
     tx.commit().expect("commit");
-    let events = schema.seed(AGGREGATES, EVENTS_PER_AGGREGATE);
+    let events = schema.seed(AGGREGATES, per_aggregate);
     (schema, events)
 }
 
-/// A runner owning partitions 0-3 of 4, reading in small batches.
+/// A runner owning partitions 0-3 of 4, committing at most 100 events per transaction, so
+/// that a catch-up is many transactions and a fault lands in the middle of it.
 fn start_runner(database: Database, exit_when_caught_up: bool) -> Runner {
+    let mut settings = Settings::default();
+    settings.min_events_per_batch = 50;
+    settings.max_events_per_transaction = 100;
     Builder::new(database, AggregateStats)
+        .settings(settings)
         .partitions(0..4)
         .total_partitions(4)
         .batch_size(100)
@@ -65,7 +83,7 @@ fn start_runner(database: Database, exit_when_caught_up: bool) -> Runner {
 /// Waits until the catch-up is under way, and returns how far it got.
 fn catch_up_under_way(schema: &TestSchema) -> i64 {
     eventually("the catch-up to be under way", LIMIT, || {
-        schema.stats_applied() >= 400
+        schema.stats_applied() >= 300
     });
     schema.stats_applied()
 }
@@ -126,7 +144,7 @@ fn append_live(database: Database, written: Arc<AtomicI64>) -> JoinHandle<()> {
 /// while a writer appends and the runner tails the stream.
 fn restarts_lose_and_repeat_nothing(test: &str, restart: fn(&Cluster)) {
     let cluster = Cluster::start(test);
-    let (schema, backlog) = slow_backlog(&cluster, test);
+    let (schema, backlog) = slow_backlog(&cluster, test, EVENTS_PER_AGGREGATE, SLOW_WRITE);
     let runner = start_runner(schema.database.clone(), false);
 
     catch_up_under_way(&schema);
@@ -219,7 +237,12 @@ fn eventually_or_show(what: &str, log: &Mutex<Vec<String>>, mut condition: impl 
 #[test]
 fn the_binary_survives_restarts_and_logs_each_outage_once_per_thread_kind() {
     let cluster = Cluster::start("restart_logs");
-    let (schema, backlog) = slow_backlog(&cluster, "restart_logs");
+    let (schema, backlog) = slow_backlog(
+        &cluster,
+        "restart_logs",
+        EVENTS_PER_AGGREGATE_FOR_THE_BINARY,
+        SLOW_WRITE_FOR_THE_BINARY,
+    );
     let mut child = schema
         .projector(&[
             "--partition-key",
@@ -247,7 +270,7 @@ fn the_binary_survives_restarts_and_logs_each_outage_once_per_thread_kind() {
     let logged = || lines.lock().expect("the log").len();
 
     eventually_or_show("the catch-up to be under way", &lines, || {
-        schema.stats_applied() >= 400
+        schema.stats_applied() >= 300
     });
     let mut outages = vec![logged()];
     cluster.restart_fast();
@@ -317,14 +340,14 @@ fn sessions_in_a_transaction(schema: &TestSchema) -> i64 {
 fn cutting_every_connection_in_the_middle_of_a_catch_up_loses_and_repeats_nothing() {
     let cluster = Cluster::start("cut");
     let proxy = Proxy::to(cluster.port());
-    let (schema, backlog) = slow_backlog(&cluster, "cut");
+    let (schema, backlog) = slow_backlog(&cluster, "cut", EVENTS_PER_AGGREGATE, SLOW_WRITE);
     let through_the_proxy = Database::new(&proxy.url(&cluster.url()))
         .and_then(|d| d.schema(&schema.name))
         .expect("the proxy's URL");
     let runner = start_runner(through_the_proxy, true);
 
     // The first cut finds the fetcher and the four workers connected at least.
-    for (at_least, connections) in [(400, 5), (2_000, 1)] {
+    for (at_least, connections) in [(300, 5), (2_000, 1)] {
         eventually("the catch-up to move on", LIMIT, || {
             schema.stats_applied() >= at_least
         });
@@ -348,7 +371,7 @@ fn cutting_every_connection_in_the_middle_of_a_catch_up_loses_and_repeats_nothin
 fn a_black_hole_of_three_seconds_stalls_progress_then_it_resumes_exactly() {
     let cluster = Cluster::start("black_hole");
     let proxy = Proxy::to(cluster.port());
-    let (schema, backlog) = slow_backlog(&cluster, "black_hole");
+    let (schema, backlog) = slow_backlog(&cluster, "black_hole", EVENTS_PER_AGGREGATE, SLOW_WRITE);
     let through_the_proxy = Database::new(&proxy.url(&cluster.url()))
         .and_then(|d| d.schema(&schema.name))
         .expect("the proxy's URL");
