@@ -430,8 +430,9 @@ percentiles() {
 tally() {
     grep -cx "$1" "$work/writes.log" 2>/dev/null || true
 }
-warnings=$(cat "$work"/p*.log | grep -c ' WARN ' || true)
-errors=$(cat "$work"/p*.log | grep -c ' ERROR ' || true)
+# env_logger writes `[TIME LEVEL] message`, the level padded to five characters.
+warnings=$(cat "$work"/p*.log | grep -cE '^\[[^]]* WARN *\]' || true)
+errors=$(cat "$work"/p*.log | grep -cE '^\[[^]]* ERROR *\]' || true)
 
 layout_row=$layouts
 if ((!layout_changes)); then
