@@ -250,6 +250,9 @@ impl Database {
         ));
         let manager = PostgresConnectionManager::new(config, NoTls);
         r2d2::Pool::builder()
+            // The workers report a failed connection themselves, once per outage (see
+            // `outage`); r2d2's default handler would log every attempt at error level.
+            .error_handler(Box::new(r2d2::NopErrorHandler))
             .max_size(size.max(1))
             .min_idle(Some(0))
             .connection_timeout(Duration::from_secs(10))

@@ -1,14 +1,18 @@
 //! The projector against a real PostgreSQL (`DATABASE_URL`). Each test works in a schema of
-//! its own, dropped when it ends, so tests run in parallel.
+//! its own, dropped when it ends, so tests run in parallel; tests that restart or cut off a
+//! server start a private one (`cluster`, `proxy`).
 
 #![allow(unreachable_pub)]
 
 mod cli;
+mod cluster;
 mod connection;
+mod faults;
 mod gap;
 mod hardening;
 mod newcomer;
 mod partition;
+mod proxy;
 mod pupsourcing;
 mod repartition;
 mod repartition_command;

@@ -21,11 +21,18 @@ pub fn database_url() -> String {
 pub struct TestSchema {
     pub name: String,
     pub database: Database,
+    /// The server the schema lives on.
+    pub url: String,
 }
 
 impl TestSchema {
     /// A new, empty schema (no tables).
     pub fn empty(test: &str) -> TestSchema {
+        TestSchema::empty_on(&database_url(), test)
+    }
+
+    /// A new, empty schema on the server at `url` (a test's own cluster, say).
+    pub fn empty_on(url: &str, test: &str) -> TestSchema {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "t_{}_{}_{}",
@@ -33,21 +40,30 @@ impl TestSchema {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let mut admin = admin();
+        let mut admin = Client::connect(url, NoTls).expect("connect to the test server");
         admin
             .batch_execute(&format!(
                 "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
             ))
             .expect("create the test schema");
-        let database = Database::new(&database_url())
+        let database = Database::new(url)
             .and_then(|d| d.schema(&name))
-            .expect("DATABASE_URL is a valid connection string");
-        TestSchema { name, database }
+            .expect("the test server's URL is a valid connection string");
+        TestSchema {
+            name,
+            database,
+            url: url.to_owned(),
+        }
     }
 
     /// A new schema with the projector's tables.
     pub fn migrated(test: &str) -> TestSchema {
-        let schema = TestSchema::empty(test);
+        TestSchema::migrated_on(&database_url(), test)
+    }
+
+    /// A new schema with the projector's tables, on the server at `url`.
+    pub fn migrated_on(url: &str, test: &str) -> TestSchema {
+        let schema = TestSchema::empty_on(url, test);
         projector::migrate(&schema.database).expect("migrate the test schema");
         schema
     }
@@ -133,7 +149,7 @@ impl TestSchema {
         let mut command = Command::new(env!("CARGO_BIN_EXE_projector"));
         command
             .args(args)
-            .env("DATABASE_URL", database_url())
+            .env("DATABASE_URL", &self.url)
             .env("PROJECTOR_SCHEMA", &self.name)
             .env_remove("PARTITION_KEY")
             .env_remove("TOTAL_PARTITIONS")
@@ -145,7 +161,7 @@ impl TestSchema {
 
 impl Drop for TestSchema {
     fn drop(&mut self) {
-        if let Ok(mut admin) = Client::connect(&database_url(), NoTls) {
+        if let Ok(mut admin) = Client::connect(&self.url, NoTls) {
             let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
         }
     }
