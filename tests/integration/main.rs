@@ -7,6 +7,7 @@ mod cli;
 mod connection;
 mod gap;
 mod hardening;
+mod hostile;
 mod newcomer;
 mod partition;
 mod pupsourcing;
