@@ -590,6 +590,28 @@ mod tests {
             #![proptest_config(ProptestConfig::with_cases(256))]
 
             #[test]
+            fn a_schema_name_is_taken_exactly_or_refused_naming_the_flag_and_value(
+                name in prop_oneof!["[A-Za-z_][A-Za-z0-9_]{0,70}", "[a-z\"'; \\\\$-]{0,12}", any::<String>()],
+            ) {
+                let database = Database::new("postgres://app@db/events");
+                prop_assert!(database.is_ok());
+                match database.and_then(|d| d.schema(&name)) {
+                    Ok(database) => {
+                        prop_assert!(name.len() <= 63 && !name.starts_with(|c: char| c.is_ascii_digit()));
+                        prop_assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+                        prop_assert_eq!(database.schema_name(), name.as_str());
+                        let options = database.config.get_options().unwrap_or_default();
+                        prop_assert!(options.ends_with(&format!(" -c search_path=\"{name}\"")), "{}", options);
+                    }
+                    Err(Error::InvalidSetting { setting, value, .. }) => {
+                        prop_assert_eq!(setting, "--schema");
+                        prop_assert_eq!(value, name);
+                    }
+                    Err(other) => prop_assert!(false, "{other:?}"),
+                }
+            }
+
+            #[test]
             fn no_output_holds_any_fragment_of_the_password(password in password()) {
                 for (well_formed, string) in forms(&password) {
                     let shown = match Database::from_setting("DATABASE_URL", &string)
