@@ -336,3 +336,43 @@ fn hostile_projection_names_reach_sql_only_as_parameters() {
         names.len() as i64
     );
 }
+
+/// A store whose table lets a column the projector needs hold NULL (`event_from_row` would
+/// panic on such a row, and the runner end with "thread 'projector-route' panicked").
+#[test]
+fn hostile_events_table_allowing_null_where_an_event_needs_a_value_is_refused_at_start() {
+    let schema = TestSchema::migrated("hostile_null");
+    schema.seed(2, 1);
+    let mut client = schema.client();
+    client
+        .batch_execute(
+            "ALTER TABLE events ALTER COLUMN event_type DROP NOT NULL; \
+             INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggregate_version, \
+                 event_id, event_type, payload) \
+             VALUES ('test', 'Thing', 'null-type', 1, gen_random_uuid(), NULL, '\\x7b7d')",
+        )
+        .expect("a NULL event type");
+    let started = Builder::new(schema.database.clone(), AggregateStats)
+        .partitions(0..4)
+        .total_partitions(4)
+        .exit_when_caught_up(true)
+        .start();
+    match started {
+        Err(error @ Error::UnexpectedColumns { .. }) => {
+            assert!(error.is_configuration());
+            assert!(
+                error
+                    .to_string()
+                    .contains("(events.event_type is text allowing NULL, expected text NOT NULL)"),
+                "{error}"
+            );
+        }
+        Err(other) => panic!("expected UnexpectedColumns, got {other:?}"),
+        Ok(_) => panic!("a runner started on an events table allowing NULL event types"),
+    }
+    let output = run_within(
+        schema.projector(&["--partition-key", "0-3", "--projection", "noop"]),
+        LIMIT,
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+}
