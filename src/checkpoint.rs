@@ -920,6 +920,111 @@ mod tests {
         }
     }
 
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// One layout of a chain: its partition count, where each of its partitions stops
+        /// (a fraction of what is left, in 1/255ths) and whether earlier layouts every
+        /// partition has passed are retired before it is replaced.
+        #[derive(Debug, Clone)]
+        struct Stage {
+            total: u32,
+            stops: Vec<u8>,
+            retire: bool,
+        }
+
+        fn stage() -> impl Strategy<Value = Stage> {
+            (
+                1..=8u32,
+                proptest::collection::vec(any::<u8>(), 8),
+                any::<bool>(),
+            )
+                .prop_map(|(total, stops, retire)| Stage {
+                    total,
+                    stops,
+                    retire,
+                })
+        }
+
+        /// Workers of layout `total`, all starting at `start`, each run to the stop
+        /// `stop_of(key)`, applying what is theirs and not covered by an earlier layout, as
+        /// `Worker::commit` does; returns their checkpoints.
+        fn run(
+            events: &[String],
+            applied: &mut [u32],
+            total: u32,
+            start: i64,
+            earlier: &[EarlierLayout],
+            stop_of: impl Fn(usize) -> i64,
+        ) -> Vec<i64> {
+            (0..total as usize)
+                .map(|key| {
+                    let stop = stop_of(key);
+                    for position in start + 1..=stop {
+                        let aggregate = &events[position as usize - 1];
+                        if partition_of(aggregate, total) as usize == key
+                            && !earlier.iter().any(|l| l.covers(position, aggregate))
+                        {
+                            applied[position as usize - 1] += 1;
+                        }
+                    }
+                    stop
+                })
+                .collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// The chain rule, as `chains_of_layout_changes_apply_every_event_exactly_once`
+            /// checks it, with inputs proptest shrinks to a smallest failing chain.
+            #[test]
+            fn every_chain_of_layouts_applies_every_event_exactly_once(
+                aggregates in proptest::collection::vec(0..40u8, 1..200),
+                stages in proptest::collection::vec(stage(), 1..6),
+                last_total in 1..=8u32,
+            ) {
+                let events: Vec<String> =
+                    aggregates.iter().map(|a| format!("thing-{a}")).collect();
+                let end = events.len() as i64;
+                let mut applied = vec![0u32; events.len()];
+                let mut start = 0;
+                let mut earlier: Vec<EarlierLayout> = Vec::new();
+                for stage in &stages {
+                    let checkpoints = run(&events, &mut applied, stage.total, start, &earlier, |key| {
+                        start + (end - start) * i64::from(stage.stops[key]) / 255
+                    });
+                    if stage.retire {
+                        // As `retire_earlier` does it.
+                        let lowest = checkpoints.iter().copied().min().unwrap_or(0);
+                        earlier.retain(|l| l.applied_at_most() > lowest);
+                    }
+                    let lowest = checkpoints.iter().copied().min().unwrap_or(0);
+                    let replaced = EarlierLayout {
+                        total_partitions: stage.total,
+                        checkpoints,
+                    };
+                    let (next_start, inherited) =
+                        succession(replaced, std::mem::take(&mut earlier));
+                    prop_assert!(next_start >= lowest, "starts below what was applied");
+                    prop_assert!(inherited.iter().all(|l| l.applied_at_most() > next_start));
+                    start = next_start;
+                    earlier = inherited;
+                }
+                run(&events, &mut applied, last_total, start, &earlier, |_| end);
+                let wrong: Vec<(usize, u32)> = applied
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &n)| n != 1)
+                    .map(|(i, &n)| (i + 1, n))
+                    .collect();
+                prop_assert!(wrong.is_empty(), "(position, times applied) {wrong:?}");
+            }
+        }
+    }
+
     #[test]
     fn succession_merges_equal_layouts_and_drops_what_is_behind_the_start() {
         let layout = |total, checkpoints: &[i64]| EarlierLayout {

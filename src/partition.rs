@@ -34,9 +34,16 @@ pub fn partition_of(aggregate_id: &str, total: u32) -> u32 {
 /// Parses a set of partition keys: one key (`2`), a list (`0,2`), a range (`0-3`), or a mix
 /// (`0-1,3`). Every key must be below `total`; the result is sorted and has no repeats.
 ///
-/// `setting` names the flag or variable the text came from, for the error message.
+/// `setting` names the flag or variable the text came from, for the error message. A `total`
+/// outside 1 to [`MAX_PARTITIONS`] refuses every text (so a range never asks for more than
+/// that many keys).
 pub fn parse_partition_keys(setting: &str, text: &str, total: u32) -> Result<Vec<u32>, Error> {
     let bad = |reason: String| Error::invalid_setting(setting, text, reason);
+    if total == 0 || total > MAX_PARTITIONS {
+        return Err(bad(format!(
+            "the number of partitions ({total}) must be from 1 to {MAX_PARTITIONS}"
+        )));
+    }
     let mut keys = Vec::new();
     for part in text.split(',').map(str::trim) {
         if part.is_empty() {
@@ -160,6 +167,111 @@ mod tests {
         assert_eq!(describe_keys(&[0, 1, 2, 3]), "0-3");
         assert_eq!(describe_keys(&[0, 2, 3, 5]), "0,2-3,5");
         assert_eq!(describe_keys(&[7]), "7");
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const FLAG: &str = "--partition-key";
+
+        /// Text a person or a script might give: digits, separators, signs, spaces, words,
+        /// and anything at all.
+        fn key_text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[0-9, +-]{0,12}",
+                "[0-9]{1,12}(-[0-9]{1,12})?(,[0-9]{1,12}(-[0-9]{1,12})?){0,3}",
+                "\\PC{0,16}",
+                any::<String>(),
+            ]
+        }
+
+        fn total() -> impl Strategy<Value = u32> {
+            prop_oneof![
+                1..=16u32,
+                1..=MAX_PARTITIONS,
+                Just(0),
+                Just(MAX_PARTITIONS + 1),
+                Just(u32::MAX)
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_text_gives_sorted_keys_below_the_total_or_names_flag_and_value(
+                text in key_text(),
+                total in total(),
+            ) {
+                match parse_partition_keys(FLAG, &text, total) {
+                    Ok(keys) => {
+                        prop_assert!(!keys.is_empty());
+                        prop_assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+                        prop_assert!(keys.iter().all(|&k| k < total && k < MAX_PARTITIONS));
+                    }
+                    Err(Error::InvalidSetting { setting, value, reason }) => {
+                        prop_assert_eq!(setting, FLAG);
+                        prop_assert_eq!(value, text);
+                        prop_assert!(!reason.is_empty());
+                    }
+                    Err(other) => prop_assert!(false, "{other:?}"),
+                }
+            }
+
+            #[test]
+            fn keys_written_as_ranges_or_lists_read_back_the_same(
+                total in 1..=64u32,
+                picks in proptest::collection::btree_set(0..64u32, 1..20),
+            ) {
+                let keys: Vec<u32> = picks.into_iter().filter(|&k| k < total).collect();
+                prop_assume!(!keys.is_empty());
+                let as_list: Vec<String> = keys.iter().map(u32::to_string).collect();
+                for text in [describe_keys(&keys), as_list.join(","), as_list.join(" , ")] {
+                    prop_assert_eq!(parse_partition_keys(FLAG, &text, total).ok(), Some(keys.clone()), "{}", text);
+                }
+                let (low, high) = (keys[0], keys[keys.len() - 1]);
+                prop_assert_eq!(
+                    parse_partition_keys(FLAG, &format!("{low}-{high}"), total).ok(),
+                    Some((low..=high).collect::<Vec<u32>>())
+                );
+            }
+
+            #[test]
+            fn any_text_gives_a_total_from_1_to_the_maximum_or_names_setting_and_value(
+                text in prop_oneof!["[0-9 +-]{0,12}", any::<String>()],
+            ) {
+                match parse_total_partitions("--total-partitions", &text) {
+                    Ok(total) => {
+                        prop_assert!((1..=MAX_PARTITIONS).contains(&total));
+                        prop_assert_eq!(text.trim().parse::<u32>().ok(), Some(total));
+                    }
+                    Err(Error::InvalidSetting { setting, value, .. }) => {
+                        prop_assert_eq!(setting, "--total-partitions");
+                        prop_assert_eq!(value, text);
+                    }
+                    Err(other) => prop_assert!(false, "{other:?}"),
+                }
+            }
+
+            #[test]
+            fn totals_read_back_the_same(total in 1..=MAX_PARTITIONS) {
+                prop_assert_eq!(parse_total_partitions("t", &total.to_string()).ok(), Some(total));
+            }
+
+            #[test]
+            fn an_aggregate_has_one_partition_below_the_total(
+                id in any::<String>(),
+                total in prop_oneof![1..=8u32, any::<u32>().prop_map(|n| n.max(1))],
+            ) {
+                let partition = partition_of(&id, total);
+                prop_assert!(partition < total);
+                prop_assert_eq!(partition, partition_of(&id.clone(), total));
+                prop_assert_eq!(partition_of(&id, 1), 0);
+                prop_assert_eq!(partition, fnv1a32(id.as_bytes()) % total);
+            }
+        }
     }
 
     #[test]

@@ -33,13 +33,53 @@ pub(crate) fn check_tables(client: &mut impl GenericClient, schema: &str) -> Res
     }
 }
 
+/// The columns of an event that [`event_from_row`] reads as never NULL.
+const NOT_NULL_COLUMNS: [&str; 10] = [
+    "global_position",
+    "bounded_context",
+    "aggregate_type",
+    "aggregate_id",
+    "aggregate_version",
+    "event_id",
+    "event_type",
+    "event_version",
+    "payload",
+    "created_at",
+];
+
 /// Fails with [`Error::UnexpectedColumns`] unless the events table has the columns the
-/// projector reads, of types it can read.
+/// projector reads, of types it can read, and `NOT NULL` where an event must have a value
+/// (a NULL there could not be made into an [`Event`]).
 pub(crate) fn check_event_columns(
     client: &mut impl GenericClient,
     schema: &str,
 ) -> Result<(), Error> {
-    migration::check_columns(client, schema, &migration::EVENTS)
+    migration::check_columns(client, schema, &migration::EVENTS)?;
+    let nullable: Vec<(String, String, Option<String>)> = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, NULL) FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attname::text = ANY($2) \
+                 AND a.attnum > 0 AND NOT a.attisdropped AND NOT a.attnotnull \
+             ORDER BY a.attnum",
+            &[&format!("\"{schema}\".events"), &NOT_NULL_COLUMNS.to_vec()],
+        )
+        .map_err(Error::database("reading the columns of events"))?
+        .iter()
+        .map(|row| {
+            let (column, found): (String, String) = (row.get(0), row.get(1));
+            let expected = format!("{found} NOT NULL");
+            (column, expected, Some(format!("{found} allowing NULL")))
+        })
+        .collect();
+    if nullable.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::UnexpectedColumns {
+            schema: schema.to_owned(),
+            table: "events".to_owned(),
+            columns: nullable,
+        })
+    }
 }
 
 /// The sequence `global_position` is drawn from, as its oid and its schema-qualified name as

@@ -10,6 +10,7 @@ mod connection;
 mod faults;
 mod gap;
 mod hardening;
+mod hostile;
 mod newcomer;
 mod partition;
 mod proxy;
