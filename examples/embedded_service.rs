@@ -5,7 +5,8 @@
 //! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo run --example embedded_service
 //! ```
 //!
-//! It needs only the library: `projector = { version = "0.1", default-features = false }`.
+//! It needs only the library: `projector = { path = "../projector", default-features = false }`
+//! (not on crates.io yet: depend on a checkout, or on the repository with `git = "URL"`).
 
 use std::time::Duration;
 
@@ -47,7 +48,18 @@ impl Projection for EventTypeCounts {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // One readable line with every cause, as the `projector` binary prints it.
+            eprintln!("error: {}", projector::error_chain(error.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("DATABASE_URL").map_err(|_| "set DATABASE_URL")?;
     let database = Database::new(&url)?;
     projector::migrate(&database)?;

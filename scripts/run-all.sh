@@ -7,7 +7,11 @@
 #   PROJECTOR_ARGS  passed to every process (e.g. --projection aggregate-stats)
 #
 # Without DATABASE_URL, a local server is run from .pgdata/ at the repository
-# root and stopped on exit. Each output line is prefixed with `[pK/N]`.
+# root (on the same port each run when it is free; its URL is in .pgdata/url)
+# and stopped on exit, unless KEEP_DB=1; `scripts/lib/pg.sh start .pgdata`
+# starts it again to look at the data. Each output line is prefixed with
+# `[pK/N]`; the prefixers ignore Ctrl-C and end with their process's output,
+# so the processes' stop summaries are shown.
 # Ctrl-C or SIGTERM stops all processes. Process ids are kept in
 # .run-all.pids; a new run first stops the processes of an earlier one.
 # Before starting the processes, `projector repartition --to N` moves the
@@ -49,6 +53,8 @@ bin=$root/target/release/projector
 pidfile=$root/.run-all.pids
 pgdir=
 pids=()
+prefixers=()
+fifodir=
 children_done=0
 export RUST_LOG=${RUST_LOG:-info}
 
@@ -98,17 +104,23 @@ wait_gone() {
 # is killed.
 stop_previous_run() {
     [[ -f $pidfile ]] || return 0
-    local pid runner='' live=()
+    local pid runner='' live=() projectors=0
     while read -r pid; do
         [[ $pid =~ ^[0-9]+$ && $pid != "$$" ]] || continue
         is_ours "$pid" || continue
         if [[ -z $runner && $(ps -o args= -p "$pid" 2>/dev/null) == *run-all.sh* ]]; then
             runner=$pid
+        else
+            projectors=$((projectors + 1))
         fi
         live+=("$pid")
     done <"$pidfile"
     if ((${#live[@]} > 0)); then
-        log "stopping ${#live[@]} process(es) from an earlier run"
+        if [[ -n $runner ]]; then
+            log "stopping an earlier run: its script (pid $runner) and $projectors projector process(es)"
+        else
+            log "stopping $projectors projector process(es) of an earlier run"
+        fi
         if [[ -n $runner ]]; then
             kill -TERM "$runner" 2>/dev/null || true
         else
@@ -137,13 +149,31 @@ stop_children() {
         wait "$pid" 2>/dev/null || true
     done
     children_done=1
+    wait_prefixers
+}
+
+# Waits until the prefixers have passed on their processes' last lines.
+wait_prefixers() {
+    local pid
+    for pid in "${prefixers[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    prefixers=()
 }
 
 cleanup() {
     trap '' INT TERM HUP
     stop_children
-    if [[ -n $pgdir ]]; then
+    if [[ -n $pgdir && ${KEEP_DB:-0} == 1 ]]; then
+        log "PostgreSQL keeps running (KEEP_DB=1): DATABASE_URL=$DATABASE_URL $bin status;" \
+            "stop it with scripts/lib/pg.sh stop .pgdata"
+    elif [[ -n $pgdir ]]; then
         pg_stop "$pgdir" || true
+        log "PostgreSQL stopped; its data stays in .pgdata/: scripts/lib/pg.sh start .pgdata" \
+            "starts it again at $DATABASE_URL (KEEP_DB=1 $0 leaves it running)"
+    fi
+    if [[ -n $fifodir ]]; then
+        rm -rf -- "$fifodir"
     fi
     # Remove the pid file only if it is still ours.
     if [[ -f $pidfile && $(head -n 1 "$pidfile" 2>/dev/null) == "$$" ]]; then
@@ -162,8 +192,8 @@ trap cleanup EXIT
 trap on_signal INT TERM HUP
 
 if command -v cargo >/dev/null 2>&1; then
-    log "building target/release/projector"
-    cargo build --release --quiet --bin projector
+    log "building target/release/projector (the first build takes a few minutes; cargo shows its progress)"
+    cargo build --release --bin projector
 elif [[ ! -x $bin ]]; then
     log "cargo not found and $bin does not exist"
     exit 1
@@ -174,7 +204,7 @@ stop_previous_run
 if [[ -z ${DATABASE_URL:-} ]]; then
     pgdir=$root/.pgdata
     pg_start "$pgdir"
-    log "PostgreSQL at $DATABASE_URL (data in .pgdata/)"
+    log "PostgreSQL at $DATABASE_URL (data in .pgdata/, URL in .pgdata/url)"
 fi
 
 "$bin" migrate
@@ -215,13 +245,28 @@ for ((i = 0; i < ${#extra[@]}; i++)); do
 done
 "$bin" "${connection[@]}" repartition --projection "$projection" --to "$n"
 
+# Each process writes to a FIFO read by its prefixer. A terminal Ctrl-C reaches
+# the prefixers too (they share this script's process group): they ignore it
+# and end when their process's output closes, after its stop summary.
+fifodir=$(mktemp -d "${TMPDIR:-/tmp}/run-all.XXXXXX")
 for ((k = 0; k < n; k++)); do
+    mkfifo "$fifodir/p$k"
+    (
+        trap '' INT
+        prefix_lines "[p$k/$n] " <"$fifodir/p$k"
+    ) &
+    prefixers+=("$!")
     "${launcher[@]}" "$bin" --partition-key "$k" --total-partitions "$n" "${extra[@]}" \
-        > >(prefix_lines "[p$k/$n] ") 2>&1 &
+        >"$fifodir/p$k" 2>&1 &
     pids+=("$!")
 done
 printf '%s\n' "$$" "${pids[@]}" >"$pidfile"
 log "started ${#pids[@]} projector process(es): ${pids[*]}"
+if [[ -n $pgdir ]]; then
+    log "from another terminal: DATABASE_URL=$DATABASE_URL $bin status"
+else
+    log "from another terminal, with the same DATABASE_URL: $bin status"
+fi
 
 # Exit with the first non-zero status among the processes (in partition order).
 status=0
@@ -234,4 +279,5 @@ for pid in "${pids[@]}"; do
     fi
 done
 children_done=1
+wait_prefixers
 exit "$status"

@@ -623,6 +623,15 @@ pub struct CheckpointStatus {
     /// The server process id (`pg_stat_activity.pid`) of the connection through which a live
     /// process holds this partition, if one does.
     pub held_by_pid: Option<i32>,
+    /// Where that connection comes from, as `address:port` (`local socket` for a Unix-domain
+    /// socket), when the server shows it (`pg_stat_activity.client_addr` and `client_port`;
+    /// a role that is not superuser sees them only for its own connections): the process
+    /// holding the partition is the one with this end of the connection
+    /// (`ss -tnp | grep :PORT` on its host).
+    pub held_by_client: Option<String>,
+    /// That connection's `application_name` (`projector` unless the connection string sets
+    /// another), when the server shows it.
+    pub held_by_application: Option<String>,
     /// While the projection catches up after a change of its number of partitions: the earlier
     /// layouts whose applied events its partitions still skip. Empty otherwise.
     pub earlier_layouts: Vec<EarlierLayout>,
@@ -648,18 +657,29 @@ pub fn status(
     let schema = check_tables_here(client)?;
     crate::store::check_event_columns(client, &schema)?;
     let head = crate::store::head_position(client)?;
-    let locks: Vec<(u32, u32, i32)> = client
+    let locks: Vec<Lock> = client
         .query(
-            "SELECT classid, objid, pid FROM pg_locks \
-             WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            "SELECT l.classid, l.objid, l.pid, \
+                 CASE WHEN a.client_port = -1 THEN 'local socket' \
+                      WHEN a.client_addr IS NOT NULL \
+                      THEN host(a.client_addr) || ':' || a.client_port END, \
+                 NULLIF(a.application_name, '') \
+             FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             &[],
         )
         .map_err(Error::database(
             "reading which partitions live processes hold",
         ))?
         .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .map(|row| Lock {
+            class: row.get(0),
+            object: row.get(1),
+            pid: row.get(2),
+            client: row.get(3),
+            application: row.get(4),
+        })
         .collect();
     let priors: Vec<(String, u32, EarlierLayout)> = client
         .query(
@@ -707,10 +727,9 @@ pub fn status(
             let now: SystemTime = row.get(5);
             let first_unapplied: Option<SystemTime> = row.get(7);
             let class: u32 = row.get(8);
-            let held_by_pid = locks
+            let holder = locks
                 .iter()
-                .find(|&&(c, o, _)| c == class && o == total * 65536 + key)
-                .map(|&(_, _, pid)| pid);
+                .find(|lock| lock.class == class && lock.object == total * 65536 + key);
             let earlier_layouts = priors
                 .iter()
                 .filter(|(p, t, _)| *p == name && *t == total)
@@ -727,11 +746,22 @@ pub fn status(
                     .and_then(|t| now.duration_since(t).ok())
                     .unwrap_or_default(),
                 age: now.duration_since(updated).unwrap_or_default(),
-                held_by_pid,
+                held_by_pid: holder.map(|lock| lock.pid),
+                held_by_client: holder.and_then(|lock| lock.client.clone()),
+                held_by_application: holder.and_then(|lock| lock.application.clone()),
                 earlier_layouts,
             }
         })
         .collect())
+}
+
+/// A partition lock some connection holds, with where the connection comes from.
+struct Lock {
+    class: u32,
+    object: u32,
+    pid: i32,
+    client: Option<String>,
+    application: Option<String>,
 }
 
 /// Fails with [`Error::MissingTables`] unless the projector's tables are in the current schema,

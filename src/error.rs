@@ -81,6 +81,13 @@ pub enum Error {
         /// The tables not found.
         tables: Vec<String>,
     },
+    /// The schema asked for does not exist.
+    NoSuchSchema {
+        /// The schema.
+        schema: String,
+        /// Where its name came from (`--schema`, `PROJECTOR_SCHEMA (from the environment)`).
+        setting: String,
+    },
     /// A table of one of the projector's names lacks columns it needs, or has them with other
     /// types: it seems to belong to another tool, or was changed by hand.
     UnexpectedColumns {
@@ -172,6 +179,13 @@ pub enum Error {
         /// What it would do, in words.
         action: String,
     },
+    /// A destructive command was not confirmed, and confirming it would be refused for now.
+    WouldBeRefused {
+        /// What it would do, in words.
+        action: String,
+        /// Why it would be refused (such as [`Error::ProjectionRunning`]).
+        because: Box<Error>,
+    },
     /// The database could not be reached for longer than the give-up limit
     /// ([`Settings::give_up_after`](crate::Settings::give_up_after)).
     Unavailable {
@@ -203,11 +217,13 @@ impl Error {
                 | Error::LoginRefused { .. }
                 | Error::NoSuchDatabase { .. }
                 | Error::MissingTables { .. }
+                | Error::NoSuchSchema { .. }
                 | Error::UnexpectedColumns { .. }
                 | Error::LayoutMismatch { .. }
                 | Error::Fenced { .. }
                 | Error::ProjectionRunning { .. }
                 | Error::NotConfirmed { .. }
+                | Error::WouldBeRefused { .. }
                 | Error::RemovedFlag { .. }
         )
     }
@@ -320,6 +336,12 @@ impl fmt::Display for Error {
                 "table(s) {} not found in schema '{schema}': run `projector migrate` first",
                 tables.join(", ")
             ),
+            Error::NoSuchSchema { schema, setting } => write!(
+                f,
+                "schema '{schema}' does not exist: check the name given by {setting} (it is \
+                 case-sensitive), or run `projector migrate` to create it with the projector's \
+                 tables"
+            ),
             Error::UnexpectedColumns {
                 schema,
                 table,
@@ -425,6 +447,9 @@ impl fmt::Display for Error {
             } => write!(f, "projection '{projection}' failed while {action}"),
             Error::RemovedFlag { flag, instead } => write!(f, "{flag} was removed: {instead}"),
             Error::NotConfirmed { action } => write!(f, "{action}; pass --yes to go ahead"),
+            Error::WouldBeRefused { action, .. } => {
+                write!(f, "{action}; --yes would be refused for now")
+            }
             Error::ThreadPanicked { thread } => write!(f, "thread '{thread}' panicked"),
             Error::Unavailable { waited, .. } => write!(
                 f,
@@ -445,6 +470,7 @@ impl std::error::Error for Error {
             | Error::Database { source, .. } => Some(source),
             Error::Pool { source } => Some(source),
             Error::Unavailable { source, .. } => Some(source.as_ref()),
+            Error::WouldBeRefused { because, .. } => Some(because.as_ref()),
             Error::Projection { source, .. } | Error::ReadModel { source, .. } => {
                 Some(source.as_ref())
             }

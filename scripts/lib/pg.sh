@@ -3,15 +3,21 @@
 #
 # Source this file, then:
 #   pg_bindir            print the directory holding initdb and pg_ctl
-#   pg_start DATA_DIR    initialise (if needed) and start a server on a free
-#                        127.0.0.1 port, or reuse one already running there;
-#                        exports DATABASE_URL and sets PG_STARTED=1 when this
-#                        call started the server (0 when it was reused)
+#   pg_start DATA_DIR    initialise (if needed) and start a server on
+#                        127.0.0.1, on the port it had last time when that is
+#                        free (kept in DATA_DIR/port), else on a free one; or
+#                        reuse one already running there; exports DATABASE_URL
+#                        (also written to DATA_DIR/url) and sets PG_STARTED=1
+#                        when this call started the server (0 when reused)
 #   pg_stop DATA_DIR     stop the server running on DATA_DIR, if any
 #
 # PG_FAST=1 turns off fsync, synchronous_commit and full_page_writes (data
 # may be lost on a crash; meant for disposable test clusters).
 # When run as root, server commands run as the `postgres` user.
+#
+# Run directly, `scripts/lib/pg.sh start DATA_DIR` starts the server on
+# DATA_DIR again (same port when free) and prints its DATABASE_URL;
+# `scripts/lib/pg.sh stop DATA_DIR` stops it.
 
 set -euo pipefail
 
@@ -85,6 +91,11 @@ print(s.getsockname()[1])' 2>/dev/null) && [[ -n $port ]]; then
     done
     _pg_err "could not find a free TCP port on 127.0.0.1"
     return 1
+}
+
+# True when nothing listens on 127.0.0.1:$1.
+_pg_port_free() {
+    ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
 # Prints line N of DATA_DIR/postmaster.pid (4 = port, 5 = socket directory).
@@ -187,7 +198,10 @@ pg_start() {
         fi
         # Retry with another port if one gets taken between picking and binding.
         for attempt in 1 2 3; do
-            port=$(_pg_free_port) || return 1
+            port=$(cat "$data/port" 2>/dev/null) || port=
+            if ((attempt > 1)) || [[ ! $port =~ ^[0-9]+$ ]] || ! _pg_port_free "$port"; then
+                port=$(_pg_free_port) || return 1
+            fi
             local opts="-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories=$sock -c max_connections=300 -c max_prepared_transactions=20"
             if [[ ${PG_FAST:-0} == 1 ]]; then
                 opts+=" -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
@@ -214,6 +228,8 @@ pg_start() {
         return 1
     fi
     export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
+    printf '%s\n' "$port" >"$data/port"
+    printf '%s\n' "$DATABASE_URL" >"$data/url"
 }
 
 pg_stop() {
@@ -253,3 +269,17 @@ pg_stop_temp() {
         PG_TEMP_DIR=
     fi
 }
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    case ${1:-}:${2:-} in
+    start:?*)
+        pg_start "$2"
+        printf 'DATABASE_URL=%s\n' "$DATABASE_URL"
+        ;;
+    stop:?*) pg_stop "$2" ;;
+    *)
+        echo "usage: $0 start|stop DATA_DIR" >&2
+        exit 2
+        ;;
+    esac
+fi

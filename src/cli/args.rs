@@ -75,24 +75,32 @@ pub(crate) enum Command {
 
 /// Create the event store and checkpoint tables (safe to run again).
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "migrate")]
+#[argh(
+    subcommand,
+    name = "migrate",
+    note = "The connection flags --database-url, --schema, --keepalive-timeout-secs and --session-timeout-secs may also come after the subcommand (there they win)."
+)]
 pub(crate) struct Migrate {}
 
 /// Append demo users: each is created, then renamed and given new e-mail addresses.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "seed")]
+#[argh(
+    subcommand,
+    name = "seed",
+    note = "The connection flags --database-url, --schema, --keepalive-timeout-secs and --session-timeout-secs may also come after the subcommand (there they win)."
+)]
 pub(crate) struct Seed {
-    /// users to create, default 1000
-    #[argh(option, default = "1000")]
-    pub(crate) users: u64,
+    /// users to create, from 0 to 100000000, default 1000
+    #[argh(option)]
+    pub(crate) users: Option<String>,
 
-    /// renames per user, default 1
-    #[argh(option, default = "1")]
-    pub(crate) renames: u32,
+    /// renames per user, from 0 to 1000, default 1
+    #[argh(option)]
+    pub(crate) renames: Option<String>,
 
-    /// e-mail changes per user, default 1
-    #[argh(option, default = "1")]
-    pub(crate) email_changes: u32,
+    /// e-mail changes per user, from 0 to 1000, default 1
+    #[argh(option)]
+    pub(crate) email_changes: Option<String>,
 
     /// append nothing when the store already holds events
     #[argh(switch)]
@@ -102,7 +110,11 @@ pub(crate) struct Seed {
 /// Show each projection's layout and checkpoints, lag in events and time, the live process
 /// holding each partition, and any re-partitioning in progress.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "status")]
+#[argh(
+    subcommand,
+    name = "status",
+    note = "The connection flags --database-url, --schema, --keepalive-timeout-secs and --session-timeout-secs may also come after the subcommand (there they win)."
+)]
 pub(crate) struct Status {
     /// show only this projection
     #[argh(option)]
@@ -116,9 +128,13 @@ pub(crate) struct Status {
 /// Delete a projection's checkpoints and clear its read model, so that it rebuilds from the
 /// first event at its next start. Refused while a live process holds one of its partitions.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "reset")]
+#[argh(
+    subcommand,
+    name = "reset",
+    note = "The connection flags --database-url, --schema, --keepalive-timeout-secs and --session-timeout-secs may also come after the subcommand (there they win)."
+)]
 pub(crate) struct Reset {
-    /// the projection to reset: users, aggregate-stats or noop
+    /// the projection to reset: users, aggregate-stats, aggregate-stats-batch or noop
     #[argh(option)]
     pub(crate) projection: String,
 
@@ -131,7 +147,11 @@ pub(crate) struct Reset {
 /// Processes still running the old layout stop at their next transaction; start the new
 /// layout's processes with --total-partitions set to the new count afterwards.
 #[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "repartition")]
+#[argh(
+    subcommand,
+    name = "repartition",
+    note = "The connection flags --database-url, --schema, --keepalive-timeout-secs and --session-timeout-secs may also come after the subcommand (there they win)."
+)]
 pub(crate) struct Repartition {
     /// the projection: users, aggregate-stats, aggregate-stats-batch or noop
     #[argh(option)]
@@ -154,11 +174,139 @@ pub(crate) fn parse(args: &[String]) -> Result<Args, Parsed> {
     let name = args
         .first()
         .map_or("projector", |a| a.rsplit('/').next().unwrap_or("projector"));
-    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    let rest = with_flags_in_place(args.iter().skip(1).map(String::as_str).collect())?;
     Args::from_args(&[name], &rest).map_err(|exit| match exit.status {
         Ok(()) => Parsed::Help(exit.output),
         Err(()) => Parsed::Usage(exit.output),
     })
+}
+
+/// The subcommands, as typed.
+const SUBCOMMANDS: [&str; 5] = ["migrate", "seed", "status", "reset", "repartition"];
+
+/// Flags of the whole command that may come before or after a subcommand.
+const CONNECTION_FLAGS: [&str; 4] = [
+    "--database-url",
+    "--schema",
+    "--keepalive-timeout-secs",
+    "--session-timeout-secs",
+];
+
+/// Flags only running a projection (no subcommand) uses.
+const RUN_FLAGS: [&str; 6] = [
+    "--partition-key",
+    "--total-partitions",
+    "--batch-size",
+    "--poll-interval-ms",
+    "--give-up-after",
+    "--exit-when-caught-up",
+];
+
+/// Subcommands that take `--projection` themselves.
+const WITH_PROJECTION: [&str; 3] = ["status", "reset", "repartition"];
+
+/// Whether `flag`, given before any subcommand, takes a value.
+fn takes_value(flag: &str) -> bool {
+    !matches!(
+        flag,
+        "--exit-when-caught-up" | "--repartition" | "--help" | "-h"
+    )
+}
+
+/// Whether `flag`, given after `subcommand`, takes a value.
+fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
+    matches!(
+        (subcommand, flag),
+        ("seed", "--users" | "--renames" | "--email-changes")
+            | ("status" | "reset" | "repartition", "--projection")
+            | ("repartition", "--to")
+    )
+}
+
+/// The arguments with every flag where argh expects it: connection flags given after the
+/// subcommand move before it (winning over the same flag given before), and a `--projection`
+/// given before `status`, `reset` or `repartition` moves after it (unless it also has its
+/// own). A flag only a run uses, given with a subcommand, is refused: it would be ignored.
+fn with_flags_in_place(args: Vec<&str>) -> Result<Vec<&str>, Parsed> {
+    let Some(at) = subcommand_position(&args) else {
+        return Ok(args);
+    };
+    let subcommand = args[at];
+    let (mut before, mut moved, mut after) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rest = args[at + 1..].iter().copied();
+    while let Some(arg) = rest.next() {
+        if CONNECTION_FLAGS.contains(&arg) {
+            let Some(value) = rest.next() else {
+                return Err(Parsed::Usage(format!("error: {arg} needs a value")));
+            };
+            moved.extend([arg, value]);
+        } else if RUN_FLAGS.contains(&arg)
+            || (arg == "--projection" && !WITH_PROJECTION.contains(&subcommand))
+        {
+            return Err(run_flag_with(arg, subcommand));
+        } else {
+            after.push(arg);
+            if subcommand_flag_takes_value(subcommand, arg) {
+                after.extend(rest.next());
+            }
+        }
+    }
+    let mut head = args[..at].iter().copied();
+    while let Some(arg) = head.next() {
+        let value = if arg.starts_with('-') && takes_value(arg) {
+            head.next()
+        } else {
+            None
+        };
+        if RUN_FLAGS.contains(&arg) {
+            return Err(run_flag_with(arg, subcommand));
+        }
+        if arg == "--projection" {
+            if !WITH_PROJECTION.contains(&subcommand) {
+                return Err(run_flag_with(arg, subcommand));
+            }
+            if !after.contains(&"--projection") {
+                after.push(arg);
+                after.extend(value);
+            }
+        } else if !moved.contains(&arg) {
+            before.push(arg);
+            before.extend(value);
+        }
+    }
+    before.extend(moved);
+    before.push(subcommand);
+    before.extend(after);
+    Ok(before)
+}
+
+/// Where the subcommand is among `args`, if there is one.
+fn subcommand_position(args: &[&str]) -> Option<usize> {
+    let mut at = 0;
+    while at < args.len() {
+        let arg = args[at];
+        if SUBCOMMANDS.contains(&arg) {
+            return Some(at);
+        }
+        at += if arg.starts_with('-') && takes_value(arg) {
+            2
+        } else {
+            1
+        };
+    }
+    None
+}
+
+fn run_flag_with(flag: &str, subcommand: &str) -> Parsed {
+    if flag == "--projection" {
+        return Parsed::Usage(format!(
+            "error: `projector {subcommand}` takes no --projection: drop it"
+        ));
+    }
+    Parsed::Usage(format!(
+        "error: {flag} is for running a projection, and `projector {subcommand}` does not use \
+         it: drop it, or run the projection without a subcommand"
+    ))
 }
 
 /// A flag's value, or else the environment variable's, with the name to quote in errors.

@@ -35,15 +35,19 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
         }
         Some(Command::Seed(ref seed)) => seed::seed(&database, seed),
         Some(Command::Status(ref status)) => {
-            print_status(&database, status.projection.as_deref(), status.json)
+            let mut client = connect_to_schema(&database, &schema_setting(&args))?;
+            print_status(&mut client, status.projection.as_deref(), status.json)
         }
-        Some(Command::Reset(ref reset)) => match reset.projection.as_str() {
-            "users" => reset_projection(&database, Users, reset.yes),
-            "aggregate-stats" => reset_projection(&database, AggregateStats, reset.yes),
-            "aggregate-stats-batch" => reset_projection(&database, AggregateStatsBatch, reset.yes),
-            "noop" => reset_projection(&database, Noop, reset.yes),
-            other => Err(unknown_projection(other)),
-        },
+        Some(Command::Reset(ref reset)) => {
+            let client = connect_to_schema(&database, &schema_setting(&args))?;
+            match reset.projection.as_str() {
+                "users" => reset_projection(client, Users, reset.yes),
+                "aggregate-stats" => reset_projection(client, AggregateStats, reset.yes),
+                "aggregate-stats-batch" => reset_projection(client, AggregateStatsBatch, reset.yes),
+                "noop" => reset_projection(client, Noop, reset.yes),
+                other => Err(unknown_projection(other)),
+            }
+        }
         Some(Command::Repartition(ref change)) => repartition(&database, change),
         None => match args.projection.as_str() {
             "users" => run_projection(&args, database, Users),
@@ -116,8 +120,40 @@ fn database(args: &Args) -> Result<Database, Error> {
         database = named(database.session_timeout_secs(seconds), &flag, &text)?;
     }
     match flag_or_env("--schema", args.schema.clone(), "PROJECTOR_SCHEMA") {
-        Some((_, schema)) => database.schema(&schema),
+        Some((flag, schema)) => named(database.schema(&schema), &flag, &schema),
         None => Ok(database),
+    }
+}
+
+/// Where the schema's name came from, for messages.
+fn schema_setting(args: &Args) -> String {
+    flag_or_env("--schema", args.schema.clone(), "PROJECTOR_SCHEMA").map_or_else(
+        || "--schema or PROJECTOR_SCHEMA (default public)".to_owned(),
+        |(setting, _)| setting,
+    )
+}
+
+/// A connection to the database, failing with [`Error::NoSuchSchema`] when the schema asked
+/// for does not exist (the server then has no current schema).
+fn connect_to_schema(
+    database: &Database,
+    setting: &str,
+) -> Result<projector::postgres::Client, Error> {
+    let mut client = database.connect()?;
+    let exists: bool = client
+        .query_one("SELECT current_schema() IS NOT NULL", &[])
+        .map_err(|source| Error::Database {
+            action: "reading the current schema".into(),
+            source,
+        })?
+        .get(0);
+    if exists {
+        Ok(client)
+    } else {
+        Err(Error::NoSuchSchema {
+            schema: database.schema_name().to_owned(),
+            setting: setting.to_owned(),
+        })
     }
 }
 
@@ -160,15 +196,14 @@ fn run_projection<P: Projection>(
         args.partition_key.clone(),
         "PARTITION_KEY",
     ) else {
-        return Err(Error::invalid_setting(
-            "--partition-key",
-            "",
-            format!(
-                "required: give the partition(s) this process owns, from 0 to {}, as 2, 0,2 or 0-3 \
-                 (or set PARTITION_KEY)",
+        return Err(Error::NotSet {
+            setting: "--partition-key".into(),
+            hint: format!(
+                "it is required to run a projection: give the partition(s) this process owns, \
+                 from 0 to {}, as 2, 0,2 or 0-3 (or set PARTITION_KEY)",
                 total - 1
             ),
-        ));
+        });
     };
     let keys = projector::parse_partition_keys(&key_flag, &key_text, total)?;
     let mut builder = Builder::new(database, projection)
@@ -300,9 +335,12 @@ fn peak_memory_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn print_status(database: &Database, projection: Option<&str>, json: bool) -> Result<(), Error> {
-    let mut client = database.connect()?;
-    let rows = projector::status(&mut client, projection)?;
+fn print_status(
+    client: &mut projector::postgres::Client,
+    projection: Option<&str>,
+    json: bool,
+) -> Result<(), Error> {
+    let rows = projector::status(client, projection)?;
     if json {
         let head = match rows.first() {
             Some(row) => row.head_position,
@@ -326,13 +364,19 @@ fn print_status(database: &Database, projection: Option<&str>, json: bool) -> Re
         );
         return Ok(());
     }
+    let width = rows
+        .iter()
+        .map(|row| row.projection.chars().count())
+        .chain([20])
+        .max()
+        .unwrap_or(20);
     println!(
-        "{:<20} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9}  HELD-BY",
+        "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9}  HELD-BY",
         "PROJECTION", "PARTITION", "CHECKPOINT", "HEAD", "LAG", "LAG-TIME", "AGE"
     );
     for row in &rows {
         println!(
-            "{:<20} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9}  {}",
+            "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9}  {}",
             row.projection,
             format!("{}/{}", row.partition_key, row.total_partitions),
             row.last_position,
@@ -340,8 +384,7 @@ fn print_status(database: &Database, projection: Option<&str>, json: bool) -> Re
             row.lag_events,
             format!("{}s", row.lag_time.as_secs()),
             format!("{}s", row.age.as_secs()),
-            row.held_by_pid
-                .map_or_else(|| "-".to_owned(), |pid| format!("pid={pid}"))
+            held_by(row)
         );
     }
     for layout in layouts(&rows) {
@@ -374,6 +417,16 @@ fn print_status(database: &Database, projection: Option<&str>, json: bool) -> Re
         );
     }
     Ok(())
+}
+
+/// The HELD-BY column: `-`, or the server pid of the holding connection and, where the server
+/// shows it, the connection's client end (`pid=4711 client=127.0.0.1:40122`).
+fn held_by(row: &CheckpointStatus) -> String {
+    match (row.held_by_pid, &row.held_by_client) {
+        (None, _) => "-".to_owned(),
+        (Some(pid), None) => format!("pid={pid}"),
+        (Some(pid), Some(client)) => format!("pid={pid} client={client}"),
+    }
 }
 
 /// The rows of each projection's layout, in order.
@@ -409,6 +462,8 @@ fn status_json(head: i64, rows: &[CheckpointStatus]) -> Value {
                         "lag_seconds": row.lag_time.as_secs_f64(),
                         "age_seconds": row.age.as_secs_f64(),
                         "held_by_pid": row.held_by_pid,
+                        "held_by_client": row.held_by_client,
+                        "held_by_application": row.held_by_application,
                         "live": row.held_by_pid.is_some(),
                     })
                 })
@@ -426,11 +481,10 @@ fn status_json(head: i64, rows: &[CheckpointStatus]) -> Value {
 
 /// `projector reset`: says what it would clear unless `yes`, then clears it.
 fn reset_projection<P: Projection>(
-    database: &Database,
+    mut client: projector::postgres::Client,
     mut projection: P,
     yes: bool,
 ) -> Result<(), Error> {
-    let mut client = database.connect()?;
     if !yes {
         let name = projection.name().to_owned();
         let rows = projector::status(&mut client, Some(&name))?;
@@ -448,13 +502,30 @@ fn reset_projection<P: Projection>(
         let read_model = match name.as_str() {
             "users" => "clear its read model (tables users and user_partition_counts)",
             "aggregate-stats" => "clear its read model (table aggregate_stats)",
+            "aggregate-stats-batch" => "clear its read model (table aggregate_stats_batch)",
+            "noop" => "clear nothing else (it has no read model)",
             _ => "clear its read model",
         };
-        return Err(Error::NotConfirmed {
-            action: format!(
-                "reset would {checkpoints} and {read_model}, so that its next start rebuilds it \
-                 from the first event"
-            ),
+        let action = format!(
+            "reset would {checkpoints} and {read_model}, so that its next start rebuilds it from \
+             the first event"
+        );
+        let held: Vec<(u32, u32, i32)> = rows
+            .iter()
+            .filter_map(|row| {
+                row.held_by_pid
+                    .map(|pid| (row.total_partitions, row.partition_key, pid))
+            })
+            .collect();
+        if held.is_empty() {
+            return Err(Error::NotConfirmed { action });
+        }
+        return Err(Error::WouldBeRefused {
+            action,
+            because: Box::new(Error::ProjectionRunning {
+                projection: name,
+                held,
+            }),
         });
     }
     projector::reset(&mut client, &mut projection)?;

@@ -10,6 +10,9 @@ const CONTEXT: &str = "identity";
 const AGGREGATE: &str = "User";
 
 pub(crate) fn seed(database: &Database, seed: &Seed) -> Result<(), Error> {
+    let users = count("--users", seed.users.as_deref(), 1000, 100_000_000)?;
+    let renames = count("--renames", seed.renames.as_deref(), 1, 1000)?;
+    let email_changes = count("--email-changes", seed.email_changes.as_deref(), 1, 1000)?;
     let mut client = database.connect()?;
     check_store(&mut client, database)?;
     if seed.if_empty {
@@ -25,21 +28,21 @@ pub(crate) fn seed(database: &Database, seed: &Seed) -> Result<(), Error> {
         }
     }
     let mut appended = 0u64;
-    for n in 0..seed.users {
+    for n in 0..users {
         let id = Uuid::new_v4().to_string();
         let mut events = vec![event(
             &id,
             "UserCreated",
             serde_json::json!({ "email": format!("user{n}@example.com"), "name": format!("User {n}") }),
         )];
-        for r in 1..=seed.renames {
+        for r in 1..=renames {
             events.push(event(
                 &id,
                 "UserRenamed",
                 serde_json::json!({ "name": format!("User {n} ({r})") }),
             ));
         }
-        for e in 1..=seed.email_changes {
+        for e in 1..=email_changes {
             events.push(event(
                 &id,
                 "UserEmailChanged",
@@ -52,8 +55,23 @@ pub(crate) fn seed(database: &Database, seed: &Seed) -> Result<(), Error> {
             info!("seeded {} users ({appended} events)", n + 1);
         }
     }
-    info!("seeded {} users: {appended} events", seed.users);
+    info!("seeded {users} users: {appended} events");
     Ok(())
+}
+
+/// The whole number `flag` was given (`default` when absent), from 0 to `max`.
+fn count(flag: &str, text: Option<&str>, default: u32, max: u32) -> Result<u32, Error> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    match text.trim().parse::<u32>() {
+        Ok(value) if value <= max => Ok(value),
+        _ => Err(Error::invalid_setting(
+            flag,
+            text,
+            format!("expected a whole number from 0 to {max}"),
+        )),
+    }
 }
 
 /// Fails with [`Error::MissingTables`] (run `projector migrate` first) unless the event store's

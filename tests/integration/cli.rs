@@ -199,7 +199,7 @@ fn bad_flags_exit_2_naming_the_flag_and_the_value() {
         ),
         (
             &["--total-partitions", "4"],
-            "error: invalid value '' for --partition-key: required",
+            "error: --partition-key is not set: it is required to run a projection",
         ),
         (
             &["--partition-key", "0", "--total-partitions", "0"],
