@@ -87,7 +87,9 @@ impl Database {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         if config.get_application_name().is_none() {
-            config.application_name("projector");
+            // The process id lets an operator go from `pg_stat_activity` (and `status`) to
+            // the process holding a partition.
+            config.application_name(&format!("projector pid {}", std::process::id()));
         }
         let target = describe(&config);
         let mut database = Database {

@@ -419,14 +419,25 @@ fn print_status(
     Ok(())
 }
 
-/// The HELD-BY column: `-`, or the server pid of the holding connection and, where the server
-/// shows it, the connection's client end (`pid=4711 client=127.0.0.1:40122`).
+/// The HELD-BY column: `-`, or the server pid of the holding connection, the projector
+/// process's own pid when its `application_name` gives it, and, where the server shows it, the
+/// connection's client end (`pid=4711 process=1234 client=127.0.0.1:40122`).
 fn held_by(row: &CheckpointStatus) -> String {
-    match (row.held_by_pid, &row.held_by_client) {
-        (None, _) => "-".to_owned(),
-        (Some(pid), None) => format!("pid={pid}"),
-        (Some(pid), Some(client)) => format!("pid={pid} client={client}"),
+    let Some(pid) = row.held_by_pid else {
+        return "-".to_owned();
+    };
+    let mut text = format!("pid={pid}");
+    if let Some(process) = row
+        .held_by_application
+        .as_deref()
+        .and_then(|name| name.strip_prefix("projector pid "))
+    {
+        text.push_str(&format!(" process={process}"));
     }
+    if let Some(client) = &row.held_by_client {
+        text.push_str(&format!(" client={client}"));
+    }
+    text
 }
 
 /// The rows of each projection's layout, in order.

@@ -367,6 +367,7 @@ fn status_sizes_the_name_column_and_names_the_holders_client() {
     );
     let (table, _) = run_expecting(&schema, &["status"], 0);
     let (json, _) = run_expecting(&schema, &["status", "--json"], 0);
+    let live_pid = live.id();
     stop(live);
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 5, "{table}");
@@ -395,9 +396,14 @@ fn status_sizes_the_name_column_and_names_the_holders_client() {
             client.starts_with("127.0.0.1:") || client == "local socket",
             "{json}"
         );
-        assert_eq!(partition["held_by_application"], "projector", "{json}");
+        let process = live_pid;
+        assert_eq!(
+            partition["held_by_application"],
+            format!("projector pid {process}"),
+            "{json}"
+        );
         assert!(
-            line.ends_with(&format!("  pid={pid} client={client}")),
+            line.ends_with(&format!("  pid={pid} process={process} client={client}")),
             "{line}"
         );
     }
