@@ -12,6 +12,7 @@ mod gap;
 mod hardening;
 mod hostile;
 mod newcomer;
+mod outages;
 mod partition;
 mod proxy;
 mod pupsourcing;
