@@ -3,7 +3,9 @@
 //! Every thread that talks to the database (the fetcher and each worker) retries a lost
 //! connection with capped back-off. An outage is logged once for the whole runner when the
 //! first thread meets it, and once when a thread gets through again, however many threads
-//! and retries there are in between (each retry is logged at debug level). A thread that has
+//! and retries there are in between (each retry is logged at debug level). Threads notice a
+//! restart one after the other: a failure within 10 s of the database coming back counts as
+//! the same outage, and is logged at debug level only. A thread that has
 //! not got through for longer than the give-up limit stops the runner with
 //! [`Error::Unavailable`].
 
@@ -15,11 +17,24 @@ use log::{debug, info, warn};
 use crate::Error;
 use crate::settings::Settings;
 
+/// A failure this soon after the database came back belongs to the same outage: threads
+/// notice a restart one after the other, and some only after another one got through.
+const SAME_OUTAGE_WITHIN: Duration = Duration::from_secs(10);
+
 /// The runner's view of the database's availability, shared by its threads.
 #[derive(Debug, Default)]
 pub(crate) struct Outage {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
     /// When the current outage began, if one is under way.
-    since: Mutex<Option<Instant>>,
+    since: Option<Instant>,
+    /// The current outage continues one already said to be over: say nothing more about it.
+    quiet: bool,
+    /// When a thread last got through after an outage.
+    back_at: Option<Instant>,
 }
 
 /// One thread's failed attempts in a row.
@@ -53,9 +68,15 @@ impl Outage {
                 source: Box::new(error),
             });
         }
-        let mut since = self.lock();
-        if since.is_none() {
-            *since = Some(Instant::now());
+        let mut state = self.lock();
+        let begins = state.since.is_none();
+        if begins {
+            state.since = Some(Instant::now());
+            state.quiet = state
+                .back_at
+                .is_some_and(|at| at.elapsed() < SAME_OUTAGE_WITHIN);
+        }
+        if begins && !state.quiet {
             warn!(
                 "lost the database ({thread}: {chain}); retrying with back-off up to {} s, \
                  giving up after {} s without it",
@@ -78,16 +99,22 @@ impl Outage {
             return;
         }
         *attempts = Attempts::default();
-        if let Some(since) = self.lock().take() {
-            info!(
-                "the database is back ({thread} reconnected after {:.1} s)",
-                since.elapsed().as_secs_f64()
-            );
+        let mut state = self.lock();
+        if let Some(since) = state.since.take() {
+            state.back_at = Some(Instant::now());
+            if state.quiet {
+                debug!("{thread} reconnected");
+            } else {
+                info!(
+                    "the database is back ({thread} reconnected after {:.1} s)",
+                    since.elapsed().as_secs_f64()
+                );
+            }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
-        match self.since.lock() {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        match self.state.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         }
