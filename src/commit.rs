@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use log::{debug, info, trace};
 
 use crate::Error;
-use crate::checkpoint::EarlierLayout;
 use crate::error::{BoxError, is_connection_loss};
 use crate::event::Event;
+use crate::layout::EarlierLayout;
 use crate::projection::{Context, Projection};
 use crate::worker::{Connection, Failure, PartitionSummary, Worker};
 

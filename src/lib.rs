@@ -92,6 +92,7 @@ mod error;
 mod event;
 mod fetcher;
 mod gap;
+mod layout;
 mod migration;
 mod outage;
 mod ownership;
@@ -101,16 +102,17 @@ mod projection;
 pub mod projections;
 mod runner;
 mod settings;
+mod status;
 mod store;
 mod straggler;
 mod worker;
 
 use std::time::Duration;
 
-pub use checkpoint::{CheckpointStatus, EarlierLayout, LayoutChange, repartition, reset, status};
 pub use database::{Database, Pool};
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent};
+pub use layout::{EarlierLayout, LayoutChange, repartition};
 pub use migration::migrate;
 pub use partition::{
     MAX_PARTITIONS, fnv1a32, parse_partition_keys, parse_total_partitions, partition_of,
@@ -119,6 +121,7 @@ pub use postgres;
 pub use projection::{Context, Projection};
 pub use runner::{Builder, MAX_BATCH_SIZE, Runner, Summary};
 pub use settings::{Settings, Stopper};
+pub use status::{CheckpointStatus, reset, status};
 pub use store::{append, read_stream};
 pub use worker::PartitionSummary;
 

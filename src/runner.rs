@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 use log::info;
 
-use crate::checkpoint;
 use crate::database::Pool;
 use crate::fetcher::{FetchProgress, Fetcher};
 use crate::outage::{Attempts, Outage};
@@ -22,6 +21,7 @@ use crate::store;
 use crate::straggler::Stragglers;
 use crate::worker::{PartitionSummary, Progress, Worker};
 use crate::{Database, Error};
+use crate::{checkpoint, layout};
 
 /// The most events one read of the stream may hold, so that memory stays bounded.
 pub const MAX_BATCH_SIZE: u32 = 100_000;
@@ -152,7 +152,7 @@ impl<P: Projection> Builder<P> {
         store::check_tables(&mut reader, database.schema_name())?;
         store::check_event_columns(&mut reader, database.schema_name())?;
         store::check_sequence(&mut reader)?;
-        let layout = checkpoint::claim_layout(&mut reader, &name, total, false)?;
+        let layout = layout::claim_layout(&mut reader, &name, total, false)?;
         {
             let mut tx = reader
                 .transaction()
@@ -194,7 +194,7 @@ impl<P: Projection> Builder<P> {
         if let Some(end) = layout
             .earlier
             .iter()
-            .map(checkpoint::EarlierLayout::applied_at_most)
+            .map(layout::EarlierLayout::applied_at_most)
             .max()
         {
             let totals: Vec<String> = layout

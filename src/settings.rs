@@ -80,7 +80,7 @@ impl Default for Settings {
     }
 }
 
-/// Stops a [`Runner`] from anywhere (a signal handler, another thread). Cheap to clone.
+/// Stops a [`Runner`](crate::Runner) from anywhere (a signal handler, another thread). Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Stopper {
     sender: Arc<Mutex<Option<Sender<()>>>>,

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, select};
 use log::{debug, info, warn};
 
-use crate::checkpoint::{EarlierLayout, PartitionStatements, Peek};
+use crate::checkpoint::{PartitionStatements, Peek};
 use crate::database::Pool;
 use crate::error::BoxError;
 use crate::event::Event;
+use crate::layout::EarlierLayout;
 use crate::outage::{Attempts, Outage};
 use crate::ownership::Role;
 use crate::projection::{Context, Projection};

@@ -1,0 +1,255 @@
+//! What `projector status` shows of each projection, and `projector reset`.
+
+use std::time::{Duration, SystemTime};
+
+use log::info;
+use postgres::{Client, GenericClient};
+
+use crate::checkpoint::{held_partitions, lock_class};
+use crate::layout::{EarlierLayout, lock_layout};
+use crate::projection::Projection;
+use crate::{BoxError, Error};
+
+/// One stored checkpoint, as `projector status` shows it.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct CheckpointStatus {
+    /// The projection.
+    pub projection: String,
+    /// The partition count the checkpoint was written under: the projection's current layout.
+    pub total_partitions: u32,
+    /// The partition key.
+    pub partition_key: u32,
+    /// The last global position applied.
+    pub last_position: i64,
+    /// The highest global position in the store.
+    pub head_position: i64,
+    /// Events stored after the checkpoint (of all partitions): what the worker still has to
+    /// read past.
+    pub lag_events: i64,
+    /// How far behind the checkpoint is in time: how long ago the first event after it was
+    /// stored; zero when there is none.
+    pub lag_time: Duration,
+    /// How long ago the checkpoint was written.
+    pub age: Duration,
+    /// The server process id (`pg_stat_activity.pid`) of the connection through which a live
+    /// process holds this partition, if one does.
+    pub held_by_pid: Option<i32>,
+    /// Where that connection comes from, as `address:port` (`local socket` for a Unix-domain
+    /// socket), when the server shows it (`pg_stat_activity.client_addr` and `client_port`;
+    /// a role that is not superuser sees them only for its own connections): the process
+    /// holding the partition is the one with this end of the connection
+    /// (`ss -tnp | grep :PORT` on its host).
+    pub held_by_client: Option<String>,
+    /// That connection's `application_name` (`projector` unless the connection string sets
+    /// another), when the server shows it.
+    pub held_by_application: Option<String>,
+    /// While the projection catches up after a change of its number of partitions: the earlier
+    /// layouts whose applied events its partitions still skip. Empty otherwise.
+    pub earlier_layouts: Vec<EarlierLayout>,
+}
+
+impl CheckpointStatus {
+    /// While a re-partitioning is in progress, the position this partition must pass before
+    /// the earlier layouts stop mattering to it; `None` when none is in progress.
+    pub fn repartitioning_until(&self) -> Option<i64> {
+        self.earlier_layouts
+            .iter()
+            .map(EarlierLayout::applied_at_most)
+            .max()
+    }
+}
+
+/// Every stored checkpoint, or those of one projection, with lag, age, the live process
+/// holding each partition and any re-partitioning in progress.
+pub fn status(
+    client: &mut impl GenericClient,
+    projection: Option<&str>,
+) -> Result<Vec<CheckpointStatus>, Error> {
+    let schema = check_tables_here(client)?;
+    crate::store::check_event_columns(client, &schema)?;
+    let head = crate::store::head_position(client)?;
+    let locks: Vec<Lock> = client
+        .query(
+            "SELECT l.classid, l.objid, l.pid, \
+                 CASE WHEN a.client_port = -1 THEN 'local socket' \
+                      WHEN a.client_addr IS NOT NULL \
+                      THEN host(a.client_addr) || ':' || a.client_port END, \
+                 NULLIF(a.application_name, '') \
+             FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .map_err(Error::database(
+            "reading which partitions live processes hold",
+        ))?
+        .iter()
+        .map(|row| Lock {
+            class: row.get(0),
+            object: row.get(1),
+            pid: row.get(2),
+            client: row.get(3),
+            application: row.get(4),
+        })
+        .collect();
+    let priors: Vec<(String, u32, EarlierLayout)> = client
+        .query(
+            "SELECT projection, total_partitions, prior_total, prior_positions \
+             FROM projector_prior_layouts ORDER BY 1, 2, 3",
+            &[],
+        )
+        .map_err(Error::database("reading the earlier layouts"))?
+        .iter()
+        .map(|row| {
+            (
+                row.get(0),
+                row.get::<_, i32>(1).unsigned_abs(),
+                EarlierLayout {
+                    total_partitions: row.get::<_, i32>(2).unsigned_abs(),
+                    checkpoints: row.get(3),
+                },
+            )
+        })
+        .collect();
+    let rows = client
+        .query(
+            &format!(
+                "SELECT c.projection, c.total_partitions, c.partition_key, c.last_position, \
+                     c.updated_at, NOW(), \
+                     (SELECT COUNT(*) FROM events e WHERE e.global_position > c.last_position), \
+                     (SELECT e.created_at FROM events e WHERE e.global_position > c.last_position \
+                      ORDER BY e.global_position LIMIT 1), \
+                     {}::oid \
+                 FROM projector_checkpoints c \
+                 WHERE $1::text IS NULL OR c.projection = $1 \
+                 ORDER BY c.projection, c.total_partitions, c.partition_key",
+                lock_class("c.projection")
+            ),
+            &[&projection],
+        )
+        .map_err(Error::database("reading the checkpoints"))?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let name: String = row.get(0);
+            let total = row.get::<_, i32>(1).unsigned_abs();
+            let key = row.get::<_, i32>(2).unsigned_abs();
+            let updated: SystemTime = row.get(4);
+            let now: SystemTime = row.get(5);
+            let first_unapplied: Option<SystemTime> = row.get(7);
+            let class: u32 = row.get(8);
+            let holder = locks
+                .iter()
+                .find(|lock| lock.class == class && lock.object == total * 65536 + key);
+            let earlier_layouts = priors
+                .iter()
+                .filter(|(p, t, _)| *p == name && *t == total)
+                .map(|(_, _, layout)| layout.clone())
+                .collect();
+            CheckpointStatus {
+                projection: name,
+                total_partitions: total,
+                partition_key: key,
+                last_position: row.get(3),
+                head_position: head,
+                lag_events: row.get(6),
+                lag_time: first_unapplied
+                    .and_then(|t| now.duration_since(t).ok())
+                    .unwrap_or_default(),
+                age: now.duration_since(updated).unwrap_or_default(),
+                held_by_pid: holder.map(|lock| lock.pid),
+                held_by_client: holder.and_then(|lock| lock.client.clone()),
+                held_by_application: holder.and_then(|lock| lock.application.clone()),
+                earlier_layouts,
+            }
+        })
+        .collect())
+}
+
+/// A partition lock some connection holds, with where the connection comes from.
+struct Lock {
+    class: u32,
+    object: u32,
+    pid: i32,
+    client: Option<String>,
+    application: Option<String>,
+}
+
+/// Fails with [`Error::MissingTables`] unless the projector's tables are in the current schema,
+/// which it returns.
+fn check_tables_here(client: &mut impl GenericClient) -> Result<String, Error> {
+    let schema: String = client
+        .query_one("SELECT current_schema()::text", &[])
+        .map_err(Error::database("reading the current schema"))?
+        .get::<_, Option<String>>(0)
+        .unwrap_or_default();
+    crate::store::check_tables(client, &schema)?;
+    Ok(schema)
+}
+
+/// Clears `projection`'s checkpoints (of every layout, with any re-partitioning in progress)
+/// and, through [`Projection::reset`], its read model, in one transaction: its next start
+/// rebuilds it from the first event. Returns how many checkpoints were deleted.
+///
+/// Refused with [`Error::ProjectionRunning`] while a live process holds one of its partitions;
+/// a process that was only standing by finds its checkpoint gone and stops
+/// ([`Error::Fenced`]).
+pub fn reset<P: Projection>(client: &mut Client, projection: &mut P) -> Result<u64, Error> {
+    check_tables_here(client)?;
+    let name = projection.name().to_owned();
+    let mut tx = client
+        .transaction()
+        .map_err(Error::database("starting the reset"))?;
+    lock_layout(&mut tx, &name)?;
+    let held = held_partitions(&mut tx, &name).map_err(Error::database(
+        "reading which partitions live processes hold",
+    ))?;
+    if !held.is_empty() {
+        return Err(Error::ProjectionRunning {
+            projection: name,
+            held: held.iter().map(|h| (h.total, h.key, h.pid)).collect(),
+        });
+    }
+    // The hook may clear tables the projection has not created yet.
+    tx.execute("SET LOCAL client_min_messages = warning", &[])
+        .and_then(|_| {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
+                &[&name],
+            )
+        })
+        .map_err(Error::database("waiting for other processes' setup"))?;
+    let read_model = |action: &str| {
+        let (projection, action) = (name.clone(), action.to_owned());
+        move |source: BoxError| Error::ReadModel {
+            projection,
+            action,
+            source,
+        }
+    };
+    projection
+        .setup(&mut tx)
+        .map_err(read_model("setting up its read model"))?;
+    let deleted = tx
+        .execute(
+            "DELETE FROM projector_checkpoints WHERE projection = $1",
+            &[&name],
+        )
+        .map_err(Error::database("deleting the checkpoints"))?;
+    tx.execute(
+        "DELETE FROM projector_prior_layouts WHERE projection = $1",
+        &[&name],
+    )
+    .map_err(Error::database("deleting the earlier layouts"))?;
+    projection
+        .reset(&mut tx)
+        .map_err(read_model("clearing its read model"))?;
+    tx.commit()
+        .map_err(Error::database("committing the reset"))?;
+    info!(
+        "projection '{name}': deleted {deleted} checkpoint(s) and cleared its read model; \
+         its next start rebuilds it from the first event"
+    );
+    Ok(deleted)
+}
