@@ -133,6 +133,8 @@ impl<P: Projection> Worker<P> {
         // A position the checkpoint may move to with no event to apply, written lazily.
         let mut idle_upto: Option<i64> = None;
         let mut last_write = Instant::now();
+        // When this worker last talked to the server (a commit or a liveness check).
+        let mut last_contact = Instant::now();
         // Everything of the partition up to here was received (or applied before).
         let mut received = summary.checkpoint;
         // Take the partition (or stand by for it) before the first batch arrives.
@@ -141,7 +143,7 @@ impl<P: Projection> Worker<P> {
             let partition = self.context.partition;
             if self.stragglers.is_straggler(partition) && self.batches.is_empty() {
                 if self.catch_up_alone(connection, &mut summary, &mut received)? {
-                    break;
+                    return Ok(summary);
                 }
                 last_write = Instant::now();
             }
@@ -151,8 +153,10 @@ impl<P: Projection> Worker<P> {
                     Ok(batch) => batch,
                     Err(_) => {
                         // The fetcher is done: a straggler still reads up to where it stopped.
-                        if self.stragglers.is_straggler(partition) {
-                            self.catch_up_alone(connection, &mut summary, &mut received)?;
+                        if self.stragglers.is_straggler(partition)
+                            && self.catch_up_alone(connection, &mut summary, &mut received)?
+                        {
+                            return Ok(summary);
                         }
                         break;
                     }
@@ -161,11 +165,14 @@ impl<P: Projection> Worker<P> {
                     if let Some(upto) = idle_upto.take() {
                         // Nothing more came: write the deferred checkpoint now, so that status
                         // shows no lag that is not there. Like any commit, it checks the layout.
-                        self.commit_with_retries(connection, &[], upto, &mut summary)?;
+                        if !self.commit_with_retries(connection, &[], upto, &mut summary)? {
+                            return Ok(summary);
+                        }
                         last_write = Instant::now();
                     } else {
                         self.keep_watch(connection, &mut summary)?;
                     }
+                    last_contact = Instant::now();
                     continue;
                 }
             };
@@ -177,6 +184,13 @@ impl<P: Projection> Worker<P> {
                 if idle_upto.is_none()
                     || last_write.elapsed() < self.settings.idle_checkpoint_interval
                 {
+                    // Empty batches can come faster than the liveness tick for a long time
+                    // (another partition catching up): still talk to the server every tick,
+                    // or it would end this idle session (the session timeout).
+                    if last_contact.elapsed() >= self.settings.liveness_interval {
+                        self.keep_watch(connection, &mut summary)?;
+                        last_contact = Instant::now();
+                    }
                     continue;
                 }
             }
@@ -194,8 +208,11 @@ impl<P: Projection> Worker<P> {
                     Err(_) => break,
                 }
             }
-            self.commit_with_retries(connection, &events, upto, &mut summary)?;
+            if !self.commit_with_retries(connection, &events, upto, &mut summary)? {
+                return Ok(summary);
+            }
             last_write = Instant::now();
+            last_contact = last_write;
         }
         if let Some(upto) = idle_upto {
             // One attempt: a stop must not wait on a lost connection, and nothing is lost if
@@ -251,7 +268,9 @@ impl<P: Projection> Worker<P> {
             match read {
                 Ok((events, covered)) => {
                     if covered > *received {
-                        self.commit_with_retries(slot, &events, covered, summary)?;
+                        if !self.commit_with_retries(slot, &events, covered, summary)? {
+                            return Ok(true);
+                        }
                         *received = covered;
                     }
                 }
@@ -298,15 +317,17 @@ impl<P: Projection> Worker<P> {
     }
 
     /// Commits `events` (those above the checkpoint) and the checkpoint `upto`, retrying lost
-    /// connections without end and projection failures a few times. As a standby, waits until
-    /// the process holding the partition has applied the batch, or has gone.
+    /// connections (up to the give-up limit) and projection failures a few times. As a standby,
+    /// waits until the process holding the partition has applied the batch, or has gone.
+    /// False when asked to stop before the batch was done: the caller must then stop at once,
+    /// committing nothing more (a later checkpoint would pass the events of this batch).
     pub(crate) fn commit_with_retries(
         &mut self,
         connection: &mut Option<Connection>,
         events: &[Event],
         upto: i64,
         summary: &mut PartitionSummary,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let mut failures = 0;
         // The whole batch at once first; after a failure, event by event, to find the event.
         let mut whole = true;
@@ -314,7 +335,7 @@ impl<P: Projection> Worker<P> {
             match self.commit(connection, events, upto, whole, summary) {
                 Ok(()) => {
                     self.outage.back(&self.thread, &mut self.attempts);
-                    return Ok(());
+                    return Ok(true);
                 }
                 Err(Failure::Standby(peek)) => {
                     self.follow(peek, summary);
@@ -325,15 +346,15 @@ impl<P: Projection> Worker<P> {
                         .is_none_or(|e| e.global_position <= peek.position)
                     {
                         summary.skipped += events.len() as u64;
-                        return Ok(());
+                        return Ok(true);
                     }
                     if self.sleep_or_stop(self.settings.liveness_interval) {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 Err(Failure::Waiting) => {
                     if self.sleep_or_stop(self.settings.liveness_interval) {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 Err(Failure::Connection(error)) => {
@@ -351,7 +372,7 @@ impl<P: Projection> Worker<P> {
                         &self.settings,
                     )?;
                     if self.sleep_or_stop(delay) {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
                 Err(Failure::Fatal(error)) => return Err(error),
@@ -400,7 +421,7 @@ impl<P: Projection> Worker<P> {
                         delay.as_millis()
                     );
                     if self.sleep_or_stop(delay) {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
             }
