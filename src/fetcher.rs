@@ -2,6 +2,7 @@
 //! still commit, and hands each event to the worker of its partition.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use crate::event::Event;
 use crate::gap::{Before, Gaps, Held, Writers, holes};
 use crate::outage::{Attempts, Outage};
 use crate::partition::partition_of;
-use crate::settings::Settings;
+use crate::settings::{Settings, Stopper};
 use crate::store::{EVENT_COLUMNS, event_from_row};
 use crate::straggler::Stragglers;
 use crate::worker::Batch;
@@ -47,6 +48,8 @@ pub(crate) struct Fetcher {
     pub(crate) outage: Arc<Outage>,
     /// Shared with the workers: the partitions left out of the shared read.
     pub(crate) stragglers: Arc<Stragglers>,
+    /// Stops every thread of the runner.
+    pub(crate) stopper: Stopper,
 }
 
 /// A connection that reads events, listens for appends, and knows the writers' relations.
@@ -262,7 +265,16 @@ impl Fetcher {
         std::thread::scope(|scope| {
             let router = std::thread::Builder::new()
                 .name("projector-route".into())
-                .spawn_scoped(scope, || self.route(reads))
+                .spawn_scoped(scope, || {
+                    // A panic here must stop the reader too, which may be waiting for appends.
+                    match catch_unwind(AssertUnwindSafe(|| self.route(reads))) {
+                        Ok(read) => read,
+                        Err(panic) => {
+                            self.stopper.stop();
+                            resume_unwind(panic)
+                        }
+                    }
+                })
                 .map_err(|_| Error::ThreadPanicked {
                     thread: "projector-route".into(),
                 })?;
@@ -410,6 +422,14 @@ impl Fetcher {
                 events: held.remove(&partition).unwrap_or_default(),
                 upto,
             };
+            if !self.stragglers.others_attached(partition) {
+                // The only partition left on the shared read: wait for it.
+                select! {
+                    send(worker, batch) -> sent => if sent.is_err() { return true },
+                    recv(self.stop) -> _ => return true,
+                }
+                continue;
+            }
             select! {
                 send(worker, batch) -> sent => if sent.is_err() { return true },
                 recv(self.stop) -> _ => return true,

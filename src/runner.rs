@@ -1,6 +1,7 @@
 //! Starting, watching and stopping a projection's fetcher and workers.
 
 use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
@@ -149,6 +150,7 @@ impl<P: Projection> Builder<P> {
         }
 
         let mut reader = database.connect()?;
+        store::check_server_version(&mut reader)?;
         store::check_tables(&mut reader, database.schema_name())?;
         store::check_event_columns(&mut reader, database.schema_name())?;
         store::check_sequence(&mut reader)?;
@@ -247,8 +249,9 @@ impl<P: Projection> Builder<P> {
                 stragglers: Arc::clone(&stragglers),
             };
             let done_tx = done_tx.clone();
+            let worker_stopper = stopper.clone();
             let handle = spawn(format!("projector-p{partition}"), move || {
-                let result = worker.run();
+                let result = stop_all_on_panic(&worker_stopper, || worker.run());
                 drop(done_tx);
                 result
             })?;
@@ -268,11 +271,12 @@ impl<P: Projection> Builder<P> {
             progress: Arc::clone(&fetch_progress),
             outage,
             stragglers,
+            stopper: stopper.clone(),
         };
         let fetcher_done = done_tx.clone();
         let fetcher_stopper = stopper.clone();
         let fetcher = spawn("projector-fetch".into(), move || {
-            let result = fetcher.run(reader);
+            let result = stop_all_on_panic(&fetcher_stopper, || fetcher.run(reader));
             if result.is_err() {
                 // The workers would otherwise wait for events that no longer come.
                 fetcher_stopper.stop();
@@ -349,6 +353,18 @@ impl<P: Projection> Builder<P> {
             ));
         }
         Ok(())
+    }
+}
+
+/// Runs `body`; if it panics (outside a projection, whose panics are caught and reported),
+/// stops every thread of the runner before the panic goes on to `join`.
+fn stop_all_on_panic<T>(stopper: &Stopper, body: impl FnOnce() -> T) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(value) => value,
+        Err(panic) => {
+            stopper.stop();
+            resume_unwind(panic)
+        }
     }
 }
 

@@ -12,6 +12,30 @@ pub(crate) const EVENT_COLUMNS: &str = "global_position, bounded_context, aggreg
     aggregate_id, aggregate_version, event_id, event_type, event_version, payload, trace_id, \
     correlation_id, causation_id, metadata::text, created_at";
 
+/// The oldest server the runtime works with: the workers' sessions set `idle_session_timeout`.
+const MIN_SERVER_VERSION: i32 = 140_000;
+
+/// Fails with a configuration error on a server older than PostgreSQL 14, which would refuse
+/// every worker's connection (see [`Database::session_timeout_secs`]).
+pub(crate) fn check_server_version(client: &mut impl GenericClient) -> Result<(), Error> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+            &[],
+        )
+        .map_err(Error::database("reading the server's version"))?;
+    let (number, version): (i32, String) = (row.get(0), row.get(1));
+    if number >= MIN_SERVER_VERSION {
+        return Ok(());
+    }
+    Err(Error::invalid_setting(
+        "the PostgreSQL server's version",
+        version,
+        "the projector needs PostgreSQL 14 or later (its workers' sessions end themselves when \
+         a process stops answering, with idle_session_timeout): upgrade the server",
+    ))
+}
+
 /// Fails with [`Error::MissingTables`] unless all the projector's tables exist.
 pub(crate) fn check_tables(client: &mut impl GenericClient, schema: &str) -> Result<(), Error> {
     let mut missing = Vec::new();

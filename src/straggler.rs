@@ -56,6 +56,15 @@ impl Stragglers {
             .is_some_and(|flag| flag.load(Ordering::Acquire))
     }
 
+    /// True when a partition other than `partition` still takes the shared read: only then is
+    /// it worth leaving `partition` out (when every partition is slow, the database is, and
+    /// reading the stream once per partition would only add to its load).
+    pub(crate) fn others_attached(&self, partition: u32) -> bool {
+        self.flags
+            .iter()
+            .any(|(&p, flag)| p != partition && !flag.load(Ordering::Acquire))
+    }
+
     /// Taken by the router for the whole hand-out of one chunk.
     pub(crate) fn hand_out(&self) -> HandOut<'_> {
         HandOut {
