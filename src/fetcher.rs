@@ -422,14 +422,6 @@ impl Fetcher {
                 events: held.remove(&partition).unwrap_or_default(),
                 upto,
             };
-            if !self.stragglers.others_attached(partition) {
-                // The only partition left on the shared read: wait for it.
-                select! {
-                    send(worker, batch) -> sent => if sent.is_err() { return true },
-                    recv(self.stop) -> _ => return true,
-                }
-                continue;
-            }
             select! {
                 send(worker, batch) -> sent => if sent.is_err() { return true },
                 recv(self.stop) -> _ => return true,

@@ -17,7 +17,7 @@
 //! out twice would be harmless anyway: a worker applies only events above its checkpoint.)
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use postgres::Client;
@@ -32,6 +32,9 @@ pub(crate) struct Stragglers {
     /// The position up to which the router has handed out the stream (every chunk up to here
     /// went to every partition that was not a straggler when it was handed out).
     handed_through: Mutex<i64>,
+    /// The same position, readable without waiting for the router: a straggler reads up to it
+    /// while the router is busy handing a chunk out.
+    handed: AtomicI64,
     /// Per owned partition: true while it is a straggler. Read without the lock by the router
     /// and by the partition's own worker.
     flags: HashMap<u32, AtomicBool>,
@@ -42,6 +45,7 @@ impl Stragglers {
     pub(crate) fn new(partitions: &[u32], start: i64) -> Stragglers {
         Stragglers {
             handed_through: Mutex::new(start),
+            handed: AtomicI64::new(start),
             flags: partitions
                 .iter()
                 .map(|&p| (p, AtomicBool::new(false)))
@@ -56,15 +60,6 @@ impl Stragglers {
             .is_some_and(|flag| flag.load(Ordering::Acquire))
     }
 
-    /// True when a partition other than `partition` still takes the shared read: only then is
-    /// it worth leaving `partition` out (when every partition is slow, the database is, and
-    /// reading the stream once per partition would only add to its load).
-    pub(crate) fn others_attached(&self, partition: u32) -> bool {
-        self.flags
-            .iter()
-            .any(|(&p, flag)| p != partition && !flag.load(Ordering::Acquire))
-    }
-
     /// Taken by the router for the whole hand-out of one chunk.
     pub(crate) fn hand_out(&self) -> HandOut<'_> {
         HandOut {
@@ -77,6 +72,11 @@ impl Stragglers {
     /// read and returns `None` when that is as far as the router has handed out; otherwise
     /// returns the position to read up to by itself.
     pub(crate) fn rejoin_or_read_to(&self, partition: u32, received: i64) -> Option<i64> {
+        // Reading on needs no lock: only rejoining waits for the router to be between chunks.
+        let handed = self.handed.load(Ordering::Acquire);
+        if received < handed {
+            return Some(handed);
+        }
         let handed_through = lock(&self.handed_through);
         if received >= *handed_through {
             if let Some(flag) = self.flags.get(&partition) {
@@ -106,6 +106,9 @@ impl HandOut<'_> {
     /// The chunk up to `upto` is handed out.
     pub(crate) fn done(mut self, upto: i64) {
         *self.handed_through = (*self.handed_through).max(upto);
+        self.stragglers
+            .handed
+            .store(*self.handed_through, Ordering::Release);
     }
 }
 
