@@ -18,7 +18,7 @@ pub(crate) struct Args {
     #[argh(option, default = "String::from(\"users\")")]
     pub(crate) projection: String,
 
-    /// events read per query, default 5000
+    /// events read per query, from 1 to 100000, default 5000
     #[argh(option)]
     pub(crate) batch_size: Option<String>,
 
