@@ -37,6 +37,15 @@
 //! at its next transaction and stops with [`Error::Fenced`]. [`reset`] clears a projection's
 //! checkpoints and, through [`Projection::reset`], its read model, so that it rebuilds.
 //!
+//! # Faults
+//! A lost connection is retried with capped back-off, and logged once per outage; a thread
+//! that cannot reach the database for [`Settings::give_up_after`] stops the runner with
+//! [`Error::Unavailable`]. Any other failure of any thread (a projection that keeps failing on
+//! an event, a panic) stops every thread at once. A partition whose worker falls behind is left
+//! out of the shared read and reads its own events until it catches up, so it does not hold
+//! the others back. A process that stops answering loses its partitions within
+//! [`Database::session_timeout_secs`].
+//!
 //! # Shutdown
 //! [`Runner::shutdown`] (or a [`Stopper`] from another thread) disconnects a channel every
 //! thread watches: the fetcher stops reading, each worker finishes the transaction it is in,
