@@ -275,20 +275,7 @@ impl<P: Projection> Worker<P> {
                     }
                 }
                 Err(Failure::Connection(error)) => {
-                    discard(slot);
-                    let delay = backoff(
-                        self.attempts.failed + 1,
-                        self.settings.retry_delay,
-                        self.settings.max_retry_delay,
-                    );
-                    self.outage.lost(
-                        &self.thread,
-                        &mut self.attempts,
-                        error,
-                        delay,
-                        &self.settings,
-                    )?;
-                    if self.sleep_or_stop(delay) {
+                    if self.wait_after_losing(slot, error)? {
                         return Ok(true);
                     }
                 }
@@ -358,20 +345,7 @@ impl<P: Projection> Worker<P> {
                     }
                 }
                 Err(Failure::Connection(error)) => {
-                    discard(connection);
-                    let delay = backoff(
-                        self.attempts.failed + 1,
-                        self.settings.retry_delay,
-                        self.settings.max_retry_delay,
-                    );
-                    self.outage.lost(
-                        &self.thread,
-                        &mut self.attempts,
-                        error,
-                        delay,
-                        &self.settings,
-                    )?;
-                    if self.sleep_or_stop(delay) {
+                    if self.wait_after_losing(connection, error)? {
                         return Ok(false);
                     }
                 }
@@ -426,6 +400,30 @@ impl<P: Projection> Worker<P> {
                 }
             }
         }
+    }
+
+    /// After losing the connection (`error`): drops it, reports the outage and waits before
+    /// the next attempt, with back-off. True when asked to stop meanwhile; an error once it is
+    /// time to give up.
+    pub(crate) fn wait_after_losing(
+        &mut self,
+        connection: &mut Option<Connection>,
+        error: Error,
+    ) -> Result<bool, Error> {
+        discard(connection);
+        let delay = backoff(
+            self.attempts.failed + 1,
+            self.settings.retry_delay,
+            self.settings.max_retry_delay,
+        );
+        self.outage.lost(
+            &self.thread,
+            &mut self.attempts,
+            error,
+            delay,
+            &self.settings,
+        )?;
+        Ok(self.sleep_or_stop(delay))
     }
 
     /// Waits `delay`; true when asked to stop meanwhile.
