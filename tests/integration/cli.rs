@@ -437,17 +437,8 @@ fn status(schema: &TestSchema) -> (Vec<Vec<String>>, Value) {
 
 /// Runs aggregate-stats on `keys` of `total` until caught up, with extra flags.
 fn catch_up_cli(schema: &TestSchema, keys: &str, total: &str, extra: &[&str]) {
-    let mut args = vec![
-        "--partition-key",
-        keys,
-        "--total-partitions",
-        total,
-        "--projection",
-        "aggregate-stats",
-        "--exit-when-caught-up",
-    ];
-    args.extend_from_slice(extra);
-    let output = run_within(schema.projector(&args), LIMIT);
+    let args = [&["--exit-when-caught-up"], extra].concat();
+    let output = run_within(schema.aggregate_stats(keys, total, &args), LIMIT);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
 }
 
@@ -470,19 +461,8 @@ fn repartition_cli(schema: &TestSchema, total: &str) -> String {
 
 /// A projector process on aggregate-stats, running until stopped.
 fn spawn_live(schema: &TestSchema, keys: &str, total: &str, extra: &[&str]) -> Child {
-    let mut args = vec![
-        "--partition-key",
-        keys,
-        "--total-partitions",
-        total,
-        "--projection",
-        "aggregate-stats",
-    ];
-    args.extend_from_slice(extra);
     schema
-        .projector(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .aggregate_stats(keys, total, extra)
         .spawn()
         .expect("start a projector")
 }

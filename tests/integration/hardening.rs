@@ -2,7 +2,7 @@
 //! switch, lock holders that never write, prepared transactions, poison events in a busy
 //! stream, errors that are not a lost connection, and gaps held for long.
 
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use projector::postgres::Transaction;
@@ -147,19 +147,7 @@ fn a_position_whose_transaction_is_prepared_while_awaited_is_applied_when_commit
 
 /// Starts the binary live on every partition of 2, with debug logs of its own.
 fn spawn_projector(schema: &TestSchema) -> Child {
-    schema
-        .projector(&[
-            "--partition-key",
-            "0-1",
-            "--total-partitions",
-            "2",
-            "--projection",
-            "aggregate-stats",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the projector")
+    spawn_with(schema, &[])
 }
 
 #[test]
@@ -361,19 +349,13 @@ fn a_give_up_limit_that_is_not_a_duration_is_refused_naming_the_flag() {
 
 /// The binary live on both partitions of 2, with a short session timeout.
 fn spawn_with_session_timeout(schema: &TestSchema, seconds: &str) -> Child {
+    spawn_with(schema, &["--session-timeout-secs", seconds])
+}
+
+/// The binary live on both partitions of 2, with `extra` flags.
+fn spawn_with(schema: &TestSchema, extra: &[&str]) -> Child {
     schema
-        .projector(&[
-            "--partition-key",
-            "0-1",
-            "--total-partitions",
-            "2",
-            "--projection",
-            "aggregate-stats",
-            "--session-timeout-secs",
-            seconds,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .aggregate_stats("0-1", "2", extra)
         .spawn()
         .expect("start the projector")
 }

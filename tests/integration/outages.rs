@@ -2,7 +2,7 @@
 //! process whose connections freeze and which dies behind the freeze, and a server with no
 //! connection slot left. Each test runs against a cluster of its own.
 
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use projector::postgres::{Client, NoTls};
@@ -15,20 +15,9 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// The binary live on both partitions of 2, on `url`, with `extra` flags.
 fn spawn_live(schema: &TestSchema, url: &str, extra: &[&str]) -> Child {
-    let mut args = vec![
-        "--partition-key",
-        "0-1",
-        "--total-partitions",
-        "2",
-        "--projection",
-        "aggregate-stats",
-    ];
-    args.extend_from_slice(extra);
     schema
-        .projector(&args)
+        .aggregate_stats("0-1", "2", extra)
         .env("DATABASE_URL", url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("start the projector")
 }

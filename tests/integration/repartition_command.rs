@@ -1,32 +1,16 @@
 //! `projector repartition`: the one way to change a projection's number of partitions, which a
 //! process restarted with stale flags cannot undo.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use crate::util::{TestSchema, eventually, run_within, text, wait_within};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// `aggregate-stats` on `keys` of `total`, with extra flags.
-fn projector_args<'a>(keys: &'a str, total: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--partition-key",
-        keys,
-        "--total-partitions",
-        total,
-        "--projection",
-        "aggregate-stats",
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
 fn spawn(schema: &TestSchema, keys: &str, total: &str) -> Child {
     schema
-        .projector(&projector_args(keys, total, &[]))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .aggregate_stats(keys, total, &[])
         .spawn()
         .expect("start a projector")
 }
@@ -59,7 +43,7 @@ fn a_process_restarted_with_the_old_count_cannot_move_the_layout_back() {
     let schema = TestSchema::migrated("stale_restart");
     schema.seed(40, 3);
     let first = run_within(
-        schema.projector(&projector_args("0-3", "4", &["--exit-when-caught-up"])),
+        schema.aggregate_stats("0-3", "4", &["--exit-when-caught-up"]),
         LIMIT,
     );
     assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
@@ -79,7 +63,7 @@ fn a_process_restarted_with_the_old_count_cannot_move_the_layout_back() {
 
     // A supervisor restarts a process with its old flags, with or without --repartition.
     for extra in [&[][..], &["--repartition"][..]] {
-        let stale = run_within(schema.projector(&projector_args("0", "4", extra)), LIMIT);
+        let stale = run_within(schema.aggregate_stats("0", "4", extra), LIMIT);
         let stderr = text(&stale.stderr);
         assert_eq!(stale.status.code(), Some(2), "{extra:?}: {stderr}");
         let expected = match extra {
@@ -97,7 +81,7 @@ fn a_process_restarted_with_the_old_count_cannot_move_the_layout_back() {
     }
 
     let new = run_within(
-        schema.projector(&projector_args("0-2", "3", &["--exit-when-caught-up"])),
+        schema.aggregate_stats("0-2", "3", &["--exit-when-caught-up"]),
         LIMIT,
     );
     assert_eq!(new.status.code(), Some(0), "{}", text(&new.stderr));

@@ -7,8 +7,6 @@ use std::time::Duration;
 use projector::postgres::Transaction;
 use projector::{BoxError, Builder, Context, Event, Projection, Settings, partition_of};
 
-use std::process::Stdio;
-
 use crate::util::{TestSchema, join_within, signal, text, wait_within};
 
 /// Fails, every time, on the events in `failing` (one per partition).
@@ -115,31 +113,12 @@ fn a_partition_that_only_receives_empty_batches_for_long_keeps_its_session() {
     // Partition 0 reaches the head first: in the next run it receives nothing but empty
     // batches below its checkpoint while partition 1 catches up.
     let first = crate::util::run_within(
-        schema.projector(&[
-            "--partition-key",
-            "0",
-            "--total-partitions",
-            "2",
-            "--projection",
-            "aggregate-stats",
-            "--exit-when-caught-up",
-        ]),
+        schema.aggregate_stats("0", "2", &["--exit-when-caught-up"]),
         Duration::from_secs(60),
     );
     assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
     let child = schema
-        .projector(&[
-            "--partition-key",
-            "0-1",
-            "--total-partitions",
-            "2",
-            "--projection",
-            "aggregate-stats",
-            "--session-timeout-secs",
-            "5",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .aggregate_stats("0-1", "2", &["--session-timeout-secs", "5"])
         .spawn()
         .expect("start");
     std::thread::sleep(Duration::from_secs(8));

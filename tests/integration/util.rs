@@ -159,6 +159,25 @@ impl TestSchema {
     }
 }
 
+impl TestSchema {
+    /// The binary running `aggregate-stats` on partitions `keys` of `total` with `extra` flags,
+    /// its output piped: spawn it to run live, or give it `--exit-when-caught-up`.
+    pub fn aggregate_stats(&self, keys: &str, total: &str, extra: &[&str]) -> Command {
+        let mut args = vec![
+            "--partition-key",
+            keys,
+            "--total-partitions",
+            total,
+            "--projection",
+            "aggregate-stats",
+        ];
+        args.extend_from_slice(extra);
+        let mut command = self.projector(&args);
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        command
+    }
+}
+
 impl Drop for TestSchema {
     fn drop(&mut self) {
         if let Ok(mut admin) = Client::connect(&self.url, NoTls) {
