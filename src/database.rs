@@ -18,14 +18,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The default bound on how long a dead connection goes unnoticed, in seconds.
 const KEEPALIVE_TIMEOUT_SECS: u32 = 30;
 
-/// The bounds [`Database::keepalive_timeout_secs`] accepts, in seconds.
-const KEEPALIVE_TIMEOUT_RANGE: std::ops::RangeInclusive<u32> = 5..=86_400;
+/// The bounds [`Database::keepalive_timeout_secs`] and [`Database::session_timeout_secs`]
+/// accept, in seconds.
+const TIMEOUT_RANGE: std::ops::RangeInclusive<u32> = 5..=86_400;
 
 /// The default bound on how long a paused or cut-off process keeps its partitions, in seconds.
 const SESSION_TIMEOUT_SECS: u32 = 60;
-
-/// The bounds [`Database::session_timeout_secs`] accepts, in seconds.
-const SESSION_TIMEOUT_RANGE: std::ops::RangeInclusive<u32> = 5..=86_400;
 
 /// Unanswered keepalive probes after which a connection counts as dead.
 const KEEPALIVE_PROBES: u32 = 3;
@@ -136,18 +134,7 @@ impl Database {
     /// bound). From 5 to 86,400 seconds; default 30. Options of the same names given in the
     /// connection string's `options` win over it on the server side.
     pub fn keepalive_timeout_secs(mut self, seconds: u32) -> Result<Database, Error> {
-        if !KEEPALIVE_TIMEOUT_RANGE.contains(&seconds) {
-            return Err(Error::invalid_setting(
-                "--keepalive-timeout-secs",
-                seconds,
-                format!(
-                    "expected a whole number of seconds from {} to {}",
-                    KEEPALIVE_TIMEOUT_RANGE.start(),
-                    KEEPALIVE_TIMEOUT_RANGE.end()
-                ),
-            ));
-        }
-        self.keepalive_timeout_secs = seconds;
+        self.keepalive_timeout_secs = timeout_within_bounds("--keepalive-timeout-secs", seconds)?;
         self.apply_settings();
         Ok(self)
     }
@@ -162,18 +149,7 @@ impl Database {
     /// PostgreSQL 14 or later. Options of the same names in the connection string's `options`
     /// win over it.
     pub fn session_timeout_secs(mut self, seconds: u32) -> Result<Database, Error> {
-        if !SESSION_TIMEOUT_RANGE.contains(&seconds) {
-            return Err(Error::invalid_setting(
-                "--session-timeout-secs",
-                seconds,
-                format!(
-                    "expected a whole number of seconds from {} to {}",
-                    SESSION_TIMEOUT_RANGE.start(),
-                    SESSION_TIMEOUT_RANGE.end()
-                ),
-            ));
-        }
-        self.session_timeout_secs = seconds;
+        self.session_timeout_secs = timeout_within_bounds("--session-timeout-secs", seconds)?;
         Ok(self)
     }
 
@@ -289,6 +265,22 @@ impl fmt::Display for Database {
 }
 
 /// `user@host:port/dbname`, from what the driver parsed (never from the string itself).
+/// `seconds` for `setting`, if within [`TIMEOUT_RANGE`].
+fn timeout_within_bounds(setting: &str, seconds: u32) -> Result<u32, Error> {
+    if TIMEOUT_RANGE.contains(&seconds) {
+        return Ok(seconds);
+    }
+    Err(Error::invalid_setting(
+        setting,
+        seconds,
+        format!(
+            "expected a whole number of seconds from {} to {}",
+            TIMEOUT_RANGE.start(),
+            TIMEOUT_RANGE.end()
+        ),
+    ))
+}
+
 fn describe(config: &postgres::Config) -> String {
     let host = match config.get_hosts().first() {
         Some(postgres::config::Host::Tcp(host)) => host.clone(),

@@ -500,13 +500,9 @@ impl Fetcher {
     /// After a failed attempt to reach the database: waits before the next one, with
     /// back-off. True when asked to stop meanwhile; an error once it is time to give up.
     fn wait_before_retry(&self, attempts: &mut Attempts, error: Error) -> Result<bool, Error> {
-        let delay = backoff(
-            attempts.failed + 1,
-            self.settings.retry_delay,
-            self.settings.max_retry_delay,
-        );
-        self.outage
-            .lost("the fetcher", attempts, error, delay, &self.settings)?;
+        let delay =
+            self.outage
+                .lost_with_backoff("the fetcher", attempts, error, &self.settings)?;
         Ok(select! {
             recv(self.stop) -> _ => true,
             default(delay) => false,

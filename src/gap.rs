@@ -69,13 +69,6 @@ pub(crate) struct Writers {
     relations: Vec<Oid>,
 }
 
-/// A transaction holding a write lock on the events table or its sequence, as the blocker
-/// query sees it.
-struct Holder {
-    vxid: String,
-    xids: Vec<String>,
-}
-
 impl Writers {
     /// The events table and the sequence its positions are drawn from, in the current schema.
     pub(crate) fn find(client: &mut Client) -> Result<Writers, crate::Error> {
@@ -96,7 +89,7 @@ impl Writers {
     /// row takes it on the table, both kept to the end of the transaction. Nothing else can
     /// commit a position: vacuum, `CREATE INDEX CONCURRENTLY` (`SHARE UPDATE EXCLUSIVE`),
     /// `SELECT … FOR SHARE` and foreign-key checks (`ROW SHARE`) are not waited for.
-    fn holders(&self, client: &mut Client) -> Result<Vec<Holder>, postgres::Error> {
+    fn holders(&self, client: &mut Client) -> Result<Vec<Blocker>, postgres::Error> {
         let rows = client.query(
             "SELECT l.virtualtransaction, \
                  ARRAY(SELECT x.transactionid::text FROM pg_locks x \
@@ -112,7 +105,7 @@ impl Writers {
         )?;
         Ok(rows
             .iter()
-            .map(|row| Holder {
+            .map(|row| Blocker {
                 vxid: row.get(0),
                 xids: row.get(1),
             })
@@ -222,13 +215,7 @@ impl Gaps {
             return Ok(Held::ReadAgain);
         }
         self.watch = Some(Watch {
-            blockers: holders
-                .into_iter()
-                .map(|holder| Blocker {
-                    vxid: holder.vxid,
-                    xids: holder.xids,
-                })
-                .collect(),
+            blockers: holders,
             through: last,
             read_at,
             since: Instant::now(),

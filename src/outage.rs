@@ -93,6 +93,25 @@ impl Outage {
         Ok(())
     }
 
+    /// As [`lost`](Self::lost), waiting the back-off the failed attempts so far call for
+    /// (from [`Settings::retry_delay`], doubling up to [`Settings::max_retry_delay`]), which it
+    /// returns for the caller to wait.
+    pub(crate) fn lost_with_backoff(
+        &self,
+        thread: &str,
+        attempts: &mut Attempts,
+        error: Error,
+        settings: &Settings,
+    ) -> Result<Duration, Error> {
+        let delay = crate::backoff(
+            attempts.failed + 1,
+            settings.retry_delay,
+            settings.max_retry_delay,
+        );
+        self.lost(thread, attempts, error, delay, settings)?;
+        Ok(delay)
+    }
+
     /// `thread` got through to the database. Logs the end of an outage, once.
     pub(crate) fn back(&self, thread: &str, attempts: &mut Attempts) {
         if attempts.failed == 0 {

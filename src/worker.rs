@@ -411,16 +411,10 @@ impl<P: Projection> Worker<P> {
         error: Error,
     ) -> Result<bool, Error> {
         discard(connection);
-        let delay = backoff(
-            self.attempts.failed + 1,
-            self.settings.retry_delay,
-            self.settings.max_retry_delay,
-        );
-        self.outage.lost(
+        let delay = self.outage.lost_with_backoff(
             &self.thread,
             &mut self.attempts,
             error,
-            delay,
             &self.settings,
         )?;
         Ok(self.sleep_or_stop(delay))
