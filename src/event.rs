@@ -110,3 +110,89 @@ impl std::fmt::Display for ExpectedVersion {
         }
     }
 }
+
+/// The events a projection wants, by bounded context, aggregate type and event type; see
+/// [`Projection::scope`](crate::Projection::scope).
+///
+/// An event is in scope when it matches every list that is not empty: `Scope::all()` (every
+/// list empty) takes every event. The filter is applied in the query that reads the stream, so
+/// the events a process's projections do not want are never sent by the server.
+///
+/// ```
+/// use projector::Scope;
+/// let orders = Scope::all()
+///     .aggregate_types(["Order"])
+///     .event_types(["OrderPlaced", "OrderCancelled"]);
+/// assert!(!orders.is_all());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    bounded_contexts: Vec<String>,
+    aggregate_types: Vec<String>,
+    event_types: Vec<String>,
+}
+
+impl Scope {
+    /// Every event.
+    pub fn all() -> Scope {
+        Scope::default()
+    }
+
+    /// Only events of these bounded contexts.
+    pub fn bounded_contexts<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.bounded_contexts = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Only events of aggregates of these types.
+    pub fn aggregate_types<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.aggregate_types = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Only events of these types.
+    pub fn event_types<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.event_types = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// True when the scope takes every event.
+    pub fn is_all(&self) -> bool {
+        self.bounded_contexts.is_empty()
+            && self.aggregate_types.is_empty()
+            && self.event_types.is_empty()
+    }
+
+    /// True when `event` is in the scope.
+    pub fn contains(&self, event: &Event) -> bool {
+        let wants =
+            |names: &[String], value: &str| names.is_empty() || names.iter().any(|n| n == value);
+        wants(&self.bounded_contexts, &event.bounded_context)
+            && wants(&self.aggregate_types, &event.aggregate_type)
+            && wants(&self.event_types, &event.event_type)
+    }
+
+    /// The lists that are not empty, as `(column, names)`.
+    pub(crate) fn conditions(&self) -> impl Iterator<Item = (&'static str, &[String])> {
+        [
+            ("bounded_context", &self.bounded_contexts[..]),
+            ("aggregate_type", &self.aggregate_types[..]),
+            ("event_type", &self.event_types[..]),
+        ]
+        .into_iter()
+        .filter(|(_, names)| !names.is_empty())
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_all() {
+            return f.write_str("every event");
+        }
+        let parts: Vec<String> = self
+            .conditions()
+            .map(|(column, names)| format!("{column} in ({})", names.join(", ")))
+            .collect();
+        f.write_str(&parts.join(" and "))
+    }
+}

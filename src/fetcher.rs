@@ -1,43 +1,34 @@
 //! The fetcher: reads the stream in global position order, never past a position that may
 //! still commit, and hands each event to the worker of its partition.
 
-use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded, select};
-use log::{debug, info};
+use log::debug;
 use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
 use postgres::{Client, Row, Statement};
 
-use crate::event::Event;
+use crate::event::Scope;
 use crate::gap::{Before, Gaps, Held, Writers, holes};
 use crate::outage::{Attempts, Outage};
-use crate::partition::partition_of;
+use crate::router::{Chunk, FetchProgress, Lane, Router, Routes};
 use crate::settings::{Settings, Stopper};
-use crate::store::{EVENT_COLUMNS, event_from_row};
+use crate::store::{EVENT_COLUMNS, ScopeFilter, scope_filter};
 use crate::straggler::Stragglers;
-use crate::worker::Batch;
 use crate::{Database, Error, backoff};
 
 /// The longest the fetcher sleeps without looking at its stop channel.
 const WAKE_SLICE: Duration = Duration::from_millis(25);
 
-/// Figures the fetcher shares while it runs, for progress lines.
-#[derive(Debug, Default)]
-pub(crate) struct FetchProgress {
-    pub(crate) read: AtomicU64,
-    pub(crate) position: AtomicI64,
-}
-
 pub(crate) struct Fetcher {
     pub(crate) database: Database,
     pub(crate) settings: Arc<Settings>,
-    pub(crate) total: u32,
-    /// The worker of each owned partition.
-    pub(crate) workers: HashMap<u32, Sender<Batch>>,
+    /// The workers' queues: one per owned partition of each projection.
+    pub(crate) lanes: Vec<Lane>,
     /// Read from after this position.
     pub(crate) start: i64,
     /// With `exit_when_caught_up`: stop once the stream is read up to here.
@@ -46,7 +37,7 @@ pub(crate) struct Fetcher {
     pub(crate) progress: Arc<FetchProgress>,
     /// Shared with the workers: an outage is logged once.
     pub(crate) outage: Arc<Outage>,
-    /// Shared with the workers: the partitions left out of the shared read.
+    /// Shared with the workers: the lanes left out of the shared read.
     pub(crate) stragglers: Arc<Stragglers>,
     /// Stops every thread of the runner.
     pub(crate) stopper: Stopper,
@@ -55,38 +46,33 @@ pub(crate) struct Fetcher {
 /// A connection that reads events, listens for appends, and knows the writers' relations.
 struct Reader {
     client: Client,
-    next_batch: Statement,
+    /// The first step of a read: positions (and what `shape` needs) after `$1`, `$2` at most.
+    next: Statement,
     /// Whether one position has committed: looked at while a gap holds the fetcher back,
     /// instead of reading the batch above it again.
     filled: Statement,
     writers: Writers,
-    /// Set when the process owns at most half of the partitions.
-    keys_first: Option<KeysFirst>,
+    shape: Shape,
 }
 
-/// Reading in two steps, for a process that owns few partitions: the position and aggregate
-/// of every event (cheap for the server to send), then whole rows for the owned ones only.
-struct KeysFirst {
-    next_keys: Statement,
-    at_positions: Statement,
-    owned: HashSet<u32>,
-    total: u32,
-}
-
-/// What the reader hands the router.
-struct Chunk {
-    /// Rows in position order: every event up to `upto` not sent before.
-    rows: Vec<Row>,
-    /// Events read, of all partitions.
-    seen: usize,
-    upto: i64,
-    /// The read filled its limit, so more rows are waiting.
-    more_waiting: bool,
+/// How a read gets its rows once the complete prefix of the stream is known.
+enum Shape {
+    /// Whole rows in one step.
+    Whole,
+    /// For a process that owns few partitions of each projection: the position and aggregate
+    /// of every event (cheap for the server to send), then whole rows for the owned ones only.
+    KeysFirst { at_positions: Statement },
+    /// When every projection has a scope: positions (to find gaps), then whole rows of the
+    /// events in some projection's scope only, the filter applied by the server.
+    Scoped {
+        in_scope: Statement,
+        filter: ScopeFilter,
+    },
 }
 
 /// One read of the stream, cut before the first position that may still commit.
 struct Read {
-    /// The rows, in position order, up to `upto` (with `keys_first`, the owned ones only).
+    /// The rows, in position order, up to `upto` (only the wanted ones, unless `Whole`).
     rows: Vec<Row>,
     /// Events read, of all partitions.
     seen: usize,
@@ -99,53 +85,68 @@ struct Read {
 }
 
 impl Reader {
-    fn open(
-        mut client: Client,
-        database: &Database,
-        owned: &HashMap<u32, Sender<Batch>>,
-        total: u32,
-    ) -> Result<Reader, Error> {
-        let next_batch = client
-            .prepare(&format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE global_position > $1 \
-                 ORDER BY global_position LIMIT $2"
-            ))
-            .map_err(Error::database("preparing the event query"))?;
-        let filled = client
-            .prepare("SELECT EXISTS (SELECT 1 FROM events WHERE global_position = $1)")
-            .map_err(Error::database("preparing the event query"))?;
-        let writers = Writers::find(&mut client)?;
-        let keys_first = if owned.len() * 2 <= total as usize {
-            let next_keys = client
-                .prepare(
-                    "SELECT global_position, aggregate_id FROM events \
-                     WHERE global_position > $1 ORDER BY global_position LIMIT $2",
-                )
-                .map_err(Error::database("preparing the event query"))?;
-            let at_positions = client
-                .prepare(&format!(
+    fn open(mut client: Client, database: &Database, routes: &Routes) -> Result<Reader, Error> {
+        let prepare = |client: &mut Client, sql: &str| {
+            client
+                .prepare(sql)
+                .map_err(Error::database("preparing the event query"))
+        };
+        let scopes: Option<Vec<&Scope>> = routes.scopes().into_iter().collect();
+        let filter = scopes.and_then(|scopes| scope_filter(&scopes, 3));
+        let (next, shape) = if let Some(filter) = filter {
+            let next = prepare(
+                &mut client,
+                "SELECT global_position FROM events WHERE global_position > $1 \
+                 ORDER BY global_position LIMIT $2",
+            )?;
+            let in_scope = prepare(
+                &mut client,
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events \
+                     WHERE global_position > $1 AND global_position <= $2 AND {} \
+                     ORDER BY global_position",
+                    filter.condition
+                ),
+            )?;
+            (next, Shape::Scoped { in_scope, filter })
+        } else if routes.owns_at_most_half() {
+            let next = prepare(
+                &mut client,
+                "SELECT global_position, aggregate_id FROM events \
+                 WHERE global_position > $1 ORDER BY global_position LIMIT $2",
+            )?;
+            let at_positions = prepare(
+                &mut client,
+                &format!(
                     "SELECT {EVENT_COLUMNS} FROM events WHERE global_position = ANY($1) \
                      ORDER BY global_position"
-                ))
-                .map_err(Error::database("preparing the event query"))?;
-            Some(KeysFirst {
-                next_keys,
-                at_positions,
-                owned: owned.keys().copied().collect(),
-                total,
-            })
+                ),
+            )?;
+            (next, Shape::KeysFirst { at_positions })
         } else {
-            None
+            let next = prepare(
+                &mut client,
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE global_position > $1 \
+                     ORDER BY global_position LIMIT $2"
+                ),
+            )?;
+            (next, Shape::Whole)
         };
+        let filled = prepare(
+            &mut client,
+            "SELECT EXISTS (SELECT 1 FROM events WHERE global_position = $1)",
+        )?;
+        let writers = Writers::find(&mut client)?;
         client
             .batch_execute(database.listen_statement())
             .map_err(Error::database("listening for appends"))?;
         Ok(Reader {
             client,
-            next_batch,
+            next,
             filled,
             writers,
-            keys_first,
+            shape,
         })
     }
 
@@ -156,6 +157,7 @@ impl Reader {
         limit: i64,
         gaps: &mut Gaps,
         settings: &Settings,
+        routes: &Routes,
     ) -> Result<Read, postgres::Error> {
         let dead_through =
             match gaps.before_read(&mut self.client, &self.writers, settings.gap_warn_after)? {
@@ -172,11 +174,7 @@ impl Reader {
                     position
                 }
             };
-        let next = match &self.keys_first {
-            Some(keys_first) => &keys_first.next_keys,
-            None => &self.next_batch,
-        };
-        let mut rows = self.client.query(next, &[&position, &limit])?;
+        let mut rows = self.client.query(&self.next, &[&position, &limit])?;
         let mut full = rows.len() as i64 == limit;
         let Some(last) = rows.last().map(|row| row.get::<_, i64>(0)) else {
             return Ok(Read::nothing_at(position, false));
@@ -195,21 +193,27 @@ impl Reader {
         };
         rows.retain(|row| row.get::<_, i64>(0) <= upto);
         let seen = rows.len();
-        if let Some(keys_first) = &self.keys_first {
-            let wanted: Vec<i64> = rows
-                .iter()
-                .filter(|row| {
-                    let partition = partition_of(row.get(1), keys_first.total);
-                    keys_first.owned.contains(&partition)
-                })
-                .map(|row| row.get(0))
-                .collect();
-            rows = if wanted.is_empty() {
-                Vec::new()
-            } else {
-                self.client.query(&keys_first.at_positions, &[&wanted])?
-            };
-        }
+        let rows = match &self.shape {
+            Shape::Whole => rows,
+            _ if rows.is_empty() => rows,
+            Shape::KeysFirst { at_positions } => {
+                let wanted: Vec<i64> = rows
+                    .iter()
+                    .filter(|row| routes.wants_aggregate(row.get(1)))
+                    .map(|row| row.get(0))
+                    .collect();
+                if wanted.is_empty() {
+                    Vec::new()
+                } else {
+                    self.client.query(at_positions, &[&wanted])?
+                }
+            }
+            Shape::Scoped { in_scope, filter } => {
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&position, &upto];
+                params.extend(filter.params());
+                self.client.query(in_scope, &params)?
+            }
+        };
         Ok(Read {
             rows,
             seen,
@@ -233,41 +237,32 @@ impl Read {
     }
 }
 
-/// The events of `rows` that belong to owned partitions, by partition.
-fn route(
-    rows: &[Row],
-    owned: &HashMap<u32, Sender<Batch>>,
-    total: u32,
-) -> HashMap<u32, Vec<Event>> {
-    let mut routed: HashMap<u32, Vec<Event>> = HashMap::with_capacity(owned.len());
-    for row in rows {
-        let partition = partition_of(row.get(3), total);
-        if owned.contains_key(&partition) {
-            routed
-                .entry(partition)
-                .or_default()
-                .push(event_from_row(row));
-        }
-    }
-    routed
-}
-
 impl Fetcher {
-    /// Reads until stopped; dropping `self.workers` on return tells the workers to finish.
+    /// Reads until stopped; dropping `self.lanes` on return tells the workers to finish.
     /// Returns how many events were read.
     ///
     /// Two threads share the work, so that the database produces the next batch while the
     /// current one is decoded: this one reads (and waits at gaps), `projector-route` decodes
-    /// the rows and hands each owned partition its events.
+    /// the rows and hands each lane its events (see [`Router`]).
     pub(crate) fn run(self, client: Client) -> Result<u64, Error> {
-        let reader = Reader::open(client, &self.database, &self.workers, self.total)?;
+        let routes = Routes::new(&self.lanes);
+        let reader = Reader::open(client, &self.database, &routes)?;
         let (reads_tx, reads) = bounded::<Chunk>(2);
+        let router = Router {
+            lanes: &self.lanes,
+            routes: &routes,
+            settings: &self.settings,
+            stragglers: &self.stragglers,
+            progress: &self.progress,
+            stop: &self.stop,
+            stopper: &self.stopper,
+        };
         std::thread::scope(|scope| {
-            let router = std::thread::Builder::new()
+            let routing = std::thread::Builder::new()
                 .name("projector-route".into())
                 .spawn_scoped(scope, || {
                     // A panic here must stop the reader too, which may be waiting for appends.
-                    match catch_unwind(AssertUnwindSafe(|| self.route(reads))) {
+                    match catch_unwind(AssertUnwindSafe(|| router.run(reads))) {
                         Ok(read) => read,
                         Err(panic) => {
                             self.stopper.stop();
@@ -278,38 +273,16 @@ impl Fetcher {
                 .map_err(|_| Error::ThreadPanicked {
                     thread: "projector-route".into(),
                 })?;
-            let outcome = self.read(reader, reads_tx);
-            let read = router.join().map_err(|_| Error::ThreadPanicked {
+            let outcome = self.read(reader, &routes, reads_tx);
+            let read = routing.join().map_err(|_| Error::ThreadPanicked {
                 thread: "projector-route".into(),
             })?;
             outcome.map(|()| read)
         })
     }
 
-    /// Decodes and routes what the reader sends, until it stops or a worker has gone.
-    ///
-    /// While catching up (more rows are waiting), a partition's events are held until it has
-    /// `min_events_per_batch` of them, so that a process owning many partitions still commits
-    /// large transactions; once caught up, everything goes out at once.
-    fn route(&self, reads: Receiver<Chunk>) -> u64 {
-        let mut read = 0;
-        let mut held: HashMap<u32, Vec<Event>> = HashMap::with_capacity(self.workers.len());
-        for chunk in reads {
-            for (partition, events) in route(&chunk.rows, &self.workers, self.total) {
-                held.entry(partition).or_default().extend(events);
-            }
-            read += chunk.seen as u64;
-            drop(chunk.rows);
-            if self.hand_out(&mut held, chunk.upto, chunk.more_waiting) {
-                break;
-            }
-            self.progress.read.store(read, Ordering::Relaxed);
-        }
-        read
-    }
-
     /// Reads the stream in order until stopped, sending each complete prefix to the router.
-    fn read(&self, reader: Reader, reads: Sender<Chunk>) -> Result<(), Error> {
+    fn read(&self, reader: Reader, routes: &Routes, reads: Sender<Chunk>) -> Result<(), Error> {
         let mut reader = Some(reader);
         let mut gaps = Gaps::default();
         let mut position = self.start;
@@ -322,7 +295,7 @@ impl Fetcher {
                 match self
                     .database
                     .connect()
-                    .and_then(|c| Reader::open(c, &self.database, &self.workers, self.total))
+                    .and_then(|c| Reader::open(c, &self.database, routes))
                 {
                     Ok(fresh) => {
                         self.outage.back("the fetcher", &mut attempts);
@@ -338,7 +311,7 @@ impl Fetcher {
                 }
                 continue;
             };
-            let batch = match current.read(position, limit, &mut gaps, &self.settings) {
+            let batch = match current.read(position, limit, &mut gaps, &self.settings, routes) {
                 Ok(batch) => batch,
                 Err(source) => {
                     let error = Error::Database {
@@ -399,46 +372,6 @@ impl Fetcher {
         }
         debug!("fetcher: stopped reading at global position {position}");
         Ok(())
-    }
-
-    /// Sends every owned partition its events (possibly none) and `upto`; true when asked to
-    /// stop meanwhile, or a worker has gone.
-    ///
-    /// With `hold_small`, a partition holding fewer than `min_events_per_batch` events keeps
-    /// them (and is sent nothing, since its events up to `upto` are not all out yet).
-    fn hand_out(&self, held: &mut HashMap<u32, Vec<Event>>, upto: i64, hold_small: bool) -> bool {
-        let mut hand_out = self.stragglers.hand_out();
-        for (&partition, worker) in &self.workers {
-            if self.stragglers.is_straggler(partition) {
-                // It reads its own events until it catches up (see `straggler`).
-                held.remove(&partition);
-                continue;
-            }
-            let events = held.get(&partition).map_or(0, Vec::len);
-            if hold_small && events > 0 && events < self.settings.min_events_per_batch {
-                continue;
-            }
-            let batch = Batch {
-                events: held.remove(&partition).unwrap_or_default(),
-                upto,
-            };
-            select! {
-                send(worker, batch) -> sent => if sent.is_err() { return true },
-                recv(self.stop) -> _ => return true,
-                default(self.settings.straggler_after) => {
-                    hand_out.mark(partition);
-                    info!(
-                        "partition {partition}/{}: its worker has not taken a batch for {} s, \
-                         slower than the stream; the other partitions go on without it, and it \
-                         reads its own events until it catches up",
-                        self.total,
-                        self.settings.straggler_after.as_secs_f64()
-                    );
-                }
-            }
-        }
-        hand_out.done(upto);
-        false
     }
 
     /// Waits up to `timeout` for a notification of an append; true when asked to stop

@@ -94,6 +94,7 @@
 //! }
 //! ```
 
+mod builder;
 mod checkpoint;
 mod commit;
 mod database;
@@ -109,6 +110,7 @@ mod partition;
 mod progress;
 mod projection;
 pub mod projections;
+mod router;
 mod runner;
 mod settings;
 mod status;
@@ -118,9 +120,10 @@ mod worker;
 
 use std::time::Duration;
 
+pub use builder::{Builder, MAX_BATCH_SIZE};
 pub use database::{Database, Pool};
 pub use error::{BoxError, Error};
-pub use event::{Event, ExpectedVersion, NewEvent};
+pub use event::{Event, ExpectedVersion, NewEvent, Scope};
 pub use layout::{EarlierLayout, LayoutChange, repartition};
 pub use migration::migrate;
 pub use partition::{
@@ -128,7 +131,7 @@ pub use partition::{
 };
 pub use postgres;
 pub use projection::{Context, Projection};
-pub use runner::{Builder, MAX_BATCH_SIZE, Runner, Summary};
+pub use runner::{ProjectionSummary, Runner, Summary};
 pub use settings::{Settings, Stopper};
 pub use status::{CheckpointStatus, reset, status};
 pub use store::{append, read_stream};

@@ -1,4 +1,4 @@
-//! Progress lines: every few seconds while there is work, how far the partitions are.
+//! Progress lines: every few seconds while there is work, how far each projection is.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -8,14 +8,32 @@ use crossbeam_channel::{Receiver, select, tick};
 use log::info;
 
 use crate::Database;
-use crate::fetcher::FetchProgress;
+use crate::router::FetchProgress;
 use crate::store;
 use crate::worker::Progress;
+
+/// The figures of one worker: a partition of a projection.
+pub(crate) struct LaneProgress {
+    pub(crate) projection: String,
+    pub(crate) partition: u32,
+    pub(crate) progress: Arc<Progress>,
+}
+
+impl LaneProgress {
+    fn applied(&self) -> u64 {
+        self.progress.applied.load(Ordering::Relaxed)
+    }
+
+    fn checkpoint(&self) -> i64 {
+        self.progress.checkpoint.load(Ordering::Relaxed)
+    }
+}
 
 /// Logs a progress line every few seconds while there is work.
 pub(crate) struct Monitor {
     pub(crate) database: Database,
-    pub(crate) progress: Vec<(u32, Arc<Progress>)>,
+    /// Grouped by projection, in order.
+    pub(crate) progress: Vec<LaneProgress>,
     pub(crate) fetch_progress: Arc<FetchProgress>,
     pub(crate) interval: Duration,
     pub(crate) stop: Receiver<()>,
@@ -23,30 +41,29 @@ pub(crate) struct Monitor {
     pub(crate) done: Receiver<()>,
 }
 
+/// What the monitor remembers of a projection from one tick to the next.
+#[derive(Default, Clone, Copy)]
+struct Seen {
+    applied: u64,
+    lagging: bool,
+}
+
 impl Monitor {
     pub(crate) fn run(self) {
         let ticks = tick(self.interval);
         let mut client = None;
-        let mut last_applied = 0;
+        let projections: Vec<&[LaneProgress]> = self
+            .progress
+            .chunk_by(|a, b| a.projection == b.projection)
+            .collect();
+        let mut seen = vec![Seen::default(); projections.len()];
         let mut last_time = Instant::now();
-        let mut was_lagging = false;
         loop {
             select! {
                 recv(self.stop) -> _ => return,
                 recv(self.done) -> _ => return,
                 recv(ticks) -> _ => {}
             }
-            let applied: u64 = self
-                .progress
-                .iter()
-                .map(|(_, p)| p.applied.load(Ordering::Relaxed))
-                .sum();
-            let checkpoint = self
-                .progress
-                .iter()
-                .map(|(_, p)| p.checkpoint.load(Ordering::Relaxed))
-                .min()
-                .unwrap_or(0);
             if client.is_none() {
                 client = self.database.connect().ok();
             }
@@ -58,46 +75,55 @@ impl Monitor {
             if client.as_ref().is_some_and(|c| c.is_closed()) {
                 client = None;
             }
-            let lagging = checkpoint < head;
-            if lagging {
-                // A rate only over an interval that was busy from end to end: one that began
-                // caught up would understate it.
-                let rate = if was_lagging {
-                    let seconds = last_time.elapsed().as_secs_f64().max(0.001);
-                    format!(
-                        " ({:.0} events/s)",
-                        (applied - last_applied) as f64 / seconds
-                    )
-                } else {
-                    String::new()
-                };
-                // With several partitions, the one furthest behind is the one to look at.
-                let slowest = match &self.progress[..] {
-                    [_, _, ..] => self
-                        .progress
-                        .iter()
-                        .min_by_key(|(_, p)| p.checkpoint.load(Ordering::Relaxed))
-                        .map(|(key, p)| {
-                            format!(
-                                " (slowest: partition {key} at {})",
-                                p.checkpoint.load(Ordering::Relaxed)
-                            )
-                        })
-                        .unwrap_or_default(),
-                    _ => String::new(),
-                };
-                info!(
-                    "progress: {applied} applied{rate}, read {}, checkpoint {checkpoint}, head \
-                     {head}, lag {} positions{slowest}",
-                    self.fetch_progress.read.load(Ordering::Relaxed),
-                    head - checkpoint
-                );
-            } else if applied != last_applied {
-                info!("progress: {applied} applied, caught up at global position {head}");
+            let seconds = last_time.elapsed().as_secs_f64().max(0.001);
+            for (lanes, seen) in projections.iter().zip(&mut seen) {
+                *seen = self.report(lanes, *seen, head, seconds);
             }
-            was_lagging = lagging;
-            last_applied = applied;
             last_time = Instant::now();
         }
+    }
+
+    /// Logs one projection's line, if it has work or has just caught up.
+    fn report(&self, lanes: &[LaneProgress], before: Seen, head: i64, seconds: f64) -> Seen {
+        let Some(first) = lanes.first() else {
+            return before;
+        };
+        let name = &first.projection;
+        let applied: u64 = lanes.iter().map(LaneProgress::applied).sum();
+        let slowest = lanes.iter().min_by_key(|lane| lane.checkpoint());
+        let checkpoint = slowest.map_or(0, LaneProgress::checkpoint);
+        let lagging = checkpoint < head;
+        if lagging {
+            // A rate only over an interval that was busy from end to end: one that began
+            // caught up would understate it.
+            let rate = if before.lagging {
+                format!(
+                    " ({:.0} events/s)",
+                    (applied - before.applied) as f64 / seconds
+                )
+            } else {
+                String::new()
+            };
+            // With several partitions, the one furthest behind is the one to look at.
+            let slowest = match (lanes, slowest) {
+                ([_, _, ..], Some(lane)) => {
+                    format!(
+                        " (slowest: partition {} at {})",
+                        lane.partition,
+                        lane.checkpoint()
+                    )
+                }
+                _ => String::new(),
+            };
+            info!(
+                "progress of '{name}': {applied} applied{rate}, read {}, checkpoint \
+                 {checkpoint}, head {head}, lag {} positions{slowest}",
+                self.fetch_progress.read.load(Ordering::Relaxed),
+                head - checkpoint
+            );
+        } else if applied != before.applied {
+            info!("progress of '{name}': {applied} applied, caught up at global position {head}");
+        }
+        Seen { applied, lagging }
     }
 }

@@ -3,7 +3,7 @@
 use postgres::Transaction;
 
 use crate::error::BoxError;
-use crate::event::Event;
+use crate::event::{Event, Scope};
 
 /// Where an event is being applied: which partition of how many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,15 @@ pub struct Context {
 pub trait Projection: Clone + Send + 'static {
     /// The projection's name: it keys the checkpoints, so renaming it starts from scratch.
     fn name(&self) -> &str;
+
+    /// The events this projection wants (default: every event). Only events in scope reach
+    /// [`apply`](Self::apply); the checkpoint still moves across the others. Projections of
+    /// one process that all declare a scope have the filter applied by the server, in the
+    /// query that reads the stream (indexes on `(event_type, global_position)` and
+    /// `(aggregate_type, global_position)` serve it).
+    fn scope(&self) -> Scope {
+        Scope::all()
+    }
 
     /// Prepares the read model (for example `CREATE TABLE IF NOT EXISTS`). Called once when a
     /// runner starts, in its own transaction, before any event is applied.
@@ -75,5 +84,114 @@ pub trait Projection: Clone + Send + 'static {
             self.apply(tx, event, context)?;
         }
         Ok(())
+    }
+}
+
+/// A projection of any type, so that one runner can host projections of different types.
+pub(crate) struct AnyProjection(Box<dyn DynProjection>);
+
+impl AnyProjection {
+    pub(crate) fn new<P: Projection>(projection: P) -> AnyProjection {
+        AnyProjection(Box::new(projection))
+    }
+}
+
+impl std::fmt::Debug for AnyProjection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AnyProjection")
+            .field(&self.0.name())
+            .finish()
+    }
+}
+
+/// [`Projection`] without `Clone`, which a trait object cannot have.
+trait DynProjection: Send {
+    fn name(&self) -> &str;
+    fn scope(&self) -> Scope;
+    fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError>;
+    fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError>;
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        context: &Context,
+    ) -> Result<(), BoxError>;
+    fn apply_batch(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+        context: &Context,
+    ) -> Result<(), BoxError>;
+    fn clone_boxed(&self) -> Box<dyn DynProjection>;
+}
+
+impl<P: Projection> DynProjection for P {
+    fn name(&self) -> &str {
+        Projection::name(self)
+    }
+    fn scope(&self) -> Scope {
+        Projection::scope(self)
+    }
+    fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        Projection::setup(self, tx)
+    }
+    fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        Projection::reset(self, tx)
+    }
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        Projection::apply(self, tx, event, context)
+    }
+    fn apply_batch(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        Projection::apply_batch(self, tx, events, context)
+    }
+    fn clone_boxed(&self) -> Box<dyn DynProjection> {
+        Box::new(self.clone())
+    }
+}
+
+impl Clone for AnyProjection {
+    fn clone(&self) -> AnyProjection {
+        AnyProjection(self.0.clone_boxed())
+    }
+}
+
+impl Projection for AnyProjection {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn scope(&self) -> Scope {
+        self.0.scope()
+    }
+    fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        self.0.setup(tx)
+    }
+    fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        self.0.reset(tx)
+    }
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        self.0.apply(tx, event, context)
+    }
+    fn apply_batch(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        self.0.apply_batch(tx, events, context)
     }
 }

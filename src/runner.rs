@@ -1,280 +1,124 @@
-//! Starting, watching and stopping a projection's fetcher and workers.
+//! A running group of projections: its threads, stopping them, and what they did.
 
-use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::bounded;
-use log::info;
+use crossbeam_channel::{Receiver, Sender, bounded};
+use log::error;
+use postgres::Client;
 
 use crate::database::Pool;
-use crate::fetcher::{FetchProgress, Fetcher};
+use crate::fetcher::Fetcher;
+use crate::layout::Layout;
 use crate::outage::{Attempts, Outage};
 use crate::ownership::Role;
-use crate::partition::{MAX_PARTITIONS, describe_keys};
-use crate::progress::Monitor;
-use crate::projection::{Context, Projection};
+use crate::progress::{LaneProgress, Monitor};
+use crate::projection::{AnyProjection, Context, Projection};
+use crate::router::{FetchProgress, Lane};
 use crate::settings::{Settings, Stopper};
-use crate::store;
 use crate::straggler::Stragglers;
 use crate::worker::{PartitionSummary, Progress, Worker};
-use crate::{Database, Error};
-use crate::{checkpoint, layout};
+use crate::{Database, Error, error_chain};
 
-/// The most events one read of the stream may hold, so that memory stays bounded.
-pub const MAX_BATCH_SIZE: u32 = 100_000;
-
-/// Configures and starts a [`Runner`].
-///
-/// ```no_run
-/// # use projector::{Builder, Database, projections::AggregateStats};
-/// # fn main() -> Result<(), projector::Error> {
-/// let database = Database::new("postgres://app@localhost/app")?;
-/// let runner = Builder::new(database, AggregateStats)
-///     .partitions([0, 1, 2, 3])
-///     .total_partitions(4)
-///     .start()?;
-/// // ... later, from anywhere:
-/// runner.shutdown();
-/// let summary = runner.join()?;
-/// # Ok(()) }
-/// ```
-#[derive(Debug)]
-pub struct Builder<P> {
-    database: Database,
-    projection: P,
-    partitions: Vec<u32>,
-    total_partitions: u32,
-    pool: Option<Pool>,
-    settings: Settings,
+/// A projection as checked: which partitions of how many this process owns.
+pub(crate) struct Plan {
+    pub(crate) projection: AnyProjection,
+    pub(crate) keys: Vec<u32>,
+    pub(crate) total: u32,
 }
 
-impl<P: Projection> Builder<P> {
-    /// A runner of `projection` over `database`, owning partition 0 of 1 until told otherwise.
-    pub fn new(database: Database, projection: P) -> Builder<P> {
-        Builder {
+/// A projection ready to run: its layout claimed, its read model set up, its checkpoints read.
+pub(crate) struct Prepared {
+    pub(crate) plan: Plan,
+    pub(crate) name: String,
+    pub(crate) layout: Layout,
+    pub(crate) checkpoints: Vec<i64>,
+}
+
+/// What the threads of a runner share, before they are spawned.
+pub(crate) struct Threads {
+    database: Database,
+    pool: Pool,
+    settings: Arc<Settings>,
+    prepared: Vec<Prepared>,
+    start: i64,
+    head: i64,
+    /// One per projection: stops its workers only.
+    projection_stops: Vec<(Stopper, Receiver<()>)>,
+    /// Stops everything (and every projection's stopper).
+    stopper: Stopper,
+    stop: Receiver<()>,
+    outage: Arc<Outage>,
+    stragglers: Arc<Stragglers>,
+    /// Projections that have failed: once all have, the runner stops.
+    stopped_projections: Arc<AtomicUsize>,
+}
+
+impl Threads {
+    pub(crate) fn start(
+        database: Database,
+        pool: Pool,
+        settings: Arc<Settings>,
+        prepared: Vec<Prepared>,
+        start: i64,
+        head: i64,
+    ) -> Result<Threads, Error> {
+        let projection_stops: Vec<(Stopper, Receiver<()>)> =
+            prepared.iter().map(|_| Stopper::new()).collect();
+        let (stopper, stop) =
+            Stopper::over(projection_stops.iter().map(|(s, _)| s.clone()).collect());
+        let behind: Vec<bool> = prepared
+            .iter()
+            .flat_map(|p| p.checkpoints.iter().map(|&c| c < start))
+            .collect();
+        Ok(Threads {
             database,
-            projection,
-            partitions: vec![0],
-            total_partitions: 1,
-            pool: None,
-            settings: Settings::default(),
-        }
-    }
-
-    /// The partition keys this process owns, each below [`total_partitions`](Self::total_partitions).
-    pub fn partitions(mut self, keys: impl IntoIterator<Item = u32>) -> Self {
-        self.partitions = keys.into_iter().collect();
-        self
-    }
-
-    /// How many partitions the stream is split into, across all processes.
-    pub fn total_partitions(mut self, total: u32) -> Self {
-        self.total_partitions = total;
-        self
-    }
-
-    /// The pool workers take their connections from (one per owned partition). Default: a pool
-    /// made from the database, sized to the number of owned partitions plus one.
-    pub fn pool(mut self, pool: Pool) -> Self {
-        self.pool = Some(pool);
-        self
-    }
-
-    /// Events read per query.
-    pub fn batch_size(mut self, batch_size: u32) -> Self {
-        self.settings.batch_size = batch_size;
-        self
-    }
-
-    /// How long to wait before reading again once caught up.
-    pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.settings.poll_interval = interval;
-        self
-    }
-
-    /// How long to keep trying to reach a lost database before stopping with
-    /// [`Error::Unavailable`]; see [`Settings::give_up_after`].
-    pub fn give_up_after(mut self, limit: Duration) -> Self {
-        self.settings.give_up_after = limit;
-        self
-    }
-
-    /// Stop once caught up with the head of the stream as it is at start.
-    pub fn exit_when_caught_up(mut self, exit: bool) -> Self {
-        self.settings.exit_when_caught_up = exit;
-        self
-    }
-
-    /// Replaces every setting at once.
-    pub fn settings(mut self, settings: Settings) -> Self {
-        self.settings = settings;
-        self
-    }
-
-    /// Checks the settings and the database, then starts the fetcher and one worker per owned
-    /// partition.
-    ///
-    /// Fails before starting any thread when a setting is out of range, the database cannot be
-    /// reached, the tables are missing, or the projection's checkpoints were written under
-    /// another partition count (change it with [`repartition`](crate::repartition) first).
-    pub fn start(self) -> Result<Runner, Error> {
-        self.check()?;
-        let Builder {
-            database,
-            mut projection,
-            mut partitions,
-            total_partitions: total,
             pool,
             settings,
-        } = self;
-        partitions.sort_unstable();
-        partitions.dedup();
-        let name = projection.name().to_owned();
-        let pool = pool.unwrap_or_else(|| database.pool(partitions.len() as u32 + 1));
-        if (pool.max_size() as usize) < partitions.len() {
-            // Each worker keeps its connection (it holds the partition's lock): with fewer, the
-            // workers left without one would wait for ever.
-            return Err(Error::invalid_setting(
-                "the connection pool's size",
-                pool.max_size(),
-                format!(
-                    "each owned partition's worker keeps one connection: give a pool of at least \
-                     {} connection(s), or own fewer partitions in this process",
-                    partitions.len()
-                ),
-            ));
-        }
-
-        let mut reader = database.connect()?;
-        store::check_server_version(&mut reader)?;
-        store::check_tables(&mut reader, database.schema_name())?;
-        store::check_event_columns(&mut reader, database.schema_name())?;
-        store::check_sequence(&mut reader)?;
-        let layout = layout::claim_layout(&mut reader, &name, total, false)?;
-        {
-            let mut tx = reader
-                .transaction()
-                .map_err(Error::database("starting the projection's setup"))?;
-            // Processes starting together must not race to create the same read-model tables.
-            tx.execute("SET LOCAL client_min_messages = warning", &[])
-                .and_then(|_| {
-                    tx.execute(
-                        "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
-                        &[&name],
-                    )
-                })
-                .map_err(Error::database("waiting for other processes' setup"))?;
-            projection
-                .setup(&mut tx)
-                .map_err(|source| Error::Projection {
-                    projection: name.clone(),
-                    partition: partitions[0],
-                    total,
-                    position: 0,
-                    aggregate_id: String::new(),
-                    event_type: "(setup)".into(),
-                    attempts: 1,
-                    source,
-                })?;
-            tx.commit()
-                .map_err(Error::database("committing the projection's setup"))?;
-        }
-        let checkpoints = checkpoint::load(&mut reader, &name, total, &partitions)?;
-        let start = checkpoints.iter().copied().min().unwrap_or(0);
-        let head = store::head_position(&mut reader)?;
-        info!(
-            "projection '{name}': partitions {} of {total}, batch size {}, database {}, \
-             reading from global position {start}, head at {head}",
-            describe_keys(&partitions),
-            settings.batch_size,
-            database,
-        );
-        if let Some(end) = layout
-            .earlier
-            .iter()
-            .map(layout::EarlierLayout::applied_at_most)
-            .max()
-        {
-            let totals: Vec<String> = layout
-                .earlier
-                .iter()
-                .map(|l| l.total_partitions.to_string())
-                .collect();
-            info!(
-                "projection '{name}': re-partitioning in progress: events applied under the \
-                 earlier layout(s) of {} partition(s) are skipped, up to global position {end}",
-                totals.join(" and ")
-            );
-        }
-
-        let settings = Arc::new(settings);
-        // Every thread watches `stop`; a thread that fails stops the others through `stopper`.
-        let (stopper, stop) = Stopper::new();
-        let outage = Arc::new(Outage::default());
-        let stragglers = Arc::new(Stragglers::new(&partitions, start));
-        let (done_tx, done) = bounded::<()>(0);
-        let started = Instant::now();
-
-        let mut workers = Vec::new();
-        let mut senders = HashMap::new();
-        let mut progress = Vec::new();
-        for (&partition, &checkpoint) in partitions.iter().zip(&checkpoints) {
-            let (batches_tx, batches) = bounded(settings.queue_depth.max(1));
-            senders.insert(partition, batches_tx);
-            let shared = Arc::new(Progress::default());
-            shared.checkpoint.store(checkpoint, Ordering::Relaxed);
-            progress.push((partition, Arc::clone(&shared)));
-            let worker = Worker {
-                projection: projection.clone(),
-                context: Context {
-                    partition,
-                    total_partitions: total,
-                },
-                settings: Arc::clone(&settings),
-                pool: pool.clone(),
-                batches,
-                stop: stop.clone(),
-                stopper: stopper.clone(),
-                progress: shared,
-                generation: layout.generation,
-                earlier: layout.earlier.clone(),
-                role: Role::default(),
-                outage: Arc::clone(&outage),
-                attempts: Attempts::default(),
-                thread: format!("partition {partition}/{total}"),
-                stragglers: Arc::clone(&stragglers),
-            };
-            let done_tx = done_tx.clone();
-            let worker_stopper = stopper.clone();
-            let handle = spawn(format!("projector-p{partition}"), move || {
-                let result = stop_all_on_panic(&worker_stopper, || worker.run());
-                drop(done_tx);
-                result
-            })?;
-            workers.push((partition, handle));
-        }
-
-        let fetch_progress = Arc::new(FetchProgress::default());
-        fetch_progress.position.store(start, Ordering::Relaxed);
-        let fetcher = Fetcher {
-            database: database.clone(),
-            settings: Arc::clone(&settings),
-            total,
-            workers: senders,
+            prepared,
             start,
-            target: head,
-            stop: stop.clone(),
+            head,
+            projection_stops,
+            stopper,
+            stop,
+            outage: Arc::new(Outage::default()),
+            stragglers: Arc::new(Stragglers::new(&behind, start)),
+            stopped_projections: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Spawns every projection's workers, the fetcher (reading through `reader`) and the
+    /// progress monitor.
+    pub(crate) fn spawn(mut self, reader: Client) -> Result<Runner, Error> {
+        let started = Instant::now();
+        let (done_tx, done) = bounded::<()>(0);
+        let mut lanes = Vec::new();
+        let mut progress = Vec::new();
+        let mut projections = Vec::new();
+        for (index, prepared) in std::mem::take(&mut self.prepared).into_iter().enumerate() {
+            let running =
+                self.spawn_workers(index, prepared, &mut lanes, &mut progress, &done_tx)?;
+            projections.push(running);
+        }
+        let fetch_progress = Arc::new(FetchProgress::default());
+        fetch_progress.position.store(self.start, Ordering::Relaxed);
+        let fetcher = Fetcher {
+            database: self.database.clone(),
+            settings: Arc::clone(&self.settings),
+            lanes,
+            start: self.start,
+            target: self.head,
+            stop: self.stop.clone(),
             progress: Arc::clone(&fetch_progress),
-            outage,
-            stragglers,
-            stopper: stopper.clone(),
+            outage: Arc::clone(&self.outage),
+            stragglers: Arc::clone(&self.stragglers),
+            stopper: self.stopper.clone(),
         };
         let fetcher_done = done_tx.clone();
-        let fetcher_stopper = stopper.clone();
+        let fetcher_stopper = self.stopper.clone();
         let fetcher = spawn("projector-fetch".into(), move || {
             let result = stop_all_on_panic(&fetcher_stopper, || fetcher.run(reader));
             if result.is_err() {
@@ -285,80 +129,124 @@ impl<P: Projection> Builder<P> {
             result
         })?;
         drop(done_tx);
-
         let monitor = Monitor {
-            database,
+            database: self.database,
             progress,
             fetch_progress,
-            interval: settings.progress_interval,
-            stop: stop.clone(),
+            interval: self.settings.progress_interval,
+            stop: self.stop,
             done,
         };
         let monitor = spawn("projector-progress".into(), move || {
             monitor.run();
             Ok(())
         })?;
-
         Ok(Runner {
-            projection: name,
-            total_partitions: total,
-            stopper,
+            stopper: self.stopper,
             fetcher: Some(fetcher),
-            workers,
+            projections,
             monitor: Some(monitor),
             started,
         })
     }
 
-    fn check(&self) -> Result<(), Error> {
-        let total = self.total_partitions;
-        if total == 0 || total > MAX_PARTITIONS {
-            return Err(Error::invalid_setting(
-                "--total-partitions",
-                total,
-                format!("the number of partitions must be from 1 to {MAX_PARTITIONS}"),
-            ));
+    /// Spawns one worker per owned partition of projection number `index`, adding their lanes
+    /// and progress figures.
+    fn spawn_workers(
+        &self,
+        index: usize,
+        prepared: Prepared,
+        lanes: &mut Vec<Lane>,
+        progress: &mut Vec<LaneProgress>,
+        done: &Sender<()>,
+    ) -> Result<RunningProjection, Error> {
+        let Prepared {
+            plan,
+            name,
+            layout,
+            checkpoints,
+        } = prepared;
+        let (projection_stopper, projection_stop) = self.projection_stops[index].clone();
+        let several = self.projection_stops.len() > 1;
+        let failed = Arc::new(AtomicBool::new(false));
+        let scope = plan.projection.scope();
+        let mut workers = Vec::new();
+        for (&partition, &checkpoint) in plan.keys.iter().zip(&checkpoints) {
+            let (queue, batches) = bounded(self.settings.queue_depth.max(1));
+            lanes.push(Lane {
+                projection: name.clone(),
+                partition,
+                total: plan.total,
+                scope: scope.clone(),
+                queue,
+            });
+            let shared = Arc::new(Progress::default());
+            shared.checkpoint.store(checkpoint, Ordering::Relaxed);
+            progress.push(LaneProgress {
+                projection: name.clone(),
+                partition,
+                progress: Arc::clone(&shared),
+            });
+            let worker = Worker {
+                projection: plan.projection.clone(),
+                context: Context {
+                    partition,
+                    total_partitions: plan.total,
+                },
+                settings: Arc::clone(&self.settings),
+                pool: self.pool.clone(),
+                batches,
+                stop: projection_stop.clone(),
+                stopper: projection_stopper.clone(),
+                progress: shared,
+                generation: layout.generation,
+                earlier: layout.earlier.clone(),
+                role: Role::default(),
+                outage: Arc::clone(&self.outage),
+                attempts: Attempts::default(),
+                thread: format!("partition {partition}/{} of '{name}'", plan.total),
+                stragglers: Arc::clone(&self.stragglers),
+                lane: lanes.len() - 1,
+                scope: scope.clone(),
+            };
+            let done = done.clone();
+            let everything = self.stopper.clone();
+            let (failed, name) = (Arc::clone(&failed), name.clone());
+            let stopped = Arc::clone(&self.stopped_projections);
+            let count = self.projection_stops.len();
+            let handle = spawn(format!("projector-p{partition}"), move || {
+                let result = stop_all_on_panic(&everything, || worker.run());
+                if let Err(error) = &result {
+                    if !failed.swap(true, Ordering::AcqRel) {
+                        // The first failure of this projection (its other workers stop too).
+                        if stopped.fetch_add(1, Ordering::AcqRel) + 1 == count {
+                            // Every projection has stopped: nothing is left to run.
+                            everything.stop();
+                        } else if several {
+                            error!(
+                                "projection '{name}' stopped: {}; the process goes on with its \
+                                 other projections",
+                                error_chain(error)
+                            );
+                        }
+                    }
+                }
+                drop(done);
+                result
+            })?;
+            workers.push((partition, handle));
         }
-        if self.partitions.is_empty() {
-            return Err(Error::invalid_setting(
-                "--partition-key",
-                "",
-                "at least one partition key is needed",
-            ));
-        }
-        if let Some(&key) = self.partitions.iter().find(|&&key| key >= total) {
-            return Err(Error::invalid_setting(
-                "--partition-key",
-                key,
-                format!(
-                    "partition keys go from 0 to {} with --total-partitions {total}",
-                    total - 1
-                ),
-            ));
-        }
-        if !(1..=MAX_BATCH_SIZE).contains(&self.settings.batch_size) {
-            return Err(Error::invalid_setting(
-                "--batch-size",
-                self.settings.batch_size,
-                format!(
-                    "from 1 to {MAX_BATCH_SIZE} events per read: a read is held in memory whole"
-                ),
-            ));
-        }
-        if self.projection.name().is_empty() {
-            return Err(Error::invalid_setting(
-                "--projection",
-                "",
-                "a projection needs a name",
-            ));
-        }
-        Ok(())
+        Ok(RunningProjection {
+            name,
+            total_partitions: plan.total,
+            workers,
+        })
     }
 }
 
 /// Runs `body`; if it panics (outside a projection, whose panics are caught and reported),
 /// stops every thread of the runner before the panic goes on to `join`.
-fn stop_all_on_panic<T>(stopper: &Stopper, body: impl FnOnce() -> T) -> T {
+pub(crate) fn stop_all_on_panic<T>(stopper: &Stopper, body: impl FnOnce() -> T) -> T {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(value) => value,
         Err(panic) => {
@@ -368,7 +256,7 @@ fn stop_all_on_panic<T>(stopper: &Stopper, body: impl FnOnce() -> T) -> T {
     }
 }
 
-fn spawn<T: Send + 'static>(
+pub(crate) fn spawn<T: Send + 'static>(
     name: String,
     body: impl FnOnce() -> Result<T, Error> + Send + 'static,
 ) -> Result<JoinHandle<Result<T, Error>>, Error> {
@@ -378,38 +266,62 @@ fn spawn<T: Send + 'static>(
         .map_err(|_| Error::ThreadPanicked { thread: name })
 }
 
-/// A running projection: a fetcher thread and one worker thread per owned partition.
+/// The workers of one projection of a runner.
+#[derive(Debug)]
+pub(crate) struct RunningProjection {
+    pub(crate) name: String,
+    pub(crate) total_partitions: u32,
+    pub(crate) workers: Vec<(u32, JoinHandle<Result<PartitionSummary, Error>>)>,
+}
+
+/// Running projections: a fetcher thread and one worker thread per owned partition of each.
 ///
 /// Dropping it asks the threads to stop without waiting for them; call
 /// [`join`](Runner::join) to wait and get the figures.
 #[derive(Debug)]
 pub struct Runner {
-    projection: String,
-    total_partitions: u32,
-    stopper: Stopper,
-    fetcher: Option<JoinHandle<Result<u64, Error>>>,
-    workers: Vec<(u32, JoinHandle<Result<PartitionSummary, Error>>)>,
-    monitor: Option<JoinHandle<Result<(), Error>>>,
-    started: Instant,
+    pub(crate) stopper: Stopper,
+    pub(crate) fetcher: Option<JoinHandle<Result<u64, Error>>>,
+    pub(crate) projections: Vec<RunningProjection>,
+    pub(crate) monitor: Option<JoinHandle<Result<(), Error>>>,
+    pub(crate) started: Instant,
 }
 
 /// What a runner did, from [`Runner::join`].
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Summary {
-    /// The projection's name.
-    pub projection: String,
-    /// The number of partitions.
-    pub total_partitions: u32,
-    /// Events the fetcher read (of all partitions).
+    /// Per projection, in the order they were given to the [`Builder`](crate::Builder).
+    pub projections: Vec<ProjectionSummary>,
+    /// Events the fetcher read (of all partitions), once for all projections.
     pub events_read: u64,
-    /// Per owned partition, in key order.
-    pub partitions: Vec<PartitionSummary>,
     /// From start to the last thread's end.
     pub elapsed: Duration,
 }
 
+/// What one projection of a runner did.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ProjectionSummary {
+    /// The projection's name.
+    pub projection: String,
+    /// The number of partitions.
+    pub total_partitions: u32,
+    /// Per owned partition, in key order.
+    pub partitions: Vec<PartitionSummary>,
+}
+
 impl Summary {
+    /// Events applied, all projections and partitions together.
+    pub fn applied(&self) -> u64 {
+        self.projections
+            .iter()
+            .map(ProjectionSummary::applied)
+            .sum()
+    }
+}
+
+impl ProjectionSummary {
     /// Events applied, all partitions together.
     pub fn applied(&self) -> u64 {
         self.partitions.iter().map(|p| p.applied).sum()
@@ -427,19 +339,30 @@ impl Runner {
         self.stopper.clone()
     }
 
-    /// Waits for every thread to end. Returns the figures, or the first error a thread met
-    /// (a worker's error before the fetcher's).
+    /// Waits for every thread to end. Returns the figures, or the first error a thread met (a
+    /// worker's before the fetcher's).
+    ///
+    /// A projection that fails stops alone: its error is logged when it happens, the other
+    /// projections go on until they are done or the runner is shut down, and `join` then
+    /// returns the first projection's error.
     pub fn join(mut self) -> Result<Summary, Error> {
         let mut first_error = None;
-        let mut partitions = Vec::new();
-        for (partition, handle) in std::mem::take(&mut self.workers) {
-            match join(handle, &format!("projector-p{partition}")) {
-                Ok(summary) => partitions.push(summary),
-                Err(error) => {
-                    self.stopper.stop();
-                    first_error.get_or_insert(error);
+        let mut projections = Vec::new();
+        for projection in std::mem::take(&mut self.projections) {
+            let mut partitions = Vec::new();
+            for (partition, handle) in projection.workers {
+                match join(handle, &format!("projector-p{partition}")) {
+                    Ok(summary) => partitions.push(summary),
+                    Err(error) => {
+                        first_error.get_or_insert(error);
+                    }
                 }
             }
+            projections.push(ProjectionSummary {
+                projection: projection.name,
+                total_partitions: projection.total_partitions,
+                partitions,
+            });
         }
         let events_read = match self.fetcher.take().map(|h| join(h, "projector-fetch")) {
             Some(Ok(read)) => read,
@@ -456,10 +379,8 @@ impl Runner {
         match first_error {
             Some(error) => Err(error),
             None => Ok(Summary {
-                projection: self.projection.clone(),
-                total_partitions: self.total_partitions,
+                projections,
                 events_read,
-                partitions,
                 elapsed: self.started.elapsed(),
             }),
         }

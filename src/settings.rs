@@ -47,6 +47,11 @@ pub struct Settings {
     /// out of the shared read, so that one slow partition does not hold the others back; the
     /// partition then reads its own events until it catches up. Default 5 s.
     pub straggler_after: Duration,
+    /// At start, a partition whose checkpoint is more than this many positions behind the
+    /// furthest one (of any projection of the runner) reads its own events until it has caught
+    /// up, instead of making the shared read start back at its position. This is how a new
+    /// projection rebuilds from the first event while the others stay live. Default 100,000.
+    pub catch_up_alone_beyond: i64,
     /// How long a thread keeps trying to reach the database before the runner gives up with
     /// [`Error::Unavailable`](crate::Error::Unavailable); shorter outages are ridden out.
     /// Default 10 minutes.
@@ -76,6 +81,7 @@ impl Default for Settings {
             liveness_interval: Duration::from_secs(1),
             give_up_after: Duration::from_secs(600),
             straggler_after: Duration::from_secs(5),
+            catch_up_alone_beyond: 100_000,
         }
     }
 }
@@ -84,16 +90,24 @@ impl Default for Settings {
 #[derive(Debug, Clone)]
 pub struct Stopper {
     sender: Arc<Mutex<Option<Sender<()>>>>,
+    /// Stopped with this one: the stoppers of a runner's projections.
+    members: Arc<Vec<Stopper>>,
 }
 
 impl Stopper {
     /// A stopper and the signal it gives: the receiver disconnects when [`stop`](Self::stop)
     /// is called (or every clone is dropped).
     pub(crate) fn new() -> (Stopper, Receiver<()>) {
+        Stopper::over(Vec::new())
+    }
+
+    /// A stopper that also stops each of `members` (stopping one of them stops only it).
+    pub(crate) fn over(members: Vec<Stopper>) -> (Stopper, Receiver<()>) {
         let (sender, stop) = bounded::<()>(0);
         (
             Stopper {
                 sender: Arc::new(Mutex::new(Some(sender))),
+                members: Arc::new(members),
             },
             stop,
         )
@@ -108,5 +122,9 @@ impl Stopper {
             Err(poisoned) => poisoned.into_inner(),
         };
         sender.take();
+        drop(sender);
+        for member in self.members.iter() {
+            member.stop();
+        }
     }
 }

@@ -4,7 +4,7 @@ use postgres::types::Oid;
 use postgres::{GenericClient, Row};
 
 use crate::database::notify_channel;
-use crate::event::{Event, ExpectedVersion, NewEvent};
+use crate::event::{Event, ExpectedVersion, NewEvent, Scope};
 use crate::{Error, migration};
 
 /// The columns of an event, in the order [`event_from_row`] reads them.
@@ -343,6 +343,48 @@ pub fn read_stream(
 }
 
 /// The highest global position committed, 0 for an empty store.
+/// The `WHERE` condition that keeps the events any of `scopes` wants, with its parameters
+/// numbered from `$first`; `None` when one of them wants every event.
+pub(crate) fn scope_filter(scopes: &[&Scope], first: usize) -> Option<ScopeFilter> {
+    if scopes.is_empty() || scopes.iter().any(|scope| scope.is_all()) {
+        return None;
+    }
+    let mut names = Vec::new();
+    let alternatives: Vec<String> = scopes
+        .iter()
+        .map(|scope| {
+            let all_of: Vec<String> = scope
+                .conditions()
+                .map(|(column, wanted)| {
+                    names.push(wanted.to_vec());
+                    format!("{column} = ANY(${}::text[])", first + names.len() - 1)
+                })
+                .collect();
+            format!("({})", all_of.join(" AND "))
+        })
+        .collect();
+    Some(ScopeFilter {
+        condition: format!("({})", alternatives.join(" OR ")),
+        names,
+    })
+}
+
+/// A condition on the events table and the name lists it binds.
+#[derive(Debug, Clone)]
+pub(crate) struct ScopeFilter {
+    pub(crate) condition: String,
+    pub(crate) names: Vec<Vec<String>>,
+}
+
+impl ScopeFilter {
+    /// The name lists, as query parameters.
+    pub(crate) fn params(&self) -> impl Iterator<Item = &(dyn postgres::types::ToSql + Sync)> {
+        self.names
+            .iter()
+            .map(|names| names as &(dyn postgres::types::ToSql + Sync))
+    }
+}
+
 pub(crate) fn head_position(client: &mut impl GenericClient) -> Result<i64, Error> {
     client
         .query_one("SELECT COALESCE(MAX(global_position), 0) FROM events", &[])

@@ -16,15 +16,14 @@
 //! position, so every later chunk reaches it and no earlier one is missed. (An event handed
 //! out twice would be harmless anyway: a worker applies only events above its checkpoint.)
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use postgres::Client;
 
-use crate::event::Event;
+use crate::event::{Event, Scope};
 use crate::partition::partition_of;
-use crate::store::{EVENT_COLUMNS, event_from_row};
+use crate::store::{EVENT_COLUMNS, event_from_row, scope_filter};
 
 /// Which partitions are stragglers, and how far the router has handed the stream out.
 #[derive(Debug)]
@@ -35,28 +34,26 @@ pub(crate) struct Stragglers {
     /// The same position, readable without waiting for the router: a straggler reads up to it
     /// while the router is busy handing a chunk out.
     handed: AtomicI64,
-    /// Per owned partition: true while it is a straggler. Read without the lock by the router
-    /// and by the partition's own worker.
-    flags: HashMap<u32, AtomicBool>,
+    /// Per lane (a partition of a projection, by index): true while it is a straggler. Read
+    /// without the lock by the router and by the lane's own worker.
+    flags: Vec<AtomicBool>,
 }
 
 impl Stragglers {
-    /// No straggler yet among `partitions`; the stream is handed out from `start`.
-    pub(crate) fn new(partitions: &[u32], start: i64) -> Stragglers {
+    /// The stream is handed out from `start`; the lanes for which `behind` is true start as
+    /// stragglers (they are too far behind `start` to wait for the shared read).
+    pub(crate) fn new(behind: &[bool], start: i64) -> Stragglers {
         Stragglers {
             handed_through: Mutex::new(start),
             handed: AtomicI64::new(start),
-            flags: partitions
-                .iter()
-                .map(|&p| (p, AtomicBool::new(false)))
-                .collect(),
+            flags: behind.iter().map(|&b| AtomicBool::new(b)).collect(),
         }
     }
 
-    /// True while `partition` reads its own events.
-    pub(crate) fn is_straggler(&self, partition: u32) -> bool {
+    /// True while `lane` reads its own events.
+    pub(crate) fn is_straggler(&self, lane: usize) -> bool {
         self.flags
-            .get(&partition)
+            .get(lane)
             .is_some_and(|flag| flag.load(Ordering::Acquire))
     }
 
@@ -68,10 +65,10 @@ impl Stragglers {
         }
     }
 
-    /// For `partition`'s worker, which has everything up to `received`: rejoins the shared
-    /// read and returns `None` when that is as far as the router has handed out; otherwise
-    /// returns the position to read up to by itself.
-    pub(crate) fn rejoin_or_read_to(&self, partition: u32, received: i64) -> Option<i64> {
+    /// For `lane`'s worker, which has everything up to `received`: rejoins the shared read and
+    /// returns `None` when that is as far as the router has handed out; otherwise returns the
+    /// position to read up to by itself.
+    pub(crate) fn rejoin_or_read_to(&self, lane: usize, received: i64) -> Option<i64> {
         // Reading on needs no lock: only rejoining waits for the router to be between chunks.
         let handed = self.handed.load(Ordering::Acquire);
         if received < handed {
@@ -79,7 +76,7 @@ impl Stragglers {
         }
         let handed_through = lock(&self.handed_through);
         if received >= *handed_through {
-            if let Some(flag) = self.flags.get(&partition) {
+            if let Some(flag) = self.flags.get(lane) {
                 flag.store(false, Ordering::Release);
             }
             None
@@ -96,9 +93,9 @@ pub(crate) struct HandOut<'a> {
 }
 
 impl HandOut<'_> {
-    /// Leaves `partition` out of the shared read until its worker rejoins.
-    pub(crate) fn mark(&mut self, partition: u32) {
-        if let Some(flag) = self.stragglers.flags.get(&partition) {
+    /// Leaves `lane` out of the shared read until its worker rejoins.
+    pub(crate) fn mark(&mut self, lane: usize) {
+        if let Some(flag) = self.stragglers.flags.get(lane) {
             flag.store(true, Ordering::Release);
         }
     }
@@ -118,33 +115,67 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A straggler's own read: the events of `partition` (of `total`) in `(after, through]`,
-/// looking at `limit` events of the stream at most, and the position the read covers.
+/// What a straggler reads: one partition of one projection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OwnEvents<'a> {
+    pub(crate) partition: u32,
+    pub(crate) total: u32,
+    pub(crate) scope: &'a Scope,
+}
+
+/// A straggler's own read: the events of `own` in `(after, through]`, looking at `limit` events
+/// of the stream (in its scope) at most, and the position the read covers.
+///
+/// With several partitions, positions and aggregate ids come first and whole rows only for
+/// the partition's events, so that a straggler does not fetch every partition's payloads.
 pub(crate) fn read_own_events(
     client: &mut Client,
-    partition: u32,
-    total: u32,
+    own: OwnEvents<'_>,
     after: i64,
     through: i64,
     limit: i64,
 ) -> Result<(Vec<Event>, i64), postgres::Error> {
+    let filter = scope_filter(&[own.scope], 4);
+    let in_scope = filter
+        .as_ref()
+        .map_or(String::new(), |f| format!(" AND {}", f.condition));
+    let columns = if own.total == 1 {
+        EVENT_COLUMNS
+    } else {
+        "global_position, aggregate_id"
+    };
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = vec![&after, &through, &limit];
+    params.extend(filter.iter().flat_map(|f| f.params()));
     let rows = client.query(
         &format!(
-            "SELECT {EVENT_COLUMNS} FROM events \
-             WHERE global_position > $1 AND global_position <= $2 \
+            "SELECT {columns} FROM events \
+             WHERE global_position > $1 AND global_position <= $2{in_scope} \
              ORDER BY global_position LIMIT $3"
         ),
-        &[&after, &through, &limit],
+        &params,
     )?;
     let covered = if (rows.len() as i64) < limit {
         through
     } else {
         rows.last().map_or(through, |row| row.get(0))
     };
-    let events = rows
+    if own.total == 1 {
+        return Ok((rows.iter().map(event_from_row).collect(), covered));
+    }
+    let wanted: Vec<i64> = rows
         .iter()
-        .filter(|row| partition_of(row.get(3), total) == partition)
-        .map(event_from_row)
+        .filter(|row| partition_of(row.get(1), own.total) == own.partition)
+        .map(|row| row.get(0))
         .collect();
-    Ok((events, covered))
+    if wanted.is_empty() {
+        return Ok((Vec::new(), covered));
+    }
+    let rows = client.query(
+        &format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE global_position = ANY($1) \
+             ORDER BY global_position"
+        ),
+        &[&wanted],
+    )?;
+    Ok((rows.iter().map(event_from_row).collect(), covered))
 }

@@ -10,13 +10,13 @@ use log::{debug, info, warn};
 use crate::checkpoint::{PartitionStatements, Peek};
 use crate::database::Pool;
 use crate::error::BoxError;
-use crate::event::Event;
+use crate::event::{Event, Scope};
 use crate::layout::EarlierLayout;
 use crate::outage::{Attempts, Outage};
 use crate::ownership::Role;
 use crate::projection::{Context, Projection};
 use crate::settings::{Settings, Stopper};
-use crate::straggler::{Stragglers, read_own_events};
+use crate::straggler::{OwnEvents, Stragglers, read_own_events};
 use crate::{Error, backoff};
 
 /// What the fetcher hands a worker: the partition's events from one read of the stream, and
@@ -77,6 +77,10 @@ pub(crate) struct Worker<P> {
     pub(crate) thread: String,
     /// Shared with the router: whether this partition reads its own events for now.
     pub(crate) stragglers: Arc<Stragglers>,
+    /// This worker's queue among the router's lanes.
+    pub(crate) lane: usize,
+    /// The events the projection wants.
+    pub(crate) scope: Scope,
 }
 
 /// A pooled connection with the partition's statements prepared on it.
@@ -140,8 +144,7 @@ impl<P: Projection> Worker<P> {
         // Take the partition (or stand by for it) before the first batch arrives.
         self.keep_watch(connection, &mut summary)?;
         loop {
-            let partition = self.context.partition;
-            if self.stragglers.is_straggler(partition) && self.batches.is_empty() {
+            if self.stragglers.is_straggler(self.lane) && self.batches.is_empty() {
                 if self.catch_up_alone(connection, &mut summary, &mut received)? {
                     return Ok(summary);
                 }
@@ -153,7 +156,7 @@ impl<P: Projection> Worker<P> {
                     Ok(batch) => batch,
                     Err(_) => {
                         // The fetcher is done: a straggler still reads up to where it stopped.
-                        if self.stragglers.is_straggler(partition)
+                        if self.stragglers.is_straggler(self.lane)
                             && self.catch_up_alone(connection, &mut summary, &mut received)?
                         {
                             return Ok(summary);
@@ -242,7 +245,7 @@ impl<P: Projection> Worker<P> {
             if self.sleep_or_stop(Duration::ZERO) {
                 return Ok(true);
             }
-            let Some(through) = self.stragglers.rejoin_or_read_to(partition, *received) else {
+            let Some(through) = self.stragglers.rejoin_or_read_to(self.lane, *received) else {
                 info!(
                     "partition {partition}/{total} of '{}' caught up at global position \
                      {received}: back on the shared read",
@@ -253,8 +256,11 @@ impl<P: Projection> Worker<P> {
             let read = match slot {
                 Some(connection) => read_own_events(
                     &mut connection.client,
-                    partition,
-                    total,
+                    OwnEvents {
+                        partition,
+                        total,
+                        scope: &self.scope,
+                    },
                     *received,
                     through,
                     limit,

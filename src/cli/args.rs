@@ -14,7 +14,7 @@ pub(crate) struct Args {
     #[argh(option)]
     pub(crate) total_partitions: Option<String>,
 
-    /// projection to run: users (default), aggregate-stats, aggregate-stats-batch (set-based), or noop (moves checkpoints only)
+    /// projection(s) to run, comma-separated, sharing one read of the stream: users (default), aggregate-stats, aggregate-stats-batch (set-based), noop (moves checkpoints only)
     #[argh(option, default = "String::from(\"users\")")]
     pub(crate) projection: String,
 

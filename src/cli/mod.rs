@@ -49,13 +49,30 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
             }
         }
         Some(Command::Repartition(ref change)) => repartition(&database, change),
-        None => match args.projection.as_str() {
-            "users" => run_projection(&args, database, Users),
-            "aggregate-stats" => run_projection(&args, database, AggregateStats),
-            "aggregate-stats-batch" => run_projection(&args, database, AggregateStatsBatch),
-            "noop" => run_projection(&args, database, Noop),
-            other => Err(unknown_projection(other)),
-        },
+        None => run_projections(&args, database),
+    }
+}
+
+/// A runner of the projections named in `--projection` (a comma-separated list).
+fn builder_of(args: &Args, database: Database) -> Result<Builder, Error> {
+    let mut builder: Option<Builder> = None;
+    for name in args.projection.split(',').map(str::trim) {
+        builder = Some(match name {
+            "users" => with(builder, &database, Users),
+            "aggregate-stats" => with(builder, &database, AggregateStats),
+            "aggregate-stats-batch" => with(builder, &database, AggregateStatsBatch),
+            "noop" => with(builder, &database, Noop),
+            other => return Err(unknown_projection(other)),
+        });
+    }
+    builder.ok_or_else(|| unknown_projection(""))
+}
+
+/// `builder` with `projection` added, or a new one of it.
+fn with<P: Projection>(builder: Option<Builder>, database: &Database, projection: P) -> Builder {
+    match builder {
+        Some(builder) => builder.projection(projection),
+        None => Builder::new(database.clone(), projection),
     }
 }
 
@@ -169,11 +186,7 @@ fn named<T>(result: Result<T, Error>, flag: &str, text: &str) -> Result<T, Error
     })
 }
 
-fn run_projection<P: Projection>(
-    args: &Args,
-    database: Database,
-    projection: P,
-) -> Result<(), Error> {
+fn run_projections(args: &Args, database: Database) -> Result<(), Error> {
     // Before anything that may wait (the layout or setup lock, the database), so that a signal
     // during start-up stops the process cleanly rather than killing it.
     let signals = Arc::new(Mutex::new(Signals::Starting));
@@ -206,7 +219,7 @@ fn run_projection<P: Projection>(
         });
     };
     let keys = projector::parse_partition_keys(&key_flag, &key_text, total)?;
-    let mut builder = Builder::new(database, projection)
+    let mut builder = builder_of(args, database)?
         .partitions(keys)
         .total_partitions(total)
         .exit_when_caught_up(args.exit_when_caught_up);
@@ -305,23 +318,31 @@ fn positive(flag: &str, text: &str) -> Result<u32, Error> {
 }
 
 fn log_summary(summary: &Summary) {
-    for partition in &summary.partitions {
-        info!(
-            "partition {}/{}: applied {}, skipped {}, checkpoint {}",
-            partition.partition,
-            summary.total_partitions,
-            partition.applied,
-            partition.skipped,
-            partition.checkpoint
-        );
+    for projection in &summary.projections {
+        for partition in &projection.partitions {
+            info!(
+                "partition {}/{} of '{}': applied {}, skipped {}, checkpoint {}",
+                partition.partition,
+                projection.total_partitions,
+                projection.projection,
+                partition.applied,
+                partition.skipped,
+                partition.checkpoint
+            );
+        }
     }
+    let names: Vec<String> = summary
+        .projections
+        .iter()
+        .map(|p| format!("'{}'", p.projection))
+        .collect();
     let seconds = summary.elapsed.as_secs_f64();
     let memory = peak_memory_kib()
         .map(|kib| format!(", peak memory {:.1} MiB", kib as f64 / 1024.0))
         .unwrap_or_default();
     info!(
-        "stopped '{}' after {seconds:.1} s: read {} events, applied {} ({:.0} events/s){memory}",
-        summary.projection,
+        "stopped {} after {seconds:.1} s: read {} events, applied {} ({:.0} events/s){memory}",
+        names.join(", "),
         summary.events_read,
         summary.applied(),
         summary.applied() as f64 / seconds.max(0.001)

@@ -176,7 +176,7 @@ fn sigterm_stops_cleanly_within_two_seconds() {
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(took < Duration::from_millis(2_500), "took {took:?}");
     assert!(
-        stderr.contains("partition 1/2: applied"),
+        stderr.contains("partition 1/2 of 'aggregate-stats': applied"),
         "a summary per partition: {stderr}"
     );
 }

@@ -432,7 +432,7 @@ fn a_pool_smaller_than_the_owned_partitions_is_refused_saying_how_large_it_must_
         .start()
         .and_then(|runner| runner.join())
         .expect("a pool of one connection per partition");
-    assert_eq!(summary.partitions.len(), 4);
+    assert_eq!(summary.projections[0].partitions.len(), 4);
 }
 
 /// `aggregate-stats`, sleeping 60 ms on every event of partition 0 (of the runner's count).

@@ -19,6 +19,7 @@ mod pupsourcing;
 mod repartition;
 mod repartition_command;
 mod runtime;
+mod several_projections;
 mod stopping;
 mod store;
 mod store_shape;

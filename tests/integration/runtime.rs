@@ -36,7 +36,7 @@ fn one_runner_owning_four_partitions_applies_every_event_once() {
     assert_eq!(schema.stats_mismatches(), 0);
     assert_eq!(schema.count("SELECT COUNT(*) FROM aggregate_stats"), 400);
     // Each worker applied exactly the events of its own partition.
-    for partition in &summary.partitions {
+    for partition in &summary.projections[0].partitions {
         let own = (1..=400)
             .filter(|n| partition_of(&format!("thing-{n}"), 4) == partition.partition)
             .count() as u64;
@@ -161,7 +161,7 @@ fn an_idle_partition_still_moves_its_checkpoint() {
     schema.seed_prefixed("solo", 1, 500);
     let busy = partition_of("solo-1", 2);
     let summary = catch_up(&schema, AggregateStats, &[0, 1], 2).expect("catch up");
-    let idle = summary
+    let idle = summary.projections[0]
         .partitions
         .iter()
         .find(|p| p.partition != busy)
@@ -352,7 +352,11 @@ fn lost_connections_are_retried_and_nothing_is_skipped_or_repeated() {
     assert_eq!(schema.stats_applied(), events);
     // A commit that went through while its acknowledgement was lost with the connection is
     // found applied by the retry, and counted as skipped rather than applied.
-    let skipped: u64 = summary.partitions.iter().map(|p| p.skipped).sum();
+    let skipped: u64 = summary.projections[0]
+        .partitions
+        .iter()
+        .map(|p| p.skipped)
+        .sum();
     assert_eq!(summary.applied() + skipped, events as u64, "{summary:?}");
 }
 

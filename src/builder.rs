@@ -1,0 +1,386 @@
+//! Configuring a runner and starting it: checks, each projection's layout, setup and
+//! checkpoints, then the threads.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::info;
+use postgres::Client;
+
+use crate::database::Pool;
+use crate::partition::{MAX_PARTITIONS, describe_keys};
+use crate::projection::{AnyProjection, Projection};
+use crate::runner::{Plan, Prepared, Runner, Threads};
+use crate::settings::Settings;
+use crate::{Database, Error, checkpoint, layout, store};
+
+/// The most events one read of the stream may hold, so that memory stays bounded.
+pub const MAX_BATCH_SIZE: u32 = 100_000;
+
+/// Configures and starts a [`Runner`] of one or more projections.
+///
+/// ```no_run
+/// # use projector::{Builder, Database, projections::{AggregateStats, Users}};
+/// # fn main() -> Result<(), projector::Error> {
+/// let database = Database::new("postgres://app@localhost/app")?;
+/// let runner = Builder::new(database, AggregateStats)
+///     .projection(Users)
+///     .partitions([0, 1, 2, 3])
+///     .total_partitions(4)
+///     .start()?;
+/// // ... later, from anywhere:
+/// runner.shutdown();
+/// let summary = runner.join()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Builder {
+    database: Database,
+    members: Vec<Member>,
+    partitions: Vec<u32>,
+    total_partitions: u32,
+    pool: Option<Pool>,
+    settings: Settings,
+}
+
+/// A projection of the runner, with its own partitions when it has them.
+#[derive(Debug)]
+struct Member {
+    projection: AnyProjection,
+    /// `(keys, total)`, or the builder's.
+    own_layout: Option<(Vec<u32>, u32)>,
+}
+
+impl Builder {
+    /// A runner of `projection` over `database`, owning partition 0 of 1 until told otherwise.
+    pub fn new<P: Projection>(database: Database, projection: P) -> Builder {
+        Builder {
+            database,
+            members: vec![Member {
+                projection: AnyProjection::new(projection),
+                own_layout: None,
+            }],
+            partitions: vec![0],
+            total_partitions: 1,
+            pool: None,
+            settings: Settings::default(),
+        }
+    }
+
+    /// Adds another projection, on the partitions given to [`partitions`](Self::partitions)
+    /// and [`total_partitions`](Self::total_partitions). Every projection of a runner shares
+    /// one read of the stream, and has its own checkpoints and transactions: one that fails
+    /// stops alone (see [`Runner::join`]).
+    pub fn projection<P: Projection>(mut self, projection: P) -> Self {
+        self.members.push(Member {
+            projection: AnyProjection::new(projection),
+            own_layout: None,
+        });
+        self
+    }
+
+    /// Adds another projection with its own partitions: `keys` of `total`.
+    pub fn projection_on<P: Projection>(
+        mut self,
+        projection: P,
+        keys: impl IntoIterator<Item = u32>,
+        total: u32,
+    ) -> Self {
+        self.members.push(Member {
+            projection: AnyProjection::new(projection),
+            own_layout: Some((keys.into_iter().collect(), total)),
+        });
+        self
+    }
+
+    /// The partition keys this process owns, each below [`total_partitions`](Self::total_partitions).
+    pub fn partitions(mut self, keys: impl IntoIterator<Item = u32>) -> Self {
+        self.partitions = keys.into_iter().collect();
+        self
+    }
+
+    /// How many partitions the stream is split into, across all processes.
+    pub fn total_partitions(mut self, total: u32) -> Self {
+        self.total_partitions = total;
+        self
+    }
+
+    /// The pool workers take their connections from (one per owned partition of each
+    /// projection). Default: a pool made from the database, sized to that plus one.
+    pub fn pool(mut self, pool: Pool) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// Events read per query.
+    pub fn batch_size(mut self, batch_size: u32) -> Self {
+        self.settings.batch_size = batch_size;
+        self
+    }
+
+    /// How long to wait before reading again once caught up.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.settings.poll_interval = interval;
+        self
+    }
+
+    /// How long to keep trying to reach a lost database before stopping with
+    /// [`Error::Unavailable`]; see [`Settings::give_up_after`].
+    pub fn give_up_after(mut self, limit: Duration) -> Self {
+        self.settings.give_up_after = limit;
+        self
+    }
+
+    /// Stop once caught up with the head of the stream as it is at start.
+    pub fn exit_when_caught_up(mut self, exit: bool) -> Self {
+        self.settings.exit_when_caught_up = exit;
+        self
+    }
+
+    /// Replaces every setting at once.
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// Checks the settings and the database, prepares each projection, then starts the
+    /// fetcher and one worker per owned partition of each projection.
+    ///
+    /// Fails before starting any thread when a setting is out of range, the database cannot be
+    /// reached, the tables are missing, or a projection's checkpoints were written under
+    /// another partition count (change it with [`repartition`](crate::repartition) first).
+    pub fn start(self) -> Result<Runner, Error> {
+        let planned = self.plan()?;
+        let lanes: usize = planned.iter().map(|p| p.keys.len()).sum();
+        let pool = self.pool_for(lanes)?;
+        let mut reader = connect_to_checked_store(&self.database)?;
+        let prepared = planned
+            .into_iter()
+            .map(|plan| prepare(&mut reader, plan))
+            .collect::<Result<Vec<_>, _>>()?;
+        let head = store::head_position(&mut reader)?;
+        let start = shared_start(&prepared, self.settings.catch_up_alone_beyond);
+        log_start(&prepared, start, head, &self.settings, &self.database);
+        Threads::start(
+            self.database,
+            pool,
+            Arc::new(self.settings),
+            prepared,
+            start,
+            head,
+        )
+        .and_then(|threads| threads.spawn(reader))
+    }
+
+    /// Checks the settings, and each projection's name and partitions.
+    fn plan(&self) -> Result<Vec<Plan>, Error> {
+        let batch_size = self.settings.batch_size;
+        if !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
+            return Err(Error::invalid_setting(
+                "--batch-size",
+                batch_size,
+                format!(
+                    "from 1 to {MAX_BATCH_SIZE} events per read: a read is held in memory whole"
+                ),
+            ));
+        }
+        let mut names = HashSet::new();
+        self.members
+            .iter()
+            .map(|member| {
+                let name = member.projection.name().to_owned();
+                if name.is_empty() {
+                    return Err(Error::invalid_setting(
+                        "--projection",
+                        "",
+                        "a projection needs a name",
+                    ));
+                }
+                if !names.insert(name.clone()) {
+                    return Err(Error::invalid_setting(
+                        "--projection",
+                        &name,
+                        "each projection may be given once: it is named twice",
+                    ));
+                }
+                let (keys, total) = member
+                    .own_layout
+                    .clone()
+                    .unwrap_or_else(|| (self.partitions.clone(), self.total_partitions));
+                Ok(Plan {
+                    projection: member.projection.clone(),
+                    keys: checked_keys(keys, total)?,
+                    total,
+                })
+            })
+            .collect()
+    }
+
+    /// The given pool, or one of `lanes + 1` connections; each worker keeps its connection (it
+    /// holds the partition's lock), so a smaller pool would leave workers waiting for ever.
+    fn pool_for(&self, lanes: usize) -> Result<Pool, Error> {
+        let pool = self
+            .pool
+            .clone()
+            .unwrap_or_else(|| self.database.pool(lanes as u32 + 1));
+        if (pool.max_size() as usize) < lanes {
+            return Err(Error::invalid_setting(
+                "the connection pool's size",
+                pool.max_size(),
+                format!(
+                    "each owned partition's worker keeps one connection: give a pool of at least \
+                     {lanes} connection(s), or own fewer partitions in this process"
+                ),
+            ));
+        }
+        Ok(pool)
+    }
+}
+
+/// `keys` sorted and without repeats, once each is checked against `total`.
+fn checked_keys(mut keys: Vec<u32>, total: u32) -> Result<Vec<u32>, Error> {
+    if total == 0 || total > MAX_PARTITIONS {
+        return Err(Error::invalid_setting(
+            "--total-partitions",
+            total,
+            format!("the number of partitions must be from 1 to {MAX_PARTITIONS}"),
+        ));
+    }
+    if keys.is_empty() {
+        return Err(Error::invalid_setting(
+            "--partition-key",
+            "",
+            "at least one partition key is needed",
+        ));
+    }
+    if let Some(&key) = keys.iter().find(|&&key| key >= total) {
+        return Err(Error::invalid_setting(
+            "--partition-key",
+            key,
+            format!(
+                "partition keys go from 0 to {} with --total-partitions {total}",
+                total - 1
+            ),
+        ));
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    Ok(keys)
+}
+
+/// A connection to a store the projector can read: a recent server, the tables, the columns and
+/// a sequence that hands out one position at a time.
+fn connect_to_checked_store(database: &Database) -> Result<Client, Error> {
+    let mut client = database.connect()?;
+    store::check_server_version(&mut client)?;
+    store::check_tables(&mut client, database.schema_name())?;
+    store::check_event_columns(&mut client, database.schema_name())?;
+    store::check_sequence(&mut client)?;
+    Ok(client)
+}
+
+/// Claims the projection's layout, sets its read model up and reads its checkpoints.
+fn prepare(client: &mut Client, mut plan: Plan) -> Result<Prepared, Error> {
+    let name = plan.projection.name().to_owned();
+    let layout = layout::claim_layout(client, &name, plan.total, false)?;
+    set_up_read_model(client, &mut plan)?;
+    let checkpoints = checkpoint::load(client, &name, plan.total, &plan.keys)?;
+    Ok(Prepared {
+        plan,
+        name,
+        layout,
+        checkpoints,
+    })
+}
+
+/// Runs the projection's setup, one process at a time: processes starting together must not
+/// race to create the same read-model tables.
+fn set_up_read_model(client: &mut Client, plan: &mut Plan) -> Result<(), Error> {
+    let name = plan.projection.name().to_owned();
+    let mut tx = client
+        .transaction()
+        .map_err(Error::database("starting the projection's setup"))?;
+    tx.execute("SET LOCAL client_min_messages = warning", &[])
+        .and_then(|_| {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
+                &[&name],
+            )
+        })
+        .map_err(Error::database("waiting for other processes' setup"))?;
+    plan.projection
+        .setup(&mut tx)
+        .map_err(|source| Error::Projection {
+            projection: name.clone(),
+            partition: plan.keys[0],
+            total: plan.total,
+            position: 0,
+            aggregate_id: String::new(),
+            event_type: "(setup)".into(),
+            attempts: 1,
+            source,
+        })?;
+    tx.commit()
+        .map_err(Error::database("committing the projection's setup"))
+}
+
+/// Where the shared read starts: the lowest checkpoint within `alone_beyond` positions of the
+/// highest. Partitions further behind read their own events until they catch up.
+fn shared_start(prepared: &[Prepared], alone_beyond: i64) -> i64 {
+    let checkpoints = || prepared.iter().flat_map(|p| p.checkpoints.iter().copied());
+    let highest = checkpoints().max().unwrap_or(0);
+    checkpoints()
+        .filter(|&c| c >= highest.saturating_sub(alone_beyond.max(0)))
+        .min()
+        .unwrap_or(0)
+}
+
+fn log_start(prepared: &[Prepared], start: i64, head: i64, settings: &Settings, db: &Database) {
+    for p in prepared {
+        let scope = p.plan.projection.scope();
+        let scope = if scope.is_all() {
+            String::new()
+        } else {
+            format!(", events where {scope}")
+        };
+        info!(
+            "projection '{}': partitions {} of {}{scope}",
+            p.name,
+            describe_keys(&p.plan.keys),
+            p.plan.total
+        );
+        let earlier = &p.layout.earlier;
+        if let Some(end) = earlier
+            .iter()
+            .map(layout::EarlierLayout::applied_at_most)
+            .max()
+        {
+            let totals: Vec<String> = earlier
+                .iter()
+                .map(|l| l.total_partitions.to_string())
+                .collect();
+            info!(
+                "projection '{}': re-partitioning in progress: events applied under the \
+                 earlier layout(s) of {} partition(s) are skipped, up to global position {end}",
+                p.name,
+                totals.join(" and ")
+            );
+        }
+        for (key, &checkpoint) in p.plan.keys.iter().zip(&p.checkpoints) {
+            if checkpoint < start {
+                info!(
+                    "partition {key}/{} of '{}' is at global position {checkpoint}, {} behind \
+                     the shared read: it reads its own events until it catches up",
+                    p.plan.total,
+                    p.name,
+                    start - checkpoint
+                );
+            }
+        }
+    }
+    info!(
+        "batch size {}, database {db}, reading from global position {start}, head at {head}",
+        settings.batch_size
+    );
+}
