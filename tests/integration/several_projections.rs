@@ -239,10 +239,10 @@ fn a_failing_projection_stops_alone_and_the_others_stay_exact_and_moving() {
 fn a_projection_added_to_a_running_group_rebuilds_while_the_others_stay_live() {
     let schema = TestSchema::migrated("added_projection");
     let events = schema.seed(200, 10);
-    catch_up(
-        &schema,
-        Builder::new(schema.database.clone(), Recorder::named("live")),
-    );
+    catch_up(Builder::new(
+        schema.database.clone(),
+        Recorder::named("live"),
+    ));
 
     // The service is restarted with a new projection beside the live one: the newcomer starts
     // from the first event, slowly, while the live one must go on applying new events.
