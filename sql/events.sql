@@ -17,3 +17,7 @@ CREATE TABLE events (
     created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
     UNIQUE (bounded_context, aggregate_type, aggregate_id, aggregate_version)
 );
+-- Serve projections scoped to event types or aggregate types (the read filters on the type
+-- within a range of positions).
+CREATE INDEX events_event_type_position ON events (event_type, global_position);
+CREATE INDEX events_aggregate_type_position ON events (aggregate_type, global_position);

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use log::info;
+use log::{info, warn};
 use postgres::Client;
 
 use crate::database::Pool;
@@ -159,6 +159,7 @@ impl Builder {
             .into_iter()
             .map(|plan| prepare(&mut reader, plan))
             .collect::<Result<Vec<_>, _>>()?;
+        warn_of_missing_scope_indexes(&mut reader, &prepared)?;
         let head = store::head_position(&mut reader)?;
         let start = shared_start(&prepared, self.settings.catch_up_alone_beyond);
         log_start(&prepared, start, head, &self.settings, &self.database);
@@ -325,6 +326,19 @@ fn set_up_read_model(client: &mut Client, plan: &mut Plan) -> Result<(), Error> 
         .map_err(Error::database("committing the projection's setup"))
 }
 
+/// Says which index a scoped projection's read would need, when `events` has none that serves it.
+fn warn_of_missing_scope_indexes(client: &mut Client, prepared: &[Prepared]) -> Result<(), Error> {
+    let scopes: Vec<_> = prepared.iter().map(|p| p.plan.projection.scope()).collect();
+    let scoped: Vec<_> = scopes.iter().filter(|scope| !scope.is_all()).collect();
+    for statement in store::missing_scope_indexes(client, &scoped)? {
+        warn!(
+            "events has no index for a scoped read, which scans the table instead: an operator \
+             can add one without blocking writers with `{statement}`"
+        );
+    }
+    Ok(())
+}
+
 /// Where the shared read starts: the lowest checkpoint within `alone_beyond` positions of the
 /// highest. Partitions further behind read their own events until they catch up.
 fn shared_start(prepared: &[Prepared], alone_beyond: i64) -> i64 {
@@ -366,17 +380,6 @@ fn log_start(prepared: &[Prepared], start: i64, head: i64, settings: &Settings, 
                 p.name,
                 totals.join(" and ")
             );
-        }
-        for (key, &checkpoint) in p.plan.keys.iter().zip(&p.checkpoints) {
-            if checkpoint < start {
-                info!(
-                    "partition {key}/{} of '{}' is at global position {checkpoint}, {} behind \
-                     the shared read: it reads its own events until it catches up",
-                    p.plan.total,
-                    p.name,
-                    start - checkpoint
-                );
-            }
         }
     }
     info!(

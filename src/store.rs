@@ -369,6 +369,39 @@ pub(crate) fn scope_filter(scopes: &[&Scope], first: usize) -> Option<ScopeFilte
     })
 }
 
+/// For each column the scopes filter on with no index on `events` that starts with it: the
+/// statement that would create one without blocking writers. The projector never creates it
+/// on a table that may belong to another tool.
+pub(crate) fn missing_scope_indexes(
+    client: &mut impl GenericClient,
+    scopes: &[&Scope],
+) -> Result<Vec<String>, Error> {
+    let mut columns: Vec<&str> = scopes
+        .iter()
+        .flat_map(|scope| scope.conditions().map(|(column, _)| column))
+        .collect();
+    columns.sort_unstable();
+    columns.dedup();
+    let mut missing = Vec::new();
+    for column in columns {
+        let indexed: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a \
+                     ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+                 WHERE i.indrelid = to_regclass('events') AND a.attname = $1)",
+                &[&column],
+            )
+            .map_err(Error::database("looking for the indexes of events"))?
+            .get(0);
+        if !indexed {
+            missing.push(format!(
+                "CREATE INDEX CONCURRENTLY events_{column}_position ON events ({column}, global_position)"
+            ));
+        }
+    }
+    Ok(missing)
+}
+
 /// A condition on the events table and the name lists it binds.
 #[derive(Debug, Clone)]
 pub(crate) struct ScopeFilter {

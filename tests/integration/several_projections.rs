@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use projector::postgres::Transaction;
 use projector::{BoxError, Builder, Context, Error, Event, Projection, Scope, Settings, Summary};
 
-use crate::util::{TestSchema, eventually, insert_event};
+use crate::util::{TestSchema, eventually, insert_event, run_within, text};
 
 /// Records, per projection and aggregate, how many events it applied and whether they came in
 /// version order: a doubled event shows as a count too high, a lost one as a count too low.
@@ -414,4 +414,94 @@ fn a_scoped_projection_waits_at_a_hole_of_any_type_and_passes_it_once_rolled_bac
         schema.count("SELECT COUNT(*) FROM recorded WHERE projection = 'odd'"),
         0
     );
+}
+
+#[test]
+fn the_binary_runs_a_comma_separated_list_of_projections_on_one_read() {
+    let schema = TestSchema::migrated("binary_list");
+    let events = schema.seed(150, 4);
+    let output = run_within(
+        schema.projector(&[
+            "--partition-key",
+            "0-3",
+            "--total-partitions",
+            "4",
+            "--projection",
+            "aggregate-stats,aggregate-stats-batch",
+            "--exit-when-caught-up",
+        ]),
+        Duration::from_secs(60),
+    );
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(schema.stats_mismatches_in("aggregate_stats"), 0);
+    assert_eq!(schema.stats_mismatches_in("aggregate_stats_batch"), 0);
+    assert!(
+        stderr.contains("stopped 'aggregate-stats', 'aggregate-stats-batch' after")
+            && stderr.contains(&format!("read {events} events, applied {}", 2 * events)),
+        "one read, both applied: {stderr}"
+    );
+
+    // A name that is not a projection, anywhere in the list, is refused before anything runs.
+    let output = run_within(
+        schema.projector(&[
+            "--partition-key",
+            "0",
+            "--total-partitions",
+            "4",
+            "--projection",
+            "users,nope",
+        ]),
+        Duration::from_secs(30),
+    );
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--projection") && stderr.contains("nope"),
+        "{stderr}"
+    );
+    assert_eq!(
+        schema.count("SELECT COUNT(*) FROM projector_checkpoints WHERE projection = 'users'"),
+        0
+    );
+}
+
+#[test]
+fn re_partitioning_one_projection_of_a_group_fences_it_alone() {
+    let schema = TestSchema::migrated("group_repartition");
+    let events = schema.seed(100, 4);
+    let runner = Builder::new(schema.database.clone(), Recorder::named("moved"))
+        .projection(Recorder::named("stays"))
+        .partitions(0..2)
+        .total_partitions(2)
+        .poll_interval(Duration::from_millis(20))
+        .start()
+        .expect("start");
+    eventually("both catch up", Duration::from_secs(30), || {
+        recorded_exactly(&schema, "moved", 100, 4) && recorded_exactly(&schema, "stays", 100, 4)
+    });
+
+    projector::repartition(&schema.database, "moved", 3).expect("repartition");
+    let more = schema.seed(100, 1);
+    eventually(
+        "the other projection goes on",
+        Duration::from_secs(30),
+        || recorded_exactly(&schema, "stays", 100, 5),
+    );
+    assert_eq!(checkpoints_at(&schema, "stays"), vec![events + more; 2]);
+    runner.shutdown();
+    match runner.join() {
+        Err(Error::Fenced { .. }) => {}
+        other => panic!("expected the moved projection to be fenced, got {other:?}"),
+    }
+    // The replaced layout applied nothing after the switch: the new one applies the rest.
+    Builder::new(schema.database.clone(), Recorder::named("moved"))
+        .partitions(0..3)
+        .total_partitions(3)
+        .exit_when_caught_up(true)
+        .start()
+        .expect("start the new layout")
+        .join()
+        .expect("the new layout catches up");
+    assert!(recorded_exactly(&schema, "moved", 100, 5));
 }
