@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR disable=SC2317 # cleanup runs from a trap
-# The catch-up benchmark (benches/catch_up.rs) against a database of its own.
+# The benchmarks (benches/catch_up.rs, benches/projections.rs) against a database of their own.
 #
-# Usage: scripts/bench.sh [--events N] [--big-events N] [--quick]
+# Usage: scripts/bench.sh [--events N] [--big-events N] [--quick] [--only BENCH]
 #   --events N      events in the main runs (default 1000000)
 #   --big-events N  events for the second peak-memory run (default 5000000, 0 skips it)
 #   --quick         smoke run: 100000 events, no big run, scaling at 1, 4 and 16 partitions
+#   --only BENCH    run one benchmark: catch_up (one projection) or projections (several)
 #
 # Without DATABASE_URL, a throw-away PostgreSQL server is started for the run. Either way a
 # database projector_bench_<pid>_<time> is created on the server and dropped at the end.
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '5,8s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '5,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 events=1000000
@@ -22,6 +23,7 @@ scale=1,2,4,8,16
 events_set=0
 big_set=0
 quick=0
+only=
 while [[ $# -gt 0 ]]; do
     case $1 in
     --events | --big-events)
@@ -40,6 +42,15 @@ while [[ $# -gt 0 ]]; do
     --quick)
         quick=1
         shift
+        ;;
+    --only)
+        if [[ $# -lt 2 || ! $2 =~ ^(catch_up|projections)$ ]]; then
+            printf '%s needs catch_up or projections\n' "$1" >&2
+            usage >&2
+            exit 2
+        fi
+        only=$2
+        shift 2
         ;;
     -h | --help)
         usage
@@ -133,11 +144,17 @@ psql=$(psql_bin)
 
 run nproc
 run cargo build --release
-run cargo bench --no-run --bench catch_up
+run cargo bench --no-run --bench catch_up --bench projections
 
 bench_db=projector_bench_$$_$(date +%s)
 run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 -c "CREATE DATABASE $bench_db"
 
-run cargo bench --bench catch_up -- \
-    --database-url "$(with_database "$admin_url" "$bench_db")" \
-    --events "$events" --big-events "$big_events" --scale "$scale"
+if [[ $only != projections ]]; then
+    run cargo bench --bench catch_up -- \
+        --database-url "$(with_database "$admin_url" "$bench_db")" \
+        --events "$events" --big-events "$big_events" --scale "$scale"
+fi
+if [[ $only != catch_up ]]; then
+    run cargo bench --bench projections -- \
+        --database-url "$(with_database "$admin_url" "$bench_db")" --events "$events"
+fi
