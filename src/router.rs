@@ -46,10 +46,13 @@ pub(crate) struct Chunk {
     pub(crate) more_waiting: bool,
 }
 
-/// Which lane takes an event, per projection.
+/// Which lanes take an event. Lanes of projections with the same partition count and scope
+/// take the same events: they share one *stream* of events, built once and handed to each.
 #[derive(Debug)]
 pub(crate) struct Routes {
     projections: Vec<ProjectionRoutes>,
+    /// The lanes of each stream.
+    streams: Vec<Vec<usize>>,
 }
 
 #[derive(Debug)]
@@ -57,32 +60,46 @@ struct ProjectionRoutes {
     total: u32,
     /// `None` when the projection takes every event.
     scope: Option<Scope>,
-    /// Lane index by owned partition key.
-    lanes: HashMap<u32, usize>,
+    /// Stream index by owned partition key.
+    streams: HashMap<u32, usize>,
 }
 
 impl Routes {
     pub(crate) fn new(lanes: &[Lane]) -> Routes {
         let mut projections: Vec<(&str, ProjectionRoutes)> = Vec::new();
+        let mut keys: Vec<(u32, u32, Option<&Scope>)> = Vec::new();
+        let mut streams: Vec<Vec<usize>> = Vec::new();
         for (index, lane) in lanes.iter().enumerate() {
-            let position = match projections.iter().position(|(n, _)| *n == lane.projection) {
-                Some(position) => position,
+            let scope = (!lane.scope.is_all()).then_some(&lane.scope);
+            let key = (lane.total, lane.partition, scope);
+            let stream = match keys.iter().position(|k| *k == key) {
+                Some(stream) => stream,
+                None => {
+                    keys.push(key);
+                    streams.push(Vec::new());
+                    streams.len() - 1
+                }
+            };
+            streams[stream].push(index);
+            let at = match projections.iter().position(|(n, _)| *n == lane.projection) {
+                Some(at) => at,
                 None => {
                     projections.push((
                         &lane.projection,
                         ProjectionRoutes {
                             total: lane.total,
-                            scope: (!lane.scope.is_all()).then(|| lane.scope.clone()),
-                            lanes: HashMap::new(),
+                            scope: scope.cloned(),
+                            streams: HashMap::new(),
                         },
                     ));
                     projections.len() - 1
                 }
             };
-            projections[position].1.lanes.insert(lane.partition, index);
+            projections[at].1.streams.insert(lane.partition, stream);
         }
         Routes {
             projections: projections.into_iter().map(|(_, r)| r).collect(),
+            streams,
         }
     }
 
@@ -96,19 +113,19 @@ impl Routes {
     pub(crate) fn owns_at_most_half(&self) -> bool {
         self.projections
             .iter()
-            .all(|p| p.lanes.len() * 2 <= p.total as usize)
+            .all(|p| p.streams.len() * 2 <= p.total as usize)
     }
 
     /// True when some owned partition takes events of `aggregate_id` (whatever their type).
     pub(crate) fn wants_aggregate(&self, aggregate_id: &str) -> bool {
         self.projections
             .iter()
-            .any(|p| p.lanes.contains_key(&partition_of(aggregate_id, p.total)))
+            .any(|p| p.streams.contains_key(&partition_of(aggregate_id, p.total)))
     }
 
-    /// Adds `event` to the held events of every live lane that takes it.
-    fn route(&self, event: Event, held: &mut [Vec<Event>], alive: &[bool]) {
-        let mut last: Option<usize> = None;
+    /// Adds `event` to every stream that takes it; `targets` is scratch space.
+    fn route(&self, event: Event, held: &mut [Vec<Event>], targets: &mut Vec<usize>) {
+        targets.clear();
         let mut partition = None;
         for projection in &self.projections {
             if projection
@@ -127,14 +144,17 @@ impl Routes {
                     key
                 }
             };
-            if let Some(&lane) = projection.lanes.get(&key).filter(|&&l| alive[l]) {
-                if let Some(previous) = last.replace(lane) {
-                    held[previous].push(event.clone());
+            if let Some(&stream) = projection.streams.get(&key) {
+                if !targets.contains(&stream) {
+                    targets.push(stream);
                 }
             }
         }
-        if let Some(lane) = last {
-            held[lane].push(event);
+        if let Some((&last, others)) = targets.split_last() {
+            for &stream in others {
+                held[stream].push(event.clone());
+            }
+            held[last].push(event);
         }
     }
 }
@@ -160,11 +180,13 @@ impl Router<'_> {
     /// large transactions; once caught up, everything goes out at once.
     pub(crate) fn run(&self, reads: Receiver<Chunk>) -> u64 {
         let mut read = 0;
-        let mut held: Vec<Vec<Event>> = self.lanes.iter().map(|_| Vec::new()).collect();
+        let mut held: Vec<Vec<Event>> = self.routes.streams.iter().map(|_| Vec::new()).collect();
         let mut alive = vec![true; self.lanes.len()];
+        let mut targets = Vec::new();
         for chunk in reads {
             for row in &chunk.rows {
-                self.routes.route(event_from_row(row), &mut held, &alive);
+                self.routes
+                    .route(event_from_row(row), &mut held, &mut targets);
             }
             read += chunk.seen as u64;
             drop(chunk.rows);
@@ -180,11 +202,11 @@ impl Router<'_> {
         read
     }
 
-    /// Sends every live lane its events (possibly none) and `upto`; true when asked to stop
-    /// meanwhile, or every lane has gone (each projection stopped).
+    /// Sends every live lane its stream's events (possibly none) and `upto`; true when asked
+    /// to stop meanwhile, or every lane has gone (each projection stopped).
     ///
-    /// With `hold_small`, a lane holding fewer than `min_events_per_batch` events keeps them
-    /// (and is sent nothing, since its events up to `upto` are not all out yet).
+    /// With `hold_small`, a stream holding fewer than `min_events_per_batch` events keeps
+    /// them (and its lanes are sent nothing, since their events up to `upto` are not all out).
     fn hand_out(
         &self,
         held: &mut [Vec<Event>],
@@ -193,44 +215,54 @@ impl Router<'_> {
         hold_small: bool,
     ) -> bool {
         let mut hand_out = self.stragglers.hand_out();
-        for (index, lane) in self.lanes.iter().enumerate() {
-            if !alive[index] {
-                continue;
-            }
-            if self.stragglers.is_straggler(index) {
-                // It reads its own events until it catches up (see `straggler`).
-                held[index].clear();
-                continue;
-            }
-            let events = held[index].len();
+        for (stream, lanes) in self.routes.streams.iter().enumerate() {
+            let events = held[stream].len();
             if hold_small && events > 0 && events < self.settings.min_events_per_batch {
                 continue;
             }
-            let batch = Batch {
-                events: std::mem::take(&mut held[index]),
-                upto,
-            };
-            select! {
-                send(lane.queue, batch) -> sent => if sent.is_err() {
-                    // Its projection stopped (the worker reported why): the others go on.
-                    debug!(
-                        "partition {}/{} of '{}' has stopped: no more events for it",
-                        lane.partition, lane.total, lane.projection
-                    );
-                    alive[index] = false;
-                },
-                recv(self.stop) -> _ => return true,
-                default(self.settings.straggler_after) => {
-                    hand_out.mark(index);
-                    info!(
-                        "partition {}/{} of '{}': its worker has not taken a batch for {} s, \
-                         slower than the stream; the others go on without it, and it reads its \
-                         own events until it catches up",
-                        lane.partition,
-                        lane.total,
-                        lane.projection,
-                        self.settings.straggler_after.as_secs_f64()
-                    );
+            // A straggler reads its own events until it catches up (see `straggler`).
+            let takers: Vec<usize> = lanes
+                .iter()
+                .copied()
+                .filter(|&index| alive[index] && !self.stragglers.is_straggler(index))
+                .collect();
+            // One copy of the events, shared by the workers of the stream's projections; the
+            // last one gets the router's own reference, so that a worker alone on its stream
+            // holds its batch alone (and may merge the batches queued behind it).
+            let mut shared = Some(Arc::new(std::mem::take(&mut held[stream])));
+            for (n, &index) in takers.iter().enumerate() {
+                let lane = &self.lanes[index];
+                let events = if n + 1 == takers.len() {
+                    shared.take()
+                } else {
+                    shared.clone()
+                };
+                let batch = Batch {
+                    events: events.unwrap_or_default(),
+                    upto,
+                };
+                select! {
+                    send(lane.queue, batch) -> sent => if sent.is_err() {
+                        // Its projection stopped (the worker reported why): the others go on.
+                        debug!(
+                            "partition {}/{} of '{}' has stopped: no more events for it",
+                            lane.partition, lane.total, lane.projection
+                        );
+                        alive[index] = false;
+                    },
+                    recv(self.stop) -> _ => return true,
+                    default(self.settings.straggler_after) => {
+                        hand_out.mark(index);
+                        info!(
+                            "partition {}/{} of '{}': its worker has not taken a batch for {} s, \
+                             slower than the stream; the others go on without it, and it reads \
+                             its own events until it catches up",
+                            lane.partition,
+                            lane.total,
+                            lane.projection,
+                            self.settings.straggler_after.as_secs_f64()
+                        );
+                    }
                 }
             }
         }

@@ -23,8 +23,9 @@ use crate::{Error, backoff};
 /// the position up to which that read saw the whole stream.
 #[derive(Debug)]
 pub(crate) struct Batch {
-    /// The partition's events, in global position order.
-    pub(crate) events: Vec<Event>,
+    /// The partition's events, in global position order; shared with the workers of the other
+    /// projections that take the same events.
+    pub(crate) events: Arc<Vec<Event>>,
     /// Every event of the partition at or below this position is in `events` or was sent before.
     pub(crate) upto: i64,
 }
@@ -143,14 +144,22 @@ impl<P: Projection> Worker<P> {
         let mut received = summary.checkpoint;
         // Take the partition (or stand by for it) before the first batch arrives.
         self.keep_watch(connection, &mut summary)?;
+        // A batch taken off the queue but not merged into the transaction before it.
+        let mut carried: Option<Batch> = None;
         loop {
-            if self.stragglers.is_straggler(self.lane) && self.batches.is_empty() {
+            if carried.is_none()
+                && self.stragglers.is_straggler(self.lane)
+                && self.batches.is_empty()
+            {
                 if self.catch_up_alone(connection, &mut summary, &mut received)? {
                     return Ok(summary);
                 }
                 last_write = Instant::now();
             }
-            let batch = select! {
+            let batch = if let Some(batch) = carried.take() {
+                batch
+            } else {
+                select! {
                 recv(self.stop) -> _ => break,
                 recv(self.batches) -> batch => match batch {
                     Ok(batch) => batch,
@@ -178,6 +187,7 @@ impl<P: Projection> Worker<P> {
                     last_contact = Instant::now();
                     continue;
                 }
+                }
             };
             received = received.max(batch.upto);
             if batch.events.is_empty() {
@@ -198,18 +208,32 @@ impl<P: Projection> Worker<P> {
                 }
             }
             // Batches queued behind this one go into the same transaction: one commit for
-            // many reads while catching up, none added while live.
+            // many reads while catching up, none added while live. Only batches this worker
+            // holds alone are merged: events shared with other projections' workers are
+            // applied as they come rather than copied.
             let mut events = batch.events;
             let mut upto = idle_upto.take().map_or(batch.upto, |u| u.max(batch.upto));
             while events.len() < self.settings.max_events_per_transaction {
-                match self.batches.try_recv() {
-                    Ok(more) => {
-                        events.extend(more.events);
-                        upto = upto.max(more.upto);
-                        received = received.max(more.upto);
-                    }
-                    Err(_) => break,
-                }
+                let Ok(more) = self.batches.try_recv() else {
+                    break;
+                };
+                let more_events = match Arc::get_mut(&mut events) {
+                    Some(mine) => match Arc::try_unwrap(more.events) {
+                        Ok(theirs) => {
+                            mine.extend(theirs);
+                            upto = upto.max(more.upto);
+                            received = received.max(more.upto);
+                            continue;
+                        }
+                        Err(shared) => shared,
+                    },
+                    None => more.events,
+                };
+                carried = Some(Batch {
+                    events: more_events,
+                    upto: more.upto,
+                });
+                break;
             }
             if !self.commit_with_retries(connection, &events, upto, &mut summary)? {
                 return Ok(summary);

@@ -505,3 +505,30 @@ fn re_partitioning_one_projection_of_a_group_fences_it_alone() {
         .expect("the new layout catches up");
     assert!(recorded_exactly(&schema, "moved", 100, 5));
 }
+
+#[test]
+fn a_newcomer_catching_up_alone_still_finishes_when_the_runner_exits_once_caught_up() {
+    let schema = TestSchema::migrated("newcomer_exits");
+    schema.seed(120, 5);
+    catch_up(Builder::new(
+        schema.database.clone(),
+        Recorder::named("first"),
+    ));
+    let mut settings = Settings::default();
+    settings.catch_up_alone_beyond = 10;
+    settings.batch_size = 50;
+    settings.exit_when_caught_up = true;
+    let summary = Builder::new(schema.database.clone(), Recorder::named("first"))
+        .projection(Recorder::named("second"))
+        .partitions(0..4)
+        .total_partitions(4)
+        .settings(settings)
+        .start()
+        .expect("start")
+        .join()
+        .expect("join");
+    assert_eq!(summary.projections[0].applied(), 0);
+    assert_eq!(summary.projections[1].applied(), 600);
+    assert!(recorded_exactly(&schema, "second", 120, 5));
+    assert_eq!(checkpoints_at(&schema, "second"), vec![600; 4]);
+}
