@@ -13,12 +13,19 @@
 //!
 //! # The journey of an event
 //! A [`Runner`] has one **fetcher** thread that reads the stream in batches, in position
-//! order, and hands each event over a bounded channel to the **worker** thread of its
-//! partition; events of partitions the process does not own are dropped there. Each worker
-//! applies its events through the [`Projection`] and commits the read-model change and the
-//! partition's checkpoint in **one transaction**. Full channels make the fetcher wait, so memory
-//! stays bounded whatever the backlog.
+//! order, and a **router** thread that hands each event over a bounded channel to the
+//! **worker** thread of its partition, for each projection the runner hosts; events of
+//! partitions the process does not own, or outside a projection's [`Scope`], are dropped there.
+//! Each worker applies its events through the [`Projection`] and commits the read-model change
+//! and the partition's checkpoint in **one transaction**. Full channels make the fetcher wait,
+//! so memory stays bounded whatever the backlog.
 //!
+//! # Several projections
+//! [`Builder::projection`] adds projections to a runner: they share one read of the stream,
+//! and each has its own checkpoints, layout and transactions. One that fails stops alone while
+//! the others go on. A partition far behind the others at start (a projection just added)
+//! reads its own events until it has caught up, then joins the shared read.
+
 //! # Checkpoints
 //! A checkpoint is kept per projection, partition count and partition. The worker locks its
 //! row (`FOR UPDATE`) in every transaction and applies only events above it, so a restart
@@ -40,8 +47,9 @@
 //! # Faults
 //! A lost connection is retried with capped back-off, and logged once per outage; a thread
 //! that cannot reach the database for [`Settings::give_up_after`] stops the runner with
-//! [`Error::Unavailable`]. Any other failure of any thread (a projection that keeps failing on
-//! an event, a panic) stops every thread at once. A partition whose worker falls behind is left
+//! [`Error::Unavailable`]. A projection that keeps failing on an event stops all its workers at
+//! once (and the runner, once every projection has stopped); any other failure (of the
+//! fetcher, a panic outside a projection) stops every thread at once. A partition whose worker falls behind is left
 //! out of the shared read and reads its own events until it catches up, so it does not hold
 //! the others back. A process that stops answering loses its partitions within
 //! [`Database::session_timeout_secs`].
