@@ -10,6 +10,7 @@
 use postgres::{Client, GenericClient, Statement, Transaction};
 
 use crate::Error;
+use crate::database::notify_channel;
 
 /// The checkpoints of `keys`, in the same order.
 pub(crate) fn load(
@@ -120,8 +121,14 @@ impl PartitionStatements {
             "SELECT last_position FROM projector_checkpoints \
              WHERE {row} AND generation = {generation} FOR UPDATE"
         ))?;
+        // One statement, so that telling waiters costs no round trip: the notification is
+        // delivered when the transaction commits, and not at all if it rolls back.
         let save = prepare(format!(
-            "UPDATE projector_checkpoints SET last_position = $4, updated_at = NOW() WHERE {row}"
+            "WITH saved AS ( \
+                 UPDATE projector_checkpoints SET last_position = $4, updated_at = NOW() \
+                 WHERE {row} RETURNING projection) \
+             SELECT pg_notify({}, md5(projection)) FROM saved",
+            notify_channel!("projector_applied_")
         ))?;
         let try_hold = prepare(format!(
             "SELECT pg_try_advisory_lock({}, $2 * 65536 + $3)",
@@ -156,7 +163,8 @@ impl PartitionStatements {
             .map(|row| row.map(|row| row.get(0)))
     }
 
-    /// Moves the locked checkpoint to `position`.
+    /// Moves the locked checkpoint to `position`, and notifies the schema's applied channel
+    /// (with the MD5 of the projection's name) for [`wait_for`](crate::wait_for).
     pub(crate) fn save(
         &self,
         tx: &mut Transaction<'_>,

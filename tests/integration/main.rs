@@ -23,3 +23,4 @@ mod stopping;
 mod store;
 mod store_shape;
 mod util;
+mod wait;
