@@ -114,6 +114,7 @@ mod settings;
 mod status;
 mod store;
 mod straggler;
+mod wait;
 mod worker;
 
 use std::time::Duration;
@@ -132,6 +133,7 @@ pub use runner::{Builder, MAX_BATCH_SIZE, Runner, Summary};
 pub use settings::{Settings, Stopper};
 pub use status::{CheckpointStatus, reset, status};
 pub use store::{append, read_stream};
+pub use wait::{Applied, Until, Waiter, wait_for};
 pub use worker::PartitionSummary;
 
 /// An error and all its causes, as one line: `outer: cause: root cause`.
