@@ -2,6 +2,7 @@
 
 pub(crate) mod args;
 mod seed;
+mod wait;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -49,6 +50,7 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
             }
         }
         Some(Command::Repartition(ref change)) => repartition(&database, change),
+        Some(Command::Wait(ref wait)) => wait::wait(&database, wait),
         None => match args.projection.as_str() {
             "users" => run_projection(&args, database, Users),
             "aggregate-stats" => run_projection(&args, database, AggregateStats),

@@ -1,5 +1,5 @@
-//! Read your writes: `wait_for` returns once the read model has the event, and says how far the
-//! projection is when it has not got there in time.
+//! Read your writes: `wait_for` and `projector wait` return once the read model has the event,
+//! and say how far the projection is when it has not got there in time.
 
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use projector::{
     Runner, Until, Waiter, partition_of, wait_for,
 };
 
-use crate::util::{TestSchema, insert_event, join_within};
+use crate::util::{TestSchema, insert_event, join_within, run_within, text};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -378,5 +378,133 @@ fn a_wait_opens_its_connection_again_once_and_fails_when_it_is_lost_twice() {
             );
         }
         other => panic!("expected the lost connection's error, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_wait_command_exits_0_once_applied_and_1_on_timeout() {
+    let schema = TestSchema::migrated("wait_command");
+    let position = append(&schema, "thing-1");
+    let caught_up = run_within(
+        schema.aggregate_stats("0-3", "4", &["--exit-when-caught-up"]),
+        LIMIT,
+    );
+    assert_eq!(
+        caught_up.status.code(),
+        Some(0),
+        "{}",
+        text(&caught_up.stderr)
+    );
+    let partition = partition_of("thing-1", 4);
+
+    let applied = run_within(
+        schema.projector(&[
+            "wait",
+            "--projection",
+            "aggregate-stats",
+            "--position",
+            &position.to_string(),
+        ]),
+        LIMIT,
+    );
+    assert_eq!(applied.status.code(), Some(0), "{}", text(&applied.stderr));
+    let line = text(&applied.stdout);
+    let expected = format!(
+        "projection 'aggregate-stats' has applied global position {position} (aggregate \
+         'thing-1'): partition {partition}/4 is at checkpoint"
+    );
+    assert!(line.starts_with(&expected), "{line}");
+    assert_eq!(line.lines().count(), 1, "{line}");
+
+    // The projection given before the subcommand, and an aggregate instead of a position.
+    let by_aggregate = run_within(
+        schema.projector(&[
+            "--projection",
+            "aggregate-stats",
+            "wait",
+            "--aggregate",
+            "thing-1",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(
+        by_aggregate.status.code(),
+        Some(0),
+        "{}",
+        text(&by_aggregate.stderr)
+    );
+    assert!(text(&by_aggregate.stdout).starts_with(&expected));
+
+    // No projector runs now.
+    let later = append(&schema, "thing-1");
+    let timed_out = run_within(
+        schema.projector(&[
+            "wait",
+            "--projection",
+            "aggregate-stats",
+            "--position",
+            &later.to_string(),
+            "--timeout",
+            "1s",
+        ]),
+        LIMIT,
+    );
+    let stderr = text(&timed_out.stderr);
+    assert_eq!(timed_out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "error: projection 'aggregate-stats' has not applied global position {later} after 1."
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("is a projector running for 'aggregate-stats'? (`projector status --projection aggregate-stats`)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_wait_command_exits_2_for_bad_flags_and_a_projection_that_never_ran() {
+    let schema = TestSchema::migrated("wait_command_usage");
+    for (args, expected) in [
+        (
+            "--projection never-ran --position 1",
+            "error: projection 'never-ran' has no checkpoints in schema",
+        ),
+        (
+            "--projection aggregate-stats",
+            "error: --position or --aggregate is not set: give exactly one of --position N",
+        ),
+        (
+            "--projection aggregate-stats --position 1 --aggregate thing-1",
+            "error: invalid value 'thing-1' for --aggregate: --position is given too",
+        ),
+        (
+            "--projection aggregate-stats --position 0",
+            "error: invalid value '0' for --position: expected a global position",
+        ),
+        (
+            "--projection aggregate-stats --position x",
+            "error: invalid value 'x' for --position",
+        ),
+        (
+            "--projection aggregate-stats --position 1 --timeout soon",
+            "error: invalid value 'soon' for --timeout: expected a duration",
+        ),
+        (
+            "--position 1",
+            "Required options not provided:\n    --projection",
+        ),
+        (
+            "--projection aggregate-stats --position 1 --partition-key 1",
+            "error: --partition-key is for running a projection, and `projector wait` does not \
+             use it",
+        ),
+    ] {
+        let args: Vec<&str> = ["wait"].into_iter().chain(args.split(' ')).collect();
+        let output = run_within(schema.projector(&args), LIMIT);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
