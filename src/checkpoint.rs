@@ -126,8 +126,10 @@ impl PartitionStatements {
         let save = prepare(format!(
             "WITH saved AS ( \
                  UPDATE projector_checkpoints SET last_position = $4, updated_at = NOW() \
-                 WHERE {row} RETURNING projection) \
-             SELECT pg_notify({}, md5(projection)) FROM saved",
+                 WHERE {row} RETURNING projection, total_partitions, partition_key, last_position) \
+             SELECT pg_notify({}, concat_ws(' ', md5(projection), total_partitions, partition_key, \
+                 last_position)) \
+             FROM saved",
             notify_channel!("projector_applied_")
         ))?;
         let try_hold = prepare(format!(
@@ -164,7 +166,8 @@ impl PartitionStatements {
     }
 
     /// Moves the locked checkpoint to `position`, and notifies the schema's applied channel
-    /// (with the MD5 of the projection's name) for [`wait_for`](crate::wait_for).
+    /// for [`wait_for`](crate::wait_for), with `md5(projection) total key position` (a
+    /// fixed-size stand-in for the name, which may be long).
     pub(crate) fn save(
         &self,
         tx: &mut Transaction<'_>,

@@ -217,7 +217,9 @@ impl Waiter {
                     ));
                 }
                 let until = deadline.min(now + LOOK_AGAIN_AFTER);
-                self.wait_for_a_commit(&target.projection_md5, until)?;
+                let concerned =
+                    |payload: &str| concerns(payload, target, layout.total, standing.owner);
+                self.wait_for_a_commit(concerned, until)?;
             } else {
                 self.client
                     .batch_execute(listen_statement!("projector_applied_"))
@@ -334,9 +336,13 @@ impl Waiter {
         })
     }
 
-    /// Waits for a commit of the projection (a notification with its name's MD5), until
-    /// `until` at the latest.
-    fn wait_for_a_commit(&mut self, projection_md5: &str, until: Instant) -> Result<(), Error> {
+    /// Waits for a commit whose notification's payload `concerned` picks, until `until` at the
+    /// latest.
+    fn wait_for_a_commit(
+        &mut self,
+        concerned: impl Fn(&str) -> bool,
+        until: Instant,
+    ) -> Result<(), Error> {
         let mut notifications = self.client.notifications();
         loop {
             let left = until.saturating_duration_since(Instant::now());
@@ -345,12 +351,12 @@ impl Waiter {
             }
             let arrived = notifications.timeout_iter(left).next();
             match arrived {
-                Ok(Some(notification)) if notification.payload() == projection_md5 => {
+                Ok(Some(notification)) if concerned(notification.payload()) => {
                     // One look serves every commit that has arrived.
                     while let Ok(Some(_)) = notifications.iter().next() {}
                     return Ok(());
                 }
-                // Another projection's commit.
+                // Another projection's commit, or one that cannot have moved the answer.
                 Ok(Some(_)) => {}
                 Ok(None) => return Ok(()),
                 Err(source) => {
@@ -432,6 +438,25 @@ impl std::fmt::Debug for Waiter {
             .field("database", &self.database)
             .field("listening", &self.listening)
             .finish()
+    }
+}
+
+/// Whether a commit, by its notification's payload (`md5(projection) total key checkpoint`,
+/// see `PartitionStatements::save`), may have moved the answer: a commit of the projection,
+/// unless it is of another partition of the same layout than the one that matters, or short of
+/// the position. A commit of another layout (the projection was re-partitioned) counts, and so
+/// does a payload of another form.
+fn concerns(payload: &str, target: &Target, total: u32, owner: Option<u32>) -> bool {
+    let mut words = payload.split(' ');
+    if words.next() != Some(target.projection_md5.as_str()) {
+        return false;
+    }
+    let mut number = || words.next().and_then(|word| word.parse::<i64>().ok());
+    match (number(), number(), number()) {
+        (Some(layout), Some(key), Some(checkpoint)) if layout == i64::from(total) => {
+            checkpoint >= target.position && owner.is_none_or(|owner| i64::from(owner) == key)
+        }
+        _ => true,
     }
 }
 
@@ -532,6 +557,28 @@ mod tests {
         let standing = layout.standing(&target(None, 30));
         assert_eq!((standing.owner, standing.partition), (None, 1));
         assert_eq!(standing.checkpoint, 12);
+    }
+
+    #[test]
+    fn only_commits_that_may_have_applied_the_event_are_looked_at() {
+        let mut target = target(Some("user-2"), 100);
+        target.projection_md5 = "abc".into();
+        let owner = Some(1);
+        for (payload, looked_at) in [
+            ("abc 4 1 100", true),
+            ("abc 4 1 250", true),
+            ("abc 4 1 99", false),
+            ("abc 4 2 250", false),
+            ("xyz 4 1 250", false),
+            ("abc 3 0 0", true),
+            ("abc", true),
+            ("abc 4 one 250", true),
+        ] {
+            assert_eq!(concerns(payload, &target, 4, owner), looked_at, "{payload}");
+        }
+        // With no event at the position, every partition's commit past it counts.
+        assert!(concerns("abc 4 2 250", &target, 4, None));
+        assert!(!concerns("abc 4 2 99", &target, 4, None));
     }
 
     #[test]

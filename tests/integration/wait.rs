@@ -286,15 +286,30 @@ fn a_commit_that_moves_a_checkpoint_notifies_its_schema_applied_channel() {
             .query_one("SELECT md5('aggregate-stats')", &[])
             .expect("md5")
             .get(0);
+        // Every commit has been sent by now: take them until a second passes without one.
         let payloads: Vec<String> = listener
             .notifications()
-            .timeout_iter(Duration::from_secs(5))
+            .timeout_iter(Duration::from_secs(1))
             .map(|n| Ok(n.payload().to_owned()))
-            .take(2)
             .collect()
             .expect("notifications");
         assert!(!payloads.is_empty(), "{}: no notification", schema.name);
-        assert!(payloads.iter().all(|p| *p == md5), "{payloads:?}");
+        // `md5(projection) total key checkpoint`; the last of each partition's is its checkpoint.
+        for key in 0..2 {
+            let prefix = format!("{md5} 2 {key} ");
+            let last = payloads
+                .iter()
+                .filter_map(|p| p.strip_prefix(&prefix)?.parse::<i64>().ok())
+                .max();
+            let checkpoint = schema.count(&format!(
+                "SELECT last_position FROM projector_checkpoints WHERE partition_key = {key}"
+            ));
+            assert_eq!(last, Some(checkpoint), "partition {key}: {payloads:?}");
+        }
+        assert!(
+            payloads.iter().all(|p| p.starts_with(&format!("{md5} 2 "))),
+            "{payloads:?}"
+        );
     }
 }
 
