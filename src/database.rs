@@ -52,19 +52,6 @@ macro_rules! notify_channel {
 }
 pub(crate) use notify_channel;
 
-/// The statement that listens on the schema's channel with this prefix (see
-/// [`notify_channel!`]).
-macro_rules! listen_statement {
-    ($prefix:literal) => {
-        concat!(
-            "DO $$ BEGIN EXECUTE format('LISTEN %I', ",
-            $crate::database::notify_channel!($prefix),
-            "); END $$"
-        )
-    };
-}
-pub(crate) use listen_statement;
-
 /// A PostgreSQL database and the schema the projector's tables live in.
 ///
 /// Every connection made from it has `search_path` set to the schema, so the event store,
@@ -264,7 +251,11 @@ impl Database {
 
     /// The statement that listens on the channel appends notify, for this schema.
     pub(crate) fn listen_statement(&self) -> &'static str {
-        listen_statement!("projector_events_")
+        concat!(
+            "DO $$ BEGIN EXECUTE format('LISTEN %I', ",
+            notify_channel!(),
+            "); END $$"
+        )
     }
 }
 

@@ -13,7 +13,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::Type;
 use postgres::{Client, error::SqlState};
 
-use crate::database::{Database, listen_statement};
+use crate::database::{Database, notify_channel};
 use crate::{Error, partition_of};
 
 /// How long a waiter goes without looking at the checkpoints, notification or not: the safety
@@ -221,8 +221,10 @@ impl Waiter {
                     |payload: &str| concerns(payload, target, layout.total, standing.owner);
                 self.wait_for_a_commit(concerned, until)?;
             } else {
+                // The name is the prefix and letters, digits and underscores (or an MD5).
+                let listen = format!("LISTEN \"{}\"", target.channel.replace('"', "\"\""));
                 self.client
-                    .batch_execute(listen_statement!("projector_applied_"))
+                    .batch_execute(&listen)
                     .map_err(Error::database("listening for the projection's commits"))?;
                 self.listening = true;
                 // A commit may have landed before the LISTEN: look again before waiting.
@@ -240,29 +242,37 @@ impl Waiter {
                 let row = self
                     .client
                     .query_typed_one(
-                        "SELECT md5($1), \
-                             (SELECT aggregate_id FROM events WHERE global_position = $2)",
+                        concat!(
+                            "SELECT md5($1), ",
+                            notify_channel!("projector_applied_"),
+                            ", (SELECT aggregate_id FROM events WHERE global_position = $2)"
+                        ),
                         &[(&projection, Type::TEXT), (position, Type::INT8)],
                     )
                     .map_err(|source| self.failed(action, source))?;
-                let aggregate_id: Option<String> = row.get(1);
+                let aggregate_id: Option<String> = row.get(2);
                 Ok(Target {
                     position: *position,
                     owner_id: aggregate_id.clone(),
                     aggregate_id,
                     projection_md5: row.get(0),
+                    channel: row.get(1),
                 })
             }
             Until::Aggregate(aggregate_id) => {
                 let row = self
                     .client
                     .query_typed_one(
-                        "SELECT md5($1), COALESCE(MAX(global_position), 0) FROM events",
+                        concat!(
+                            "SELECT md5($1), ",
+                            notify_channel!("projector_applied_"),
+                            ", COALESCE(MAX(global_position), 0) FROM events"
+                        ),
                         &[(&projection, Type::TEXT)],
                     )
                     .map_err(|source| self.failed(action, source))?;
                 let position = self
-                    .latest_position_of(aggregate_id, row.get(1))
+                    .latest_position_of(aggregate_id, row.get(2))
                     .map_err(|source| self.failed(action, source))?;
                 Ok(Target {
                     position,
@@ -270,6 +280,7 @@ impl Waiter {
                     // The owner of an aggregate with no events is known all the same.
                     owner_id: Some(aggregate_id.clone()),
                     projection_md5: row.get(0),
+                    channel: row.get(1),
                 })
             }
         }
@@ -469,6 +480,8 @@ struct Target {
     /// when it has no events.
     owner_id: Option<String>,
     projection_md5: String,
+    /// The schema's applied channel (see `notify_channel!`).
+    channel: String,
 }
 
 /// The checkpoints of one layout, as `(partition key, last position)`.
@@ -532,6 +545,7 @@ mod tests {
             aggregate_id: owner_id.map(str::to_owned),
             owner_id: owner_id.map(str::to_owned),
             projection_md5: String::new(),
+            channel: String::new(),
         }
     }
 
