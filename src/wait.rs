@@ -2,10 +2,13 @@
 //! a read model that includes what it just appended.
 //!
 //! A worker's commit that moves a checkpoint notifies the schema's `projector_applied_` channel
-//! in the same statement (see `PartitionStatements::save`). A waiter
-//! looks at the checkpoints; if the event is not applied yet, it `LISTEN`s on that channel,
-//! looks again (a commit may have landed in between), and then looks once more after each
-//! commit of the projection, and at least once a second in any case, until the deadline.
+//! in the same statement, saying projection, partition and checkpoint (see
+//! `PartitionStatements::save`). A waiter looks at the checkpoints; if the event is not applied
+//! yet, it `LISTEN`s on that channel and looks again (a commit may have landed in between).
+//! Then it waits: a commit of the partition that owns the event, at or past its position, ends
+//! the wait (it has applied the event, or it had been before); commits of other projections,
+//! of other partitions and short of the position are passed over; anything else, and a second
+//! without news, makes it look at the checkpoints again, until the deadline.
 
 use std::time::{Duration, Instant};
 
@@ -195,15 +198,8 @@ impl Waiter {
         loop {
             let standing = layout.standing(target);
             if standing.checkpoint >= target.position {
-                return Ok(Applied {
-                    projection: projection.to_owned(),
-                    position: target.position,
-                    aggregate_id: target.aggregate_id.clone(),
-                    partition: standing.owner,
-                    total_partitions: layout.total,
-                    checkpoint: standing.checkpoint,
-                    waited: started.elapsed(),
-                });
+                let (total, checkpoint) = (layout.total, standing.checkpoint);
+                return Ok(target.applied(projection, total, standing.owner, checkpoint, started));
             }
             if self.listening {
                 let now = Instant::now();
@@ -217,9 +213,15 @@ impl Waiter {
                     ));
                 }
                 let until = deadline.min(now + LOOK_AGAIN_AFTER);
-                let concerned =
-                    |payload: &str| concerns(payload, target, layout.total, standing.owner);
-                self.wait_for_a_commit(concerned, until)?;
+                if let Some(News::Applied {
+                    total,
+                    partition,
+                    checkpoint,
+                }) = self.wait_for_news(target, until)?
+                {
+                    let owner = Some(partition);
+                    return Ok(target.applied(projection, total, owner, checkpoint, started));
+                }
             } else {
                 // The name is the prefix and letters, digits and underscores (or an MD5).
                 let listen = format!("LISTEN \"{}\"", target.channel.replace('"', "\"\""));
@@ -347,36 +349,38 @@ impl Waiter {
         })
     }
 
-    /// Waits for a commit whose notification's payload `concerned` picks, until `until` at the
-    /// latest.
-    fn wait_for_a_commit(
-        &mut self,
-        concerned: impl Fn(&str) -> bool,
-        until: Instant,
-    ) -> Result<(), Error> {
+    /// Waits for a commit that may have applied the event, until `until` at the latest:
+    /// `None` when none came, else what the commits that have arrived say, the best of them.
+    fn wait_for_news(&mut self, target: &Target, until: Instant) -> Result<Option<News>, Error> {
         let mut notifications = self.client.notifications();
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(());
+                return Ok(None);
             }
             let arrived = notifications.timeout_iter(left).next();
-            match arrived {
-                Ok(Some(notification)) if concerned(notification.payload()) => {
-                    // One look serves every commit that has arrived.
-                    while let Ok(Some(_)) = notifications.iter().next() {}
-                    return Ok(());
-                }
-                // Another projection's commit, or one that cannot have moved the answer.
-                Ok(Some(_)) => {}
-                Ok(None) => return Ok(()),
+            let notification = match arrived {
+                Ok(Some(notification)) => notification,
+                Ok(None) => return Ok(None),
                 Err(source) => {
                     return Err(Error::Database {
                         action: "waiting for the projection's commits".into(),
                         source,
                     });
                 }
+            };
+            let mut best = target.news(notification.payload());
+            if best == News::Nothing {
+                continue;
             }
+            // One look serves every commit that has arrived.
+            while let Ok(Some(notification)) = notifications.iter().next() {
+                let news = target.news(notification.payload());
+                if matches!(news, News::Applied { .. }) {
+                    best = news;
+                }
+            }
+            return Ok(Some(best));
         }
     }
 
@@ -452,23 +456,22 @@ impl std::fmt::Debug for Waiter {
     }
 }
 
-/// Whether a commit, by its notification's payload (`md5(projection) total key checkpoint`,
-/// see `PartitionStatements::save`), may have moved the answer: a commit of the projection,
-/// unless it is of another partition of the same layout than the one that matters, or short of
-/// the position. A commit of another layout (the projection was re-partitioned) counts, and so
-/// does a payload of another form.
-fn concerns(payload: &str, target: &Target, total: u32, owner: Option<u32>) -> bool {
-    let mut words = payload.split(' ');
-    if words.next() != Some(target.projection_md5.as_str()) {
-        return false;
-    }
-    let mut number = || words.next().and_then(|word| word.parse::<i64>().ok());
-    match (number(), number(), number()) {
-        (Some(layout), Some(key), Some(checkpoint)) if layout == i64::from(total) => {
-            checkpoint >= target.position && owner.is_none_or(|owner| i64::from(owner) == key)
-        }
-        _ => true,
-    }
+/// What a commit's notification (`md5(projection) total key checkpoint`, see
+/// `PartitionStatements::save`) tells a waiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum News {
+    /// Nothing that can have applied the event: another projection's commit, another
+    /// partition's, or one short of the position.
+    Nothing,
+    /// Something may have moved: look at the checkpoints again.
+    LookAgain,
+    /// The partition that owns the event's aggregate under `total` partitions has passed the
+    /// position: the event is applied (by that commit or before it).
+    Applied {
+        total: u32,
+        partition: u32,
+        checkpoint: i64,
+    },
 }
 
 /// The event waited for.
@@ -498,6 +501,57 @@ struct Standing {
     /// That partition, or else the one furthest behind.
     partition: u32,
     checkpoint: i64,
+}
+
+impl Target {
+    /// What a commit's notification says of this event.
+    fn news(&self, payload: &str) -> News {
+        let mut words = payload.split(' ');
+        if words.next() != Some(self.projection_md5.as_str()) {
+            return News::Nothing;
+        }
+        let mut number = || words.next().and_then(|word| word.parse::<i64>().ok());
+        let (Some(total), Some(key), Some(checkpoint)) = (number(), number(), number()) else {
+            // A payload of another form: look.
+            return News::LookAgain;
+        };
+        let (Ok(total @ 1..), Ok(partition)) = (u32::try_from(total), u32::try_from(key)) else {
+            return News::LookAgain;
+        };
+        if checkpoint < self.position {
+            return News::Nothing;
+        }
+        match &self.owner_id {
+            // Under any layout, the owner's checkpoint past the position means applied.
+            Some(id) if partition_of(id, total) == partition => News::Applied {
+                total,
+                partition,
+                checkpoint,
+            },
+            Some(_) => News::Nothing,
+            // With no event there, every partition must pass it.
+            None => News::LookAgain,
+        }
+    }
+
+    fn applied(
+        &self,
+        projection: &str,
+        total: u32,
+        partition: Option<u32>,
+        checkpoint: i64,
+        started: Instant,
+    ) -> Applied {
+        Applied {
+            projection: projection.to_owned(),
+            position: self.position,
+            aggregate_id: self.aggregate_id.clone(),
+            partition,
+            total_partitions: total,
+            checkpoint,
+            waited: started.elapsed(),
+        }
+    }
 }
 
 impl Layout {
@@ -574,25 +628,42 @@ mod tests {
     }
 
     #[test]
-    fn only_commits_that_may_have_applied_the_event_are_looked_at() {
+    fn a_commit_of_the_owner_past_the_position_is_news_of_the_event_applied() {
         let mut target = target(Some("user-2"), 100);
         target.projection_md5 = "abc".into();
-        let owner = Some(1);
-        for (payload, looked_at) in [
-            ("abc 4 1 100", true),
-            ("abc 4 1 250", true),
-            ("abc 4 1 99", false),
-            ("abc 4 2 250", false),
-            ("xyz 4 1 250", false),
-            ("abc 3 0 0", true),
-            ("abc", true),
-            ("abc 4 one 250", true),
+        let (in_4, in_3) = (partition_of("user-2", 4), partition_of("user-2", 3));
+        let other = (in_4 + 1) % 4;
+        for (payload, news) in [
+            (
+                format!("abc 4 {in_4} 100"),
+                News::Applied {
+                    total: 4,
+                    partition: in_4,
+                    checkpoint: 100,
+                },
+            ),
+            (
+                format!("abc 3 {in_3} 250"),
+                News::Applied {
+                    total: 3,
+                    partition: in_3,
+                    checkpoint: 250,
+                },
+            ),
+            (format!("abc 4 {in_4} 99"), News::Nothing),
+            (format!("abc 4 {other} 250"), News::Nothing),
+            (format!("xyz 4 {in_4} 250"), News::Nothing),
+            ("abc".to_owned(), News::LookAgain),
+            ("abc 4 one 250".to_owned(), News::LookAgain),
+            ("abc 0 0 250".to_owned(), News::LookAgain),
         ] {
-            assert_eq!(concerns(payload, &target, 4, owner), looked_at, "{payload}");
+            assert_eq!(target.news(&payload), news, "{payload}");
         }
-        // With no event at the position, every partition's commit past it counts.
-        assert!(concerns("abc 4 2 250", &target, 4, None));
-        assert!(!concerns("abc 4 2 99", &target, 4, None));
+        // With no event at the position, any partition past it may be the last one.
+        let mut nowhere = self::target(None, 100);
+        nowhere.projection_md5 = "abc".into();
+        assert_eq!(nowhere.news("abc 4 2 250"), News::LookAgain);
+        assert_eq!(nowhere.news("abc 4 2 99"), News::Nothing);
     }
 
     #[test]
