@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR disable=SC2317 # cleanup runs from a trap
-# The catch-up benchmark (benches/catch_up.rs) against a database of its own.
+# The catch-up benchmark (benches/catch_up.rs), then the latency one (benches/latency.rs: from
+# append to read model, and read-your-writes waits), against a database of its own.
 #
 # Usage: scripts/bench.sh [--events N] [--big-events N] [--quick]
 #   --events N      events in the main runs (default 1000000)
 #   --big-events N  events for the second peak-memory run (default 5000000, 0 skips it)
-#   --quick         smoke run: 100000 events, no big run, scaling at 1, 4 and 16 partitions
+#   --quick         smoke run: 100000 events, no big run, scaling at 1, 4 and 16 partitions,
+#                   latency for 3 s per mode instead of 10
 #
 # Without DATABASE_URL, a throw-away PostgreSQL server is started for the run. Either way a
 # database projector_bench_<pid>_<time> is created on the server and dropped at the end.
@@ -13,7 +15,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '5,8s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '6,10s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 events=1000000
@@ -22,6 +24,7 @@ scale=1,2,4,8,16
 events_set=0
 big_set=0
 quick=0
+latency_seconds=10
 while [[ $# -gt 0 ]]; do
     case $1 in
     --events | --big-events)
@@ -56,6 +59,7 @@ if ((quick)); then
     ((events_set)) || events=100000
     ((big_set)) || big_events=0
     scale=1,4,16
+    latency_seconds=3
 fi
 if ((events < 1)) || ((big_events != 0 && big_events <= events)); then
     printf 'need --events >= 1 and --big-events 0 or above --events (got %s and %s)\n' \
@@ -133,7 +137,7 @@ psql=$(psql_bin)
 
 run nproc
 run cargo build --release
-run cargo bench --no-run --bench catch_up
+run cargo bench --no-run --bench catch_up --bench latency
 
 bench_db=projector_bench_$$_$(date +%s)
 run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 -c "CREATE DATABASE $bench_db"
@@ -141,3 +145,6 @@ run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 -c "CREATE DATABASE $bench_db"
 run cargo bench --bench catch_up -- \
     --database-url "$(with_database "$admin_url" "$bench_db")" \
     --events "$events" --big-events "$big_events" --scale "$scale"
+
+run cargo bench --bench latency -- \
+    --database-url "$(with_database "$admin_url" "$bench_db")" --seconds "$latency_seconds"
