@@ -235,57 +235,53 @@ impl Waiter {
         }
     }
 
-    /// The position to wait for and its aggregate, with the MD5 of the projection's name (the
-    /// payload of its commits' notifications).
+    /// The position to wait for and its aggregate, with the MD5 of the projection's name (in
+    /// the payload of its commits' notifications) and the schema's applied channel, in one
+    /// query.
     fn target(&mut self, projection: &str, until: &Until) -> Result<Target, Error> {
         let action = "reading the event to wait for";
-        match until {
+        let position = match until {
+            Until::Position(position) => *position,
+            Until::Aggregate(_) => 0,
+        };
+        let row = self
+            .client
+            .query_typed_one(
+                concat!(
+                    "SELECT md5($1), ",
+                    notify_channel!("projector_applied_"),
+                    ", (SELECT aggregate_id FROM events WHERE global_position = $2), \
+                     (SELECT COALESCE(MAX(global_position), 0) FROM events)"
+                ),
+                &[(&projection, Type::TEXT), (&position, Type::INT8)],
+            )
+            .map_err(|source| self.failed(action, source))?;
+        let (projection_md5, channel) = (row.get(0), row.get(1));
+        Ok(match until {
             Until::Position(position) => {
-                let row = self
-                    .client
-                    .query_typed_one(
-                        concat!(
-                            "SELECT md5($1), ",
-                            notify_channel!("projector_applied_"),
-                            ", (SELECT aggregate_id FROM events WHERE global_position = $2)"
-                        ),
-                        &[(&projection, Type::TEXT), (position, Type::INT8)],
-                    )
-                    .map_err(|source| self.failed(action, source))?;
                 let aggregate_id: Option<String> = row.get(2);
-                Ok(Target {
+                Target {
                     position: *position,
                     owner_id: aggregate_id.clone(),
                     aggregate_id,
-                    projection_md5: row.get(0),
-                    channel: row.get(1),
-                })
+                    projection_md5,
+                    channel,
+                }
             }
             Until::Aggregate(aggregate_id) => {
-                let row = self
-                    .client
-                    .query_typed_one(
-                        concat!(
-                            "SELECT md5($1), ",
-                            notify_channel!("projector_applied_"),
-                            ", COALESCE(MAX(global_position), 0) FROM events"
-                        ),
-                        &[(&projection, Type::TEXT)],
-                    )
-                    .map_err(|source| self.failed(action, source))?;
                 let position = self
-                    .latest_position_of(aggregate_id, row.get(2))
+                    .latest_position_of(aggregate_id, row.get(3))
                     .map_err(|source| self.failed(action, source))?;
-                Ok(Target {
+                Target {
                     position,
                     aggregate_id: (position > 0).then(|| aggregate_id.clone()),
                     // The owner of an aggregate with no events is known all the same.
                     owner_id: Some(aggregate_id.clone()),
-                    projection_md5: row.get(0),
-                    channel: row.get(1),
-                })
+                    projection_md5,
+                    channel,
+                }
             }
-        }
+        })
     }
 
     /// The position of the aggregate's latest event at or below `head`, 0 if it has none:
