@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR disable=SC2317 # cleanup runs from a trap
-# The benchmarks (benches/catch_up.rs, benches/projections.rs) against a database of their own.
+# The benchmarks against a database of their own: catch-up (benches/catch_up.rs), several
+# projections (benches/projections.rs) and latency (benches/latency.rs: from append to read
+# model, and read-your-writes waits).
 #
 # Usage: scripts/bench.sh [--events N] [--big-events N] [--quick] [--only BENCH]
 #   --events N      events in the main runs (default 1000000)
 #   --big-events N  events for the second peak-memory run (default 5000000, 0 skips it)
-#   --quick         smoke run: 100000 events, no big run, scaling at 1, 4 and 16 partitions
-#   --only BENCH    run one benchmark: catch_up (one projection) or projections (several)
+#   --quick         smoke run: 100000 events, no big run, scaling at 1, 4 and 16 partitions,
+#                   latency for 3 s per mode instead of 10
+#   --only BENCH    run one benchmark: catch_up, projections or latency
 #
 # Without DATABASE_URL, a throw-away PostgreSQL server is started for the run. Either way a
 # database projector_bench_<pid>_<time> is created on the server and dropped at the end.
@@ -14,7 +17,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '5,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '7,13s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 events=1000000
@@ -24,6 +27,7 @@ events_set=0
 big_set=0
 quick=0
 only=
+latency_seconds=10
 while [[ $# -gt 0 ]]; do
     case $1 in
     --events | --big-events)
@@ -44,8 +48,8 @@ while [[ $# -gt 0 ]]; do
         shift
         ;;
     --only)
-        if [[ $# -lt 2 || ! $2 =~ ^(catch_up|projections)$ ]]; then
-            printf '%s needs catch_up or projections\n' "$1" >&2
+        if [[ $# -lt 2 || ! $2 =~ ^(catch_up|projections|latency)$ ]]; then
+            printf '%s needs catch_up, projections or latency\n' "$1" >&2
             usage >&2
             exit 2
         fi
@@ -67,6 +71,7 @@ if ((quick)); then
     ((events_set)) || events=100000
     ((big_set)) || big_events=0
     scale=1,4,16
+    latency_seconds=3
 fi
 if ((events < 1)) || ((big_events != 0 && big_events <= events)); then
     printf 'need --events >= 1 and --big-events 0 or above --events (got %s and %s)\n' \
@@ -144,17 +149,21 @@ psql=$(psql_bin)
 
 run nproc
 run cargo build --release
-run cargo bench --no-run --bench catch_up --bench projections
+run cargo bench --no-run --bench catch_up --bench projections --bench latency
 
 bench_db=projector_bench_$$_$(date +%s)
 run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 -c "CREATE DATABASE $bench_db"
 
-if [[ $only != projections ]]; then
+if [[ -z $only || $only == catch_up ]]; then
     run cargo bench --bench catch_up -- \
         --database-url "$(with_database "$admin_url" "$bench_db")" \
         --events "$events" --big-events "$big_events" --scale "$scale"
 fi
-if [[ $only != catch_up ]]; then
+if [[ -z $only || $only == projections ]]; then
     run cargo bench --bench projections -- \
         --database-url "$(with_database "$admin_url" "$bench_db")" --events "$events"
+fi
+if [[ -z $only || $only == latency ]]; then
+    run cargo bench --bench latency -- \
+        --database-url "$(with_database "$admin_url" "$bench_db")" --seconds "$latency_seconds"
 fi

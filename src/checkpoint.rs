@@ -10,6 +10,7 @@
 use postgres::{Client, GenericClient, Statement, Transaction};
 
 use crate::Error;
+use crate::database::notify_channel;
 
 /// The checkpoints of `keys`, in the same order.
 pub(crate) fn load(
@@ -120,8 +121,16 @@ impl PartitionStatements {
             "SELECT last_position FROM projector_checkpoints \
              WHERE {row} AND generation = {generation} FOR UPDATE"
         ))?;
+        // One statement, so that telling waiters costs no round trip: the notification is
+        // delivered when the transaction commits, and not at all if it rolls back.
         let save = prepare(format!(
-            "UPDATE projector_checkpoints SET last_position = $4, updated_at = NOW() WHERE {row}"
+            "WITH saved AS ( \
+                 UPDATE projector_checkpoints SET last_position = $4, updated_at = NOW() \
+                 WHERE {row} RETURNING projection, total_partitions, partition_key, last_position) \
+             SELECT pg_notify({}, concat_ws(' ', md5(projection), total_partitions, partition_key, \
+                 last_position)) \
+             FROM saved",
+            notify_channel!("projector_applied_")
         ))?;
         let try_hold = prepare(format!(
             "SELECT pg_try_advisory_lock({}, $2 * 65536 + $3)",
@@ -156,7 +165,9 @@ impl PartitionStatements {
             .map(|row| row.map(|row| row.get(0)))
     }
 
-    /// Moves the locked checkpoint to `position`.
+    /// Moves the locked checkpoint to `position`, and notifies the schema's applied channel
+    /// for [`wait_for`](crate::wait_for), with `md5(projection) total key position` (a
+    /// fixed-size stand-in for the name, which may be long).
     pub(crate) fn save(
         &self,
         tx: &mut Transaction<'_>,

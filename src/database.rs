@@ -28,14 +28,26 @@ const SESSION_TIMEOUT_SECS: u32 = 60;
 /// Unanswered keepalive probes after which a connection counts as dead.
 const KEEPALIVE_PROBES: u32 = 3;
 
-/// The channel appends notify and fetchers listen on, as SQL over `current_schema()`: the
-/// schema's name when the whole fits PostgreSQL's 63-byte limit on names, else its MD5.
-/// Appends and fetchers both use this one expression, so they always agree.
+/// A notification channel of the schema, as SQL over `current_schema()`: the prefix and the
+/// schema's name when the whole fits PostgreSQL's 63-byte limit on names, else the prefix and
+/// the schema's MD5. With no prefix, the channel appends notify and fetchers listen on
+/// (`projector_events_`); with `"projector_applied_"`, the one a worker's commit notifies and
+/// [`wait_for`](crate::wait_for) listens on. Both ends use this one expression, so they always
+/// agree.
 macro_rules! notify_channel {
     () => {
-        "(CASE WHEN octet_length(current_schema()) <= 46 \
-              THEN 'projector_events_' || current_schema() \
-              ELSE 'projector_events_' || md5(current_schema()) END)"
+        $crate::database::notify_channel!("projector_events_")
+    };
+    ($prefix:literal) => {
+        concat!(
+            "(CASE WHEN octet_length('",
+            $prefix,
+            "' || current_schema()) <= 63 THEN '",
+            $prefix,
+            "' || current_schema() ELSE '",
+            $prefix,
+            "' || md5(current_schema()) END)"
+        )
     };
 }
 pub(crate) use notify_channel;

@@ -194,6 +194,41 @@ pub enum Error {
         /// The last failure.
         source: Box<Error>,
     },
+    /// [`wait_for`](crate::wait_for) found no checkpoints of the projection: no process has
+    /// run it in this schema (or it was reset since).
+    NotStarted {
+        /// The projection.
+        projection: String,
+        /// The schema looked in.
+        schema: String,
+    },
+    /// [`wait_for`](crate::wait_for) ran out of time before the projection applied the event.
+    NotAppliedInTime {
+        /// The projection.
+        projection: String,
+        /// The global position waited for.
+        position: i64,
+        /// The aggregate of the event there; `None` when no event is stored at that position
+        /// (not committed yet, or rolled back), so that every partition must pass it.
+        aggregate_id: Option<String>,
+        /// The partition that applies the event; with no event, the one furthest behind.
+        partition: u32,
+        /// The projection's number of partitions.
+        total: u32,
+        /// That partition's checkpoint.
+        checkpoint: i64,
+        /// Events stored after the checkpoint, up to the position (of every partition, as
+        /// `projector status` counts lag), counted up to `behind_counted_at_most`; `None` if
+        /// they could not be counted.
+        behind: Option<i64>,
+        /// Where counting stopped.
+        behind_counted_at_most: i64,
+        /// The server process id of the connection through which a live process holds that
+        /// partition; `None` when no live process does.
+        held_by_pid: Option<i32>,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
     /// A runtime thread ended without reporting (it panicked outside a projection).
     ThreadPanicked {
         /// The thread's name.
@@ -205,7 +240,8 @@ impl Error {
     /// True when the error comes from how the projector was configured or invoked (bad
     /// setting or connection string, a login refused, no such database, missing tables, tables
     /// of another shape, partition layout mismatch, a layout replaced under a running
-    /// process, a reset refused or not confirmed), rather than from a failure at run time. The
+    /// process, a reset refused or not confirmed, a projection waited for that never ran),
+    /// rather than from a failure at run time. The
     /// command-line tool exits with code 2 for these: starting again with the same flags would
     /// not help.
     pub fn is_configuration(&self) -> bool {
@@ -225,6 +261,7 @@ impl Error {
                 | Error::NotConfirmed { .. }
                 | Error::WouldBeRefused { .. }
                 | Error::RemovedFlag { .. }
+                | Error::NotStarted { .. }
         )
     }
 
@@ -451,6 +488,65 @@ impl fmt::Display for Error {
                 write!(f, "{action}; --yes would be refused for now")
             }
             Error::ThreadPanicked { thread } => write!(f, "thread '{thread}' panicked"),
+            Error::NotStarted { projection, schema } => write!(
+                f,
+                "projection '{projection}' has no checkpoints in schema '{schema}': no projector \
+                 has run it there (or it was reset since); start one for it first, or check the \
+                 projection's name and the schema"
+            ),
+            Error::NotAppliedInTime {
+                projection,
+                position,
+                aggregate_id,
+                partition,
+                total,
+                checkpoint,
+                behind,
+                behind_counted_at_most,
+                held_by_pid,
+                waited,
+            } => {
+                write!(
+                    f,
+                    "projection '{projection}' has not applied global position {position} after \
+                     {:.1} s: ",
+                    waited.as_secs_f64()
+                )?;
+                match aggregate_id {
+                    Some(id) => write!(
+                        f,
+                        "partition {partition}/{total}, which applies it (aggregate '{id}'), is \
+                         at checkpoint {checkpoint}"
+                    )?,
+                    None => write!(
+                        f,
+                        "no event is stored there (not committed yet, or rolled back), so every \
+                         partition must pass it, and partition {partition}/{total} is at \
+                         checkpoint {checkpoint}"
+                    )?,
+                }
+                match behind {
+                    Some(n) if n >= behind_counted_at_most => {
+                        write!(f, ", at least {n} events behind")?
+                    }
+                    Some(0) => f.write_str(" (no event is stored after it up to there)")?,
+                    Some(n) => write!(f, ", {n} event(s) behind")?,
+                    None => {}
+                }
+                match held_by_pid {
+                    Some(pid) => write!(
+                        f,
+                        "; a live process holds that partition (server pid {pid}) but has not got \
+                         there: see how far it is with `projector status --projection \
+                         {projection}`"
+                    ),
+                    None => write!(
+                        f,
+                        "; no live process holds that partition: is a projector running for \
+                         '{projection}'? (`projector status --projection {projection}`)"
+                    ),
+                }
+            }
             Error::Unavailable { waited, .. } => write!(
                 f,
                 "gave up after {} s without the database (the limit is --give-up-after): check \

@@ -124,6 +124,7 @@ mod settings;
 mod status;
 mod store;
 mod straggler;
+mod wait;
 mod worker;
 
 use std::time::Duration;
@@ -143,6 +144,7 @@ pub use runner::{ProjectionSummary, Runner, Summary};
 pub use settings::{Settings, Stopper};
 pub use status::{CheckpointStatus, reset, status};
 pub use store::{append, read_stream};
+pub use wait::{Applied, Until, Waiter, wait_for};
 pub use worker::PartitionSummary;
 
 /// An error and all its causes, as one line: `outer: cause: root cause`.

@@ -71,6 +71,7 @@ pub(crate) enum Command {
     Status(Status),
     Reset(Reset),
     Repartition(Repartition),
+    Wait(Wait),
 }
 
 /// Create the event store and checkpoint tables (safe to run again).
@@ -162,6 +163,34 @@ pub(crate) struct Repartition {
     pub(crate) to: String,
 }
 
+/// Wait until a projection has applied an event (read your writes): until the partition that
+/// owns its aggregate has a checkpoint at or past it. Exits 0 once it has, 1 on time-out, 2 for
+/// bad usage or a projection that has never run.
+#[derive(FromArgs, Debug)]
+#[argh(
+    subcommand,
+    name = "wait",
+    note = "Give exactly one of --position and --aggregate. The connection flags --database-url, --schema, --keepalive-timeout-secs and --session-timeout-secs may also come after the subcommand (there they win)."
+)]
+pub(crate) struct Wait {
+    /// the projection, by its name (any projection, the built-in ones or one of a service's)
+    #[argh(option)]
+    pub(crate) projection: String,
+
+    /// the global position of the event, as append returned it; when no event is stored
+    /// there, every partition must pass it
+    #[argh(option)]
+    pub(crate) position: Option<String>,
+
+    /// the aggregate id: wait for its latest event as of now
+    #[argh(option)]
+    pub(crate) aggregate: Option<String>,
+
+    /// how long to wait before exiting 1, as 5s, 2m or 1h (a bare number is seconds), default 5s
+    #[argh(option)]
+    pub(crate) timeout: Option<String>,
+}
+
 /// How parsing the command line ended, when it did not give a command to run.
 pub(crate) enum Parsed {
     /// `--help`: print this and exit 0.
@@ -182,7 +211,7 @@ pub(crate) fn parse(args: &[String]) -> Result<Args, Parsed> {
 }
 
 /// The subcommands, as typed.
-const SUBCOMMANDS: [&str; 5] = ["migrate", "seed", "status", "reset", "repartition"];
+const SUBCOMMANDS: [&str; 6] = ["migrate", "seed", "status", "reset", "repartition", "wait"];
 
 /// Flags of the whole command that may come before or after a subcommand.
 const CONNECTION_FLAGS: [&str; 4] = [
@@ -203,7 +232,7 @@ const RUN_FLAGS: [&str; 6] = [
 ];
 
 /// Subcommands that take `--projection` themselves.
-const WITH_PROJECTION: [&str; 3] = ["status", "reset", "repartition"];
+const WITH_PROJECTION: [&str; 4] = ["status", "reset", "repartition", "wait"];
 
 /// Whether `flag`, given before any subcommand, takes a value.
 fn takes_value(flag: &str) -> bool {
@@ -218,14 +247,15 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
     matches!(
         (subcommand, flag),
         ("seed", "--users" | "--renames" | "--email-changes")
-            | ("status" | "reset" | "repartition", "--projection")
+            | ("status" | "reset" | "repartition" | "wait", "--projection")
             | ("repartition", "--to")
+            | ("wait", "--position" | "--aggregate" | "--timeout")
     )
 }
 
 /// The arguments with every flag where argh expects it: connection flags given after the
 /// subcommand move before it (winning over the same flag given before), and a `--projection`
-/// given before `status`, `reset` or `repartition` moves after it (unless it also has its
+/// given before `status`, `reset`, `repartition` or `wait` moves after it (unless it also has its
 /// own). A flag only a run uses, given with a subcommand, is refused: it would be ignored.
 fn with_flags_in_place(args: Vec<&str>) -> Result<Vec<&str>, Parsed> {
     let Some(at) = subcommand_position(&args) else {

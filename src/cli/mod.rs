@@ -2,6 +2,7 @@
 
 pub(crate) mod args;
 mod seed;
+mod wait;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -49,6 +50,7 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
             }
         }
         Some(Command::Repartition(ref change)) => repartition(&database, change),
+        Some(Command::Wait(ref wait)) => wait::wait(&database, wait),
         None => run_projections(&args, database),
     }
 }

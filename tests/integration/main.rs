@@ -24,3 +24,4 @@ mod stopping;
 mod store;
 mod store_shape;
 mod util;
+mod wait;
