@@ -3,6 +3,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use log::{debug, info, trace};
 
@@ -29,6 +30,7 @@ impl<P: Projection> Worker<P> {
             None => connection.insert(self.connect()?),
         };
         self.own(connection)?;
+        let started = Instant::now();
         let name = self.projection.name().to_owned();
         let (partition, total) = (self.context.partition, self.context.total_partitions);
         let mut tx = connection
@@ -101,6 +103,9 @@ impl<P: Projection> Worker<P> {
                 .map_err(|e| self.failure(e))?;
         }
         tx.commit().map_err(|e| self.failure(e))?;
+        self.progress
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         summary.applied += applied;
         summary.skipped += skipped;
         summary.checkpoint = new_checkpoint;

@@ -229,6 +229,11 @@ pub enum Error {
         /// How long it waited.
         waited: std::time::Duration,
     },
+    /// The metrics could not be set up (a metric defined twice: a bug).
+    Metrics {
+        /// What the metrics library said.
+        reason: String,
+    },
     /// A runtime thread ended without reporting (it panicked outside a projection).
     ThreadPanicked {
         /// The thread's name.
@@ -488,6 +493,7 @@ impl fmt::Display for Error {
                 write!(f, "{action}; --yes would be refused for now")
             }
             Error::ThreadPanicked { thread } => write!(f, "thread '{thread}' panicked"),
+            Error::Metrics { reason } => write!(f, "setting up the metrics: {reason}"),
             Error::NotStarted { projection, schema } => write!(
                 f,
                 "projection '{projection}' has no checkpoints in schema '{schema}': no projector \

@@ -328,6 +328,8 @@ impl Fetcher {
                     continue;
                 }
             };
+            self.progress
+                .note_gap(if batch.held { gaps.held_by() } else { None });
             let caught_up = !batch.full || batch.held;
             // Sent when the read moved on, or to make the router let go of events it holds
             // for a larger batch once there is nothing more to read.
@@ -370,6 +372,7 @@ impl Fetcher {
                 break;
             }
         }
+        self.progress.note_gap(None);
         debug!("fetcher: stopped reading at global position {position}");
         Ok(())
     }

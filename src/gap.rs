@@ -29,6 +29,8 @@ use postgres::types::Oid;
 struct Blocker {
     /// Its virtual transaction id, as `pg_locks` shows it.
     vxid: String,
+    /// The server process running it (none for a prepared transaction).
+    pid: Option<i32>,
     /// Its transaction ids (with subtransactions), as text; empty before it has one.
     xids: Vec<String>,
 }
@@ -91,7 +93,7 @@ impl Writers {
     /// `SELECT … FOR SHARE` and foreign-key checks (`ROW SHARE`) are not waited for.
     fn holders(&self, client: &mut Client) -> Result<Vec<Blocker>, postgres::Error> {
         let rows = client.query(
-            "SELECT l.virtualtransaction, \
+            "SELECT l.virtualtransaction, MIN(NULLIF(l.pid, 0)), \
                  ARRAY(SELECT x.transactionid::text FROM pg_locks x \
                        WHERE x.locktype = 'transactionid' AND x.granted \
                            AND x.mode = 'ExclusiveLock' \
@@ -107,7 +109,8 @@ impl Writers {
             .iter()
             .map(|row| Blocker {
                 vxid: row.get(0),
-                xids: row.get(1),
+                pid: row.get(1),
+                xids: row.get(2),
             })
             .collect())
     }
@@ -156,6 +159,14 @@ impl Watch {
 }
 
 impl Gaps {
+    /// While a gap holds the fetcher back: a server process holding it (0 when only prepared
+    /// transactions do).
+    pub(crate) fn held_by(&self) -> Option<i32> {
+        self.watch
+            .as_ref()
+            .map(|watch| watch.blockers.iter().find_map(|b| b.pid).unwrap_or(0))
+    }
+
     /// Call before each read: says whether the gap waited at is still held and what is known
     /// to be dead. Warns (every `warn_after`) while a gap holds the fetcher back.
     pub(crate) fn before_read(

@@ -111,6 +111,7 @@ mod event;
 mod fetcher;
 mod gap;
 mod layout;
+mod metrics;
 mod migration;
 mod outage;
 mod ownership;
@@ -134,6 +135,7 @@ pub use database::{Database, Pool};
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent, Scope};
 pub use layout::{EarlierLayout, LayoutChange, repartition};
+pub use metrics::{Health, Metrics, READY_GAP_LIMIT};
 pub use migration::migrate;
 pub use partition::{
     MAX_PARTITIONS, fnv1a32, parse_partition_keys, parse_total_partitions, partition_of,

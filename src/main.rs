@@ -6,28 +6,6 @@ mod cli;
 
 use std::process::ExitCode;
 
-/// The projector's own lines at info, or at the level RUST_LOG gives alone (`RUST_LOG=debug`);
-/// other crates (the database driver logs every statement at debug) at warn, unless RUST_LOG
-/// names them (`RUST_LOG=tokio_postgres=debug`).
-fn init_logging() {
-    let mut builder = env_logger::Builder::new();
-    builder
-        .filter_level(log::LevelFilter::Warn)
-        .filter_module("projector", log::LevelFilter::Info)
-        .format_target(false);
-    if let Ok(spec) = std::env::var("RUST_LOG") {
-        match spec.trim().parse::<log::LevelFilter>() {
-            Ok(level) => {
-                builder.filter_module("projector", level);
-            }
-            Err(_) => {
-                builder.parse_filters(&spec);
-            }
-        }
-    }
-    builder.init();
-}
-
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let command = match cli::args::parse(&args) {
@@ -42,11 +20,24 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging();
+    let format = match cli::logs::LogFormat::chosen(command.log_format.clone()) {
+        Ok(format) => format,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    cli::logs::init(format);
     match cli::run(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", projector::error_chain(&error));
+            let text = projector::error_chain(&error);
+            if format == cli::logs::LogFormat::Json {
+                // A log pipeline reads every line as JSON, the last one too.
+                log::error!("{text}");
+            } else {
+                eprintln!("error: {text}");
+            }
             ExitCode::from(if error.is_configuration() { 2 } else { 1 })
         }
     }

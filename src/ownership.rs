@@ -7,6 +7,7 @@ use log::{info, warn};
 
 use crate::Error;
 use crate::checkpoint::Peek;
+use crate::metrics::LaneState;
 use crate::projection::Projection;
 use crate::worker::{Connection, Failure, PartitionSummary, Worker, discard};
 
@@ -118,6 +119,7 @@ impl<P: Projection> Worker<P> {
                         peek.position
                     );
                     self.role = Role::Standby;
+                    self.progress.set_state(LaneState::Standby);
                 }
                 return Err(Failure::Standby(peek));
             }
@@ -161,6 +163,7 @@ impl<P: Projection> Worker<P> {
                     self.settings.liveness_interval.as_secs().max(1)
                 );
                 self.role = Role::Waiting;
+                self.progress.set_state(LaneState::Waiting);
             }
             return Err(Failure::Waiting);
         }
@@ -173,6 +176,7 @@ impl<P: Projection> Worker<P> {
             );
         }
         self.role = Role::Owner;
+        self.progress.set_state(LaneState::Owned);
         Ok(())
     }
 

@@ -8,24 +8,31 @@ use crossbeam_channel::{Receiver, select, tick};
 use log::info;
 
 use crate::Database;
+use crate::metrics::LaneState;
 use crate::router::FetchProgress;
 use crate::store;
 use crate::worker::Progress;
 
 /// The figures of one worker: a partition of a projection.
+#[derive(Clone)]
 pub(crate) struct LaneProgress {
     pub(crate) projection: String,
     pub(crate) partition: u32,
+    pub(crate) total: u32,
     pub(crate) progress: Arc<Progress>,
 }
 
 impl LaneProgress {
-    fn applied(&self) -> u64 {
+    pub(crate) fn applied(&self) -> u64 {
         self.progress.applied.load(Ordering::Relaxed)
     }
 
-    fn checkpoint(&self) -> i64 {
+    pub(crate) fn checkpoint(&self) -> i64 {
         self.progress.checkpoint.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn state(&self) -> LaneState {
+        LaneState::from_u8(self.progress.state.load(Ordering::Relaxed))
     }
 }
 

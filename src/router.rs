@@ -3,26 +3,70 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, select};
 use log::{debug, info};
 use postgres::Row;
 
 use crate::event::{Event, Scope};
+use crate::metrics::now_millis;
 use crate::partition::partition_of;
 use crate::settings::{Settings, Stopper};
 use crate::store::event_from_row;
 use crate::straggler::Stragglers;
 use crate::worker::Batch;
 
-/// Figures the fetcher and router share while they run, for progress lines.
+/// Figures the fetcher and router share while they run, for progress lines and metrics.
 #[derive(Debug, Default)]
 pub(crate) struct FetchProgress {
     /// Events read, of all partitions.
     pub(crate) read: AtomicU64,
     /// The stream is read up to here.
     pub(crate) position: AtomicI64,
+    /// The fetcher is running.
+    pub(crate) running: AtomicBool,
+    /// Since when (ms since the epoch) the fetcher waits at a gap; 0 when it does not.
+    pub(crate) gap_since_ms: AtomicI64,
+    /// A server process holding that gap (0 when unknown or prepared).
+    pub(crate) gap_pid: AtomicI32,
+    /// Time spent waiting at gaps that have been passed, in ms.
+    pub(crate) gap_waited_ms: AtomicU64,
+}
+
+impl FetchProgress {
+    /// How long the gap the fetcher waits at has been held, if it waits at one.
+    pub(crate) fn gap_held_for(&self) -> Option<Duration> {
+        let since = self.gap_since_ms.load(Ordering::Relaxed);
+        (since > 0).then(|| Duration::from_millis((now_millis() - since).max(0) as u64))
+    }
+
+    /// Time spent at gaps so far, the one held now included, in seconds.
+    pub(crate) fn gap_wait_seconds(&self) -> f64 {
+        let passed = self.gap_waited_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        passed + self.gap_held_for().map_or(0.0, |d| d.as_secs_f64())
+    }
+
+    /// After a read: held at a gap (by `pid`, 0 if unknown) or not.
+    pub(crate) fn note_gap(&self, held: Option<i32>) {
+        let since = self.gap_since_ms.load(Ordering::Relaxed);
+        match held {
+            Some(pid) => {
+                if since == 0 {
+                    self.gap_since_ms.store(now_millis(), Ordering::Relaxed);
+                }
+                self.gap_pid.store(pid, Ordering::Relaxed);
+            }
+            None if since > 0 => {
+                let waited = (now_millis() - since).max(0) as u64;
+                self.gap_waited_ms.fetch_add(waited, Ordering::Relaxed);
+                self.gap_since_ms.store(0, Ordering::Relaxed);
+                self.gap_pid.store(0, Ordering::Relaxed);
+            }
+            None => {}
+        }
+    }
 }
 
 /// The queue of one worker: one partition of one projection.

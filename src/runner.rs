@@ -13,6 +13,7 @@ use postgres::Client;
 use crate::database::Pool;
 use crate::fetcher::Fetcher;
 use crate::layout::Layout;
+use crate::metrics::{CommitTimers, Metrics};
 use crate::outage::{Attempts, Outage};
 use crate::ownership::Role;
 use crate::progress::{LaneProgress, Monitor};
@@ -98,13 +99,25 @@ impl Threads {
         let mut lanes = Vec::new();
         let mut progress = Vec::new();
         let mut projections = Vec::new();
+        let timers = CommitTimers::new()?;
         for (index, prepared) in std::mem::take(&mut self.prepared).into_iter().enumerate() {
-            let running =
-                self.spawn_workers(index, prepared, &mut lanes, &mut progress, &done_tx)?;
-            projections.push(running);
+            let sinks = Sinks {
+                lanes: &mut lanes,
+                progress: &mut progress,
+                timers: &timers,
+                done: &done_tx,
+            };
+            projections.push(self.spawn_workers(index, prepared, sinks)?);
         }
         let fetch_progress = Arc::new(FetchProgress::default());
         fetch_progress.position.store(self.start, Ordering::Relaxed);
+        fetch_progress.running.store(true, Ordering::Release);
+        let metrics = Metrics::new(
+            self.database.clone(),
+            progress.clone(),
+            Arc::clone(&fetch_progress),
+            timers,
+        )?;
         let fetcher = Fetcher {
             database: self.database.clone(),
             settings: Arc::clone(&self.settings),
@@ -119,8 +132,10 @@ impl Threads {
         };
         let fetcher_done = done_tx.clone();
         let fetcher_stopper = self.stopper.clone();
+        let fetching = Arc::clone(&fetch_progress);
         let fetcher = spawn("projector-fetch".into(), move || {
             let result = stop_all_on_panic(&fetcher_stopper, || fetcher.run(reader));
+            fetching.running.store(false, Ordering::Release);
             if result.is_err() {
                 // The workers would otherwise wait for events that no longer come.
                 fetcher_stopper.stop();
@@ -147,6 +162,7 @@ impl Threads {
             projections,
             monitor: Some(monitor),
             started,
+            metrics,
         })
     }
 
@@ -156,10 +172,14 @@ impl Threads {
         &self,
         index: usize,
         prepared: Prepared,
-        lanes: &mut Vec<Lane>,
-        progress: &mut Vec<LaneProgress>,
-        done: &Sender<()>,
+        sinks: Sinks<'_>,
     ) -> Result<RunningProjection, Error> {
+        let Sinks {
+            lanes,
+            progress,
+            timers,
+            done,
+        } = sinks;
         let Prepared {
             plan,
             name,
@@ -180,11 +200,14 @@ impl Threads {
                 scope: scope.clone(),
                 queue,
             });
-            let shared = Arc::new(Progress::default());
-            shared.checkpoint.store(checkpoint, Ordering::Relaxed);
+            let shared = Arc::new(Progress::new(
+                checkpoint,
+                timers.for_lane(&name, partition, plan.total),
+            ));
             progress.push(LaneProgress {
                 projection: name.clone(),
                 partition,
+                total: plan.total,
                 progress: Arc::clone(&shared),
             });
             let worker = Worker {
@@ -266,6 +289,14 @@ pub(crate) fn spawn<T: Send + 'static>(
         .map_err(|_| Error::ThreadPanicked { thread: name })
 }
 
+/// Where spawning a projection's workers adds their lanes, figures and end signals.
+struct Sinks<'a> {
+    lanes: &'a mut Vec<Lane>,
+    progress: &'a mut Vec<LaneProgress>,
+    timers: &'a CommitTimers,
+    done: &'a Sender<()>,
+}
+
 /// The workers of one projection of a runner.
 #[derive(Debug)]
 pub(crate) struct RunningProjection {
@@ -285,6 +316,7 @@ pub struct Runner {
     pub(crate) projections: Vec<RunningProjection>,
     pub(crate) monitor: Option<JoinHandle<Result<(), Error>>>,
     pub(crate) started: Instant,
+    pub(crate) metrics: Metrics,
 }
 
 /// What a runner did, from [`Runner::join`].
@@ -337,6 +369,11 @@ impl Runner {
     /// A handle that stops this runner from another thread.
     pub fn stopper(&self) -> Stopper {
         self.stopper.clone()
+    }
+
+    /// The runner's metrics and health, to render into a service's own endpoint.
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
     }
 
     /// Waits for every thread to end. Returns the figures, or the first error a thread met (a

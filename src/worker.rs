@@ -1,17 +1,19 @@
 //! A worker: applies one partition's events and commits them with the checkpoint.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
 use log::{debug, info, warn};
+use prometheus::Histogram;
 
 use crate::checkpoint::{PartitionStatements, Peek};
 use crate::database::Pool;
 use crate::error::BoxError;
 use crate::event::{Event, Scope};
 use crate::layout::EarlierLayout;
+use crate::metrics::LaneState;
 use crate::outage::{Attempts, Outage};
 use crate::ownership::Role;
 use crate::projection::{Context, Projection};
@@ -30,11 +32,36 @@ pub(crate) struct Batch {
     pub(crate) upto: i64,
 }
 
-/// Figures a worker shares while it runs, for progress lines.
-#[derive(Debug, Default)]
+/// Figures a worker shares while it runs, for progress lines and metrics.
+#[derive(Debug)]
 pub(crate) struct Progress {
     pub(crate) applied: AtomicU64,
     pub(crate) checkpoint: AtomicI64,
+    /// Failed attempts at a batch that were tried again.
+    pub(crate) retries: AtomicU64,
+    /// Attempts that were the last: the partition stopped on an event.
+    pub(crate) failures: AtomicU64,
+    /// A [`LaneState`], as its number.
+    pub(crate) state: AtomicU8,
+    /// How long each transaction took.
+    pub(crate) commit_seconds: Histogram,
+}
+
+impl Progress {
+    pub(crate) fn new(checkpoint: i64, commit_seconds: Histogram) -> Progress {
+        Progress {
+            applied: AtomicU64::new(0),
+            checkpoint: AtomicI64::new(checkpoint),
+            retries: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            state: AtomicU8::new(LaneState::Starting as u8),
+            commit_seconds,
+        }
+    }
+
+    pub(crate) fn set_state(&self, state: LaneState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
 }
 
 /// What one partition's worker did, as [`Runner::join`](crate::Runner::join) reports it.
@@ -117,6 +144,11 @@ impl<P: Projection> Worker<P> {
         let result = self.run_until_stopped(&mut connection);
         // Give the partition back at once, rather than when the pool closes the connection.
         discard(&mut connection);
+        self.progress.set_state(match &result {
+            Ok(_) => LaneState::Stopped,
+            Err(Error::Fenced { .. }) => LaneState::Fenced,
+            Err(_) => LaneState::Failed,
+        });
         if result.is_err() {
             // Lost connections are retried inside; whatever ends a worker ends the runner, at
             // once, so that the error is reported while the other threads stop.
@@ -375,6 +407,7 @@ impl<P: Projection> Worker<P> {
                     }
                 }
                 Err(Failure::Connection(error)) => {
+                    self.progress.retries.fetch_add(1, Ordering::Relaxed);
                     if self.wait_after_losing(connection, error)? {
                         return Ok(false);
                     }
@@ -394,6 +427,7 @@ impl<P: Projection> Worker<P> {
                     failures += 1;
                     let event = &events[index];
                     if failures >= self.settings.max_attempts {
+                        self.progress.failures.fetch_add(1, Ordering::Relaxed);
                         // Keep what came before the failing event, and stop just before it.
                         let before = event.global_position - 1;
                         let _ = self.commit(connection, &events[..index], before, false, summary);
@@ -408,6 +442,7 @@ impl<P: Projection> Worker<P> {
                             source,
                         });
                     }
+                    self.progress.retries.fetch_add(1, Ordering::Relaxed);
                     let delay = backoff(
                         failures,
                         self.settings.retry_delay,

@@ -59,6 +59,21 @@ pub(crate) struct Args {
     #[argh(option)]
     pub(crate) session_timeout_secs: Option<String>,
 
+    /// serve metrics (/metrics, Prometheus text format) and health checks (/health/live,
+    /// /health/ready) over HTTP at HOST:PORT, e.g. 127.0.0.1:9464; off by default (env
+    /// PROJECTOR_METRICS_ADDR)
+    #[argh(option)]
+    pub(crate) metrics_addr: Option<String>,
+
+    /// most positions an owned partition may be behind the head for /health/ready to answer
+    /// 200, default 1000
+    #[argh(option)]
+    pub(crate) ready_max_lag: Option<String>,
+
+    /// log lines as text (default) or json: one JSON object per line (env PROJECTOR_LOG_FORMAT)
+    #[argh(option)]
+    pub(crate) log_format: Option<String>,
+
     #[argh(subcommand)]
     pub(crate) command: Option<Command>,
 }
@@ -214,21 +229,24 @@ pub(crate) fn parse(args: &[String]) -> Result<Args, Parsed> {
 const SUBCOMMANDS: [&str; 6] = ["migrate", "seed", "status", "reset", "repartition", "wait"];
 
 /// Flags of the whole command that may come before or after a subcommand.
-const CONNECTION_FLAGS: [&str; 4] = [
+const CONNECTION_FLAGS: [&str; 5] = [
     "--database-url",
     "--schema",
     "--keepalive-timeout-secs",
     "--session-timeout-secs",
+    "--log-format",
 ];
 
 /// Flags only running a projection (no subcommand) uses.
-const RUN_FLAGS: [&str; 6] = [
+const RUN_FLAGS: [&str; 8] = [
     "--partition-key",
     "--total-partitions",
     "--batch-size",
     "--poll-interval-ms",
     "--give-up-after",
     "--exit-when-caught-up",
+    "--metrics-addr",
+    "--ready-max-lag",
 ];
 
 /// Subcommands that take `--projection` themselves.

@@ -1,7 +1,9 @@
 //! What each command does, on top of the library.
 
 pub(crate) mod args;
+pub(crate) mod logs;
 mod seed;
+mod serve;
 mod wait;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -241,9 +243,28 @@ fn run_projections(args: &Args, database: Database) -> Result<(), Error> {
     ) {
         builder = builder.give_up_after(duration(&flag, &text)?);
     }
+    let metrics_address = flag_or_env(
+        "--metrics-addr",
+        args.metrics_addr.clone(),
+        "PROJECTOR_METRICS_ADDR",
+    );
+    let listener = match &metrics_address {
+        Some((flag, address)) => Some(serve::listen(flag, address)?),
+        None => None,
+    };
+    let ready_max_lag = match &args.ready_max_lag {
+        Some(text) => i64::from(positive("--ready-max-lag", text)?),
+        None => 1_000,
+    };
     let runner = builder.start()?;
     *lock(&signals) = Signals::Running(runner.stopper());
-    let summary = runner.join()?;
+    let server = match listener {
+        Some(listener) => Some(serve::serve(listener, runner.metrics(), ready_max_lag)?),
+        None => None,
+    };
+    let outcome = runner.join();
+    drop(server);
+    let summary = outcome?;
     log_summary(&summary);
     Ok(())
 }

@@ -1,0 +1,529 @@
+//! Metrics and health of a running group of projections, in the Prometheus text format.
+//!
+//! Workers and the fetcher keep their figures in atomics (and a commit-duration histogram);
+//! [`Metrics::render`] reads them, asks the database for the head of the stream and each
+//! partition's lag in time, and encodes everything. Nothing here is on the events' path.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use postgres::Client;
+use prometheus::{
+    Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use serde_json::{Value, json};
+
+use crate::progress::LaneProgress;
+use crate::router::FetchProgress;
+use crate::{Database, Error};
+
+/// What a partition's worker is doing, as the `state` label of `projector_partition_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum LaneState {
+    Starting = 0,
+    Standby = 1,
+    Waiting = 2,
+    Owned = 3,
+    Fenced = 4,
+    Failed = 5,
+    Stopped = 6,
+}
+
+const STATES: [(LaneState, &str); 7] = [
+    (LaneState::Starting, "starting"),
+    (LaneState::Standby, "standby"),
+    (LaneState::Waiting, "waiting"),
+    (LaneState::Owned, "owned"),
+    (LaneState::Fenced, "fenced"),
+    (LaneState::Failed, "failed"),
+    (LaneState::Stopped, "stopped"),
+];
+
+impl LaneState {
+    /// The worker has ended.
+    pub(crate) fn is_done(self) -> bool {
+        matches!(
+            self,
+            LaneState::Fenced | LaneState::Failed | LaneState::Stopped
+        )
+    }
+
+    pub(crate) fn from_u8(value: u8) -> LaneState {
+        STATES
+            .iter()
+            .map(|(state, _)| *state)
+            .find(|state| *state as u8 == value)
+            .unwrap_or(LaneState::Starting)
+    }
+
+    fn name(self) -> &'static str {
+        STATES
+            .iter()
+            .find(|(state, _)| *state == self)
+            .map_or("starting", |(_, name)| name)
+    }
+}
+
+/// A gap held for longer than this makes the process not ready.
+pub const READY_GAP_LIMIT: Duration = Duration::from_secs(5);
+
+/// The metrics and health of a [`Runner`](crate::Runner): render them into an embedding
+/// service's own endpoint, or let `projector --metrics-addr` serve them. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    database: Database,
+    lanes: Vec<LaneProgress>,
+    fetch: Arc<FetchProgress>,
+    families: Families,
+    /// A connection for the head and lag queries, opened again when lost; and what the
+    /// counters were last set from.
+    scrape: Mutex<Scrape>,
+}
+
+#[derive(Default)]
+struct Scrape {
+    client: Option<Client>,
+    applied: Vec<u64>,
+    retries: Vec<u64>,
+    failures: Vec<u64>,
+    rows_read: u64,
+    gap_wait: f64,
+    /// Per lane, as the last refresh found them.
+    lags: Vec<Lag>,
+}
+
+struct Families {
+    registry: Registry,
+    applied: IntCounterVec,
+    retries: IntCounterVec,
+    failures: IntCounterVec,
+    checkpoint: IntGaugeVec,
+    lag_events: IntGaugeVec,
+    lag_seconds: GaugeVec,
+    state: IntGaugeVec,
+    commit_seconds: HistogramVec,
+    head: IntGauge,
+    read_position: IntGauge,
+    rows_read: IntCounter,
+    gap_wait: Counter,
+    gap_age: Gauge,
+    gap_pid: IntGauge,
+}
+
+const LANE: [&str; 3] = ["projection", "partition", "total_partitions"];
+
+impl Families {
+    fn new(commit_seconds: HistogramVec) -> Result<Families, prometheus::Error> {
+        let registry = Registry::new();
+        let lane = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &LANE);
+        let count = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &LANE);
+        let families = Families {
+            applied: count(
+                "projector_events_applied_total",
+                "Events applied by this process.",
+            )?,
+            retries: count(
+                "projector_retries_total",
+                "Attempts at a batch that failed and were retried (projection errors and lost connections).",
+            )?,
+            failures: count(
+                "projector_failures_total",
+                "Projection failures that stopped the partition after its last attempt.",
+            )?,
+            checkpoint: lane(
+                "projector_checkpoint_position",
+                "The partition's checkpoint.",
+            )?,
+            lag_events: lane(
+                "projector_lag_events",
+                "Events stored after the partition's checkpoint.",
+            )?,
+            lag_seconds: GaugeVec::new(
+                Opts::new(
+                    "projector_lag_seconds",
+                    "How long ago the first event after the checkpoint was stored; 0 when none.",
+                ),
+                &LANE,
+            )?,
+            state: IntGaugeVec::new(
+                Opts::new(
+                    "projector_partition_state",
+                    "1 for the partition's current state: starting, standby, waiting, owned, fenced, failed or stopped.",
+                ),
+                &["projection", "partition", "total_partitions", "state"],
+            )?,
+            commit_seconds,
+            head: IntGauge::new(
+                "projector_head_position",
+                "The highest position in the stream.",
+            )?,
+            read_position: IntGauge::new(
+                "projector_read_position",
+                "How far the fetcher has read the stream (complete up to here).",
+            )?,
+            rows_read: IntCounter::new(
+                "projector_events_read_total",
+                "Events the fetcher read, of every partition.",
+            )?,
+            gap_wait: Counter::new(
+                "projector_gap_wait_seconds_total",
+                "Time the fetcher spent held at a position that may still commit.",
+            )?,
+            gap_age: Gauge::new(
+                "projector_gap_held_seconds",
+                "How long the gap the fetcher waits at has been held; 0 when none.",
+            )?,
+            gap_pid: IntGauge::new(
+                "projector_gap_blocking_pid",
+                "Server process id of a transaction holding the gap; 0 when none (or prepared).",
+            )?,
+            registry,
+        };
+        let r = &families.registry;
+        r.register(Box::new(families.applied.clone()))?;
+        r.register(Box::new(families.retries.clone()))?;
+        r.register(Box::new(families.failures.clone()))?;
+        r.register(Box::new(families.checkpoint.clone()))?;
+        r.register(Box::new(families.lag_events.clone()))?;
+        r.register(Box::new(families.lag_seconds.clone()))?;
+        r.register(Box::new(families.state.clone()))?;
+        r.register(Box::new(families.commit_seconds.clone()))?;
+        r.register(Box::new(families.head.clone()))?;
+        r.register(Box::new(families.read_position.clone()))?;
+        r.register(Box::new(families.rows_read.clone()))?;
+        r.register(Box::new(families.gap_wait.clone()))?;
+        r.register(Box::new(families.gap_age.clone()))?;
+        r.register(Box::new(families.gap_pid.clone()))?;
+        Ok(families)
+    }
+}
+
+/// The commit-duration histograms of a runner's partitions, made before its workers so that
+/// each worker observes its own.
+pub(crate) struct CommitTimers(HistogramVec);
+
+impl CommitTimers {
+    pub(crate) fn new() -> Result<CommitTimers, Error> {
+        let opts = HistogramOpts::new(
+            "projector_batch_commit_duration_seconds",
+            "Time of one worker transaction: apply the events and move the checkpoint.",
+        )
+        .buckets(vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        HistogramVec::new(opts, &LANE)
+            .map(CommitTimers)
+            .map_err(metrics_error)
+    }
+
+    pub(crate) fn for_lane(
+        &self,
+        projection: &str,
+        partition: u32,
+        total: u32,
+    ) -> prometheus::Histogram {
+        self.0
+            .with_label_values(&[projection, &partition.to_string(), &total.to_string()])
+    }
+}
+
+fn metrics_error(error: prometheus::Error) -> Error {
+    Error::Metrics {
+        reason: error.to_string(),
+    }
+}
+
+/// A health check's answer: `ok` (HTTP 200) or not (503), and a JSON body saying why.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Health {
+    /// True when healthy.
+    pub ok: bool,
+    /// `{"status": "ok" | "unavailable", "reasons": [...], ...}`.
+    pub body: String,
+}
+
+impl Metrics {
+    pub(crate) fn new(
+        database: Database,
+        lanes: Vec<LaneProgress>,
+        fetch: Arc<FetchProgress>,
+        timers: CommitTimers,
+    ) -> Result<Metrics, Error> {
+        let families = Families::new(timers.0).map_err(metrics_error)?;
+        let n = lanes.len();
+        Ok(Metrics {
+            shared: Arc::new(Shared {
+                database,
+                lanes,
+                fetch,
+                families,
+                scrape: Mutex::new(Scrape {
+                    applied: vec![0; n],
+                    retries: vec![0; n],
+                    failures: vec![0; n],
+                    ..Scrape::default()
+                }),
+            }),
+        })
+    }
+
+    /// Every metric in the Prometheus text format (version 0.0.4), after asking the database
+    /// for the head of the stream and each partition's lag. When the database cannot be
+    /// reached, the figures the process has are rendered, and the head stays where it was.
+    pub fn render(&self) -> String {
+        let mut scrape = lock(&self.shared.scrape);
+        self.refresh(&mut scrape);
+        drop(scrape);
+        let mut buffer = Vec::new();
+        let encoder = TextEncoder::new();
+        let _ = encoder.encode(&self.shared.families.registry.gather(), &mut buffer);
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+
+    /// Liveness: the fetcher and at least one worker are running.
+    pub fn live(&self) -> Health {
+        let mut reasons = Vec::new();
+        if !self.shared.fetch.running.load(Ordering::Acquire) {
+            reasons.push("the fetcher has stopped".to_owned());
+        }
+        if self.shared.lanes.iter().all(|lane| lane.state().is_done()) {
+            reasons.push("every partition's worker has stopped".to_owned());
+        }
+        health(reasons, json!({}))
+    }
+
+    /// Readiness: live, no gap held for longer than [`READY_GAP_LIMIT`], and every owned
+    /// partition (standbys included) within `max_lag` events of the head (events stored after
+    /// its checkpoint), none fenced, failed or stopped.
+    pub fn ready(&self, max_lag: i64) -> Health {
+        let live = self.live();
+        let mut reasons: Vec<String> = Vec::new();
+        if !live.ok {
+            reasons.push("not live".into());
+        }
+        let mut scrape = lock(&self.shared.scrape);
+        let head = self.refresh(&mut scrape);
+        let lags = scrape.lags.clone();
+        drop(scrape);
+        let Some(head) = head else {
+            reasons.push("the database cannot be reached".into());
+            return health(reasons, json!({}));
+        };
+        let held = self.shared.fetch.gap_held_for();
+        if let Some(age) = held.filter(|age| *age > READY_GAP_LIMIT) {
+            reasons.push(format!(
+                "the fetcher has waited {:.0} s at a position that may still commit (pid {})",
+                age.as_secs_f64(),
+                self.shared.fetch.gap_pid.load(Ordering::Relaxed)
+            ));
+        }
+        let mut partitions = Vec::new();
+        for (index, lane) in self.shared.lanes.iter().enumerate() {
+            let state = lane.state();
+            let lag = lags.get(index).map_or(0, |lag| lag.events);
+            let name = format!(
+                "partition {}/{} of '{}'",
+                lane.partition, lane.total, lane.projection
+            );
+            match state {
+                LaneState::Fenced | LaneState::Failed | LaneState::Stopped => {
+                    reasons.push(format!("{name} is {}", state.name()));
+                }
+                _ if lag > max_lag => {
+                    reasons.push(format!(
+                        "{name} is {lag} positions behind the head (more than {max_lag})"
+                    ));
+                }
+                _ => {}
+            }
+            partitions.push(json!({
+                "projection": lane.projection,
+                "partition": lane.partition,
+                "total_partitions": lane.total,
+                "state": state.name(),
+                "checkpoint": lane.checkpoint(),
+                "lag_events": lag,
+            }));
+        }
+        health(
+            reasons,
+            json!({ "head_position": head, "partitions": partitions }),
+        )
+    }
+
+    /// Sets every gauge and counter from the workers' and fetcher's figures and the
+    /// database; the head when the database answered.
+    fn refresh(&self, scrape: &mut Scrape) -> Option<i64> {
+        let f = &self.shared.families;
+        for (index, lane) in self.shared.lanes.iter().enumerate() {
+            let labels = [
+                lane.projection.as_str(),
+                &lane.partition.to_string(),
+                &lane.total.to_string(),
+            ];
+            let p = &lane.progress;
+            advance(
+                &f.applied.with_label_values(&labels),
+                &mut scrape.applied[index],
+                p.applied.load(Ordering::Relaxed),
+            );
+            advance(
+                &f.retries.with_label_values(&labels),
+                &mut scrape.retries[index],
+                p.retries.load(Ordering::Relaxed),
+            );
+            advance(
+                &f.failures.with_label_values(&labels),
+                &mut scrape.failures[index],
+                p.failures.load(Ordering::Relaxed),
+            );
+            f.checkpoint
+                .with_label_values(&labels)
+                .set(lane.checkpoint());
+            let current = lane.state();
+            for (state, name) in STATES {
+                f.state
+                    .with_label_values(&[labels[0], labels[1], labels[2], name])
+                    .set(i64::from(state == current));
+            }
+        }
+        let fetch = &self.shared.fetch;
+        f.read_position.set(fetch.position.load(Ordering::Relaxed));
+        let read = fetch.read.load(Ordering::Relaxed);
+        if read > scrape.rows_read {
+            f.rows_read.inc_by(read - scrape.rows_read);
+            scrape.rows_read = read;
+        }
+        let waited = fetch.gap_wait_seconds();
+        if waited > scrape.gap_wait {
+            f.gap_wait.inc_by(waited - scrape.gap_wait);
+            scrape.gap_wait = waited;
+        }
+        f.gap_age
+            .set(fetch.gap_held_for().map_or(0.0, |d| d.as_secs_f64()));
+        f.gap_pid.set(if fetch.gap_held_for().is_some() {
+            i64::from(fetch.gap_pid.load(Ordering::Relaxed))
+        } else {
+            0
+        });
+        let lags = self.lags(scrape);
+        if let Some((head, lags)) = &lags {
+            f.head.set(*head);
+            for (lane, lag) in self.shared.lanes.iter().zip(lags) {
+                let labels = [
+                    lane.projection.as_str(),
+                    &lane.partition.to_string(),
+                    &lane.total.to_string(),
+                ];
+                f.lag_events.with_label_values(&labels).set(lag.events);
+                f.lag_seconds.with_label_values(&labels).set(lag.seconds);
+            }
+        }
+        scrape.lags = lags
+            .as_ref()
+            .map(|(_, lags)| lags.clone())
+            .unwrap_or_default();
+        lags.map(|(head, _)| head)
+    }
+
+    /// The head of the stream and, per lane, the events stored after its checkpoint and how
+    /// long ago the first of them was stored (as `projector status` counts them); `None` when
+    /// the database cannot be reached.
+    fn lags(&self, scrape: &mut Scrape) -> Option<(i64, Vec<Lag>)> {
+        if scrape.client.as_ref().is_none_or(|c| c.is_closed()) {
+            scrape.client = self.shared.database.connect().ok();
+        }
+        let client = scrape.client.as_mut()?;
+        let checkpoints: Vec<i64> = self
+            .shared
+            .lanes
+            .iter()
+            .map(LaneProgress::checkpoint)
+            .collect();
+        // Each distinct checkpoint once: partitions usually stand at the same position.
+        let rows = client
+            .query(
+                "WITH c AS (SELECT DISTINCT unnest($1::bigint[]) AS c) \
+                 SELECT c, (SELECT COUNT(*) FROM events WHERE global_position > c), \
+                     COALESCE(EXTRACT(EPOCH FROM now() - (SELECT created_at FROM events \
+                         WHERE global_position > c ORDER BY global_position LIMIT 1)), 0)::float8, \
+                     (SELECT COALESCE(MAX(global_position), 0) FROM events) \
+                 FROM c",
+                &[&checkpoints],
+            )
+            .ok()?;
+        let head = match rows.first() {
+            Some(row) => row.get(3),
+            None => return Some((0, Vec::new())),
+        };
+        let lags = checkpoints
+            .iter()
+            .map(|checkpoint| {
+                rows.iter()
+                    .find(|row| row.get::<_, i64>(0) == *checkpoint)
+                    .map_or(Lag::default(), |row| Lag {
+                        events: row.get(1),
+                        seconds: row.get::<_, f64>(2).max(0.0),
+                    })
+            })
+            .collect();
+        Some((head, lags))
+    }
+}
+
+/// How far one partition is behind the head.
+#[derive(Debug, Default, Clone, Copy)]
+struct Lag {
+    events: i64,
+    seconds: f64,
+}
+
+/// Moves `counter` up to `now`, from `last`.
+fn advance(counter: &IntCounter, last: &mut u64, now: u64) {
+    if now > *last {
+        counter.inc_by(now - *last);
+        *last = now;
+    }
+}
+
+fn health(reasons: Vec<String>, mut details: Value) -> Health {
+    let ok = reasons.is_empty();
+    if let Value::Object(map) = &mut details {
+        map.insert(
+            "status".into(),
+            json!(if ok { "ok" } else { "unavailable" }),
+        );
+        map.insert("reasons".into(), json!(reasons));
+    }
+    Health {
+        ok,
+        body: details.to_string(),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Now, in milliseconds since the epoch (0 if the clock is before it).
+pub(crate) fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
