@@ -49,10 +49,12 @@ pub(crate) struct Monitor {
 }
 
 /// What the monitor remembers of a projection from one tick to the next.
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone)]
 struct Seen {
     applied: u64,
     lagging: bool,
+    /// Each partition's checkpoint.
+    checkpoints: Vec<i64>,
 }
 
 impl Monitor {
@@ -84,21 +86,23 @@ impl Monitor {
             }
             let seconds = last_time.elapsed().as_secs_f64().max(0.001);
             for (lanes, seen) in projections.iter().zip(&mut seen) {
-                *seen = self.report(lanes, *seen, head, seconds);
+                *seen = self.report(lanes, seen, head, seconds);
             }
             last_time = Instant::now();
         }
     }
 
-    /// Logs one projection's line, if it has work or has just caught up.
-    fn report(&self, lanes: &[LaneProgress], before: Seen, head: i64, seconds: f64) -> Seen {
+    /// Logs one projection's line, if it has work or has just caught up: the rate over the
+    /// last interval and, from it, when the projection and its slowest partition will have
+    /// caught up.
+    fn report(&self, lanes: &[LaneProgress], before: &Seen, head: i64, seconds: f64) -> Seen {
+        let checkpoints: Vec<i64> = lanes.iter().map(LaneProgress::checkpoint).collect();
         let Some(first) = lanes.first() else {
-            return before;
+            return before.clone();
         };
         let name = &first.projection;
         let applied: u64 = lanes.iter().map(LaneProgress::applied).sum();
-        let slowest = lanes.iter().min_by_key(|lane| lane.checkpoint());
-        let checkpoint = slowest.map_or(0, LaneProgress::checkpoint);
+        let checkpoint = checkpoints.iter().copied().min().unwrap_or(0);
         let lagging = checkpoint < head;
         if lagging {
             // A rate only over an interval that was busy from end to end: one that began
@@ -111,26 +115,63 @@ impl Monitor {
             } else {
                 String::new()
             };
+            // Each partition's ETA at its own pace (positions per second); the projection is
+            // done when its slowest partition is.
+            let etas: Vec<Option<f64>> = checkpoints
+                .iter()
+                .enumerate()
+                .map(|(i, &now)| {
+                    let was = *before.checkpoints.get(i)?;
+                    let pace = (now - was) as f64 / seconds;
+                    (before.lagging && pace > 0.0).then(|| (head - now).max(0) as f64 / pace)
+                })
+                .collect();
+            let eta = if etas.iter().all(Option::is_some) {
+                etas.iter()
+                    .flatten()
+                    .copied()
+                    .reduce(f64::max)
+                    .map_or(String::new(), |s| format!(", ETA {}", readable(s)))
+            } else {
+                String::new()
+            };
             // With several partitions, the one furthest behind is the one to look at.
-            let slowest = match (lanes, slowest) {
-                ([_, _, ..], Some(lane)) => {
-                    format!(
-                        " (slowest: partition {} at {})",
-                        lane.partition,
-                        lane.checkpoint()
-                    )
-                }
+            let slowest = match lanes {
+                [_, _, ..] => checkpoints
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, c)| **c)
+                    .map(|(i, c)| {
+                        let eta =
+                            etas[i].map_or(String::new(), |s| format!(", ETA {}", readable(s)));
+                        format!(" (slowest: partition {} at {c}{eta})", lanes[i].partition)
+                    })
+                    .unwrap_or_default(),
                 _ => String::new(),
             };
             info!(
                 "progress of '{name}': {applied} applied{rate}, read {}, checkpoint \
-                 {checkpoint}, head {head}, lag {} positions{slowest}",
+                 {checkpoint}, head {head}, lag {} positions{eta}{slowest}",
                 self.fetch_progress.read.load(Ordering::Relaxed),
                 head - checkpoint
             );
         } else if applied != before.applied {
             info!("progress of '{name}': {applied} applied, caught up at global position {head}");
         }
-        Seen { applied, lagging }
+        Seen {
+            applied,
+            lagging,
+            checkpoints,
+        }
+    }
+}
+
+/// Seconds as `1h02m`, `3m20s` or `42s`.
+fn readable(seconds: f64) -> String {
+    let s = seconds.round() as u64;
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
     }
 }

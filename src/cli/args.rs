@@ -139,6 +139,11 @@ pub(crate) struct Status {
     /// print one JSON document instead of a table
     #[argh(switch)]
     pub(crate) json: bool,
+
+    /// print the table again every SECONDS (default 2), with each partition's rate and ETA,
+    /// until interrupted: redrawn in place on a terminal, one table after another otherwise
+    #[argh(option)]
+    pub(crate) watch: Option<String>,
 }
 
 /// Delete a projection's checkpoints and clear its read model, so that it rebuilds from the
@@ -218,11 +223,24 @@ pub(crate) fn parse(args: &[String]) -> Result<Args, Parsed> {
     let name = args
         .first()
         .map_or("projector", |a| a.rsplit('/').next().unwrap_or("projector"));
+    let args = with_watch_seconds(args);
     let rest = with_flags_in_place(args.iter().skip(1).map(String::as_str).collect())?;
     Args::from_args(&[name], &rest).map_err(|exit| match exit.status {
         Ok(()) => Parsed::Help(exit.output),
         Err(()) => Parsed::Usage(exit.output),
     })
+}
+
+/// `--watch` with its seconds: 2 when none follow (`status --watch`, `--watch --json`).
+fn with_watch_seconds(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len() + 1);
+    for (index, arg) in args.iter().enumerate() {
+        out.push(arg.clone());
+        if arg == "--watch" && args.get(index + 1).is_none_or(|next| next.starts_with('-')) {
+            out.push("2".to_owned());
+        }
+    }
+    out
 }
 
 /// The subcommands, as typed.
@@ -267,6 +285,7 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
         ("seed", "--users" | "--renames" | "--email-changes")
             | ("status" | "reset" | "repartition" | "wait", "--projection")
             | ("repartition", "--to")
+            | ("status", "--watch")
             | ("wait", "--position" | "--aggregate" | "--timeout")
     )
 }

@@ -5,6 +5,7 @@ pub(crate) mod logs;
 mod seed;
 mod serve;
 mod wait;
+mod watch;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -39,7 +40,18 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
         Some(Command::Seed(ref seed)) => seed::seed(&database, seed),
         Some(Command::Status(ref status)) => {
             let mut client = connect_to_schema(&database, &schema_setting(&args))?;
-            print_status(&mut client, status.projection.as_deref(), status.json)
+            match &status.watch {
+                Some(_) if status.json => Err(Error::invalid_setting(
+                    "--watch",
+                    "",
+                    "--watch redraws the table: leave out --json (or run status --json in a loop)",
+                )),
+                Some(seconds) => {
+                    let every = Duration::from_secs(u64::from(positive("--watch", seconds)?));
+                    watch::watch(&mut client, status.projection.as_deref(), every)
+                }
+                None => print_status(&mut client, status.projection.as_deref(), status.json),
+            }
         }
         Some(Command::Reset(ref reset)) => {
             let client = connect_to_schema(&database, &schema_setting(&args))?;
