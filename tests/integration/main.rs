@@ -12,6 +12,7 @@ mod gap;
 mod hardening;
 mod hostile;
 mod newcomer;
+mod operations;
 mod outages;
 mod partition;
 mod proxy;
