@@ -54,6 +54,11 @@
 //! the others back. A process that stops answering loses its partitions within
 //! [`Database::session_timeout_secs`].
 //!
+//! # Operations
+//! [`Runner::metrics`] renders the runner's figures in the Prometheus text format (events
+//! applied, checkpoints, lag, commit durations, retries, partition states, gaps) and answers
+//! liveness and readiness checks ([`Metrics::live`], [`Metrics::ready`]).
+//!
 //! # Shutdown
 //! [`Runner::shutdown`] (or a [`Stopper`] from another thread) disconnects a channel every
 //! thread watches: the fetcher stops reading, each worker finishes the transaction it is in,

@@ -132,10 +132,11 @@ impl Threads {
         };
         let fetcher_done = done_tx.clone();
         let fetcher_stopper = self.stopper.clone();
-        let fetching = Arc::clone(&fetch_progress);
+        let fetching = FetcherEnds(Arc::clone(&fetch_progress));
         let fetcher = spawn("projector-fetch".into(), move || {
+            // Says the fetcher has ended however it ends (a panic included), for liveness.
+            let _ends = fetching;
             let result = stop_all_on_panic(&fetcher_stopper, || fetcher.run(reader));
-            fetching.running.store(false, Ordering::Release);
             if result.is_err() {
                 // The workers would otherwise wait for events that no longer come.
                 fetcher_stopper.stop();
@@ -287,6 +288,15 @@ pub(crate) fn spawn<T: Send + 'static>(
         .name(name.clone())
         .spawn(body)
         .map_err(|_| Error::ThreadPanicked { thread: name })
+}
+
+/// Marks the fetcher as ended when dropped.
+struct FetcherEnds(Arc<FetchProgress>);
+
+impl Drop for FetcherEnds {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
+    }
 }
 
 /// Where spawning a projection's workers adds their lanes, figures and end signals.
