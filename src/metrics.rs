@@ -67,6 +67,9 @@ impl LaneState {
     }
 }
 
+/// Up to this many positions behind the head, a partition's lag is counted exactly.
+const COUNTED_LAG: i64 = 10_000;
+
 /// A gap held for longer than this makes the process not ready.
 pub const READY_GAP_LIMIT: Duration = Duration::from_secs(5);
 
@@ -149,7 +152,7 @@ impl Families {
             )?,
             lag_events: lane(
                 "projector_lag_events",
-                "Events stored after the partition's checkpoint.",
+                "Events stored after the partition's checkpoint (counted up to 10,000 positions behind the head, the positions between beyond).",
             )?,
             lag_seconds: GaugeVec::new(
                 Opts::new(
@@ -441,8 +444,10 @@ impl Metrics {
     }
 
     /// The head of the stream and, per lane, the events stored after its checkpoint and how
-    /// long ago the first of them was stored (as `projector status` counts them); `None` when
-    /// the database cannot be reached.
+    /// long ago the first of them was stored; `None` when the database cannot be reached.
+    /// Events are counted (as `projector status` does) when the checkpoint is within
+    /// [`COUNTED_LAG`] positions of the head; further behind, the positions between stand for
+    /// them, so that a scrape during a long catch-up costs no scan of the backlog.
     fn lags(&self, scrape: &mut Scrape) -> Option<(i64, Vec<Lag>)> {
         if scrape.client.as_ref().is_none_or(|c| c.is_closed()) {
             scrape.client = self.shared.database.connect().ok();
@@ -457,13 +462,16 @@ impl Metrics {
         // Each distinct checkpoint once: partitions usually stand at the same position.
         let rows = client
             .query(
-                "WITH c AS (SELECT DISTINCT unnest($1::bigint[]) AS c) \
-                 SELECT c, (SELECT COUNT(*) FROM events WHERE global_position > c), \
+                "WITH c AS (SELECT DISTINCT unnest($1::bigint[]) AS c), \
+                     h AS (SELECT COALESCE(MAX(global_position), 0) AS head FROM events) \
+                 SELECT c, CASE WHEN h.head - c <= $2 \
+                         THEN (SELECT COUNT(*) FROM events WHERE global_position > c) \
+                         ELSE h.head - c END, \
                      COALESCE(EXTRACT(EPOCH FROM now() - (SELECT created_at FROM events \
                          WHERE global_position > c ORDER BY global_position LIMIT 1)), 0)::float8, \
-                     (SELECT COALESCE(MAX(global_position), 0) FROM events) \
-                 FROM c",
-                &[&checkpoints],
+                     h.head \
+                 FROM c, h",
+                &[&checkpoints, &COUNTED_LAG],
             )
             .ok()?;
         let head = match rows.first() {
