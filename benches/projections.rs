@@ -294,7 +294,8 @@ fn catch_up_scraped(database: &Database, projection: Named) -> Result<Duration> 
     let metrics = runner.metrics();
     let (done_tx, done) = mpsc::channel::<()>();
     let scraper = thread::spawn(move || {
-        while done.recv_timeout(Duration::from_secs(1)).is_err() {
+        // Until the runner has ended (the sender dropped).
+        while let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(Duration::from_secs(1)) {
             let _ = metrics.render();
         }
     });
