@@ -167,6 +167,7 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
             Named::new(&format!("scraped-{n}")),
         )?);
     }
+    println!("G1 walls {ones:.2?}, M1 walls {scrapes:.2?}");
     let (one, scraped) = (median(&mut ones), median(&mut scrapes));
     let ten = catch_up(
         database,
@@ -191,7 +192,7 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
         secs(copy)
     );
     println!(
-        "| G1 1 noop projection | {:.2} | {:.2} x R0 |",
+        "| G1 1 noop projection (median of 3) | {:.2} | {:.2} x R0 |",
         secs(one),
         secs(one) / secs(copy)
     );
