@@ -9,6 +9,7 @@
 //!
 //! ```text
 //! cargo bench --bench projections -- --database-url URL [--events N] [--seconds S] [--rate R]
+//!     [--pairs N] [--metrics-only]
 //! ```
 //!
 //! It works in a schema of its own (`bench_projections_<pid>`), dropped at the end.
@@ -28,11 +29,13 @@ use projector::{
 
 type Result<T, E = BoxError> = std::result::Result<T, E>;
 
-const USAGE: &str = "usage: projections [--database-url URL] [--events N] [--seconds S] [--rate R]
+const USAGE: &str = "usage: projections [--database-url URL] [--events N] [--seconds S] [--rate R] [--pairs N] [--metrics-only]
   --database-url  server to run against (env DATABASE_URL); a schema of its own is used
   --events        events in the stream, default 1000000
   --seconds       length of each latency window, default 10
-  --rate          appends per second during the latency windows, default 200";
+  --rate          appends per second during the latency windows, default 200
+  --pairs         interleaved runs of G1 and M1 (the cost of metrics), default 3
+  --metrics-only  only G1 against M1";
 
 const AGGREGATES: i64 = 10_000;
 /// One event in a hundred is `Rare`, spread evenly through the stream.
@@ -98,6 +101,10 @@ struct Options {
     events: i64,
     seconds: u64,
     rate: u64,
+    /// G1/M1 pairs, interleaved.
+    pairs: usize,
+    /// Only the cost of metrics (G1 against M1).
+    metrics_only: bool,
 }
 
 fn main() {
@@ -124,6 +131,8 @@ fn options() -> Result<Option<Options>> {
         events: 1_000_000,
         seconds: 10,
         rate: 200,
+        pairs: 3,
+        metrics_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -135,6 +144,8 @@ fn options() -> Result<Option<Options>> {
             "--events" => options.events = value()?.parse().map_err(|_| "--events: a number")?,
             "--seconds" => options.seconds = value()?.parse().map_err(|_| "--seconds: a number")?,
             "--rate" => options.rate = value()?.parse().map_err(|_| "--rate: a number")?,
+            "--pairs" => options.pairs = value()?.parse().map_err(|_| "--pairs: a number")?,
+            "--metrics-only" => options.metrics_only = true,
             other => return Err(format!("unknown argument '{other}'\n{USAGE}").into()),
         }
     }
@@ -158,9 +169,9 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
     projector::migrate(database)?;
     seed(database, options.events)?;
     let copy = copy_all(database)?;
-    // Interleaved, three of each, medians: the cost of metrics is small against the noise.
+    // Interleaved, medians: the cost of metrics is small against the noise.
     let (mut ones, mut scrapes) = (Vec::new(), Vec::new());
-    for n in 0..3 {
+    for n in 0..options.pairs {
         ones.push(catch_up(database, vec![Named::new(&format!("one-{n}"))])?);
         scrapes.push(catch_up_scraped(
             database,
@@ -169,6 +180,16 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
     }
     println!("G1 walls {ones:.2?}, M1 walls {scrapes:.2?}");
     let (one, scraped) = (median(&mut ones), median(&mut scrapes));
+    if options.metrics_only {
+        println!(
+            "\nG1 median {:.2} s, M1 median {:.2} s: M1 = {:.3} x G1 ({} pairs)",
+            one.as_secs_f64(),
+            scraped.as_secs_f64(),
+            scraped.as_secs_f64() / one.as_secs_f64(),
+            options.pairs
+        );
+        return Ok(());
+    }
     let ten = catch_up(
         database,
         (0..10).map(|n| Named::new(&format!("ten-{n}"))).collect(),
