@@ -22,7 +22,7 @@ use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{ToSql, Type};
 use postgres::{Client, Transaction};
 
-use crate::error::BoxError;
+use crate::error::{BoxError, is_connection_loss};
 use crate::event::{Event, Scope};
 use crate::projection::{Context, Projection};
 use crate::{Error, error_chain};
@@ -284,7 +284,7 @@ impl SqlProjection {
     fn set_up(&self, tx: &mut Transaction<'_>) -> Result<(), Error> {
         if let Some(setup) = &self.file.setup {
             tx.batch_execute(&setup.sql)
-                .map_err(|error| self.refused(setup, &error))?;
+                .map_err(|error| self.refused(setup, error))?;
         }
         let mut trial = tx
             .transaction()
@@ -295,14 +295,24 @@ impl SqlProjection {
         let apply = &self.file.apply;
         trial
             .batch_execute(&apply.sql)
-            .map_err(|error| self.refused(apply, &error))?;
+            .map_err(|error| self.refused(apply, error))?;
         trial.rollback().map_err(Error::database(
             "rolling back the trial of the apply section",
         ))
     }
 
-    /// The error for `section`, refused by the database with `error`.
-    fn refused(&self, section: &Section, error: &postgres::Error) -> Error {
+    /// The error for `section`, refused by the database with `error`; a lost connection is
+    /// not the file's fault, and stays a database error.
+    fn refused(&self, section: &Section, error: postgres::Error) -> Error {
+        if is_connection_loss(&error) {
+            return Error::Database {
+                action: format!(
+                    "running the {} section of '{}'",
+                    section.name, self.file.path
+                ),
+                source: error,
+            };
+        }
         let (line, message) = match error.as_db_error() {
             Some(db) => {
                 let line = match db.position() {
@@ -321,7 +331,7 @@ impl SqlProjection {
                 }
                 (line, format!("{message} [SQLSTATE {}]", db.code().code()))
             }
-            None => (None, error_chain(error)),
+            None => (None, error_chain(&error)),
         };
         Error::SqlProjectionFile {
             file: self.file.path.clone(),
@@ -368,7 +378,11 @@ impl SqlProjection {
         writer.finish()?;
         let apply = &self.file.apply;
         tx.batch_execute(&apply.sql)
-            .map_err(|error| -> BoxError { Box::new(self.refused(apply, &error)) })
+            .map_err(|error| match self.refused(apply, error) {
+                // The driver's error, which the worker retries on a new connection.
+                Error::Database { source, .. } => Box::new(source) as BoxError,
+                refused => Box::new(refused),
+            })
     }
 }
 
@@ -464,7 +478,7 @@ impl Projection for SqlProjection {
         match &self.file.reset {
             Some(reset) => tx
                 .batch_execute(&reset.sql)
-                .map_err(|error| -> BoxError { Box::new(self.refused(reset, &error)) }),
+                .map_err(|error| -> BoxError { Box::new(self.refused(reset, error)) }),
             None => Ok(()),
         }
     }

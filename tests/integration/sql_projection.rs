@@ -404,3 +404,28 @@ fn sql_projection_payload_that_is_not_json_has_payload_json_null() {
     let expected = projector::partition_of("json-1", 3) as i32;
     assert_eq!(partition, expected);
 }
+
+#[test]
+fn sql_projection_aggregate_stats_fails_on_a_version_that_does_not_follow() {
+    let schema = TestSchema::migrated("sql_order");
+    schema.seed(5, 3);
+    crate::util::insert_event(&mut schema.client(), "thing-2", 5);
+    let file = example("aggregate_stats.sql");
+    let (code, stderr) = run(&schema, "0", "1", &["--projection-file", &file]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr
+            .contains("event version 5 of Thing/thing-2 does not follow the last applied version"),
+        "{stderr}"
+    );
+    // Everything before the event was applied; the checkpoint is left just before it.
+    assert_eq!(
+        schema
+            .count("SELECT events_applied FROM aggregate_stats_sql WHERE aggregate_id = 'thing-2'"),
+        3
+    );
+    assert_eq!(
+        schema.count("SELECT MAX(last_global_position) FROM aggregate_stats_sql"),
+        15
+    );
+}
