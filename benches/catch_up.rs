@@ -52,6 +52,15 @@ const COPY_SQL: &str = "COPY (SELECT global_position, bounded_context, aggregate
 
 /// The projection with a set-based batch handler, run as P4 when the binary has it.
 const BATCH_PROJECTION: &str = "aggregate-stats-batch";
+/// The `aggregate-stats` read model written in SQL (a projection file), run as P5 when the
+/// binary takes `--projection-file`.
+const SQL_PROJECTION: &str = "aggregate-stats-sql";
+const SQL_PROJECTION_FILE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/sql/aggregate_stats.sql"
+);
+/// P5's floor, as a fraction of R0.
+const P5_FLOOR_X_R0: f64 = 0.15;
 /// Throughput of the Go pupsourcing v1 projection runtime, for comparison with P3.
 const GO_REFERENCE: f64 = 4_100.0;
 /// P3's floor: ten times the Go reference.
@@ -310,6 +319,14 @@ impl Bench<'_> {
             println!("\n# P4: '{BATCH_PROJECTION}' is not in `projector --help`: skipped");
             None
         };
+        let p5 = if self.help_mentions("P5", "--projection-file")? {
+            let outcome = self.project("P5", SQL_PROJECTION, 4, &keys4)?;
+            let check = self.aggregate_stats_check(n, "aggregate_stats_sql")?;
+            Some((outcome, check))
+        } else {
+            println!("\n# P5: `projector --help` has no --projection-file: skipped");
+            None
+        };
         let mut scale = Vec::new();
         for &total in &self.options.scale {
             let keys = [all_keys(total)];
@@ -331,6 +348,7 @@ impl Bench<'_> {
             p3,
             p3_check,
             p4,
+            p5,
             scale,
             big,
         };
@@ -477,9 +495,13 @@ impl Bench<'_> {
         let commands: Vec<Vec<String>> = keys
             .iter()
             .map(|key| {
+                let (flag, value) = match projection {
+                    SQL_PROJECTION => ("--projection-file", SQL_PROJECTION_FILE),
+                    name => ("--projection", name),
+                };
                 let mut args = vec![
-                    "--projection".to_owned(),
-                    projection.to_owned(),
+                    flag.to_owned(),
+                    value.to_owned(),
                     "--partition-key".to_owned(),
                     key.clone(),
                     "--total-partitions".to_owned(),
@@ -634,15 +656,20 @@ impl Bench<'_> {
     }
 
     fn has_batch_projection(&self) -> Result<bool> {
+        self.help_mentions("P4", BATCH_PROJECTION)
+    }
+
+    /// Whether `projector --help` mentions `what` (a projection, a flag), for run `label`.
+    fn help_mentions(&self, label: &str, what: &str) -> Result<bool> {
         let args = ["--help".to_owned()];
-        println!("\n# P4: looking for '{BATCH_PROJECTION}'");
+        println!("\n# {label}: looking for '{what}'");
         println!(
             "$ {} --help",
             quote(&self.options.projector.display().to_string())
         );
         let output = Command::new(&self.options.projector).args(args).output()?;
         let help = String::from_utf8_lossy(&output.stdout);
-        Ok(help.contains(BATCH_PROJECTION))
+        Ok(help.contains(what))
     }
 }
 
@@ -680,6 +707,7 @@ struct Report<'a> {
     p3: Outcome,
     p3_check: String,
     p4: Option<(Outcome, String)>,
+    p5: Option<(Outcome, String)>,
     scale: Vec<(u32, Outcome)>,
     big: Option<Outcome>,
 }
@@ -759,6 +787,20 @@ impl Report<'_> {
                 notes: "n/a (no batch handler yet)".into(),
             },
         });
+        if let Some((outcome, check)) = &self.p5 {
+            let rate = outcome.rate();
+            let p4 = self.p4.as_ref().map_or_else(
+                || "n/a".to_owned(),
+                |(p4, _)| format!("{:.2}", rate / p4.rate()),
+            );
+            rows.push(self.projection_row(
+                "P5",
+                "aggregate-stats in SQL (examples/sql/aggregate_stats.sql), 1 process, 0-3 of 4",
+                outcome,
+                format!("{:.3} x R0", rate / r0_rate),
+                format!("{p4} x P4; {check}"),
+            ));
+        }
         rows.push(self.projection_row(
             &format!("RSS {size}"),
             &format!("peak RSS of P1 at {} events", thousands(n)),
@@ -851,6 +893,13 @@ impl Report<'_> {
             ),
             Some(p3_rate >= P3_FLOOR),
         );
+        if let Some((outcome, _)) = &self.p5 {
+            floor(
+                "P5 (SQL) >= 0.15 x R0",
+                format!("{:.3} x R0", outcome.rate() / r0_rate),
+                Some(outcome.rate() >= P5_FLOOR_X_R0 * r0_rate),
+            );
+        }
         let peak = rss_n.into_iter().chain(rss_big).reduce(f64::max);
         floor(
             "peak RSS <= 64 MiB",

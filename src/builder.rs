@@ -9,6 +9,7 @@ use log::{info, warn};
 use postgres::Client;
 
 use crate::database::Pool;
+use crate::error::BoxError;
 use crate::partition::{MAX_PARTITIONS, describe_keys};
 use crate::projection::{AnyProjection, Projection};
 use crate::runner::{Plan, Prepared, Runner, Threads};
@@ -312,15 +313,20 @@ fn set_up_read_model(client: &mut Client, plan: &mut Plan) -> Result<(), Error> 
         .map_err(Error::database("waiting for other processes' setup"))?;
     plan.projection
         .setup(&mut tx)
-        .map_err(|source| Error::Projection {
-            projection: name.clone(),
-            partition: plan.keys[0],
-            total: plan.total,
-            position: 0,
-            aggregate_id: String::new(),
-            event_type: "(setup)".into(),
-            attempts: 1,
-            source,
+        .map_err(|source| match source.downcast::<Error>() {
+            // A setup that refuses its configuration (a projection file the database refused)
+            // says so itself.
+            Ok(error) if error.is_configuration() => *error,
+            other => Error::Projection {
+                projection: name.clone(),
+                partition: plan.keys[0],
+                total: plan.total,
+                position: 0,
+                aggregate_id: String::new(),
+                event_type: "(setup)".into(),
+                attempts: 1,
+                source: other.map_or_else(|source| source, |error| error as BoxError),
+            },
         })?;
     tx.commit()
         .map_err(Error::database("committing the projection's setup"))

@@ -234,6 +234,18 @@ pub enum Error {
         /// What the metrics library said.
         reason: String,
     },
+    /// A projection file (a projection written in SQL) cannot be used: it does not parse, or
+    /// the database refused one of its sections.
+    SqlProjectionFile {
+        /// The file, as given.
+        file: String,
+        /// The section at fault (`setup`, `apply`, `reset`, `scope`), when one is.
+        section: Option<String>,
+        /// The line of the file at fault, when known (1-based).
+        line: Option<usize>,
+        /// What is wrong, quoting the database's message, and what to do.
+        reason: String,
+    },
     /// A runtime thread ended without reporting (it panicked outside a projection).
     ThreadPanicked {
         /// The thread's name.
@@ -267,6 +279,7 @@ impl Error {
                 | Error::WouldBeRefused { .. }
                 | Error::RemovedFlag { .. }
                 | Error::NotStarted { .. }
+                | Error::SqlProjectionFile { .. }
         )
     }
 
@@ -494,6 +507,21 @@ impl fmt::Display for Error {
             }
             Error::ThreadPanicked { thread } => write!(f, "thread '{thread}' panicked"),
             Error::Metrics { reason } => write!(f, "setting up the metrics: {reason}"),
+            Error::SqlProjectionFile {
+                file,
+                section,
+                line,
+                reason,
+            } => {
+                write!(f, "projection file '{file}'")?;
+                if let Some(section) = section {
+                    write!(f, ", section `-- {section}`")?;
+                }
+                if let Some(line) = line {
+                    write!(f, " (line {line})")?;
+                }
+                write!(f, ": {reason}")
+            }
             Error::NotStarted { projection, schema } => write!(
                 f,
                 "projection '{projection}' has no checkpoints in schema '{schema}': no projector \

@@ -14,9 +14,14 @@ pub(crate) struct Args {
     #[argh(option)]
     pub(crate) total_partitions: Option<String>,
 
-    /// projection(s) to run, comma-separated, sharing one read of the stream: users (default), aggregate-stats, aggregate-stats-batch (set-based), noop (moves checkpoints only)
-    #[argh(option, default = "String::from(\"users\")")]
-    pub(crate) projection: String,
+    /// projection(s) to run, comma-separated, sharing one read of the stream: users (default, unless --projection-file is given), aggregate-stats, aggregate-stats-batch (set-based), noop (moves checkpoints only)
+    #[argh(option)]
+    pub(crate) projection: Option<String>,
+
+    /// a projection written in SQL: a file, or a folder whose *.sql files all run (sorted by
+    /// name); may be repeated, and combined with --projection
+    #[argh(option)]
+    pub(crate) projection_file: Vec<String>,
 
     /// events read per query, from 1 to 100000, default 5000
     #[argh(option)]
@@ -157,7 +162,12 @@ pub(crate) struct Status {
 pub(crate) struct Reset {
     /// the projection to reset: users, aggregate-stats, aggregate-stats-batch or noop
     #[argh(option)]
-    pub(crate) projection: String,
+    pub(crate) projection: Option<String>,
+
+    /// the projection to reset, written in SQL: its file (its `-- reset` section clears the
+    /// read model)
+    #[argh(option)]
+    pub(crate) projection_file: Option<String>,
 
     /// go ahead (without it, only says what would be cleared)
     #[argh(switch)]
@@ -284,6 +294,7 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
         (subcommand, flag),
         ("seed", "--users" | "--renames" | "--email-changes")
             | ("status" | "reset" | "repartition" | "wait", "--projection")
+            | ("reset", "--projection-file")
             | ("repartition", "--to")
             | ("status", "--watch")
             | ("wait", "--position" | "--aggregate" | "--timeout")
@@ -309,6 +320,7 @@ fn with_flags_in_place(args: Vec<&str>) -> Result<Vec<&str>, Parsed> {
             moved.extend([arg, value]);
         } else if RUN_FLAGS.contains(&arg)
             || (arg == "--projection" && !WITH_PROJECTION.contains(&subcommand))
+            || (arg == "--projection-file" && subcommand != "reset")
         {
             return Err(run_flag_with(arg, subcommand));
         } else {
@@ -328,11 +340,20 @@ fn with_flags_in_place(args: Vec<&str>) -> Result<Vec<&str>, Parsed> {
         if RUN_FLAGS.contains(&arg) {
             return Err(run_flag_with(arg, subcommand));
         }
-        if arg == "--projection" {
+        if arg == "--projection-file" {
+            // Only `reset` takes a projection file, as its own flag.
+            if subcommand != "reset" {
+                return Err(run_flag_with(arg, subcommand));
+            }
+            if !after.contains(&"--projection") && !after.contains(&"--projection-file") {
+                after.push(arg);
+                after.extend(value);
+            }
+        } else if arg == "--projection" {
             if !WITH_PROJECTION.contains(&subcommand) {
                 return Err(run_flag_with(arg, subcommand));
             }
-            if !after.contains(&"--projection") {
+            if !after.contains(&"--projection") && !after.contains(&"--projection-file") {
                 after.push(arg);
                 after.extend(value);
             }
@@ -365,9 +386,9 @@ fn subcommand_position(args: &[&str]) -> Option<usize> {
 }
 
 fn run_flag_with(flag: &str, subcommand: &str) -> Parsed {
-    if flag == "--projection" {
+    if flag == "--projection" || flag == "--projection-file" {
         return Parsed::Usage(format!(
-            "error: `projector {subcommand}` takes no --projection: drop it"
+            "error: `projector {subcommand}` takes no {flag}: drop it"
         ));
     }
     Parsed::Usage(format!(

@@ -4,6 +4,7 @@ pub(crate) mod args;
 pub(crate) mod logs;
 mod seed;
 mod serve;
+mod sql_files;
 mod wait;
 mod watch;
 
@@ -54,8 +55,22 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
             }
         }
         Some(Command::Reset(ref reset)) => {
-            let client = connect_to_schema(&database, &schema_setting(&args))?;
-            match reset.projection.as_str() {
+            let mut client = connect_to_schema(&database, &schema_setting(&args))?;
+            let name = match (&reset.projection, &reset.projection_file) {
+                (None, Some(file)) => {
+                    let projection = sql_files::for_reset(&mut client, file)?;
+                    return reset_projection(client, projection, reset.yes);
+                }
+                (Some(name), None) => name.as_str(),
+                _ => {
+                    return Err(Error::invalid_setting(
+                        "--projection",
+                        reset.projection.as_deref().unwrap_or(""),
+                        "give either --projection NAME or --projection-file FILE (exactly one)",
+                    ));
+                }
+            };
+            match name {
                 "users" => reset_projection(client, Users, reset.yes),
                 "aggregate-stats" => reset_projection(client, AggregateStats, reset.yes),
                 "aggregate-stats-batch" => reset_projection(client, AggregateStatsBatch, reset.yes),
@@ -69,10 +84,26 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
     }
 }
 
-/// A runner of the projections named in `--projection` (a comma-separated list).
+/// A runner of the projections named in `--projection` (a comma-separated list; `users` when
+/// neither it nor `--projection-file` is given) and of the files of `--projection-file`, each
+/// file checked against the database first.
 fn builder_of(args: &Args, database: Database) -> Result<Builder, Error> {
+    let files = sql_files::projection_files(&args.projection_file)?;
+    sql_files::check(&database, &files)?;
     let mut builder: Option<Builder> = None;
-    for name in args.projection.split(',').map(str::trim) {
+    let names = match (&args.projection, files.is_empty()) {
+        (Some(names), _) => names.as_str(),
+        (None, true) => "users",
+        (None, false) => "",
+    };
+    for file in files {
+        builder = Some(with(builder, &database, file));
+    }
+    for name in names
+        .split(',')
+        .map(str::trim)
+        .filter(|_| !names.is_empty())
+    {
         builder = Some(match name {
             "users" => with(builder, &database, Users),
             "aggregate-stats" => with(builder, &database, AggregateStats),
@@ -96,15 +127,25 @@ fn unknown_projection(name: &str) -> Error {
     Error::invalid_setting(
         "--projection",
         name,
-        "known projections are users, aggregate-stats, aggregate-stats-batch and noop",
+        "known projections are users, aggregate-stats, aggregate-stats-batch and noop; give a \
+         projection written in SQL with --projection-file FILE",
     )
 }
 
 /// `projector repartition`: changes the layout and says what changed.
 fn repartition(database: &Database, change: &args::Repartition) -> Result<(), Error> {
     let name = change.projection.as_str();
-    if !KNOWN_PROJECTIONS.contains(&name) {
-        return Err(unknown_projection(name));
+    // Another name is taken when it has checkpoints (a projection file's, a service's own).
+    if !KNOWN_PROJECTIONS.contains(&name)
+        && projector::status(&mut database.connect()?, Some(name))?.is_empty()
+    {
+        return Err(Error::invalid_setting(
+            "--projection",
+            name,
+            "known projections are users, aggregate-stats, aggregate-stats-batch, noop and any \
+             projection with checkpoints in this schema (such as a projection file's, by the name \
+             in its `-- projection:` line)",
+        ));
     }
     let total = projector::parse_total_partitions("--to", &change.to)?;
     match projector::repartition(database, name, total)? {

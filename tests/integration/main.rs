@@ -21,6 +21,7 @@ mod repartition;
 mod repartition_command;
 mod runtime;
 mod several_projections;
+mod sql_projection;
 mod stopping;
 mod store;
 mod store_shape;
