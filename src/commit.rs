@@ -57,6 +57,10 @@ impl<P: Projection> Worker<P> {
             })
             .collect();
         let skipped = events.len() - pending_at.len();
+        // With the park policy, the events of parked aggregates are recorded, not applied.
+        let pending_at = self
+            .set_parked_aside(&mut tx, events, pending_at)
+            .map_err(|e| self.failure(e))?;
         let first = pending_at.first().copied().unwrap_or(events.len());
         let gathered: Vec<Event>;
         let pending: &[Event] = if pending_at.len() == events.len() - first {
@@ -101,6 +105,7 @@ impl<P: Projection> Worker<P> {
                 .map_err(|e| self.failure(e))?;
         }
         tx.commit().map_err(|e| self.failure(e))?;
+        self.parking_committed();
         summary.applied += applied;
         summary.skipped += skipped;
         summary.checkpoint = new_checkpoint;
@@ -186,7 +191,7 @@ fn trace_applied(event: &Event, context: &Context) {
     );
 }
 
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     let message = panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

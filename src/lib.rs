@@ -106,6 +106,7 @@ mod builder;
 mod checkpoint;
 mod commit;
 mod database;
+mod dead_letter;
 mod error;
 mod event;
 mod fetcher;
@@ -131,6 +132,9 @@ use std::time::Duration;
 
 pub use builder::{Builder, MAX_BATCH_SIZE};
 pub use database::{Database, Pool};
+pub use dead_letter::{
+    DeadLetter, Dropped, PoisonPolicy, Retried, dead_letters, drop_parked, retry,
+};
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent, Scope};
 pub use layout::{EarlierLayout, LayoutChange, repartition};

@@ -319,9 +319,9 @@ fn missing_tables_exit_2_and_say_to_migrate() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
             stderr.contains(
-                "table(s) events, aggregate_heads, projector_checkpoints, projector_prior_layouts not found"
-            )
-                && stderr.contains("run `projector migrate` first"),
+                "table(s) events, aggregate_heads, projector_checkpoints, projector_prior_layouts, \
+                 projection_dead_letters not found"
+            ) && stderr.contains("run `projector migrate` first"),
             "{args:?}: {stderr}"
         );
     }
