@@ -524,6 +524,10 @@ impl<P: Projection> Worker<P> {
         events: &[Event],
         pending_at: Vec<usize>,
     ) -> Result<Vec<usize>, postgres::Error> {
+        if self.parking.is_none() || pending_at.is_empty() {
+            // Stop policy, or nothing to apply (a checkpoint moving over an idle range).
+            return Ok(pending_at);
+        }
         let name = self.projection.name().to_owned();
         let Some(parking) = self.parking.as_mut() else {
             return Ok(pending_at);
@@ -621,6 +625,9 @@ impl<P: Projection> Worker<P> {
     /// After a commit: the parked event, if there was one, is done with; says what was parked,
     /// and, every progress interval while this partition has parked aggregates, that it has.
     pub(crate) fn parking_committed(&mut self) {
+        if self.parking.is_none() {
+            return;
+        }
         let name = self.projection.name().to_owned();
         let (partition, total) = (self.context.partition, self.context.total_partitions);
         let interval = self.settings.progress_interval;
@@ -628,6 +635,7 @@ impl<P: Projection> Worker<P> {
             return;
         };
         let poisoned = std::mem::take(&mut parking.poisoned);
+        let parked_now = std::mem::take(&mut parking.parked_now);
         for (position, aggregate) in parking.heads_now.drain(..) {
             let why = poisoned
                 .iter()
@@ -671,7 +679,7 @@ impl<P: Projection> Worker<P> {
             } else {
                 ""
             },
-            parking.parked_now
+            parked_now
         );
     }
 }
