@@ -8,7 +8,7 @@
 //! alternate, `--rounds` times each, and the median is reported.
 //!
 //! ```text
-//! cargo bench --bench park -- --database-url URL [--events N] [--rounds R]
+//! cargo bench --bench park -- --database-url URL [--events N] [--rounds R] [--retry-delay-ms MS]
 //! ```
 //!
 //! It works in a schema of its own (`bench_park_<pid>`), dropped at the end.
@@ -16,14 +16,16 @@
 use std::time::{Duration, Instant};
 
 use projector::postgres::{Client, NoTls, Transaction};
-use projector::{BoxError, Builder, Context, Database, Event, PoisonPolicy, Projection};
+use projector::{BoxError, Builder, Context, Database, Event, PoisonPolicy, Projection, Settings};
 
 type Result<T, E = BoxError> = std::result::Result<T, E>;
 
 const USAGE: &str = "usage: park [--database-url URL] [--events N] [--rounds R]
   --database-url  server to run against (env DATABASE_URL); a schema of its own is used
   --events        events in the stream, default 1000000 (10,000 aggregates)
-  --rounds        runs of each kind, alternating; the median is reported, default 3";
+  --rounds        runs of each kind, alternating; the median is reported, default 3
+  --retry-delay-ms  Settings::retry_delay (the back-off before the 2nd attempt, doubled before
+                  the 3rd), default the library's (100): 0 shows what parking costs without it";
 
 const AGGREGATES: i64 = 10_000;
 const SEED_SQL: &str = "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, \
@@ -60,6 +62,7 @@ struct Options {
     url: String,
     events: i64,
     rounds: usize,
+    retry_delay: Option<Duration>,
 }
 
 fn main() {
@@ -85,6 +88,7 @@ fn options() -> Result<Option<Options>> {
         url: std::env::var("DATABASE_URL").unwrap_or_default(),
         events: 1_000_000,
         rounds: 3,
+        retry_delay: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -95,6 +99,10 @@ fn options() -> Result<Option<Options>> {
             "--database-url" => options.url = value()?,
             "--events" => options.events = value()?.parse().map_err(|_| "--events: a number")?,
             "--rounds" => options.rounds = value()?.parse().map_err(|_| "--rounds: a number")?,
+            "--retry-delay-ms" => {
+                let ms = value()?.parse().map_err(|_| "--retry-delay-ms: a number")?;
+                options.retry_delay = Some(Duration::from_millis(ms));
+            }
             other => return Err(format!("unknown argument '{other}'\n{USAGE}").into()),
         }
     }
@@ -135,7 +143,7 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
                 name: format!("bench-{kind}-{round}"),
                 poison,
             };
-            let took = catch_up(database, projection, policy)?;
+            let took = catch_up(database, projection, policy, options.retry_delay)?;
             eprintln!("round {round}: {label}: {:.2} s", took.as_secs_f64());
             times[kind].push(took);
         }
@@ -150,9 +158,14 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
     let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
     let rate = |seconds: f64| options.events as f64 / seconds;
     println!(
-        "\n## Park: {} events, {AGGREGATES} aggregates, 4 partitions, median of {} run(s)\n",
+        "\n## Park: {} events, {AGGREGATES} aggregates, 4 partitions, median of {} run(s), \
+         retry delay {} ms\n",
         options.events,
-        options.rounds.max(1)
+        options.rounds.max(1),
+        options
+            .retry_delay
+            .unwrap_or(Settings::default().retry_delay)
+            .as_millis()
     );
     println!("| run | wall s | events/s | ratio |");
     println!("|---|---:|---:|---:|");
@@ -194,9 +207,19 @@ fn seed(database: &Database, events: i64) -> Result<()> {
 }
 
 /// Wall time of one runner catching `projection` up from the first event.
-fn catch_up(database: &Database, projection: Bench, policy: PoisonPolicy) -> Result<Duration> {
+fn catch_up(
+    database: &Database,
+    projection: Bench,
+    policy: PoisonPolicy,
+    retry_delay: Option<Duration>,
+) -> Result<Duration> {
+    let mut settings = Settings::default();
+    if let Some(delay) = retry_delay {
+        settings.retry_delay = delay;
+    }
     let started = Instant::now();
     Builder::new(database.clone(), projection)
+        .settings(settings)
         .partitions(0..4)
         .total_partitions(4)
         .on_poison(policy)

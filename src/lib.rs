@@ -54,6 +54,15 @@
 //! the others back. A process that stops answering loses its partitions within
 //! [`Database::session_timeout_secs`].
 //!
+//! # Poison events
+//! An event that still fails after the last attempt stops its projection by default
+//! ([`PoisonPolicy::Stop`]). With [`PoisonPolicy::Park`] ([`Projection::poison_policy`], or
+//! [`Builder::on_poison`] for a whole runner) the worker parks it in `projection_dead_letters`
+//! in the transaction that moves the checkpoint past it, parks every later event of the same
+//! aggregate behind it, in order, and goes on with the other aggregates. [`dead_letters`] lists
+//! them, [`retry`] applies an aggregate's parked events once the cause is fixed and releases
+//! it, and [`drop_parked`] discards them; both are safe while the projection runs.
+//!
 //! # Shutdown
 //! [`Runner::shutdown`] (or a [`Stopper`] from another thread) disconnects a channel every
 //! thread watches: the fetcher stops reading, each worker finishes the transaction it is in,
