@@ -92,6 +92,7 @@ pub fn dead_letters(
     client: &mut impl GenericClient,
     projection: Option<&str>,
 ) -> Result<Vec<DeadLetter>, Error> {
+    crate::status::check_tables_here(client)?;
     let rows = client
         .query(
             "SELECT projection, global_position, bounded_context, aggregate_type, aggregate_id, \
@@ -167,6 +168,7 @@ pub fn retry<P: Projection>(
     projection: &mut P,
     aggregate: Option<&str>,
 ) -> Result<Vec<Retried>, Error> {
+    crate::status::check_tables_here(client)?;
     let name = projection.name().to_owned();
     let aggregates = parked_aggregates_named(client, &name, aggregate)?;
     let mut outcomes = Vec::with_capacity(aggregates.len());
@@ -405,6 +407,7 @@ pub fn drop_parked(
     projection: &str,
     aggregate_id: &str,
 ) -> Result<Dropped, Error> {
+    crate::status::check_tables_here(client)?;
     parked_aggregates_named(client, projection, Some(aggregate_id))?;
     let mut tx = client
         .transaction()

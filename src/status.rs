@@ -190,7 +190,7 @@ struct Lock {
 
 /// Fails with [`Error::MissingTables`] unless the projector's tables are in the current schema,
 /// which it returns.
-fn check_tables_here(client: &mut impl GenericClient) -> Result<String, Error> {
+pub(crate) fn check_tables_here(client: &mut impl GenericClient) -> Result<String, Error> {
     let schema: String = client
         .query_one("SELECT current_schema()::text", &[])
         .map_err(Error::database("reading the current schema"))?
