@@ -9,6 +9,7 @@ use log::{info, warn};
 use postgres::Client;
 
 use crate::database::Pool;
+use crate::dead_letter::PoisonPolicy;
 use crate::error::BoxError;
 use crate::partition::{MAX_PARTITIONS, describe_keys};
 use crate::projection::{AnyProjection, Projection};
@@ -43,6 +44,7 @@ pub struct Builder {
     total_partitions: u32,
     pool: Option<Pool>,
     settings: Settings,
+    on_poison: Option<PoisonPolicy>,
 }
 
 /// A projection of the runner, with its own partitions when it has them.
@@ -66,6 +68,7 @@ impl Builder {
             total_partitions: 1,
             pool: None,
             settings: Settings::default(),
+            on_poison: None,
         }
     }
 
@@ -136,6 +139,14 @@ impl Builder {
     /// Stop once caught up with the head of the stream as it is at start.
     pub fn exit_when_caught_up(mut self, exit: bool) -> Self {
         self.settings.exit_when_caught_up = exit;
+        self
+    }
+
+    /// What every projection of the runner does with an event that still fails after the last
+    /// attempt, whatever its [`Projection::poison_policy`] says: stop just before it, or park
+    /// it and the later events of its aggregate and go on (`--on-poison`).
+    pub fn on_poison(mut self, policy: PoisonPolicy) -> Self {
+        self.on_poison = Some(policy);
         self
     }
 
@@ -214,6 +225,9 @@ impl Builder {
                     projection: member.projection.clone(),
                     keys: checked_keys(keys, total)?,
                     total,
+                    policy: self
+                        .on_poison
+                        .unwrap_or_else(|| member.projection.poison_policy()),
                 })
             })
             .collect()

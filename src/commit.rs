@@ -59,19 +59,20 @@ impl<P: Projection> Worker<P> {
             })
             .collect();
         let skipped = events.len() - pending_at.len();
-        let first = pending_at.first().copied().unwrap_or(events.len());
-        let gathered: Vec<Event>;
-        let pending: &[Event] = if pending_at.len() == events.len() - first {
-            // The usual case: the pending events are the tail of the batch.
-            &events[first..]
-        } else {
-            gathered = pending_at
-                .iter()
-                .map(|&index| events[index].clone())
-                .collect();
-            &gathered
-        };
-        if let Err((index, source)) = self.apply(&mut tx, pending, whole) {
+        // With the park policy, the events of parked aggregates are recorded, not applied.
+        let pending_at = self
+            .set_parked_aside(&mut tx, events, pending_at)
+            .map_err(|e| self.failure(e))?;
+        // Applied run by run (usually one: the tail of the batch), in order, without copying
+        // the events around those left out (parked, or applied under an earlier layout).
+        let mut failed = None;
+        for run in runs(&pending_at) {
+            if let Err((index, source)) = self.apply(&mut tx, &events[run.clone()], whole) {
+                failed = Some((index.map(|index| run.start + index), source));
+                break;
+            }
+        }
+        if let Some((index, source)) = failed {
             drop(tx);
             let connection_gone = connection.client.is_closed()
                 || source
@@ -85,15 +86,12 @@ impl<P: Projection> Worker<P> {
                 })
             } else {
                 match index {
-                    Some(index) => Failure::Projection {
-                        index: pending_at[index],
-                        source,
-                    },
+                    Some(index) => Failure::Projection { index, source },
                     None => Failure::Batch(source),
                 }
             });
         }
-        let applied = pending.len() as u64;
+        let applied = pending_at.len() as u64;
         let skipped = skipped as u64;
         let new_checkpoint = checkpoint.max(upto);
         if new_checkpoint != checkpoint {
@@ -106,6 +104,7 @@ impl<P: Projection> Worker<P> {
         self.progress
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());
+        self.parking_committed();
         summary.applied += applied;
         summary.skipped += skipped;
         summary.checkpoint = new_checkpoint;
@@ -179,6 +178,18 @@ impl<P: Projection> Worker<P> {
     }
 }
 
+/// The runs of consecutive indexes in `indexes` (ascending), as ranges.
+fn runs(indexes: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for &index in indexes {
+        match runs.last_mut() {
+            Some(run) if run.end == index => run.end += 1,
+            _ => runs.push(index..index + 1),
+        }
+    }
+    runs
+}
+
 /// One line per applied event, at trace level (`RUST_LOG=projector=trace`).
 fn trace_applied(event: &Event, context: &Context) {
     trace!(
@@ -191,11 +202,23 @@ fn trace_applied(event: &Event, context: &Context) {
     );
 }
 
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     let message = panic
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a non-text panic payload".to_owned());
     format!("panicked: {message}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    fn runs_of_consecutive_indexes() {
+        assert_eq!(runs(&[]), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(runs(&[3, 4, 5]), vec![3..6]);
+        assert_eq!(runs(&[0, 1, 3, 4, 7]), [0..2, 3..5, 7..8]);
+    }
 }

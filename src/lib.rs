@@ -59,6 +59,15 @@
 //! applied, checkpoints, lag, commit durations, retries, partition states, gaps) and answers
 //! liveness and readiness checks ([`Metrics::live`], [`Metrics::ready`]).
 //!
+//! # Poison events
+//! An event that still fails after the last attempt stops its projection by default
+//! ([`PoisonPolicy::Stop`]). With [`PoisonPolicy::Park`] ([`Projection::poison_policy`], or
+//! [`Builder::on_poison`] for a whole runner) the worker parks it in `projection_dead_letters`
+//! in the transaction that moves the checkpoint past it, parks every later event of the same
+//! aggregate behind it, in order, and goes on with the other aggregates. [`dead_letters`] lists
+//! them, [`retry`] applies an aggregate's parked events once the cause is fixed and releases
+//! it, and [`drop_parked`] discards them; both are safe while the projection runs.
+//!
 //! # Shutdown
 //! [`Runner::shutdown`] (or a [`Stopper`] from another thread) disconnects a channel every
 //! thread watches: the fetcher stops reading, each worker finishes the transaction it is in,
@@ -111,6 +120,7 @@ mod builder;
 mod checkpoint;
 mod commit;
 mod database;
+mod dead_letter;
 mod error;
 mod event;
 mod fetcher;
@@ -137,6 +147,9 @@ use std::time::Duration;
 
 pub use builder::{Builder, MAX_BATCH_SIZE};
 pub use database::{Database, Pool};
+pub use dead_letter::{
+    DeadLetter, Dropped, PoisonPolicy, Retried, dead_letters, drop_parked, retry,
+};
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent, Scope};
 pub use layout::{EarlierLayout, LayoutChange, repartition};

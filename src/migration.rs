@@ -80,8 +80,32 @@ const PRIOR_LAYOUTS: Table = Table {
     ],
 };
 
+/// Parked events of projections whose poison policy is `park` (see `dead_letter.rs`).
+const DEAD_LETTERS: Table = Table {
+    name: "projection_dead_letters",
+    create: include_str!("../sql/projection_dead_letters.sql"),
+    columns: &[
+        ("projection", TEXT),
+        ("global_position", BIGINT),
+        ("bounded_context", TEXT),
+        ("aggregate_type", TEXT),
+        ("aggregate_id", TEXT),
+        ("event_type", TEXT),
+        ("error", TEXT),
+        ("attempts", INTEGER),
+        ("first_failed_at", TIMESTAMP),
+        ("last_failed_at", TIMESTAMP),
+    ],
+};
+
 /// Every table the projector needs, in the order they are created.
-pub(crate) const TABLES: [&Table; 4] = [&EVENTS, &AGGREGATE_HEADS, &CHECKPOINTS, &PRIOR_LAYOUTS];
+pub(crate) const TABLES: [&Table; 5] = [
+    &EVENTS,
+    &AGGREGATE_HEADS,
+    &CHECKPOINTS,
+    &PRIOR_LAYOUTS,
+    &DEAD_LETTERS,
+];
 
 /// The tables of the version before the rename, which the projector no longer uses.
 const EARLIER_CHECKPOINTS: &str = "projection_checkpoints";

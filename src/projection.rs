@@ -2,6 +2,7 @@
 
 use postgres::Transaction;
 
+use crate::dead_letter::PoisonPolicy;
 use crate::error::BoxError;
 use crate::event::{Event, Scope};
 
@@ -41,6 +42,14 @@ pub trait Projection: Clone + Send + 'static {
     /// `(aggregate_type, global_position)` serve it).
     fn scope(&self) -> Scope {
         Scope::all()
+    }
+
+    /// What to do with an event that still fails after the last attempt: stop just before it
+    /// (the default), or park it and the later events of its aggregate and go on
+    /// ([`PoisonPolicy::Park`]). [`Builder::on_poison`](crate::Builder::on_poison) overrides it
+    /// for every projection of a runner.
+    fn poison_policy(&self) -> PoisonPolicy {
+        PoisonPolicy::Stop
     }
 
     /// Prepares the read model (for example `CREATE TABLE IF NOT EXISTS`). Called once when a
@@ -108,6 +117,7 @@ impl std::fmt::Debug for AnyProjection {
 trait DynProjection: Send {
     fn name(&self) -> &str;
     fn scope(&self) -> Scope;
+    fn poison_policy(&self) -> PoisonPolicy;
     fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError>;
     fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError>;
     fn apply(
@@ -131,6 +141,9 @@ impl<P: Projection> DynProjection for P {
     }
     fn scope(&self) -> Scope {
         Projection::scope(self)
+    }
+    fn poison_policy(&self) -> PoisonPolicy {
+        Projection::poison_policy(self)
     }
     fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
         Projection::setup(self, tx)
@@ -171,6 +184,9 @@ impl Projection for AnyProjection {
     }
     fn scope(&self) -> Scope {
         self.0.scope()
+    }
+    fn poison_policy(&self) -> PoisonPolicy {
+        self.0.poison_policy()
     }
     fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
         self.0.setup(tx)

@@ -11,6 +11,7 @@ use log::error;
 use postgres::Client;
 
 use crate::database::Pool;
+use crate::dead_letter::{Parking, PoisonPolicy};
 use crate::fetcher::Fetcher;
 use crate::layout::Layout;
 use crate::metrics::{CommitTimers, Metrics};
@@ -29,6 +30,8 @@ pub(crate) struct Plan {
     pub(crate) projection: AnyProjection,
     pub(crate) keys: Vec<u32>,
     pub(crate) total: u32,
+    /// What the projection does with an event that keeps failing.
+    pub(crate) policy: PoisonPolicy,
 }
 
 /// A projection ready to run: its layout claimed, its read model set up, its checkpoints read.
@@ -232,6 +235,7 @@ impl Threads {
                 stragglers: Arc::clone(&self.stragglers),
                 lane: lanes.len() - 1,
                 scope: scope.clone(),
+                parking: (plan.policy == PoisonPolicy::Park).then(Parking::new),
             };
             let done = done.clone();
             let everything = self.stopper.clone();

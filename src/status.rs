@@ -47,6 +47,10 @@ pub struct CheckpointStatus {
     /// While the projection catches up after a change of its number of partitions: the earlier
     /// layouts whose applied events its partitions still skip. Empty otherwise.
     pub earlier_layouts: Vec<EarlierLayout>,
+    /// Aggregates of this partition the projection has parked (`projection_dead_letters`).
+    pub parked_aggregates: u64,
+    /// Events of this partition the projection has parked.
+    pub parked_events: u64,
 }
 
 impl CheckpointStatus {
@@ -112,6 +116,7 @@ pub fn status(
             )
         })
         .collect();
+    let parked = crate::dead_letter::parked_counts(client)?;
     let rows = client
         .query(
             &format!(
@@ -147,6 +152,11 @@ pub fn status(
                 .filter(|(p, t, _)| *p == name && *t == total)
                 .map(|(_, _, layout)| layout.clone())
                 .collect();
+            let parked_here: Vec<i64> = parked
+                .iter()
+                .filter(|(p, id, _)| *p == name && crate::partition_of(id, total.max(1)) == key)
+                .map(|&(_, _, events)| events)
+                .collect();
             CheckpointStatus {
                 projection: name,
                 total_partitions: total,
@@ -162,6 +172,8 @@ pub fn status(
                 held_by_client: holder.and_then(|lock| lock.client.clone()),
                 held_by_application: holder.and_then(|lock| lock.application.clone()),
                 earlier_layouts,
+                parked_aggregates: parked_here.len() as u64,
+                parked_events: parked_here.iter().sum::<i64>().unsigned_abs(),
             }
         })
         .collect())
@@ -178,7 +190,7 @@ struct Lock {
 
 /// Fails with [`Error::MissingTables`] unless the projector's tables are in the current schema,
 /// which it returns.
-fn check_tables_here(client: &mut impl GenericClient) -> Result<String, Error> {
+pub(crate) fn check_tables_here(client: &mut impl GenericClient) -> Result<String, Error> {
     let schema: String = client
         .query_one("SELECT current_schema()::text", &[])
         .map_err(Error::database("reading the current schema"))?
@@ -242,14 +254,20 @@ pub fn reset<P: Projection>(client: &mut Client, projection: &mut P) -> Result<u
         &[&name],
     )
     .map_err(Error::database("deleting the earlier layouts"))?;
+    let dropped = tx
+        .execute(
+            "DELETE FROM projection_dead_letters WHERE projection = $1",
+            &[&name],
+        )
+        .map_err(Error::database("deleting the parked events"))?;
     projection
         .reset(&mut tx)
         .map_err(read_model("clearing its read model"))?;
     tx.commit()
         .map_err(Error::database("committing the reset"))?;
     info!(
-        "projection '{name}': deleted {deleted} checkpoint(s) and cleared its read model; \
-         its next start rebuilds it from the first event"
+        "projection '{name}': deleted {deleted} checkpoint(s) and {dropped} parked event(s), and \
+         cleared its read model; its next start rebuilds it from the first event"
     );
     Ok(deleted)
 }

@@ -10,6 +10,7 @@ use prometheus::Histogram;
 
 use crate::checkpoint::{PartitionStatements, Peek};
 use crate::database::Pool;
+use crate::dead_letter::Parking;
 use crate::error::BoxError;
 use crate::event::{Event, Scope};
 use crate::layout::EarlierLayout;
@@ -109,6 +110,8 @@ pub(crate) struct Worker<P> {
     pub(crate) lane: usize,
     /// The events the projection wants.
     pub(crate) scope: Scope,
+    /// With the park policy: what this worker parks ([`crate::dead_letter`]); `None` stops.
+    pub(crate) parking: Option<Parking>,
 }
 
 /// A pooled connection with the partition's statements prepared on it.
@@ -378,6 +381,7 @@ impl<P: Projection> Worker<P> {
         summary: &mut PartitionSummary,
     ) -> Result<bool, Error> {
         let mut failures = 0;
+        let mut first_failed_at = std::time::SystemTime::now();
         // The whole batch at once first; after a failure, event by event, to find the event.
         let mut whole = true;
         loop {
@@ -426,7 +430,16 @@ impl<P: Projection> Worker<P> {
                 Err(Failure::Projection { index, source }) => {
                     failures += 1;
                     let event = &events[index];
+                    if failures == 1 {
+                        first_failed_at = std::time::SystemTime::now();
+                    }
                     if failures >= self.settings.max_attempts {
+                        if let Some(parking) = self.parking.as_mut() {
+                            // Parked in the next attempt, with the later events of its aggregate.
+                            parking.poison(event, &source, failures, first_failed_at);
+                            failures = 0;
+                            continue;
+                        }
                         self.progress.failures.fetch_add(1, Ordering::Relaxed);
                         // Keep what came before the failing event, and stop just before it.
                         let before = event.global_position - 1;

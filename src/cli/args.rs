@@ -36,6 +36,12 @@ pub(crate) struct Args {
     #[argh(option)]
     pub(crate) give_up_after: Option<String>,
 
+    /// what to do with an event that still fails after 3 attempts: stop (default) stops the
+    /// projection just before it; park parks it and the later events of its aggregate in
+    /// projection_dead_letters and goes on with the other aggregates
+    #[argh(option)]
+    pub(crate) on_poison: Option<String>,
+
     /// stop once caught up with the head of the stream as it was at start
     #[argh(switch)]
     pub(crate) exit_when_caught_up: bool,
@@ -92,6 +98,7 @@ pub(crate) enum Command {
     Reset(Reset),
     Repartition(Repartition),
     Wait(Wait),
+    DeadLetters(super::dead_letters::DeadLetters),
 }
 
 /// Create the event store and checkpoint tables (safe to run again).
@@ -254,7 +261,15 @@ fn with_watch_seconds(args: &[String]) -> Vec<String> {
 }
 
 /// The subcommands, as typed.
-const SUBCOMMANDS: [&str; 6] = ["migrate", "seed", "status", "reset", "repartition", "wait"];
+const SUBCOMMANDS: [&str; 7] = [
+    "migrate",
+    "seed",
+    "status",
+    "reset",
+    "repartition",
+    "wait",
+    "dead-letters",
+];
 
 /// Flags of the whole command that may come before or after a subcommand.
 const CONNECTION_FLAGS: [&str; 5] = [
@@ -266,7 +281,8 @@ const CONNECTION_FLAGS: [&str; 5] = [
 ];
 
 /// Flags only running a projection (no subcommand) uses.
-const RUN_FLAGS: [&str; 8] = [
+const RUN_FLAGS: [&str; 9] = [
+    "--on-poison",
     "--partition-key",
     "--total-partitions",
     "--batch-size",
@@ -278,7 +294,7 @@ const RUN_FLAGS: [&str; 8] = [
 ];
 
 /// Subcommands that take `--projection` themselves.
-const WITH_PROJECTION: [&str; 4] = ["status", "reset", "repartition", "wait"];
+const WITH_PROJECTION: [&str; 5] = ["status", "reset", "repartition", "wait", "dead-letters"];
 
 /// Whether `flag`, given before any subcommand, takes a value.
 fn takes_value(flag: &str) -> bool {
@@ -298,6 +314,7 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
             | ("repartition", "--to")
             | ("status", "--watch")
             | ("wait", "--position" | "--aggregate" | "--timeout")
+            | ("dead-letters", "--projection" | "--aggregate")
     )
 }
 

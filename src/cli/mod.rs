@@ -1,6 +1,7 @@
 //! What each command does, on top of the library.
 
 pub(crate) mod args;
+mod dead_letters;
 pub(crate) mod logs;
 mod seed;
 mod serve;
@@ -80,6 +81,10 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
         }
         Some(Command::Repartition(ref change)) => repartition(&database, change),
         Some(Command::Wait(ref wait)) => wait::wait(&database, wait),
+        Some(Command::DeadLetters(ref command)) => {
+            connect_to_schema(&database, &schema_setting(&args))?;
+            dead_letters::run(&database, command)
+        }
         None => run_projections(&args, database),
     }
 }
@@ -280,6 +285,9 @@ fn run_projections(args: &Args, database: Database) -> Result<(), Error> {
         .partitions(keys)
         .total_partitions(total)
         .exit_when_caught_up(args.exit_when_caught_up);
+    if let Some(text) = &args.on_poison {
+        builder = builder.on_poison(projector::PoisonPolicy::parse("--on-poison", text)?);
+    }
     if let Some(text) = &args.batch_size {
         builder = builder.batch_size(positive("--batch-size", text)?);
     }
@@ -468,12 +476,12 @@ fn print_status(
         .max()
         .unwrap_or(20);
     println!(
-        "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9}  HELD-BY",
-        "PROJECTION", "PARTITION", "CHECKPOINT", "HEAD", "LAG", "LAG-TIME", "AGE"
+        "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9} {:>7}  HELD-BY",
+        "PROJECTION", "PARTITION", "CHECKPOINT", "HEAD", "LAG", "LAG-TIME", "AGE", "PARKED"
     );
     for row in &rows {
         println!(
-            "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9}  {}",
+            "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9} {:>7}  {}",
             row.projection,
             format!("{}/{}", row.partition_key, row.total_partitions),
             row.last_position,
@@ -481,8 +489,19 @@ fn print_status(
             row.lag_events,
             format!("{}s", row.lag_time.as_secs()),
             format!("{}s", row.age.as_secs()),
+            row.parked_events,
             held_by(row)
         );
+    }
+    for layout in layouts(&rows) {
+        let (aggregates, events) = parked(layout);
+        if events > 0 {
+            let name = &layout[0].projection;
+            println!(
+                "{name}: {aggregates} aggregate(s) parked, with {events} event(s): see `projector \
+                 dead-letters list --projection {name}`"
+            );
+        }
     }
     for layout in layouts(&rows) {
         let Some(until) = layout[0].repartitioning_until() else {
@@ -537,6 +556,13 @@ fn held_by(row: &CheckpointStatus) -> String {
     text
 }
 
+/// Parked aggregates and events of a layout's partitions.
+fn parked(layout: &[CheckpointStatus]) -> (u64, u64) {
+    layout.iter().fold((0, 0), |(a, e), row| {
+        (a + row.parked_aggregates, e + row.parked_events)
+    })
+}
+
 /// The rows of each projection's layout, in order.
 fn layouts(rows: &[CheckpointStatus]) -> Vec<&[CheckpointStatus]> {
     rows.chunk_by(|a, b| a.projection == b.projection && a.total_partitions == b.total_partitions)
@@ -573,6 +599,8 @@ fn status_json(head: i64, rows: &[CheckpointStatus]) -> Value {
                         "held_by_client": row.held_by_client,
                         "held_by_application": row.held_by_application,
                         "live": row.held_by_pid.is_some(),
+                        "parked_aggregates": row.parked_aggregates,
+                        "parked_events": row.parked_events,
                     })
                 })
                 .collect();
@@ -581,6 +609,7 @@ fn status_json(head: i64, rows: &[CheckpointStatus]) -> Value {
                 "total_partitions": first.total_partitions,
                 "partitions": partitions,
                 "repartitioning": repartitioning,
+                "parked": {"aggregates": parked(layout).0, "events": parked(layout).1},
             })
         })
         .collect();

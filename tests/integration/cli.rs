@@ -10,7 +10,7 @@ use crate::util::{TestSchema, eventually, run_within, text, wait_within};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-const STATUS_HEADER: [&str; 8] = [
+const STATUS_HEADER: [&str; 9] = [
     "PROJECTION",
     "PARTITION",
     "CHECKPOINT",
@@ -18,6 +18,7 @@ const STATUS_HEADER: [&str; 8] = [
     "LAG",
     "LAG-TIME",
     "AGE",
+    "PARKED",
     "HELD-BY",
 ];
 
@@ -319,9 +320,9 @@ fn missing_tables_exit_2_and_say_to_migrate() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
             stderr.contains(
-                "table(s) events, aggregate_heads, projector_checkpoints, projector_prior_layouts not found"
-            )
-                && stderr.contains("run `projector migrate` first"),
+                "table(s) events, aggregate_heads, projector_checkpoints, projector_prior_layouts, \
+                 projection_dead_letters not found"
+            ) && stderr.contains("run `projector migrate` first"),
             "{args:?}: {stderr}"
         );
     }
@@ -491,7 +492,8 @@ fn status_shows_layout_lag_holder_and_repartitioning_as_a_table_and_as_json() {
     assert_eq!(lines.len(), 3, "{lines:?}");
     for (line, key) in lines[1..].iter().zip(["0/2", "1/2"]) {
         assert_eq!(line[..6], ["aggregate-stats", key, "30", "30", "0", "0s"]);
-        assert_eq!(line[7], "-", "no live process holds it: {line:?}");
+        assert_eq!(line[7], "0", "nothing parked: {line:?}");
+        assert_eq!(line[8], "-", "no live process holds it: {line:?}");
     }
     let projection = &json["projections"][0];
     assert_eq!(json["head_position"], 30);
@@ -540,7 +542,7 @@ fn status_shows_layout_lag_holder_and_repartitioning_as_a_table_and_as_json() {
     {
         assert_eq!(partition["live"], true, "{json}");
         let pid = partition["held_by_pid"].as_i64().expect("a pid");
-        assert_eq!(line[7], format!("pid={pid}"), "{line:?}");
+        assert_eq!(line[8], format!("pid={pid}"), "{line:?}");
         assert_eq!(line[4], "0", "{line:?}");
     }
     signal(&live, "TERM");

@@ -7,6 +7,7 @@
 mod cli;
 mod cluster;
 mod connection;
+mod dead_letters;
 mod faults;
 mod gap;
 mod hardening;

@@ -100,7 +100,7 @@ fn recorded_exactly(
     exact.get::<_, i64>(0) == aggregates && exact.get::<_, i64>(1) == aggregates
 }
 
-fn checkpoints_at(schema: &TestSchema, projection: &str) -> Vec<i64> {
+pub(crate) fn checkpoints_at(schema: &TestSchema, projection: &str) -> Vec<i64> {
     schema
         .client()
         .query(

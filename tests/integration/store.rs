@@ -171,6 +171,7 @@ fn migrate_runs_twice_and_from_several_processes_at_once() {
         [
             "aggregate_heads",
             "events",
+            "projection_dead_letters",
             "projector_checkpoints",
             "projector_prior_layouts"
         ]

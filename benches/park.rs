@@ -1,0 +1,230 @@
+//! The cost of `--on-poison park`: catch-up throughput of a projection with the park policy and
+//! one poison aggregate among 10,000 (its first event fails on every attempt, so all its
+//! events are parked), against the same with no poison, and against the stop policy.
+//!
+//! Each run is a runner owning 4 partitions of 4 catching up from the first event with default
+//! settings (3 attempts, 100 ms and 200 ms back-off before the event is parked); the projection
+//! applies nothing, so that what parking costs the worker is as visible as it can be. The runs
+//! alternate, `--rounds` times each, and the median is reported.
+//!
+//! ```text
+//! cargo bench --bench park -- --database-url URL [--events N] [--rounds R] [--retry-delay-ms MS]
+//! ```
+//!
+//! It works in a schema of its own (`bench_park_<pid>`), dropped at the end.
+
+use std::time::{Duration, Instant};
+
+use projector::postgres::{Client, NoTls, Transaction};
+use projector::{BoxError, Builder, Context, Database, Event, PoisonPolicy, Projection, Settings};
+
+type Result<T, E = BoxError> = std::result::Result<T, E>;
+
+const USAGE: &str = "usage: park [--database-url URL] [--events N] [--rounds R]
+  --database-url  server to run against (env DATABASE_URL); a schema of its own is used
+  --events        events in the stream, default 1000000 (10,000 aggregates)
+  --rounds        runs of each kind, alternating; the median is reported, default 3
+  --retry-delay-ms  Settings::retry_delay (the back-off before the 2nd attempt, doubled before
+                  the 3rd), default the library's (100): 0 shows what parking costs without it";
+
+const AGGREGATES: i64 = 10_000;
+const SEED_SQL: &str = "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, \
+        aggregate_version, event_id, event_type, payload) \
+    SELECT 'bench', 'Account', 'agg-' || g % $3::int8, g / $3::int8 + 1, gen_random_uuid(), \
+        'Happened', convert_to(json_build_object('n', g, 'ref', md5(g::text))::text, 'UTF8') \
+    FROM generate_series($1::int8, $2::int8) AS g ORDER BY g";
+
+/// Applies nothing, and fails on every event of the poison aggregate, if any.
+#[derive(Clone)]
+struct Bench {
+    name: String,
+    poison: Option<&'static str>,
+}
+
+impl Projection for Bench {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn apply(
+        &mut self,
+        _: &mut Transaction<'_>,
+        event: &Event,
+        _: &Context,
+    ) -> Result<(), BoxError> {
+        match self.poison {
+            Some(id) if event.aggregate_id == id => Err("poison".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+struct Options {
+    url: String,
+    events: i64,
+    rounds: usize,
+    retry_delay: Option<Duration>,
+}
+
+fn main() {
+    if !std::env::args().any(|arg| arg == "--bench") {
+        println!("benchmark not run: use cargo bench --bench park");
+        return;
+    }
+    let outcome = options().and_then(|options| match options {
+        Some(options) => run(&options),
+        None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+    });
+    if let Err(error) = outcome {
+        eprintln!("park: {}", projector::error_chain(error.as_ref()));
+        std::process::exit(1);
+    }
+}
+
+fn options() -> Result<Option<Options>> {
+    let mut options = Options {
+        url: std::env::var("DATABASE_URL").unwrap_or_default(),
+        events: 1_000_000,
+        rounds: 3,
+        retry_delay: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--bench" => {}
+            "-h" | "--help" => return Ok(None),
+            "--database-url" => options.url = value()?,
+            "--events" => options.events = value()?.parse().map_err(|_| "--events: a number")?,
+            "--rounds" => options.rounds = value()?.parse().map_err(|_| "--rounds: a number")?,
+            "--retry-delay-ms" => {
+                let ms = value()?.parse().map_err(|_| "--retry-delay-ms: a number")?;
+                options.retry_delay = Some(Duration::from_millis(ms));
+            }
+            other => return Err(format!("unknown argument '{other}'\n{USAGE}").into()),
+        }
+    }
+    if options.url.is_empty() {
+        return Err("no database: pass --database-url or set DATABASE_URL".into());
+    }
+    Ok(Some(options))
+}
+
+fn run(options: &Options) -> Result<()> {
+    let schema = format!("bench_park_{}", std::process::id());
+    let mut admin = Client::connect(&options.url, NoTls)?;
+    admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
+    let database = Database::new(&options.url)?.schema(&schema)?;
+    let outcome = measure_all(options, &database);
+    admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
+    outcome
+}
+
+/// The three kinds of run: label, policy, poison aggregate.
+const KINDS: [(&str, PoisonPolicy, Option<&str>); 3] = [
+    ("stop, no poison", PoisonPolicy::Stop, None),
+    ("park, no poison", PoisonPolicy::Park, None),
+    (
+        "park, 1 poison aggregate of 10,000",
+        PoisonPolicy::Park,
+        Some("agg-4242"),
+    ),
+];
+
+fn measure_all(options: &Options, database: &Database) -> Result<()> {
+    projector::migrate(database)?;
+    seed(database, options.events)?;
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); KINDS.len()];
+    for round in 0..options.rounds.max(1) {
+        for (kind, &(label, policy, poison)) in KINDS.iter().enumerate() {
+            let projection = Bench {
+                name: format!("bench-{kind}-{round}"),
+                poison,
+            };
+            let took = catch_up(database, projection, policy, options.retry_delay)?;
+            eprintln!("round {round}: {label}: {:.2} s", took.as_secs_f64());
+            times[kind].push(took);
+        }
+    }
+    let parked: i64 = database
+        .connect()?
+        .query_one(
+            "SELECT COUNT(*) FROM projection_dead_letters WHERE projection LIKE 'bench-2-%'",
+            &[],
+        )?
+        .get(0);
+    let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+    let rate = |seconds: f64| options.events as f64 / seconds;
+    println!(
+        "\n## Park: {} events, {AGGREGATES} aggregates, 4 partitions, median of {} run(s), \
+         retry delay {} ms\n",
+        options.events,
+        options.rounds.max(1),
+        options
+            .retry_delay
+            .unwrap_or(Settings::default().retry_delay)
+            .as_millis()
+    );
+    println!("| run | wall s | events/s | ratio |");
+    println!("|---|---:|---:|---:|");
+    for (kind, &(label, _, _)) in KINDS.iter().enumerate() {
+        let ratio = match kind {
+            0 => "1.000".to_owned(),
+            1 => format!("{:.3} x stop", medians[0] / medians[1]),
+            _ => format!("{:.3} x park, no poison", medians[1] / medians[2]),
+        };
+        println!(
+            "| {label} | {:.2} | {:.0} | {ratio} |",
+            medians[kind],
+            rate(medians[kind])
+        );
+    }
+    println!(
+        "\n(ratios are throughput ratios; {parked} events parked over the poisoned runs, {} per run)",
+        parked / options.rounds.max(1) as i64
+    );
+    Ok(())
+}
+
+fn median(times: &mut [Duration]) -> f64 {
+    times.sort_unstable();
+    times[times.len() / 2].as_secs_f64()
+}
+
+fn seed(database: &Database, events: i64) -> Result<()> {
+    let mut client = database.connect()?;
+    let insert = client.prepare(SEED_SQL)?;
+    let mut low = 0;
+    while low < events {
+        let high = (low + 250_000).min(events) - 1;
+        client.execute(&insert, &[&low, &high, &AGGREGATES])?;
+        low = high + 1;
+    }
+    client.batch_execute("VACUUM ANALYZE events")?;
+    Ok(())
+}
+
+/// Wall time of one runner catching `projection` up from the first event.
+fn catch_up(
+    database: &Database,
+    projection: Bench,
+    policy: PoisonPolicy,
+    retry_delay: Option<Duration>,
+) -> Result<Duration> {
+    let mut settings = Settings::default();
+    if let Some(delay) = retry_delay {
+        settings.retry_delay = delay;
+    }
+    let started = Instant::now();
+    Builder::new(database.clone(), projection)
+        .settings(settings)
+        .partitions(0..4)
+        .total_partitions(4)
+        .on_poison(policy)
+        .exit_when_caught_up(true)
+        .start()?
+        .join()?;
+    Ok(started.elapsed())
+}

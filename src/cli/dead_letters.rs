@@ -1,0 +1,235 @@
+//! `projector dead-letters list|retry|drop`: the events a projection parked (`--on-poison
+//! park`), applied again once fixed, or discarded.
+
+use std::time::SystemTime;
+
+use argh::FromArgs;
+use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, Users};
+use projector::{Database, Error, Projection};
+
+/// List, retry or drop the events a projection parked with --on-poison park.
+#[derive(FromArgs, Debug)]
+#[argh(
+    subcommand,
+    name = "dead-letters",
+    note = "The connection flags --database-url, --schema, --keepalive-timeout-secs and --session-timeout-secs may also come after the subcommand (there they win)."
+)]
+pub(crate) struct DeadLetters {
+    #[argh(subcommand)]
+    pub(crate) command: Action,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub(crate) enum Action {
+    List(List),
+    Retry(Retry),
+    Drop(Drop),
+}
+
+/// Show the parked events, in position order: projection, aggregate, position, event type,
+/// attempts, first and last failure, error.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+pub(crate) struct List {
+    /// show only this projection's
+    #[argh(option)]
+    pub(crate) projection: Option<String>,
+}
+
+/// Apply the parked events of an aggregate (of each parked aggregate when --aggregate is not
+/// given) again, in order, in one transaction per aggregate, and release it; on a failure
+/// nothing of that aggregate is applied and its events stay parked. Safe while the projection
+/// runs. Exits 1 if an aggregate failed again.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "retry")]
+pub(crate) struct Retry {
+    /// the projection: users, aggregate-stats, aggregate-stats-batch or noop
+    #[argh(option)]
+    pub(crate) projection: String,
+
+    /// the aggregate id (default: every parked aggregate of the projection)
+    #[argh(option)]
+    pub(crate) aggregate: Option<String>,
+}
+
+/// Discard the parked events of an aggregate without applying them, and release it; logs who
+/// dropped what, and when.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "drop")]
+pub(crate) struct Drop {
+    /// the projection, by its name
+    #[argh(option)]
+    pub(crate) projection: String,
+
+    /// the aggregate id
+    #[argh(option)]
+    pub(crate) aggregate: String,
+
+    /// go ahead (without it, only says what would be dropped)
+    #[argh(switch)]
+    pub(crate) yes: bool,
+}
+
+pub(super) fn run(database: &Database, args: &DeadLetters) -> Result<(), Error> {
+    let mut client = database.connect()?;
+    match &args.command {
+        Action::List(list) => print_list(&mut client, list.projection.as_deref()),
+        Action::Retry(retry) => match retry.projection.as_str() {
+            "users" => retry_with(&mut client, Users, retry),
+            "aggregate-stats" => retry_with(&mut client, AggregateStats, retry),
+            "aggregate-stats-batch" => retry_with(&mut client, AggregateStatsBatch, retry),
+            "noop" => retry_with(&mut client, Noop, retry),
+            other => Err(Error::invalid_setting(
+                "--projection",
+                other,
+                "dead-letters retry applies events through a built-in projection: users, \
+                 aggregate-stats, aggregate-stats-batch or noop (a service retries its own \
+                 projection with projector::retry)",
+            )),
+        },
+        Action::Drop(drop) => drop_parked(&mut client, drop),
+    }
+}
+
+fn print_list(
+    client: &mut projector::postgres::Client,
+    projection: Option<&str>,
+) -> Result<(), Error> {
+    let letters = projector::dead_letters(client, projection)?;
+    if letters.is_empty() {
+        println!(
+            "no parked events{}",
+            projection
+                .map(|p| format!(" for '{p}'"))
+                .unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let width = |f: &dyn Fn(&projector::DeadLetter) -> usize, min: usize| {
+        letters.iter().map(f).chain([min]).max().unwrap_or(min)
+    };
+    let (p, a, t) = (
+        width(&|l| l.projection.chars().count(), 10),
+        width(&|l| l.aggregate_id.chars().count(), 9),
+        width(&|l| l.event_type.chars().count(), 10),
+    );
+    println!(
+        "{:<p$} {:<a$} {:>12} {:<t$} {:>8} {:>12} {:>12}  ERROR",
+        "PROJECTION",
+        "AGGREGATE",
+        "POSITION",
+        "EVENT-TYPE",
+        "ATTEMPTS",
+        "FIRST-FAILED",
+        "LAST-FAILED"
+    );
+    for letter in &letters {
+        println!(
+            "{:<p$} {:<a$} {:>12} {:<t$} {:>8} {:>12} {:>12}  {}",
+            letter.projection,
+            letter.aggregate_id,
+            letter.global_position,
+            letter.event_type,
+            letter.attempts,
+            ago(letter.first_failed_at),
+            ago(letter.last_failed_at),
+            letter.error.replace('\n', " ")
+        );
+    }
+    let mut aggregates: Vec<(&str, &str)> = letters
+        .iter()
+        .map(|l| (l.projection.as_str(), l.aggregate_id.as_str()))
+        .collect();
+    aggregates.dedup();
+    println!(
+        "{} parked event(s) of {} aggregate(s)",
+        letters.len(),
+        aggregates.len()
+    );
+    Ok(())
+}
+
+/// How long ago, as `12s ago`.
+fn ago(at: SystemTime) -> String {
+    let seconds = SystemTime::now()
+        .duration_since(at)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    format!("{seconds}s ago")
+}
+
+fn retry_with<P: Projection>(
+    client: &mut projector::postgres::Client,
+    mut projection: P,
+    retry: &Retry,
+) -> Result<(), Error> {
+    let name = projection.name().to_owned();
+    let outcomes = projector::retry(client, &mut projection, retry.aggregate.as_deref())?;
+    if outcomes.is_empty() {
+        println!("projection '{name}' has no parked events: nothing to retry");
+        return Ok(());
+    }
+    let mut first_failure = None;
+    for outcome in outcomes {
+        let (id, n) = (&outcome.aggregate_id, outcome.positions.len());
+        match outcome.failure {
+            None => println!(
+                "projection '{name}': applied the {n} parked event(s) of aggregate '{id}' in \
+                 order; it is released"
+            ),
+            Some(failure) => {
+                println!(
+                    "projection '{name}': aggregate '{id}' failed again, its {n} event(s) stay \
+                     parked: {}",
+                    projector::error_chain(&failure)
+                );
+                first_failure.get_or_insert(failure);
+            }
+        }
+    }
+    first_failure.map_or(Ok(()), Err)
+}
+
+fn drop_parked(client: &mut projector::postgres::Client, drop: &Drop) -> Result<(), Error> {
+    let (name, id) = (drop.projection.as_str(), drop.aggregate.as_str());
+    if !drop.yes {
+        let letters = projector::dead_letters(client, Some(name))?;
+        let positions: Vec<i64> = letters
+            .iter()
+            .filter(|l| l.aggregate_id == id)
+            .map(|l| l.global_position)
+            .collect();
+        if positions.is_empty() {
+            return Err(Error::invalid_setting(
+                "--aggregate",
+                id,
+                format!(
+                    "projection '{name}' has no parked events of this aggregate: `projector \
+                     dead-letters list --projection {name}` shows what is parked"
+                ),
+            ));
+        }
+        return Err(Error::NotConfirmed {
+            action: format!(
+                "drop would discard the {} parked event(s) of aggregate '{id}' in projection \
+                 '{name}' (global positions {}) without applying them",
+                positions.len(),
+                positions
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    let dropped = projector::drop_parked(client, name, id)?;
+    println!(
+        "projection '{name}': dropped the {} parked event(s) of aggregate '{id}' (database user \
+         '{}', OS user '{}'); the aggregate is released",
+        dropped.positions.len(),
+        dropped.database_user,
+        dropped.os_user.as_deref().unwrap_or("unknown")
+    );
+    Ok(())
+}

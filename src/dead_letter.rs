@@ -1,0 +1,688 @@
+//! Poison events parked per aggregate: a projection whose policy is [`PoisonPolicy::Park`]
+//! records an event that keeps failing in `projection_dead_letters`, with every later event of
+//! the same aggregate behind it, and goes on with the other aggregates.
+//!
+//! # How a worker knows an aggregate is parked
+//! An aggregate (an `aggregate_id`, as partitioning sees it) is parked while the projection has
+//! rows of it in `projection_dead_letters`. A parking worker reads the projection's parked
+//! aggregates inside each of its transactions, after it has locked its checkpoint row, and sets
+//! their events aside in the same transaction that moves the checkpoint past them. [`retry`]
+//! and [`drop_parked`] lock the same checkpoint row (the aggregate's partition under the
+//! current layout, found under the layout lock), so they serialize with the worker: a worker
+//! transaction sees an aggregate either parked with all its earlier events, or released with
+//! all of them applied (or discarded). A projection whose policy is `stop` reads nothing.
+
+use std::collections::HashSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::{Instant, SystemTime};
+
+use log::{info, warn};
+use postgres::types::Type;
+use postgres::{Client, GenericClient, Transaction};
+
+use crate::checkpoint::to_i32;
+use crate::event::Event;
+use crate::layout::lock_layout;
+use crate::projection::{Context, Projection};
+use crate::store::{EVENT_COLUMNS, event_from_row};
+use crate::worker::Worker;
+use crate::{BoxError, Error, error_chain, partition_of};
+
+/// What a projection does with an event that still fails after
+/// [`Settings::max_attempts`](crate::Settings::max_attempts) attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PoisonPolicy {
+    /// Stop the projection just before the event ([`Error::Projection`]); the default.
+    #[default]
+    Stop,
+    /// Park the event in `projection_dead_letters`, in the transaction that moves the
+    /// checkpoint past it, park every later event of its aggregate behind it (in order), and go
+    /// on with the other aggregates. [`retry`] applies them once fixed; [`drop_parked`]
+    /// discards them.
+    Park,
+}
+
+impl PoisonPolicy {
+    /// `stop` or `park`, as `--on-poison` takes it; `setting` names where the text came from.
+    pub fn parse(setting: &str, text: &str) -> Result<PoisonPolicy, Error> {
+        match text.trim() {
+            "stop" => Ok(PoisonPolicy::Stop),
+            "park" => Ok(PoisonPolicy::Park),
+            _ => Err(Error::invalid_setting(
+                setting,
+                text,
+                "expected stop (the projection stops just before an event that keeps failing) \
+                 or park (the event and the later events of its aggregate are parked in \
+                 projection_dead_letters, and the other aggregates go on)",
+            )),
+        }
+    }
+}
+
+/// One parked event, as `projector dead-letters list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The projection that parked it.
+    pub projection: String,
+    /// The event's global position.
+    pub global_position: i64,
+    /// The event's bounded context.
+    pub bounded_context: String,
+    /// The event's aggregate type.
+    pub aggregate_type: String,
+    /// The event's aggregate id: the aggregate that is parked.
+    pub aggregate_id: String,
+    /// The event's type.
+    pub event_type: String,
+    /// Why it is parked: the projection's error for the event that failed, or which event it
+    /// is parked behind.
+    pub error: String,
+    /// How many times it was tried: 0 for an event parked behind another one.
+    pub attempts: u32,
+    /// When it first failed (or was parked).
+    pub first_failed_at: SystemTime,
+    /// When it last failed (or was parked).
+    pub last_failed_at: SystemTime,
+}
+
+/// The parked events of every projection, or of one, in projection and position order.
+pub fn dead_letters(
+    client: &mut impl GenericClient,
+    projection: Option<&str>,
+) -> Result<Vec<DeadLetter>, Error> {
+    crate::status::check_tables_here(client)?;
+    let rows = client
+        .query(
+            "SELECT projection, global_position, bounded_context, aggregate_type, aggregate_id, \
+                 event_type, error, attempts, first_failed_at, last_failed_at \
+             FROM projection_dead_letters WHERE $1::text IS NULL OR projection = $1 \
+             ORDER BY projection, global_position",
+            &[&projection],
+        )
+        .map_err(Error::database("reading the parked events"))?;
+    Ok(rows
+        .iter()
+        .map(|row| DeadLetter {
+            projection: row.get(0),
+            global_position: row.get(1),
+            bounded_context: row.get(2),
+            aggregate_type: row.get(3),
+            aggregate_id: row.get(4),
+            event_type: row.get(5),
+            error: row.get(6),
+            attempts: row.get::<_, i32>(7).unsigned_abs(),
+            first_failed_at: row.get(8),
+            last_failed_at: row.get(9),
+        })
+        .collect())
+}
+
+/// Per projection and parked aggregate, how many events are parked (for `status`).
+pub(crate) fn parked_counts(
+    client: &mut impl GenericClient,
+) -> Result<Vec<(String, String, i64)>, Error> {
+    Ok(client
+        .query(
+            "SELECT projection, aggregate_id, COUNT(*) FROM projection_dead_letters \
+             GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        )
+        .map_err(Error::database("counting the parked events"))?
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect())
+}
+
+/// What [`retry`] did with one parked aggregate.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Retried {
+    /// The aggregate.
+    pub aggregate_id: String,
+    /// The positions of its parked events, in order.
+    pub positions: Vec<i64>,
+    /// Its partition under the projection's current layout.
+    pub partition: u32,
+    /// The projection's current number of partitions.
+    pub total_partitions: u32,
+    /// `None`: every event was applied, in order, and the aggregate is released. Otherwise
+    /// why not ([`Error::ReadModel`] naming the event): nothing was applied, and the events
+    /// stay parked.
+    pub failure: Option<Error>,
+}
+
+/// Applies the parked events of `aggregate` (of each parked aggregate of the projection when
+/// `None`, oldest first) through `projection`, in position order, in one transaction per
+/// aggregate, and releases the aggregate when they all apply: its later events are then
+/// applied by the projection's workers as usual. On a failure the transaction is rolled back,
+/// the events stay parked (the failing one's attempts and error are updated), and the failure
+/// is reported in [`Retried::failure`]; the other aggregates are still tried.
+///
+/// Safe while the projection runs: each transaction locks the checkpoint row of the
+/// aggregate's partition, as the worker does. Fails with [`Error::InvalidSetting`] for an
+/// aggregate with nothing parked.
+pub fn retry<P: Projection>(
+    client: &mut Client,
+    projection: &mut P,
+    aggregate: Option<&str>,
+) -> Result<Vec<Retried>, Error> {
+    crate::status::check_tables_here(client)?;
+    let name = projection.name().to_owned();
+    let aggregates = parked_aggregates_named(client, &name, aggregate)?;
+    let mut outcomes = Vec::with_capacity(aggregates.len());
+    for aggregate_id in aggregates {
+        outcomes.push(retry_one(client, projection, &name, aggregate_id)?);
+    }
+    Ok(outcomes)
+}
+
+/// The parked aggregates of `name` (or just `aggregate`, checked to be parked), oldest first.
+fn parked_aggregates_named(
+    client: &mut Client,
+    name: &str,
+    aggregate: Option<&str>,
+) -> Result<Vec<String>, Error> {
+    let aggregates: Vec<String> = client
+        .query(
+            "SELECT aggregate_id FROM projection_dead_letters \
+             WHERE projection = $1 AND ($2::text IS NULL OR aggregate_id = $2) \
+             GROUP BY aggregate_id ORDER BY MIN(global_position)",
+            &[&name, &aggregate],
+        )
+        .map_err(Error::database("reading the parked aggregates"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    match aggregate {
+        Some(id) if aggregates.is_empty() => Err(Error::invalid_setting(
+            "--aggregate",
+            id,
+            format!(
+                "projection '{name}' has no parked events of this aggregate: `projector \
+                 dead-letters list --projection {name}` shows what is parked"
+            ),
+        )),
+        _ => Ok(aggregates),
+    }
+}
+
+/// Locks the checkpoint row of `aggregate_id`'s partition under the projection's current
+/// layout (and the layout, so that no re-partitioning moves it meanwhile): the row every worker
+/// transaction of that partition locks. Returns `(partition, total)`.
+fn lock_partition_of(
+    tx: &mut Transaction<'_>,
+    name: &str,
+    aggregate_id: &str,
+) -> Result<(u32, u32), Error> {
+    lock_layout(tx, name)?;
+    let total = tx
+        .query_opt(
+            "SELECT MAX(total_partitions) FROM projector_checkpoints WHERE projection = $1 \
+             HAVING COUNT(*) > 0",
+            &[&name],
+        )
+        .map_err(Error::database("reading the partition layout"))?
+        .map(|row| row.get::<_, i32>(0).unsigned_abs());
+    let Some(total) = total.filter(|&total| total > 0) else {
+        // No layout (never run, or reset): no worker can be applying the aggregate.
+        return Ok((0, 0));
+    };
+    let key = partition_of(aggregate_id, total);
+    tx.query_opt(
+        "SELECT last_position FROM projector_checkpoints \
+         WHERE projection = $1 AND total_partitions = $2 AND partition_key = $3 FOR UPDATE",
+        &[&name, &to_i32(total), &to_i32(key)],
+    )
+    .map_err(Error::database(format!(
+        "locking the checkpoint of partition {key}/{total} of '{name}'"
+    )))?;
+    Ok((key, total))
+}
+
+fn retry_one<P: Projection>(
+    client: &mut Client,
+    projection: &mut P,
+    name: &str,
+    aggregate_id: String,
+) -> Result<Retried, Error> {
+    let mut tx = client
+        .transaction()
+        .map_err(Error::database("starting to retry parked events"))?;
+    let (partition, total) = lock_partition_of(&mut tx, name, &aggregate_id)?;
+    let positions: Vec<i64> = tx
+        .query(
+            "SELECT global_position FROM projection_dead_letters \
+             WHERE projection = $1 AND aggregate_id = $2 ORDER BY global_position",
+            &[&name, &aggregate_id],
+        )
+        .map_err(Error::database("reading the parked events"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let events: Vec<Event> = tx
+        .query(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE global_position = ANY($1) \
+                 ORDER BY global_position"
+            ),
+            &[&positions],
+        )
+        .map_err(Error::database("reading the parked events from the store"))?
+        .iter()
+        .map(event_from_row)
+        .collect();
+    let mut outcome = Retried {
+        aggregate_id,
+        positions,
+        partition,
+        total_partitions: total,
+        failure: None,
+    };
+    if outcome.positions.is_empty() {
+        // Released (or dropped) by someone else meanwhile.
+        return Ok(outcome);
+    }
+    let failure = if events.len() == outcome.positions.len() {
+        apply_in_order(&mut tx, projection, &events, partition, total)
+    } else {
+        Err((
+            None,
+            format!(
+                "{} of the {} parked events are no longer in the events table",
+                outcome.positions.len() - events.len(),
+                outcome.positions.len()
+            )
+            .into(),
+        ))
+    };
+    let (at, source) = match failure {
+        Ok(()) => {
+            tx.execute(
+                "DELETE FROM projection_dead_letters \
+                 WHERE projection = $1 AND global_position = ANY($2)",
+                &[&name, &outcome.positions],
+            )
+            .map_err(Error::database("releasing the parked aggregate"))?;
+            tx.commit()
+                .map_err(Error::database("committing the retried events"))?;
+            info!(
+                "projection '{name}': applied the {} parked event(s) of aggregate '{}' (global \
+                 positions {}), in order; the aggregate is released",
+                outcome.positions.len(),
+                outcome.aggregate_id,
+                describe_positions(&outcome.positions)
+            );
+            return Ok(outcome);
+        }
+        Err(failure) => failure,
+    };
+    drop(tx);
+    let event = at.map(|index| &events[index]);
+    if let Some(event) = event {
+        // The rows stay; the failing one says how it failed this time.
+        client
+            .execute(
+                "UPDATE projection_dead_letters SET attempts = attempts + 1, \
+                     last_failed_at = NOW(), error = $3 \
+                 WHERE projection = $1 AND global_position = $2",
+                &[&name, &event.global_position, &source.to_string()],
+            )
+            .map_err(Error::database("recording the failed retry"))?;
+    }
+    let what = match event {
+        Some(event) => format!(
+            "global position {} (event type '{}')",
+            event.global_position, event.event_type
+        ),
+        None => "its events".to_owned(),
+    };
+    outcome.failure = Some(Error::ReadModel {
+        projection: name.to_owned(),
+        action: format!(
+            "re-applying the parked events of aggregate '{}' at {what}: nothing was applied and \
+             its {} event(s) stay parked; fix the cause and retry, or drop them",
+            outcome.aggregate_id,
+            outcome.positions.len()
+        ),
+        source,
+    });
+    Ok(outcome)
+}
+
+/// Applies `events` one by one; the index of the one that failed, and why.
+fn apply_in_order<P: Projection>(
+    tx: &mut Transaction<'_>,
+    projection: &mut P,
+    events: &[Event],
+    partition: u32,
+    total: u32,
+) -> Result<(), (Option<usize>, BoxError)> {
+    tx.execute("SET LOCAL client_min_messages = warning", &[])
+        .and_then(|_| {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
+                &[&projection.name()],
+            )
+        })
+        .map_err(|e| (None, e.into()))?;
+    projection.setup(tx).map_err(|e| (None, e))?;
+    let context = Context {
+        partition,
+        total_partitions: total.max(1),
+    };
+    for (index, event) in events.iter().enumerate() {
+        match catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event, &context))) {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err((Some(index), source)),
+            Err(panic) => {
+                return Err((Some(index), crate::commit::panic_message(panic).into()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What [`drop_parked`] discarded, and who did it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Dropped {
+    /// The positions of the discarded events, in order.
+    pub positions: Vec<i64>,
+    /// The database role that dropped them (`current_user`).
+    pub database_user: String,
+    /// The OS user of the process that dropped them (`USER` or `LOGNAME`), if known.
+    pub os_user: Option<String>,
+    /// When, by the server's clock.
+    pub at: SystemTime,
+}
+
+/// Discards the parked events of `aggregate_id` in `projection` without applying them, and
+/// releases the aggregate: its later events are applied as usual. Logs (at warn) who dropped
+/// what and when. Safe while the projection runs (it locks the aggregate's checkpoint row, as
+/// [`retry`] does). Fails with [`Error::InvalidSetting`] when nothing of it is parked.
+pub fn drop_parked(
+    client: &mut Client,
+    projection: &str,
+    aggregate_id: &str,
+) -> Result<Dropped, Error> {
+    crate::status::check_tables_here(client)?;
+    parked_aggregates_named(client, projection, Some(aggregate_id))?;
+    let mut tx = client
+        .transaction()
+        .map_err(Error::database("starting to drop parked events"))?;
+    lock_partition_of(&mut tx, projection, aggregate_id)?;
+    let mut positions: Vec<i64> = tx
+        .query(
+            "DELETE FROM projection_dead_letters WHERE projection = $1 AND aggregate_id = $2 \
+             RETURNING global_position",
+            &[&projection, &aggregate_id],
+        )
+        .map_err(Error::database("deleting the parked events"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    positions.sort_unstable();
+    let row = tx
+        .query_one("SELECT current_user::text, NOW()", &[])
+        .map_err(Error::database("reading the current user"))?;
+    tx.commit()
+        .map_err(Error::database("committing the drop"))?;
+    let os_user = ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
+    let dropped = Dropped {
+        positions,
+        database_user: row.get(0),
+        os_user,
+        at: row.get(1),
+    };
+    warn!(
+        "projection '{projection}': dropped the {} parked event(s) of aggregate '{aggregate_id}' \
+         (global positions {}) without applying them, by database user '{}' (OS user '{}') at \
+         {} s since the epoch; the aggregate is released",
+        dropped.positions.len(),
+        describe_positions(&dropped.positions),
+        dropped.database_user,
+        dropped.os_user.as_deref().unwrap_or("unknown"),
+        dropped
+            .at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default()
+    );
+    Ok(dropped)
+}
+
+/// `5`, `5, 9` or `5, 9, ... 40 (7 events)`.
+pub(crate) fn describe_positions(positions: &[i64]) -> String {
+    match positions {
+        [] => "none".to_owned(),
+        [one] => one.to_string(),
+        [a, b] => format!("{a}, {b}"),
+        [first, .., last] => format!("{first} to {last}, {} events", positions.len()),
+    }
+}
+
+/// The event a parking worker gave up on: it is parked in the next commit.
+#[derive(Debug)]
+pub(crate) struct Poisoned {
+    position: i64,
+    error: String,
+    attempts: u32,
+    first_failed_at: SystemTime,
+}
+
+/// A parking worker's state.
+#[derive(Debug)]
+pub(crate) struct Parking {
+    /// The events to park at the next commit: several when one transaction holds several
+    /// poison events (each found after the one before was set aside).
+    poisoned: Vec<Poisoned>,
+    /// The parked aggregates the last transaction saw, with the events it set aside.
+    seen: HashSet<String>,
+    parked_now: u64,
+    heads_now: Vec<(i64, String)>,
+    /// When the last "aggregates parked" warning was logged.
+    last_warning: Option<Instant>,
+}
+
+impl Parking {
+    pub(crate) fn new() -> Parking {
+        Parking {
+            poisoned: Vec::new(),
+            seen: HashSet::new(),
+            parked_now: 0,
+            heads_now: Vec::new(),
+            last_warning: None,
+        }
+    }
+
+    /// Parks `event` at the next commit: it failed `attempts` times, first at `first_failed_at`.
+    pub(crate) fn poison(
+        &mut self,
+        event: &Event,
+        source: &BoxError,
+        attempts: u32,
+        first_failed_at: SystemTime,
+    ) {
+        self.poisoned.push(Poisoned {
+            position: event.global_position,
+            error: error_chain(source.as_ref()),
+            attempts,
+            first_failed_at,
+        });
+    }
+}
+
+impl<P: Projection> Worker<P> {
+    /// With the park policy: in `tx` (after the checkpoint row is locked), reads the parked
+    /// aggregates, records the events of `pending_at` (indexes into `events`) that must be
+    /// parked (the poisoned one and those of parked aggregates), and returns the others. With
+    /// the stop policy, `pending_at` unchanged and no query.
+    pub(crate) fn set_parked_aside(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+        pending_at: Vec<usize>,
+    ) -> Result<Vec<usize>, postgres::Error> {
+        if self.parking.is_none() || pending_at.is_empty() {
+            // Stop policy, or nothing to apply (a checkpoint moving over an idle range).
+            return Ok(pending_at);
+        }
+        let name = self.projection.name().to_owned();
+        let Some(parking) = self.parking.as_mut() else {
+            return Ok(pending_at);
+        };
+        parking.parked_now = 0;
+        parking.heads_now.clear();
+        parking.seen = tx
+            .query_typed(
+                "SELECT DISTINCT aggregate_id FROM projection_dead_letters WHERE projection = $1",
+                &[(&name, Type::TEXT)],
+            )?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if parking.seen.is_empty() && parking.poisoned.is_empty() {
+            return Ok(pending_at);
+        }
+        let mut parked: Vec<(&Event, Option<&Poisoned>)> = Vec::new();
+        let mut kept = Vec::with_capacity(pending_at.len());
+        for index in pending_at {
+            let event = &events[index];
+            let poisoned = parking
+                .poisoned
+                .iter()
+                .find(|p| p.position == event.global_position);
+            if poisoned.is_some() {
+                parking.seen.insert(event.aggregate_id.clone());
+                parked.push((event, poisoned));
+            } else if parking.seen.contains(&event.aggregate_id) {
+                parked.push((event, None));
+            } else {
+                kept.push(index);
+            }
+        }
+        if parked.is_empty() {
+            return Ok(kept);
+        }
+        let mut positions = Vec::with_capacity(parked.len());
+        let mut contexts = Vec::with_capacity(parked.len());
+        let mut types = Vec::with_capacity(parked.len());
+        let mut ids = Vec::with_capacity(parked.len());
+        let mut event_types = Vec::with_capacity(parked.len());
+        let mut errors = Vec::with_capacity(parked.len());
+        let mut attempts = Vec::with_capacity(parked.len());
+        let mut first_failed = Vec::with_capacity(parked.len());
+        for (event, poisoned) in &parked {
+            positions.push(event.global_position);
+            contexts.push(event.bounded_context.as_str());
+            types.push(event.aggregate_type.as_str());
+            ids.push(event.aggregate_id.as_str());
+            event_types.push(event.event_type.as_str());
+            match poisoned {
+                Some(poisoned) => {
+                    errors.push(poisoned.error.clone());
+                    attempts.push(to_i32(poisoned.attempts));
+                    first_failed.push(Some(poisoned.first_failed_at));
+                    parking
+                        .heads_now
+                        .push((event.global_position, event.aggregate_id.clone()));
+                }
+                None => {
+                    errors.push(format!(
+                        "parked behind an earlier event of aggregate '{}' that failed",
+                        event.aggregate_id
+                    ));
+                    attempts.push(0);
+                    first_failed.push(None);
+                }
+            }
+        }
+        tx.execute(
+            "INSERT INTO projection_dead_letters (projection, global_position, bounded_context, \
+                 aggregate_type, aggregate_id, event_type, error, attempts, first_failed_at, \
+                 last_failed_at) \
+             SELECT $1, p, c, t, a, e, r, n, COALESCE(f, NOW()), NOW() \
+             FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                 $7::text[], $8::int[], $9::timestamptz[]) AS x(p, c, t, a, e, r, n, f) \
+             ON CONFLICT (projection, global_position) DO NOTHING",
+            &[
+                &name,
+                &positions,
+                &contexts,
+                &types,
+                &ids,
+                &event_types,
+                &errors,
+                &attempts,
+                &first_failed,
+            ],
+        )?;
+        parking.parked_now = parked.len() as u64;
+        Ok(kept)
+    }
+
+    /// After a commit: the parked event, if there was one, is done with; says what was parked,
+    /// and, every progress interval while this partition has parked aggregates, that it has.
+    pub(crate) fn parking_committed(&mut self) {
+        if self.parking.is_none() {
+            return;
+        }
+        let name = self.projection.name().to_owned();
+        let (partition, total) = (self.context.partition, self.context.total_partitions);
+        let interval = self.settings.progress_interval;
+        let Some(parking) = self.parking.as_mut() else {
+            return;
+        };
+        let poisoned = std::mem::take(&mut parking.poisoned);
+        let parked_now = std::mem::take(&mut parking.parked_now);
+        for (position, aggregate) in parking.heads_now.drain(..) {
+            let why = poisoned
+                .iter()
+                .find(|p| p.position == position)
+                .map(|p| format!(" after {} attempt(s) ({})", p.attempts, p.error))
+                .unwrap_or_default();
+            warn!(
+                "projection '{name}' parked aggregate '{aggregate}' at global position \
+                 {position} on partition {partition}/{total}{why}; its later events are parked \
+                 behind it and the other aggregates go on. Fix the cause, then run `projector \
+                 dead-letters retry --projection {name} --aggregate {aggregate}` (or `drop`)"
+            );
+            parking.last_warning = Some(Instant::now());
+        }
+        if parking.seen.is_empty()
+            || parking
+                .last_warning
+                .is_some_and(|at| at.elapsed() < interval)
+        {
+            return;
+        }
+        let mine: Vec<&str> = parking
+            .seen
+            .iter()
+            .filter(|id| partition_of(id, total) == partition)
+            .map(String::as_str)
+            .collect();
+        if mine.is_empty() {
+            return;
+        }
+        parking.last_warning = Some(Instant::now());
+        let mut shown: Vec<&str> = mine.iter().copied().take(5).collect();
+        shown.sort_unstable();
+        warn!(
+            "partition {partition}/{total} of '{name}': {} aggregate(s) parked ({}{}), {} more \
+             event(s) parked in this commit; `projector dead-letters list --projection {name}`",
+            mine.len(),
+            shown.join(", "),
+            if mine.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            },
+            parked_now
+        );
+    }
+}
