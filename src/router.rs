@@ -77,6 +77,8 @@ pub(crate) struct Lane {
     pub(crate) total: u32,
     pub(crate) scope: Scope,
     pub(crate) queue: Sender<Batch>,
+    /// While catching up, events gathered before a batch goes out to this lane.
+    pub(crate) min_batch: usize,
 }
 
 /// What the fetcher hands the router.
@@ -97,6 +99,8 @@ pub(crate) struct Routes {
     projections: Vec<ProjectionRoutes>,
     /// The lanes of each stream.
     streams: Vec<Vec<usize>>,
+    /// Per stream, the largest `min_batch` of its lanes.
+    min_batch: Vec<usize>,
 }
 
 #[derive(Debug)]
@@ -141,9 +145,20 @@ impl Routes {
             };
             projections[at].1.streams.insert(lane.partition, stream);
         }
+        let min_batch = streams
+            .iter()
+            .map(|lanes_of| {
+                lanes_of
+                    .iter()
+                    .map(|&lane| lanes[lane].min_batch)
+                    .max()
+                    .unwrap_or(1)
+            })
+            .collect();
         Routes {
             projections: projections.into_iter().map(|(_, r)| r).collect(),
             streams,
+            min_batch,
         }
     }
 
@@ -249,7 +264,7 @@ impl Router<'_> {
     /// Sends every live lane its stream's events (possibly none) and `upto`; true when asked
     /// to stop meanwhile, or every lane has gone (each projection stopped).
     ///
-    /// With `hold_small`, a stream holding fewer than `min_events_per_batch` events keeps
+    /// With `hold_small`, a stream holding fewer than its `min_batch` events keeps
     /// them (and its lanes are sent nothing, since their events up to `upto` are not all out).
     fn hand_out(
         &self,
@@ -261,7 +276,7 @@ impl Router<'_> {
         let mut hand_out = self.stragglers.hand_out();
         for (stream, lanes) in self.routes.streams.iter().enumerate() {
             let events = held[stream].len();
-            if hold_small && events > 0 && events < self.settings.min_events_per_batch {
+            if hold_small && events > 0 && events < self.routes.min_batch[stream] {
                 continue;
             }
             // A straggler reads its own events until it catches up (see `straggler`).

@@ -203,6 +203,13 @@ impl Threads {
                 total: plan.total,
                 scope: scope.clone(),
                 queue,
+                // A projection asking for larger transactions gets larger batches to fill them.
+                min_batch: plan
+                    .projection
+                    .events_per_transaction()
+                    .map_or(self.settings.min_events_per_batch, |size| {
+                        (size / 5).max(self.settings.min_events_per_batch)
+                    }),
             });
             let shared = Arc::new(Progress::new(
                 checkpoint,

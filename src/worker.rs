@@ -248,7 +248,7 @@ impl<P: Projection> Worker<P> {
             // applied as they come rather than copied.
             let mut events = batch.events;
             let mut upto = idle_upto.take().map_or(batch.upto, |u| u.max(batch.upto));
-            while events.len() < self.settings.max_events_per_transaction {
+            while events.len() < self.events_per_transaction() {
                 let Ok(more) = self.batches.try_recv() else {
                     break;
                 };
@@ -348,6 +348,14 @@ impl<P: Projection> Worker<P> {
                 Err(_) => {}
             }
         }
+    }
+
+    /// The most events one transaction applies while catching up.
+    pub(crate) fn events_per_transaction(&self) -> usize {
+        self.projection
+            .events_per_transaction()
+            .unwrap_or(self.settings.max_events_per_transaction)
+            .max(1)
     }
 
     /// A failed statement, as a lost connection (retried) or a fatal error.

@@ -465,6 +465,12 @@ impl Projection for SqlProjection {
         &self.file.name
     }
 
+    /// Each aggregate is written once per transaction: larger ones while catching up mean
+    /// fewer writes of the same rows.
+    fn events_per_transaction(&self) -> Option<usize> {
+        Some(20_000)
+    }
+
     fn scope(&self) -> Scope {
         self.file.scope.clone()
     }
