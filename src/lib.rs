@@ -182,6 +182,14 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// Locks `mutex`, taking its data even if a thread panicked while holding it: the data guarded
+/// in this crate (positions, stop senders, outage state) stays valid whatever the panic.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The delay before retry number `attempt` (1-based): `first`, doubling, at most `max`.
 pub(crate) fn backoff(attempt: u32, first: Duration, max: Duration) -> Duration {
     let factor = 1u32 << attempt.saturating_sub(1).min(16);

@@ -5,7 +5,7 @@
 //! partition's lag in time, and encodes everything. Nothing here is on the events' path.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use postgres::Client;
@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::progress::LaneProgress;
 use crate::router::FetchProgress;
-use crate::{Database, Error};
+use crate::{Database, Error, lock};
 
 /// What a partition's worker is doing, as the `state` label of `projector_partition_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -521,12 +521,6 @@ fn health(reasons: Vec<String>, mut details: Value) -> Health {
         ok,
         body: details.to_string(),
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Now, in milliseconds since the epoch (0 if the clock is before it).

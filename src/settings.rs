@@ -117,10 +117,7 @@ impl Stopper {
     /// are in (it commits or rolls back whole) and exit. Returns at once.
     pub fn stop(&self) {
         // Dropping the only sender disconnects the stop channel, which every thread watches.
-        let mut sender = match self.sender.lock() {
-            Ok(sender) => sender,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut sender = crate::lock(&self.sender);
         sender.take();
         drop(sender);
         for member in self.members.iter() {

@@ -22,6 +22,7 @@ use std::sync::{Mutex, MutexGuard};
 use postgres::Client;
 
 use crate::event::{Event, Scope};
+use crate::lock;
 use crate::partition::partition_of;
 use crate::store::{EVENT_COLUMNS, event_from_row, scope_filter};
 
@@ -107,12 +108,6 @@ impl HandOut<'_> {
             .handed
             .store(*self.handed_through, Ordering::Release);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// What a straggler reads: one partition of one projection.
