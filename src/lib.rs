@@ -182,6 +182,16 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// A duration as people read an ETA, to the nearest second: `42s`, `3m20s`, `1h02m`.
+pub fn readable_duration(duration: Duration) -> String {
+    let s = duration.as_secs_f64().round() as u64;
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
 /// Locks `mutex`, taking its data even if a thread panicked while holding it: the data guarded
 /// in this crate (positions, stop senders, outage state) stays valid whatever the panic.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -199,6 +209,13 @@ pub(crate) fn backoff(attempt: u32, first: Duration, max: Duration) -> Duration 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_as_hours_minutes_or_seconds() {
+        assert_eq!(readable_duration(Duration::from_secs(42)), "42s");
+        assert_eq!(readable_duration(Duration::from_secs(200)), "3m20s");
+        assert_eq!(readable_duration(Duration::from_secs(3720)), "1h02m");
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

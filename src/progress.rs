@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, select, tick};
 use log::info;
 
-use crate::Database;
 use crate::metrics::LaneState;
 use crate::router::FetchProgress;
 use crate::store;
 use crate::worker::Progress;
+use crate::{Database, readable_duration};
 
 /// The figures of one worker: a partition of a projection.
 #[derive(Clone)]
@@ -131,7 +131,9 @@ impl Monitor {
                     .flatten()
                     .copied()
                     .reduce(f64::max)
-                    .map_or(String::new(), |s| format!(", ETA {}", readable(s)))
+                    .map_or(String::new(), |s| {
+                        format!(", ETA {}", readable_duration(Duration::from_secs_f64(s)))
+                    })
             } else {
                 String::new()
             };
@@ -142,8 +144,9 @@ impl Monitor {
                     .enumerate()
                     .min_by_key(|(_, c)| **c)
                     .map(|(i, c)| {
-                        let eta =
-                            etas[i].map_or(String::new(), |s| format!(", ETA {}", readable(s)));
+                        let eta = etas[i].map_or(String::new(), |s| {
+                            format!(", ETA {}", readable_duration(Duration::from_secs_f64(s)))
+                        });
                         format!(" (slowest: partition {} at {c}{eta})", lanes[i].partition)
                     })
                     .unwrap_or_default(),
@@ -163,15 +166,5 @@ impl Monitor {
             lagging,
             checkpoints,
         }
-    }
-}
-
-/// Seconds as `1h02m`, `3m20s` or `42s`.
-fn readable(seconds: f64) -> String {
-    let s = seconds.round() as u64;
-    match (s / 3600, s % 3600 / 60, s % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, s) => format!("{m}m{s:02}s"),
-        (h, m, _) => format!("{h}h{m:02}m"),
     }
 }

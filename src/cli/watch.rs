@@ -81,7 +81,7 @@ fn table(rows: &[CheckpointStatus], seen: &mut Seen, projection: Option<&str>) -
             _ if row.lag_events == 0 => "-".to_owned(),
             Some(rate) if rate > 0.0 => {
                 let behind = (row.head_position - row.last_position).max(0) as f64;
-                duration(Duration::from_secs_f64(behind / rate))
+                projector::readable_duration(Duration::from_secs_f64(behind / rate))
             }
             Some(_) => "stalled".to_owned(),
             None => "?".to_owned(),
@@ -105,16 +105,6 @@ fn table(rows: &[CheckpointStatus], seen: &mut Seen, projection: Option<&str>) -
     text
 }
 
-/// `1h02m`, `3m20s`, `42s`.
-pub(crate) fn duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match (s / 3600, s % 3600 / 60, s % 60) {
-        (0, 0, s) => format!("{s}s"),
-        (0, m, s) => format!("{m}m{s:02}s"),
-        (h, m, _) => format!("{h}h{m:02}m"),
-    }
-}
-
 /// The wall-clock time, UTC, as `HH:MM:SS UTC`.
 fn time_of_day() -> String {
     let seconds = std::time::SystemTime::now()
@@ -127,16 +117,4 @@ fn time_of_day() -> String {
         of_day % 3600 / 60,
         of_day % 60
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_read_as_hours_minutes_or_seconds() {
-        assert_eq!(duration(Duration::from_secs(42)), "42s");
-        assert_eq!(duration(Duration::from_secs(200)), "3m20s");
-        assert_eq!(duration(Duration::from_secs(3720)), "1h02m");
-    }
 }
