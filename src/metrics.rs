@@ -372,12 +372,10 @@ impl Metrics {
     /// database; the head when the database answered.
     fn refresh(&self, scrape: &mut Scrape) -> Option<i64> {
         let f = &self.shared.families;
-        for (index, lane) in self.shared.lanes.iter().enumerate() {
-            let labels = [
-                lane.projection.as_str(),
-                &lane.partition.to_string(),
-                &lane.total.to_string(),
-            ];
+        // The label values of each lane, made once per scrape.
+        let keys: Vec<[String; 3]> = self.shared.lanes.iter().map(lane_labels).collect();
+        for (index, (lane, key)) in self.shared.lanes.iter().zip(&keys).enumerate() {
+            let labels = key.each_ref().map(String::as_str);
             let p = &lane.progress;
             advance(
                 &f.applied.with_label_values(&labels),
@@ -426,12 +424,8 @@ impl Metrics {
         let lags = self.lags(scrape);
         if let Some((head, lags)) = &lags {
             f.head.set(*head);
-            for (lane, lag) in self.shared.lanes.iter().zip(lags) {
-                let labels = [
-                    lane.projection.as_str(),
-                    &lane.partition.to_string(),
-                    &lane.total.to_string(),
-                ];
+            for (key, lag) in keys.iter().zip(lags) {
+                let labels = key.each_ref().map(String::as_str);
                 f.lag_events.with_label_values(&labels).set(lag.events);
                 f.lag_seconds.with_label_values(&labels).set(lag.seconds);
             }
@@ -498,6 +492,15 @@ impl Metrics {
 struct Lag {
     events: i64,
     seconds: f64,
+}
+
+/// A lane's `projection`, `partition` and `total_partitions` label values.
+fn lane_labels(lane: &LaneProgress) -> [String; 3] {
+    [
+        lane.projection.clone(),
+        lane.partition.to_string(),
+        lane.total.to_string(),
+    ]
 }
 
 /// Moves `counter` up to `now`, from `last`.
