@@ -15,10 +15,12 @@
 
 use std::time::{Duration, Instant};
 
-use projector::postgres::{Client, NoTls, Transaction};
+use projector::postgres::Transaction;
 use projector::{BoxError, Builder, Context, Database, Event, PoisonPolicy, Projection, Settings};
 
-type Result<T, E = BoxError> = std::result::Result<T, E>;
+mod common;
+
+use common::Result;
 
 const USAGE: &str = "usage: park [--database-url URL] [--events N] [--rounds R]
   --database-url  server to run against (env DATABASE_URL); a schema of its own is used
@@ -66,21 +68,7 @@ struct Options {
 }
 
 fn main() {
-    if !std::env::args().any(|arg| arg == "--bench") {
-        println!("benchmark not run: use cargo bench --bench park");
-        return;
-    }
-    let outcome = options().and_then(|options| match options {
-        Some(options) => run(&options),
-        None => {
-            println!("{USAGE}");
-            Ok(())
-        }
-    });
-    if let Err(error) = outcome {
-        eprintln!("park: {}", projector::error_chain(error.as_ref()));
-        std::process::exit(1);
-    }
+    common::main_of("park", USAGE, options, run);
 }
 
 fn options() -> Result<Option<Options>> {
@@ -113,13 +101,9 @@ fn options() -> Result<Option<Options>> {
 }
 
 fn run(options: &Options) -> Result<()> {
-    let schema = format!("bench_park_{}", std::process::id());
-    let mut admin = Client::connect(&options.url, NoTls)?;
-    admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
-    let database = Database::new(&options.url)?.schema(&schema)?;
-    let outcome = measure_all(options, &database);
-    admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
-    outcome
+    common::in_own_schema(&options.url, "park", |database| {
+        measure_all(options, database)
+    })
 }
 
 /// The three kinds of run: label, policy, poison aggregate.
@@ -135,7 +119,7 @@ const KINDS: [(&str, PoisonPolicy, Option<&str>); 3] = [
 
 fn measure_all(options: &Options, database: &Database) -> Result<()> {
     projector::migrate(database)?;
-    seed(database, options.events)?;
+    common::seed(database, SEED_SQL, options.events, AGGREGATES)?;
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); KINDS.len()];
     for round in 0..options.rounds.max(1) {
         for (kind, &(label, policy, poison)) in KINDS.iter().enumerate() {
@@ -155,7 +139,10 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
             &[],
         )?
         .get(0);
-    let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+    let medians: Vec<f64> = times
+        .iter_mut()
+        .map(|t| common::median(t).as_secs_f64())
+        .collect();
     let rate = |seconds: f64| options.events as f64 / seconds;
     println!(
         "\n## Park: {} events, {AGGREGATES} aggregates, 4 partitions, median of {} run(s), \
@@ -185,24 +172,6 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
         "\n(ratios are throughput ratios; {parked} events parked over the poisoned runs, {} per run)",
         parked / options.rounds.max(1) as i64
     );
-    Ok(())
-}
-
-fn median(times: &mut [Duration]) -> f64 {
-    times.sort_unstable();
-    times[times.len() / 2].as_secs_f64()
-}
-
-fn seed(database: &Database, events: i64) -> Result<()> {
-    let mut client = database.connect()?;
-    let insert = client.prepare(SEED_SQL)?;
-    let mut low = 0;
-    while low < events {
-        let high = (low + 250_000).min(events) - 1;
-        client.execute(&insert, &[&low, &high, &AGGREGATES])?;
-        low = high + 1;
-    }
-    client.batch_execute("VACUUM ANALYZE events")?;
     Ok(())
 }
 

@@ -20,14 +20,16 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use projector::postgres::Transaction;
 use projector::postgres::fallible_iterator::FallibleIterator;
-use projector::postgres::{Client, NoTls, Transaction};
 use projector::{
     BoxError, Builder, Context, Database, Event, ExpectedVersion, NewEvent, Projection, Scope,
     Settings,
 };
 
-type Result<T, E = BoxError> = std::result::Result<T, E>;
+mod common;
+
+use common::Result;
 
 const USAGE: &str = "usage: projections [--database-url URL] [--events N] [--seconds S] [--rate R] [--pairs N] [--metrics-only]
   --database-url  server to run against (env DATABASE_URL); a schema of its own is used
@@ -108,21 +110,7 @@ struct Options {
 }
 
 fn main() {
-    if !std::env::args().any(|arg| arg == "--bench") {
-        println!("benchmark not run: use scripts/bench.sh");
-        return;
-    }
-    let outcome = options().and_then(|options| match options {
-        Some(options) => run(&options),
-        None => {
-            println!("{USAGE}");
-            Ok(())
-        }
-    });
-    if let Err(error) = outcome {
-        eprintln!("projections: {}", projector::error_chain(error.as_ref()));
-        std::process::exit(1);
-    }
+    common::main_of("projections", USAGE, options, run);
 }
 
 fn options() -> Result<Option<Options>> {
@@ -156,18 +144,14 @@ fn options() -> Result<Option<Options>> {
 }
 
 fn run(options: &Options) -> Result<()> {
-    let schema = format!("bench_projections_{}", std::process::id());
-    let mut admin = Client::connect(&options.url, NoTls)?;
-    admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
-    let database = Database::new(&options.url)?.schema(&schema)?;
-    let outcome = measure_all(options, &database);
-    admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
-    outcome
+    common::in_own_schema(&options.url, "projections", |database| {
+        measure_all(options, database)
+    })
 }
 
 fn measure_all(options: &Options, database: &Database) -> Result<()> {
     projector::migrate(database)?;
-    seed(database, options.events)?;
+    common::seed(database, SEED_SQL, options.events, AGGREGATES)?;
     let copy = copy_all(database)?;
     // Interleaved, medians: the cost of metrics is small against the noise.
     let (mut ones, mut scrapes) = (Vec::new(), Vec::new());
@@ -179,7 +163,7 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
         )?);
     }
     println!("G1 walls {ones:.2?}, M1 walls {scrapes:.2?}");
-    let (one, scraped) = (median(&mut ones), median(&mut scrapes));
+    let (one, scraped) = (common::median(&mut ones), common::median(&mut scrapes));
     if options.metrics_only {
         println!(
             "\nG1 median {:.2} s, M1 median {:.2} s: M1 = {:.3} x G1 ({} pairs)",
@@ -213,12 +197,14 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
         secs(copy)
     );
     println!(
-        "| G1 1 noop projection (median of 3) | {:.2} | {:.2} x R0 |",
+        "| G1 1 noop projection (median of {}) | {:.2} | {:.2} x R0 |",
+        options.pairs,
         secs(one),
         secs(one) / secs(copy)
     );
     println!(
-        "| M1 G1 rendering its metrics every second (median of 3, interleaved) | {:.2} | {:.3} x G1 |",
+        "| M1 G1 rendering its metrics every second (median of {}, interleaved) | {:.2} | {:.3} x G1 |",
+        options.pairs,
         secs(scraped),
         secs(scraped) / secs(one)
     );
@@ -258,19 +244,6 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
             percentile(&window.samples, 1.0)
         );
     }
-    Ok(())
-}
-
-fn seed(database: &Database, events: i64) -> Result<()> {
-    let mut client = database.connect()?;
-    let insert = client.prepare(SEED_SQL)?;
-    let mut low = 0;
-    while low < events {
-        let high = (low + 250_000).min(events) - 1;
-        client.execute(&insert, &[&low, &high, &AGGREGATES])?;
-        low = high + 1;
-    }
-    client.batch_execute("VACUUM ANALYZE events")?;
     Ok(())
 }
 
@@ -445,11 +418,6 @@ fn catch_up_live(database: &Database) -> Result<()> {
         .start()?
         .join()?;
     Ok(())
-}
-
-fn median(walls: &mut [Duration]) -> Duration {
-    walls.sort();
-    walls[walls.len() / 2]
 }
 
 fn percentile(samples: &[f64], q: f64) -> f64 {
