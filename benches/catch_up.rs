@@ -11,14 +11,17 @@
 //!
 //! The database must have no events yet; the benchmark migrates it and seeds it.
 
-use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use postgres::{Client, NoTls};
 
-type BoxError = Box<dyn std::error::Error>;
+mod common;
+
+use common::COPY_SQL;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Result<T, E = BoxError> = std::result::Result<T, E>;
 
 const USAGE: &str = "usage: catch_up [--database-url URL] [--events N] [--big-events N] \
@@ -45,10 +48,6 @@ const SEED_SQL: &str = "INSERT INTO events (bounded_context, aggregate_type, agg
         convert_to(json_build_object('account', 'agg-' || g % $3::int8, 'amount', g % 1000, \
             'currency', 'EUR', 'ref', md5(g::text))::text, 'UTF8') \
     FROM generate_series($1::int8, $2::int8) AS g ORDER BY g";
-const COPY_SQL: &str = "COPY (SELECT global_position, bounded_context, aggregate_type, \
-    aggregate_id, aggregate_version, event_id, event_type, event_version, payload, trace_id, \
-    correlation_id, causation_id, metadata, created_at FROM events ORDER BY global_position) \
-    TO STDOUT (FORMAT binary)";
 
 /// The projection with a set-based batch handler, run as P4 when the binary has it.
 const BATCH_PROJECTION: &str = "aggregate-stats-batch";
@@ -437,30 +436,7 @@ impl Bench<'_> {
     /// R0: the stream read in full, in order, by one binary `COPY`; the faster of two runs.
     fn copy_all(&mut self, events: i64) -> Result<Row> {
         println!("\n# R0: {COPY_SQL}");
-        let mut best: Option<(Duration, u64)> = None;
-        for attempt in 1..=2 {
-            let started = Instant::now();
-            let mut reader = self.client.copy_out(COPY_SQL)?;
-            let mut bytes = 0u64;
-            loop {
-                let len = reader.fill_buf()?.len();
-                if len == 0 {
-                    break;
-                }
-                bytes += len as u64;
-                reader.consume(len);
-            }
-            let wall = started.elapsed();
-            println!(
-                "R0 run {attempt}: {:.2} s, {:.1} MB",
-                wall.as_secs_f64(),
-                bytes as f64 / 1e6
-            );
-            if best.is_none_or(|(fastest, _)| wall < fastest) {
-                best = Some((wall, bytes));
-            }
-        }
-        let (wall, bytes) = best.ok_or("no COPY run")?;
+        let (wall, bytes) = common::copy_all_events(&mut self.client)?;
         Ok(Row {
             run: "R0".into(),
             what: format!(

@@ -134,6 +134,7 @@ mod partition;
 mod progress;
 mod projection;
 pub mod projections;
+mod retry;
 mod router;
 mod runner;
 mod settings;

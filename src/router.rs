@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TryRecvError};
 use log::{debug, info};
 use postgres::Row;
 
@@ -218,6 +218,25 @@ impl Routes {
     }
 }
 
+/// How often the router, waiting on a full queue, looks whether the worker has stepped aside
+/// or the runner is stopping.
+const STEP_ASIDE_CHECK: Duration = Duration::from_millis(10);
+
+/// How a hand-out to one lane ended.
+enum Sent {
+    /// The batch is on the lane's queue.
+    Taken,
+    /// The lane's worker has stopped.
+    Gone,
+    /// The lane's worker left the shared read while it waited (it reads the batch's events
+    /// itself).
+    SteppedAside,
+    /// The worker took no batch for `straggler_after`: it is to be left behind.
+    TooSlow,
+    /// The runner is stopping.
+    Stopping,
+}
+
 /// The router's thread: takes chunks from the fetcher, hands out their events.
 pub(crate) struct Router<'a> {
     pub(crate) lanes: &'a [Lane],
@@ -300,17 +319,17 @@ impl Router<'_> {
                     events: events.unwrap_or_default(),
                     upto,
                 };
-                select! {
-                    send(lane.queue, batch) -> sent => if sent.is_err() {
+                match self.send(lane, index, batch) {
+                    Sent::Taken | Sent::SteppedAside => {}
+                    Sent::Gone => {
                         // Its projection stopped (the worker reported why): the others go on.
                         debug!(
                             "partition {}/{} of '{}' has stopped: no more events for it",
                             lane.partition, lane.total, lane.projection
                         );
                         alive[index] = false;
-                    },
-                    recv(self.stop) -> _ => return true,
-                    default(self.settings.straggler_after) => {
+                    }
+                    Sent::TooSlow => {
                         hand_out.mark(index);
                         info!(
                             "partition {}/{} of '{}': its worker has not taken a batch for {} s, \
@@ -322,10 +341,34 @@ impl Router<'_> {
                             self.settings.straggler_after.as_secs_f64()
                         );
                     }
+                    Sent::Stopping => return true,
                 }
             }
         }
         hand_out.done(upto);
         !alive.contains(&true)
+    }
+
+    /// Puts `batch` on `lane`'s queue (lane number `index`), waiting while the queue is full:
+    /// until the worker takes a batch, steps aside (it will read this batch's events itself),
+    /// or has not taken one for [`Settings::straggler_after`].
+    fn send(&self, lane: &Lane, index: usize, mut batch: Batch) -> Sent {
+        let started = Instant::now();
+        loop {
+            match lane.queue.send_timeout(batch, STEP_ASIDE_CHECK) {
+                Ok(()) => return Sent::Taken,
+                Err(SendTimeoutError::Disconnected(_)) => return Sent::Gone,
+                Err(SendTimeoutError::Timeout(back)) => batch = back,
+            }
+            if !matches!(self.stop.try_recv(), Err(TryRecvError::Empty)) {
+                return Sent::Stopping;
+            }
+            if self.stragglers.is_straggler(index) {
+                return Sent::SteppedAside;
+            }
+            if started.elapsed() >= self.settings.straggler_after {
+                return Sent::TooSlow;
+            }
+        }
     }
 }

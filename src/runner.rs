@@ -19,6 +19,7 @@ use crate::outage::{Attempts, Outage};
 use crate::ownership::Role;
 use crate::progress::{LaneProgress, Monitor};
 use crate::projection::{AnyProjection, Context, Projection};
+use crate::retry::Held;
 use crate::router::{FetchProgress, Lane};
 use crate::settings::{Settings, Stopper};
 use crate::straggler::Stragglers;
@@ -243,6 +244,7 @@ impl Threads {
                 lane: lanes.len() - 1,
                 scope: scope.clone(),
                 parking: (plan.policy == PoisonPolicy::Park).then(Parking::new),
+                held: Held::default(),
             };
             let done = done.clone();
             let everything = self.stopper.clone();

@@ -47,6 +47,11 @@ pub struct Settings {
     /// out of the shared read, so that one slow partition does not hold the others back; the
     /// partition then reads its own events until it catches up. Default 5 s.
     pub straggler_after: Duration,
+    /// While a worker waits to retry an event that failed, it takes the batches that arrive
+    /// off its queue and holds them, so that the other partitions go on; past this many held
+    /// events it leaves the shared read instead and later reads what it missed from the store,
+    /// as a straggler. Default 100,000 (tens of MB, only while retrying).
+    pub max_events_held_while_retrying: usize,
     /// At start, a partition whose checkpoint is more than this many positions behind the
     /// furthest one (of any projection of the runner) reads its own events until it has caught
     /// up, instead of making the shared read start back at its position. This is how a new
@@ -81,6 +86,7 @@ impl Default for Settings {
             liveness_interval: Duration::from_secs(1),
             give_up_after: Duration::from_secs(600),
             straggler_after: Duration::from_secs(5),
+            max_events_held_while_retrying: 100_000,
             catch_up_alone_beyond: 100_000,
         }
     }

@@ -11,6 +11,10 @@
 //! stream complete up to there, so no gap can be passed), applies them as usual, and rejoins
 //! the shared read when it has reached that position.
 //!
+//! A worker also steps aside by itself before it waits to retry an event that failed
+//! ([`Stragglers::step_aside`]): the other partitions then go on at once instead of waiting for
+//! the retries behind its full queue.
+//!
 //! Rejoining is exact: the router hands a chunk out and records its position under one lock,
 //! and a straggler rejoins under the same lock only when it has everything up to the recorded
 //! position, so every later chunk reaches it and no earlier one is missed. (An event handed
@@ -56,6 +60,26 @@ impl Stragglers {
         self.flags
             .get(lane)
             .is_some_and(|flag| flag.load(Ordering::Acquire))
+    }
+
+    /// For `lane`'s worker, about to wait (before retrying an event): leaves the shared read
+    /// at once, so that the router does not wait for it. The batches already on its queue
+    /// stay; once it has taken them, it reads the rest itself, as any straggler. Exact without
+    /// the router's lock: a chunk the router hands out meanwhile either reaches the queue or
+    /// is read by the worker later (or both: harmless, see the module).
+    pub(crate) fn step_aside(&self, lane: usize) -> bool {
+        self.flags
+            .get(lane)
+            .is_some_and(|flag| !flag.swap(true, Ordering::AcqRel))
+    }
+
+    /// For `lane`'s worker, stopping, once it has dropped its queue: back among the lanes the
+    /// router hands out to, so that the next hand-out finds the lane gone (the router stops
+    /// the runner once every lane has gone).
+    pub(crate) fn gone(&self, lane: usize) {
+        if let Some(flag) = self.flags.get(lane) {
+            flag.store(false, Ordering::Release);
+        }
     }
 
     /// Taken by the router for the whole hand-out of one chunk.

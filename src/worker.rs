@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
-use log::{debug, info, warn};
+use log::info;
 use prometheus::Histogram;
 
+use crate::Error;
 use crate::checkpoint::{PartitionStatements, Peek};
 use crate::database::Pool;
 use crate::dead_letter::Parking;
@@ -18,9 +19,9 @@ use crate::metrics::LaneState;
 use crate::outage::{Attempts, Outage};
 use crate::ownership::Role;
 use crate::projection::{Context, Projection};
+use crate::retry::Held;
 use crate::settings::{Settings, Stopper};
 use crate::straggler::{OwnEvents, Stragglers, read_own_events};
-use crate::{Error, backoff};
 
 /// What the fetcher hands a worker: the partition's events from one read of the stream, and
 /// the position up to which that read saw the whole stream.
@@ -112,6 +113,8 @@ pub(crate) struct Worker<P> {
     pub(crate) scope: Scope,
     /// With the park policy: what this worker parks ([`crate::dead_letter`]); `None` stops.
     pub(crate) parking: Option<Parking>,
+    /// Batches taken off the queue while waiting to retry an event: applied before the queue.
+    pub(crate) held: Held,
 }
 
 /// A pooled connection with the partition's statements prepared on it.
@@ -147,6 +150,9 @@ impl<P: Projection> Worker<P> {
         let result = self.run_until_stopped(&mut connection);
         // Give the partition back at once, rather than when the pool closes the connection.
         discard(&mut connection);
+        // The router finds the lane gone at its next hand-out, even when it had stepped aside.
+        self.batches = crossbeam_channel::never();
+        self.stragglers.gone(self.lane);
         self.progress.set_state(match &result {
             Ok(_) => LaneState::Stopped,
             Err(Error::Fenced { .. }) => LaneState::Fenced,
@@ -183,6 +189,7 @@ impl<P: Projection> Worker<P> {
         let mut carried: Option<Batch> = None;
         loop {
             if carried.is_none()
+                && self.held.is_empty()
                 && self.stragglers.is_straggler(self.lane)
                 && self.batches.is_empty()
             {
@@ -191,7 +198,7 @@ impl<P: Projection> Worker<P> {
                 }
                 last_write = Instant::now();
             }
-            let batch = if let Some(batch) = carried.take() {
+            let batch = if let Some(batch) = carried.take().or_else(|| self.held.pop()) {
                 batch
             } else {
                 select! {
@@ -249,7 +256,7 @@ impl<P: Projection> Worker<P> {
             let mut events = batch.events;
             let mut upto = idle_upto.take().map_or(batch.upto, |u| u.max(batch.upto));
             while events.len() < self.events_per_transaction() {
-                let Ok(more) = self.batches.try_recv() else {
+                let Some(more) = self.next_batch_now() else {
                     break;
                 };
                 let more_events = match Arc::get_mut(&mut events) {
@@ -299,7 +306,9 @@ impl<P: Projection> Worker<P> {
              position {received} until it catches up",
             self.projection.name()
         );
-        let limit = i64::from(self.settings.batch_size);
+        // Positions of the whole stream are read to find the partition's own events: as many
+        // as make about one read's worth of them.
+        let limit = i64::from(self.settings.batch_size) * i64::from(total.max(1));
         loop {
             if self.sleep_or_stop(Duration::ZERO) {
                 return Ok(true);
@@ -373,144 +382,6 @@ impl<P: Projection> Worker<P> {
             Failure::Connection(error)
         } else {
             Failure::Fatal(error)
-        }
-    }
-
-    /// Commits `events` (those above the checkpoint) and the checkpoint `upto`, retrying lost
-    /// connections (up to the give-up limit) and projection failures a few times. As a standby,
-    /// waits until the process holding the partition has applied the batch, or has gone.
-    /// False when asked to stop before the batch was done: the caller must then stop at once,
-    /// committing nothing more (a later checkpoint would pass the events of this batch).
-    pub(crate) fn commit_with_retries(
-        &mut self,
-        connection: &mut Option<Connection>,
-        events: &[Event],
-        upto: i64,
-        summary: &mut PartitionSummary,
-    ) -> Result<bool, Error> {
-        let mut failures = 0;
-        let mut first_failed_at = std::time::SystemTime::now();
-        // The whole batch at once first; after a failure, event by event, to find the event.
-        let mut whole = true;
-        loop {
-            match self.commit(connection, events, upto, whole, summary) {
-                Ok(()) => {
-                    self.outage.back(&self.thread, &mut self.attempts);
-                    return Ok(true);
-                }
-                Err(Failure::Standby(peek)) => {
-                    self.follow(peek, summary);
-                    // The holder applied everything up to its checkpoint: a batch behind it
-                    // has nothing left for this process.
-                    if events
-                        .last()
-                        .is_none_or(|e| e.global_position <= peek.position)
-                    {
-                        summary.skipped += events.len() as u64;
-                        return Ok(true);
-                    }
-                    if self.sleep_or_stop(self.settings.liveness_interval) {
-                        return Ok(false);
-                    }
-                }
-                Err(Failure::Waiting) => {
-                    if self.sleep_or_stop(self.settings.liveness_interval) {
-                        return Ok(false);
-                    }
-                }
-                Err(Failure::Connection(error)) => {
-                    self.progress.retries.fetch_add(1, Ordering::Relaxed);
-                    if self.wait_after_losing(connection, error)? {
-                        return Ok(false);
-                    }
-                }
-                Err(Failure::Fatal(error)) => return Err(error),
-                Err(Failure::Batch(source)) => {
-                    debug!(
-                        "projection '{}' failed on a batch of partition {}/{} ({source}); \
-                         applying it event by event",
-                        self.projection.name(),
-                        self.context.partition,
-                        self.context.total_partitions
-                    );
-                    whole = false;
-                }
-                Err(Failure::Projection { index, source }) => {
-                    failures += 1;
-                    let event = &events[index];
-                    if failures == 1 {
-                        first_failed_at = std::time::SystemTime::now();
-                    }
-                    if failures >= self.settings.max_attempts {
-                        if let Some(parking) = self.parking.as_mut() {
-                            // Parked in the next attempt, with the later events of its aggregate.
-                            parking.poison(event, &source, failures, first_failed_at);
-                            failures = 0;
-                            continue;
-                        }
-                        self.progress.failures.fetch_add(1, Ordering::Relaxed);
-                        // Keep what came before the failing event, and stop just before it.
-                        let before = event.global_position - 1;
-                        let _ = self.commit(connection, &events[..index], before, false, summary);
-                        return Err(Error::Projection {
-                            projection: self.projection.name().to_owned(),
-                            partition: self.context.partition,
-                            total: self.context.total_partitions,
-                            position: event.global_position,
-                            aggregate_id: event.aggregate_id.clone(),
-                            event_type: event.event_type.clone(),
-                            attempts: failures,
-                            source,
-                        });
-                    }
-                    self.progress.retries.fetch_add(1, Ordering::Relaxed);
-                    let delay = backoff(
-                        failures,
-                        self.settings.retry_delay,
-                        self.settings.max_retry_delay,
-                    );
-                    warn!(
-                        "projection '{}' failed on partition {}/{} at global position {} ({}); \
-                         attempt {failures} of {}, retrying in {} ms",
-                        self.projection.name(),
-                        self.context.partition,
-                        self.context.total_partitions,
-                        event.global_position,
-                        source,
-                        self.settings.max_attempts,
-                        delay.as_millis()
-                    );
-                    if self.sleep_or_stop(delay) {
-                        return Ok(false);
-                    }
-                }
-            }
-        }
-    }
-
-    /// After losing the connection (`error`): drops it, reports the outage and waits before
-    /// the next attempt, with back-off. True when asked to stop meanwhile; an error once it is
-    /// time to give up.
-    pub(crate) fn wait_after_losing(
-        &mut self,
-        connection: &mut Option<Connection>,
-        error: Error,
-    ) -> Result<bool, Error> {
-        discard(connection);
-        let delay = self.outage.lost_with_backoff(
-            &self.thread,
-            &mut self.attempts,
-            error,
-            &self.settings,
-        )?;
-        Ok(self.sleep_or_stop(delay))
-    }
-
-    /// Waits `delay`; true when asked to stop meanwhile.
-    pub(crate) fn sleep_or_stop(&self, delay: Duration) -> bool {
-        select! {
-            recv(self.stop) -> _ => true,
-            default(delay) => false,
         }
     }
 

@@ -1,8 +1,9 @@
-//! What the library-driven benchmarks (`park`, `projections`) share: running one, a schema of
-//! its own, seeding, medians. Each benchmark uses only some of it.
+//! What the benchmarks share: running one, a schema of its own, seeding, the COPY limit (R0),
+//! medians. Each benchmark uses only some of it.
 #![allow(dead_code)]
 
-use std::time::Duration;
+use std::io::BufRead;
+use std::time::{Duration, Instant};
 
 use projector::postgres::{Client, NoTls};
 use projector::{BoxError, Database};
@@ -74,4 +75,39 @@ pub(crate) fn seed(
 pub(crate) fn median(walls: &mut [Duration]) -> Duration {
     walls.sort_unstable();
     walls[walls.len() / 2]
+}
+
+/// R0, the limit every run is compared with: the whole stream read in order by one binary
+/// `COPY`.
+pub(crate) const COPY_SQL: &str = "COPY (SELECT global_position, bounded_context, \
+    aggregate_type, aggregate_id, aggregate_version, event_id, event_type, event_version, \
+    payload, trace_id, correlation_id, causation_id, metadata, created_at FROM events \
+    ORDER BY global_position) TO STDOUT (FORMAT binary)";
+
+/// R0 on `client`: the faster of two runs of [`COPY_SQL`], each printed, as (wall, bytes).
+pub(crate) fn copy_all_events(client: &mut Client) -> Result<(Duration, u64)> {
+    let mut best: Option<(Duration, u64)> = None;
+    for attempt in 1..=2 {
+        let started = Instant::now();
+        let mut reader = client.copy_out(COPY_SQL)?;
+        let mut bytes = 0u64;
+        loop {
+            let len = reader.fill_buf()?.len();
+            if len == 0 {
+                break;
+            }
+            bytes += len as u64;
+            reader.consume(len);
+        }
+        let wall = started.elapsed();
+        println!(
+            "R0 run {attempt}: {:.2} s, {:.1} MB",
+            wall.as_secs_f64(),
+            bytes as f64 / 1e6
+        );
+        if best.is_none_or(|(fastest, _)| wall < fastest) {
+            best = Some((wall, bytes));
+        }
+    }
+    Ok(best.ok_or("no COPY run")?)
 }

@@ -241,6 +241,83 @@ fn park_sets_the_poison_aggregate_aside_in_order_and_retry_releases_it_while_run
 }
 
 #[test]
+fn the_other_partitions_go_on_to_the_head_while_a_poison_event_is_retried() {
+    // The poisoned partition holds the batches that arrive while it waits to retry.
+    others_go_on_while_retrying(
+        "park_hold",
+        Settings::default().max_events_held_while_retrying,
+    );
+}
+
+#[test]
+fn a_partition_retrying_past_its_hold_limit_leaves_the_shared_read_and_loses_nothing() {
+    // It can hold only one batch: it leaves the shared read, and later reads what it missed.
+    others_go_on_while_retrying("park_step_aside", 1);
+}
+
+fn others_go_on_while_retrying(name: &str, held_while_retrying: usize) {
+    let schema = TestSchema::migrated(name);
+    schema.seed(300, 8);
+    let head = head(&schema);
+    let partition = projector::partition_of(POISON, 4) as usize;
+    let mut settings = Settings::default();
+    // One retry, long after the first failure; small reads, each handed out at once, so that
+    // the poisoned partition's queue is full long before the retry (and the router would wait
+    // for it far longer than the retry takes before leaving it behind).
+    settings.max_attempts = 2;
+    settings.retry_delay = Duration::from_secs(4);
+    settings.batch_size = 100;
+    settings.min_events_per_batch = 1;
+    settings.straggler_after = Duration::from_secs(120);
+    settings.max_events_held_while_retrying = held_while_retrying;
+    let runner = Builder::new(schema.database.clone(), Flaky::new())
+        .partitions(0..4)
+        .total_partitions(4)
+        .settings(settings)
+        .start()
+        .expect("start");
+
+    // Before the poison event is parked (it is being retried), the other partitions are done.
+    let others_at_head = |checkpoints: &[i64]| {
+        checkpoints.len() == 4 && (0..4).all(|key| key == partition || checkpoints[key] == head)
+    };
+    let mut first = None;
+    eventually(
+        "the other partitions at the head, or the event parked",
+        LIMIT,
+        || {
+            let parked_yet = !parked(&schema, "flaky").is_empty();
+            let checkpoints = checkpoints_at(&schema, "flaky");
+            if parked_yet || others_at_head(&checkpoints) {
+                first = Some((parked_yet, checkpoints));
+            }
+            first.is_some()
+        },
+    );
+    let (parked_first, checkpoints) = first.expect("one of them");
+    assert!(
+        !parked_first,
+        "the other partitions waited for the retry: checkpoints {checkpoints:?} when the poison \
+         event was parked, head {head}"
+    );
+
+    // Then the poisoned partition parks the event, reads what it missed and reaches the head.
+    eventually("every checkpoint at the head", LIMIT, || {
+        checkpoints_at(&schema, "flaky") == vec![head; 4]
+    });
+    runner.shutdown();
+    runner.join().expect("clean stop");
+    assert!(others_exact(&schema, 300, 8));
+    assert_eq!(poison_recorded(&schema), (2, 2, true));
+    let positions: Vec<i64> = parked(&schema, "flaky").iter().map(|l| l.0).collect();
+    assert_eq!(
+        positions,
+        poison_positions_from(&schema, 3),
+        "parked in order"
+    );
+}
+
+#[test]
 fn a_parked_aggregate_stays_parked_across_a_repartitioning_and_a_reset_clears_it() {
     let schema = TestSchema::migrated("park_repartition");
     schema.seed(200, 6);

@@ -1,0 +1,228 @@
+//! A worker's retries: a lost connection is ridden out with back-off, a projection that fails
+//! on an event is tried again a few times, and meanwhile the partition's batches are held (or
+//! it leaves the shared read) so that the other partitions do not wait behind it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::select;
+use log::{debug, info, warn};
+
+use crate::event::Event;
+use crate::projection::Projection;
+use crate::worker::{Batch, Connection, Failure, PartitionSummary, Worker, discard};
+use crate::{Error, backoff};
+
+impl<P: Projection> Worker<P> {
+    /// Commits `events` (those above the checkpoint) and the checkpoint `upto`, retrying lost
+    /// connections (up to the give-up limit) and projection failures a few times. As a standby,
+    /// waits until the process holding the partition has applied the batch, or has gone.
+    /// False when asked to stop before the batch was done: the caller must then stop at once,
+    /// committing nothing more (a later checkpoint would pass the events of this batch).
+    pub(crate) fn commit_with_retries(
+        &mut self,
+        connection: &mut Option<Connection>,
+        events: &[Event],
+        upto: i64,
+        summary: &mut PartitionSummary,
+    ) -> Result<bool, Error> {
+        let mut failures = 0;
+        let mut first_failed_at = std::time::SystemTime::now();
+        // The whole batch at once first; after a failure, event by event, to find the event.
+        let mut whole = true;
+        loop {
+            match self.commit(connection, events, upto, whole, summary) {
+                Ok(()) => {
+                    self.outage.back(&self.thread, &mut self.attempts);
+                    return Ok(true);
+                }
+                Err(Failure::Standby(peek)) => {
+                    self.follow(peek, summary);
+                    // The holder applied everything up to its checkpoint: a batch behind it
+                    // has nothing left for this process.
+                    if events
+                        .last()
+                        .is_none_or(|e| e.global_position <= peek.position)
+                    {
+                        summary.skipped += events.len() as u64;
+                        return Ok(true);
+                    }
+                    if self.sleep_or_stop(self.settings.liveness_interval) {
+                        return Ok(false);
+                    }
+                }
+                Err(Failure::Waiting) => {
+                    if self.sleep_or_stop(self.settings.liveness_interval) {
+                        return Ok(false);
+                    }
+                }
+                Err(Failure::Connection(error)) => {
+                    self.progress.retries.fetch_add(1, Ordering::Relaxed);
+                    if self.wait_after_losing(connection, error)? {
+                        return Ok(false);
+                    }
+                }
+                Err(Failure::Fatal(error)) => return Err(error),
+                Err(Failure::Batch(source)) => {
+                    debug!(
+                        "projection '{}' failed on a batch of partition {}/{} ({source}); \
+                         applying it event by event",
+                        self.projection.name(),
+                        self.context.partition,
+                        self.context.total_partitions
+                    );
+                    whole = false;
+                }
+                Err(Failure::Projection { index, source }) => {
+                    failures += 1;
+                    let event = &events[index];
+                    if failures == 1 {
+                        first_failed_at = std::time::SystemTime::now();
+                    }
+                    if failures >= self.settings.max_attempts {
+                        if let Some(parking) = self.parking.as_mut() {
+                            // Parked in the next attempt, with the later events of its aggregate.
+                            parking.poison(event, &source, failures, first_failed_at);
+                            failures = 0;
+                            continue;
+                        }
+                        self.progress.failures.fetch_add(1, Ordering::Relaxed);
+                        // Keep what came before the failing event, and stop just before it.
+                        let before = event.global_position - 1;
+                        let _ = self.commit(connection, &events[..index], before, false, summary);
+                        return Err(Error::Projection {
+                            projection: self.projection.name().to_owned(),
+                            partition: self.context.partition,
+                            total: self.context.total_partitions,
+                            position: event.global_position,
+                            aggregate_id: event.aggregate_id.clone(),
+                            event_type: event.event_type.clone(),
+                            attempts: failures,
+                            source,
+                        });
+                    }
+                    self.progress.retries.fetch_add(1, Ordering::Relaxed);
+                    let delay = backoff(
+                        failures,
+                        self.settings.retry_delay,
+                        self.settings.max_retry_delay,
+                    );
+                    warn!(
+                        "projection '{}' failed on partition {}/{} at global position {} ({}); \
+                         attempt {failures} of {}, retrying in {} ms",
+                        self.projection.name(),
+                        self.context.partition,
+                        self.context.total_partitions,
+                        event.global_position,
+                        source,
+                        self.settings.max_attempts,
+                        delay.as_millis()
+                    );
+                    if self.wait_holding_batches(delay) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits `delay` before retrying an event, taking the batches that arrive meanwhile off
+    /// the queue and holding them (in order, after any held before), so that the router does
+    /// not wait for this partition and the others go on. Past
+    /// [`Settings::max_events_held_while_retrying`](crate::Settings) held events, the
+    /// partition leaves the shared read instead (see [`Worker::step_aside`]). True when asked
+    /// to stop meanwhile.
+    fn wait_holding_batches(&mut self, delay: Duration) -> bool {
+        let deadline = Instant::now() + delay;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.held.events >= self.settings.max_events_held_while_retrying {
+                self.step_aside();
+                return self.sleep_or_stop(left);
+            }
+            select! {
+                recv(self.stop) -> _ => return true,
+                recv(self.batches) -> batch => match batch {
+                    Ok(batch) => self.held.push(batch),
+                    // The fetcher is done: nothing more comes.
+                    Err(_) => return self.sleep_or_stop(left),
+                },
+                default(left) => return false,
+            }
+        }
+    }
+
+    /// The next batch to apply: one held while retrying, else one from the queue if there is
+    /// one at once.
+    pub(crate) fn next_batch_now(&mut self) -> Option<Batch> {
+        self.held.pop().or_else(|| self.batches.try_recv().ok())
+    }
+
+    /// Before waiting to retry an event, with too many batches held already: leaves the shared
+    /// read, so that the other partitions do not wait behind this one's full queue; the
+    /// partition reads what it missed itself afterwards, and rejoins (see
+    /// [`crate::straggler`]).
+    fn step_aside(&self) {
+        if self.stragglers.step_aside(self.lane) {
+            info!(
+                "partition {}/{} of '{}' leaves the shared read while it retries an event; the \
+                 others go on, and it reads its own events afterwards until it catches up",
+                self.context.partition,
+                self.context.total_partitions,
+                self.projection.name()
+            );
+        }
+    }
+
+    /// After losing the connection (`error`): drops it, reports the outage and waits before
+    /// the next attempt, with back-off. True when asked to stop meanwhile; an error once it is
+    /// time to give up.
+    pub(crate) fn wait_after_losing(
+        &mut self,
+        connection: &mut Option<Connection>,
+        error: Error,
+    ) -> Result<bool, Error> {
+        discard(connection);
+        let delay = self.outage.lost_with_backoff(
+            &self.thread,
+            &mut self.attempts,
+            error,
+            &self.settings,
+        )?;
+        Ok(self.sleep_or_stop(delay))
+    }
+
+    /// Waits `delay`; true when asked to stop meanwhile.
+    pub(crate) fn sleep_or_stop(&self, delay: Duration) -> bool {
+        select! {
+            recv(self.stop) -> _ => true,
+            default(delay) => false,
+        }
+    }
+}
+
+/// Batches a worker took off its queue while it waited to retry an event, in order.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    batches: VecDeque<Batch>,
+    /// The events in `batches`.
+    events: usize,
+}
+
+impl Held {
+    fn push(&mut self, batch: Batch) {
+        self.events += batch.events.len();
+        self.batches.push_back(batch);
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Batch> {
+        let batch = self.batches.pop_front()?;
+        self.events -= batch.events.len();
+        Some(batch)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
