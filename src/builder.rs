@@ -45,6 +45,8 @@ pub struct Builder {
     pool: Option<Pool>,
     settings: Settings,
     on_poison: Option<PoisonPolicy>,
+    /// Policies given per projection name, which win over `on_poison`.
+    on_poison_of: Vec<(String, PoisonPolicy)>,
 }
 
 /// A projection of the runner, with its own partitions when it has them.
@@ -69,6 +71,7 @@ impl Builder {
             pool: None,
             settings: Settings::default(),
             on_poison: None,
+            on_poison_of: Vec::new(),
         }
     }
 
@@ -150,6 +153,16 @@ impl Builder {
         self
     }
 
+    /// What the projection named `name` does with an event that still fails after the last
+    /// attempt, whatever its [`Projection::poison_policy`] or [`on_poison`](Self::on_poison)
+    /// say (`--on-poison NAME=park`). [`start`](Self::start) refuses a name the runner does not
+    /// run.
+    pub fn on_poison_of(mut self, name: &str, policy: PoisonPolicy) -> Self {
+        self.on_poison_of.retain(|(given, _)| given != name);
+        self.on_poison_of.push((name.to_owned(), policy));
+        self
+    }
+
     /// Replaces every setting at once.
     pub fn settings(mut self, settings: Settings) -> Self {
         self.settings = settings;
@@ -225,12 +238,42 @@ impl Builder {
                     projection: member.projection.clone(),
                     keys: checked_keys(keys, total)?,
                     total,
-                    policy: self
-                        .on_poison
-                        .unwrap_or_else(|| member.projection.poison_policy()),
+                    policy: self.poison_policy_of(&member.projection),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<Plan>, Error>>()
+            .and_then(|plans| self.check_poison_names(plans))
+    }
+
+    /// A projection's poison policy: given for its name, else for every projection, else its own.
+    fn poison_policy_of(&self, projection: &AnyProjection) -> PoisonPolicy {
+        self.on_poison_of
+            .iter()
+            .find(|(name, _)| name == projection.name())
+            .map(|&(_, policy)| policy)
+            .or(self.on_poison)
+            .unwrap_or_else(|| projection.poison_policy())
+    }
+
+    /// `plans`, unless a policy was given for a projection the runner does not run.
+    fn check_poison_names(&self, plans: Vec<Plan>) -> Result<Vec<Plan>, Error> {
+        let runs = |name: &str| plans.iter().any(|plan| plan.projection.name() == name);
+        match self.on_poison_of.iter().find(|(name, _)| !runs(name)) {
+            Some((name, _)) => Err(Error::invalid_setting(
+                "--on-poison",
+                name,
+                format!(
+                    "no projection of that name runs here (it runs {}): name one of them, or \
+                     give a policy for all of them (`--on-poison park`)",
+                    plans
+                        .iter()
+                        .map(|plan| format!("'{}'", plan.projection.name()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+            None => Ok(plans),
+        }
     }
 
     /// The given pool, or one of `lanes + 1` connections; each worker keeps its connection (it

@@ -38,7 +38,8 @@ pub(crate) struct Args {
 
     /// what to do with an event that still fails after 3 attempts: stop (default) stops the
     /// projection just before it; park parks it and the later events of its aggregate in
-    /// projection_dead_letters and goes on with the other aggregates
+    /// projection_dead_letters and goes on with the other aggregates. For one projection of
+    /// several: NAME=park (a list: park,users=stop)
     #[argh(option)]
     pub(crate) on_poison: Option<String>,
 

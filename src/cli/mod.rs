@@ -286,7 +286,7 @@ fn run_projections(args: &Args, database: Database) -> Result<(), Error> {
         .total_partitions(total)
         .exit_when_caught_up(args.exit_when_caught_up);
     if let Some(text) = &args.on_poison {
-        builder = builder.on_poison(projector::PoisonPolicy::parse("--on-poison", text)?);
+        builder = with_poison_policies(builder, text)?;
     }
     if let Some(text) = &args.batch_size {
         builder = builder.batch_size(positive("--batch-size", text)?);
@@ -667,4 +667,35 @@ fn reset_projection<P: Projection>(
     }
     projector::reset(&mut client, &mut projection)?;
     Ok(())
+}
+
+/// `--on-poison`: `park` or `stop` for every projection, `NAME=park` (or `stop`) for one, or a
+/// comma-separated list of these (the named ones win).
+fn with_poison_policies(mut builder: Builder, text: &str) -> Result<Builder, Error> {
+    let mut for_all = None;
+    for item in text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
+        match item.split_once('=') {
+            Some((name, policy)) => {
+                let policy = projector::PoisonPolicy::parse("--on-poison", policy)?;
+                builder = builder.on_poison_of(name.trim(), policy);
+            }
+            None if for_all.is_some() => {
+                return Err(Error::invalid_setting(
+                    "--on-poison",
+                    text,
+                    "two policies for every projection: give one (park or stop), and NAME=POLICY \
+                     for the projections that differ",
+                ));
+            }
+            None => for_all = Some(projector::PoisonPolicy::parse("--on-poison", item)?),
+        }
+    }
+    Ok(match for_all {
+        Some(policy) => builder.on_poison(policy),
+        None => builder,
+    })
 }

@@ -3,6 +3,7 @@
 //! ```sql
 //! -- projection: running-totals
 //! -- scope: event_types = Deposited, Withdrawn; aggregate_types = Account
+//! -- on-poison: park
 //! -- setup
 //! CREATE TABLE IF NOT EXISTS running_totals (...);
 //! -- apply
@@ -22,6 +23,7 @@ use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{ToSql, Type};
 use postgres::{Client, Transaction};
 
+use crate::dead_letter::PoisonPolicy;
 use crate::error::{BoxError, is_connection_loss};
 use crate::event::{Event, Scope};
 use crate::projection::{Context, Projection};
@@ -42,6 +44,8 @@ struct SqlFile {
     path: String,
     name: String,
     scope: Scope,
+    /// `-- on-poison:`, stop when not given.
+    poison: PoisonPolicy,
     setup: Option<Section>,
     apply: Section,
     reset: Option<Section>,
@@ -129,6 +133,7 @@ impl SqlProjection {
             };
         let mut name: Option<String> = None;
         let mut scope: Option<Scope> = None;
+        let mut poison: Option<PoisonPolicy> = None;
         let mut sections: Vec<Section> = Vec::new();
         for (index, line) in text.lines().enumerate() {
             let number = index + 1;
@@ -175,6 +180,27 @@ impl SqlProjection {
                             ));
                         }
                         name = Some(value.to_owned());
+                    } else if key == "on-poison" {
+                        if poison.is_some() {
+                            return Err(refuse(
+                                Some(number),
+                                None,
+                                "a second `-- on-poison:` line".into(),
+                            ));
+                        }
+                        poison =
+                            Some(PoisonPolicy::parse("-- on-poison:", value).map_err(|_| {
+                                refuse(
+                                    Some(number),
+                                    None,
+                                    format!(
+                                        "`-- on-poison: {value}`: expected stop (the projection \
+                                         stops just before an event that keeps failing) or park \
+                                         (the event and the later events of its aggregate are \
+                                         parked, the others go on)"
+                                    ),
+                                )
+                            })?);
                     } else {
                         if scope.is_some() {
                             return Err(refuse(
@@ -247,6 +273,7 @@ impl SqlProjection {
                 path: path.to_owned(),
                 name,
                 scope: scope.unwrap_or_else(Scope::all),
+                poison: poison.unwrap_or_default(),
                 setup,
                 apply,
                 reset,
@@ -402,7 +429,8 @@ enum Directive<'a> {
     Header(&'static str, &'a str),
 }
 
-/// A header (`-- projection: NAME`, `-- scope: ...`) or section (`-- apply`) line.
+/// A header (`-- projection: NAME`, `-- scope: ...`, `-- on-poison: park`) or section
+/// (`-- apply`) line.
 fn directive(line: &str) -> Option<Directive<'_>> {
     let comment = line.trim().strip_prefix("--")?.trim();
     if let Some(section) = SECTIONS
@@ -413,7 +441,7 @@ fn directive(line: &str) -> Option<Directive<'_>> {
     }
     let (key, value) = comment.split_once(':')?;
     let key = key.trim().to_ascii_lowercase();
-    ["projection", "scope"]
+    ["projection", "scope", "on-poison"]
         .into_iter()
         .find(|k| *k == key)
         .map(|k| Directive::Header(k, value.trim()))
@@ -475,6 +503,10 @@ impl Projection for SqlProjection {
         self.file.scope.clone()
     }
 
+    fn poison_policy(&self) -> PoisonPolicy {
+        self.file.poison
+    }
+
     fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
         self.set_up(tx)
             .map_err(|error| -> BoxError { Box::new(error) })
@@ -530,9 +562,14 @@ mod tests {
             parsed.scope(),
             Scope::all().event_types(["A", "B"]).aggregate_types(["X"])
         );
+        assert_eq!(parsed.poison_policy(), PoisonPolicy::Stop);
         let file = &parsed.file;
         assert_eq!(file.apply.sql, "INSERT INTO t SELECT 1 FROM batch;\n");
         assert_eq!(file.apply.first_line, 7);
+        let parking =
+            SqlProjection::parse("f.sql", &GOOD.replace("-- a comment", "-- on-poison: park"))
+                .expect("parses");
+        assert_eq!(parking.poison_policy(), PoisonPolicy::Park);
         assert!(file.setup.is_some() && file.reset.is_some());
     }
 
@@ -553,6 +590,10 @@ mod tests {
         assert!(
             refused("-- projection: p\n-- apply\nSELECT 1;\n-- apply\nSELECT 2;\n")
                 .contains("a second `-- apply`")
+        );
+        assert!(
+            refused("-- projection: p\n-- on-poison: skip\n-- apply\nSELECT 1;\n")
+                .contains("`-- on-poison: skip`: expected stop")
         );
     }
 

@@ -606,3 +606,74 @@ fn sigkill_at_random_moments_while_parking_loses_and_doubles_nothing() {
     assert_eq!(schema.stats_mismatches(), 0);
     assert_eq!(schema.stats_applied(), events);
 }
+
+#[test]
+fn the_policy_is_per_projection_from_a_sql_header_or_a_named_flag() {
+    let schema = TestSchema::migrated("park_per_projection");
+    schema.seed(20, 4);
+    let folder = std::env::temp_dir().join(format!("park_per_projection_{}", std::process::id()));
+    std::fs::create_dir_all(&folder).expect("make a folder");
+    let file = folder.join("picky.sql");
+    // Fails (division by zero) on thing-7's version 3 and parks it, by its header.
+    std::fs::write(
+        &file,
+        "-- projection: picky\n\
+         -- on-poison: park\n\
+         -- setup\n\
+         CREATE TABLE IF NOT EXISTS picky (aggregate_id TEXT, version BIGINT);\n\
+         -- apply\n\
+         INSERT INTO picky SELECT aggregate_id, aggregate_version / \
+             (CASE WHEN aggregate_id = 'thing-7' AND aggregate_version = 3 THEN 0 ELSE 1 END) \
+         FROM batch;\n",
+    )
+    .expect("write the projection file");
+    let file = file.to_string_lossy().into_owned();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--projection-file",
+            file.as_str(),
+            "--projection",
+            "noop",
+            "--partition-key",
+            "0-1",
+            "--total-partitions",
+            "2",
+            "--exit-when-caught-up",
+        ];
+        args.extend_from_slice(extra);
+        run_within(schema.projector(&args), LIMIT)
+    };
+
+    // A policy for a projection that does not run here: refused, nothing started.
+    let output = run(&["--on-poison", "pikcy=park"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--on-poison") && stderr.contains("pikcy") && stderr.contains("'picky'"),
+        "{stderr}"
+    );
+    assert_eq!(
+        schema.count("SELECT COUNT(*) FROM projector_checkpoints"),
+        0
+    );
+
+    // The flag, naming it, wins over the header: the projection stops at the event.
+    let output = run(&["--on-poison", "park,picky=stop"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("division by zero"), "{stderr}");
+    assert!(parked(&schema, "picky").is_empty());
+
+    // The header alone: thing-7 from version 3 on is parked, everything else applied.
+    let output = run(&[]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let positions: Vec<i64> = parked(&schema, "picky").iter().map(|l| l.0).collect();
+    assert_eq!(positions, poison_positions_from(&schema, 3));
+    assert_eq!(
+        schema.count("SELECT COUNT(*) FROM picky"),
+        20 * 4 - 2,
+        "all but thing-7's last two events"
+    );
+    std::fs::remove_dir_all(&folder).expect("remove the folder");
+}
