@@ -14,7 +14,7 @@
 
 use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use log::{info, warn};
 use postgres::types::Type;
@@ -130,6 +130,23 @@ pub(crate) fn parked_counts(
             &[],
         )
         .map_err(Error::database("counting the parked events"))?
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect())
+}
+
+/// Per projection among `names` with parked events: (projection, parked aggregates, parked
+/// events), for progress lines and metrics.
+pub(crate) fn parked_totals(
+    client: &mut impl GenericClient,
+    names: &[&str],
+) -> Result<Vec<(String, i64, i64)>, postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT projection, COUNT(DISTINCT aggregate_id), COUNT(*) \
+             FROM projection_dead_letters WHERE projection = ANY($1) GROUP BY 1",
+            &[&names],
+        )?
         .iter()
         .map(|row| (row.get(0), row.get(1), row.get(2)))
         .collect())
@@ -482,10 +499,7 @@ pub(crate) struct Parking {
     poisoned: Vec<Poisoned>,
     /// The parked aggregates the last transaction saw, with the events it set aside.
     seen: HashSet<String>,
-    parked_now: u64,
     heads_now: Vec<(i64, String)>,
-    /// When the last "aggregates parked" warning was logged.
-    last_warning: Option<Instant>,
 }
 
 impl Parking {
@@ -493,9 +507,7 @@ impl Parking {
         Parking {
             poisoned: Vec::new(),
             seen: HashSet::new(),
-            parked_now: 0,
             heads_now: Vec::new(),
-            last_warning: None,
         }
     }
 
@@ -535,7 +547,6 @@ impl<P: Projection> Worker<P> {
         let Some(parking) = self.parking.as_mut() else {
             return Ok(pending_at);
         };
-        parking.parked_now = 0;
         parking.heads_now.clear();
         parking.seen = tx
             .query_typed(
@@ -621,24 +632,21 @@ impl<P: Projection> Worker<P> {
                 &first_failed,
             ],
         )?;
-        parking.parked_now = parked.len() as u64;
         Ok(kept)
     }
 
-    /// After a commit: the parked event, if there was one, is done with; says what was parked,
-    /// and, every progress interval while this partition has parked aggregates, that it has.
+    /// After a commit: the parked event, if there was one, is done with; says what was parked.
+    /// (While parked events remain, the progress lines say so: see `progress`.)
     pub(crate) fn parking_committed(&mut self) {
         if self.parking.is_none() {
             return;
         }
         let name = self.projection.name().to_owned();
         let (partition, total) = (self.context.partition, self.context.total_partitions);
-        let interval = self.settings.progress_interval;
         let Some(parking) = self.parking.as_mut() else {
             return;
         };
         let poisoned = std::mem::take(&mut parking.poisoned);
-        let parked_now = std::mem::take(&mut parking.parked_now);
         for (position, aggregate) in parking.heads_now.drain(..) {
             let why = poisoned
                 .iter()
@@ -651,38 +659,6 @@ impl<P: Projection> Worker<P> {
                  behind it and the other aggregates go on. Fix the cause, then run `projector \
                  dead-letters retry --projection {name} --aggregate {aggregate}` (or `drop`)"
             );
-            parking.last_warning = Some(Instant::now());
         }
-        if parking.seen.is_empty()
-            || parking
-                .last_warning
-                .is_some_and(|at| at.elapsed() < interval)
-        {
-            return;
-        }
-        let mine: Vec<&str> = parking
-            .seen
-            .iter()
-            .filter(|id| partition_of(id, total) == partition)
-            .map(String::as_str)
-            .collect();
-        if mine.is_empty() {
-            return;
-        }
-        parking.last_warning = Some(Instant::now());
-        let mut shown: Vec<&str> = mine.iter().copied().take(5).collect();
-        shown.sort_unstable();
-        warn!(
-            "partition {partition}/{total} of '{name}': {} aggregate(s) parked ({}{}), {} more \
-             event(s) parked in this commit; `projector dead-letters list --projection {name}`",
-            mine.len(),
-            shown.join(", "),
-            if mine.len() > shown.len() {
-                ", ..."
-            } else {
-                ""
-            },
-            parked_now
-        );
     }
 }

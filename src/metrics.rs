@@ -124,6 +124,8 @@ struct Families {
     gap_wait: Counter,
     gap_age: Gauge,
     gap_pid: IntGauge,
+    parked_aggregates: IntGaugeVec,
+    parked_events: IntGaugeVec,
 }
 
 const LANE: [&str; 3] = ["projection", "partition", "total_partitions"];
@@ -193,9 +195,25 @@ impl Families {
                 "projector_gap_blocking_pid",
                 "Server process id of a transaction holding the gap; 0 when none (or prepared).",
             )?,
+            parked_aggregates: IntGaugeVec::new(
+                Opts::new(
+                    "projector_parked_aggregates",
+                    "Aggregates with parked events (--on-poison park), per projection.",
+                ),
+                &["projection"],
+            )?,
+            parked_events: IntGaugeVec::new(
+                Opts::new(
+                    "projector_parked_events",
+                    "Events parked in projection_dead_letters, per projection.",
+                ),
+                &["projection"],
+            )?,
             registry,
         };
         let r = &families.registry;
+        r.register(Box::new(families.parked_aggregates.clone()))?;
+        r.register(Box::new(families.parked_events.clone()))?;
         r.register(Box::new(families.applied.clone()))?;
         r.register(Box::new(families.retries.clone()))?;
         r.register(Box::new(families.failures.clone()))?;
@@ -430,11 +448,41 @@ impl Metrics {
                 f.lag_seconds.with_label_values(&labels).set(lag.seconds);
             }
         }
+        self.count_parked(scrape);
         scrape.lags = lags
             .as_ref()
             .map(|(_, lags)| lags.clone())
             .unwrap_or_default();
         lags.map(|(head, _)| head)
+    }
+
+    /// Sets the parked gauges of every projection of the runner (0 when none is parked); left
+    /// as they were when the database does not answer.
+    fn count_parked(&self, scrape: &mut Scrape) {
+        let Some(client) = scrape.client.as_mut() else {
+            return;
+        };
+        let mut names: Vec<&str> = self
+            .shared
+            .lanes
+            .iter()
+            .map(|lane| lane.projection.as_str())
+            .collect();
+        names.dedup();
+        let Ok(totals) = crate::dead_letter::parked_totals(client, &names) else {
+            return;
+        };
+        let f = &self.shared.families;
+        for name in names {
+            let (aggregates, events) = totals
+                .iter()
+                .find(|(projection, _, _)| projection == name)
+                .map_or((0, 0), |&(_, aggregates, events)| (aggregates, events));
+            f.parked_aggregates
+                .with_label_values(&[name])
+                .set(aggregates);
+            f.parked_events.with_label_values(&[name]).set(events);
+        }
     }
 
     /// The head of the stream and, per lane, the events stored after its checkpoint and how

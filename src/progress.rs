@@ -1,11 +1,12 @@
-//! Progress lines: every few seconds while there is work, how far each projection is.
+//! Progress lines: every few seconds while there is work, how far each projection is; and, while
+//! a projection has parked events, a warning (with the progress line, or every minute when idle).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select, tick};
-use log::info;
+use log::{log, warn};
 
 use crate::metrics::LaneState;
 use crate::router::FetchProgress;
@@ -48,6 +49,9 @@ pub(crate) struct Monitor {
     pub(crate) done: Receiver<()>,
 }
 
+/// How often an idle projection with parked events is reminded of them.
+const PARKED_REMINDER: Duration = Duration::from_secs(60);
+
 /// What the monitor remembers of a projection from one tick to the next.
 #[derive(Default, Clone)]
 struct Seen {
@@ -55,6 +59,10 @@ struct Seen {
     lagging: bool,
     /// Each partition's checkpoint.
     checkpoints: Vec<i64>,
+    /// Parked aggregates and events.
+    parked: (i64, i64),
+    /// When a line last said what is parked.
+    parked_said: Option<Instant>,
 }
 
 impl Monitor {
@@ -84,9 +92,23 @@ impl Monitor {
             if client.as_ref().is_some_and(|c| c.is_closed()) {
                 client = None;
             }
+            let names: Vec<&str> = projections
+                .iter()
+                .filter_map(|lanes| Some(lanes.first()?.projection.as_str()))
+                .collect();
+            let parked = client
+                .as_mut()
+                .and_then(|c| crate::dead_letter::parked_totals(c, &names).ok())
+                .unwrap_or_default();
             let seconds = last_time.elapsed().as_secs_f64().max(0.001);
             for (lanes, seen) in projections.iter().zip(&mut seen) {
-                *seen = self.report(lanes, seen, head, seconds);
+                let parked = lanes.first().map_or((0, 0), |lane| {
+                    parked
+                        .iter()
+                        .find(|(name, _, _)| *name == lane.projection)
+                        .map_or((0, 0), |&(_, aggregates, events)| (aggregates, events))
+                });
+                *seen = self.report(lanes, seen, head, seconds, parked);
             }
             last_time = Instant::now();
         }
@@ -95,7 +117,14 @@ impl Monitor {
     /// Logs one projection's line, if it has work or has just caught up: the rate over the
     /// last interval and, from it, when the projection and its slowest partition will have
     /// caught up.
-    fn report(&self, lanes: &[LaneProgress], before: &Seen, head: i64, seconds: f64) -> Seen {
+    fn report(
+        &self,
+        lanes: &[LaneProgress],
+        before: &Seen,
+        head: i64,
+        seconds: f64,
+        parked: (i64, i64),
+    ) -> Seen {
         let checkpoints: Vec<i64> = lanes.iter().map(LaneProgress::checkpoint).collect();
         let Some(first) = lanes.first() else {
             return before.clone();
@@ -152,19 +181,65 @@ impl Monitor {
                     .unwrap_or_default(),
                 _ => String::new(),
             };
-            info!(
+            log!(
+                level(parked),
                 "progress of '{name}': {applied} applied{rate}, read {}, checkpoint \
-                 {checkpoint}, head {head}, lag {} positions{eta}{slowest}",
+                 {checkpoint}, head {head}, lag {} positions{eta}{slowest}{}",
                 self.fetch_progress.read.load(Ordering::Relaxed),
-                head - checkpoint
+                head - checkpoint,
+                parked_note(name, parked)
             );
         } else if applied != before.applied {
-            info!("progress of '{name}': {applied} applied, caught up at global position {head}");
+            log!(
+                level(parked),
+                "progress of '{name}': {applied} applied, caught up at global position \
+                 {head}{}",
+                parked_note(name, parked)
+            );
+        } else if parked.0 > 0
+            && (parked != before.parked
+                || before
+                    .parked_said
+                    .is_none_or(|at| at.elapsed() >= PARKED_REMINDER))
+        {
+            warn!(
+                "'{name}' is caught up at global position {head}{}",
+                parked_note(name, parked)
+            );
+        } else {
+            return Seen {
+                applied,
+                lagging,
+                checkpoints,
+                ..before.clone()
+            };
         }
         Seen {
             applied,
             lagging,
             checkpoints,
+            parked,
+            parked_said: (parked.0 > 0).then(Instant::now),
         }
     }
+}
+
+/// A progress line is a warning while the projection has parked events.
+fn level(parked: (i64, i64)) -> log::Level {
+    if parked.0 > 0 {
+        log::Level::Warn
+    } else {
+        log::Level::Info
+    }
+}
+
+/// `; 2 aggregate(s) parked (7 event(s)): ...` while the projection has parked events.
+fn parked_note(name: &str, (aggregates, events): (i64, i64)) -> String {
+    if aggregates == 0 {
+        return String::new();
+    }
+    format!(
+        "; {aggregates} aggregate(s) parked ({events} event(s)): `projector dead-letters list \
+         --projection {name}` shows them, `retry` or `drop` releases them"
+    )
 }

@@ -3,13 +3,16 @@
 //! fixed, exactly once and in order, and releases the aggregate; `drop` discards them; a
 //! SIGKILL at any moment loses and doubles nothing; the stop policy is unchanged.
 
-use std::sync::Arc;
+use std::io::Read;
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use projector::postgres::Transaction;
 use projector::{BoxError, Builder, Context, Event, PoisonPolicy, Projection, Settings};
 
+use crate::operations::{free_port, get, samples};
 use crate::several_projections::checkpoints_at;
 use crate::util::{TestSchema, eventually, insert_event, run_within, signal, text, wait_within};
 
@@ -676,4 +679,101 @@ fn the_policy_is_per_projection_from_a_sql_header_or_a_named_flag() {
         "all but thing-7's last two events"
     );
     std::fs::remove_dir_all(&folder).expect("remove the folder");
+}
+
+#[test]
+fn a_poison_event_while_the_stream_is_busy_then_quiet_is_parked_said_and_counted() {
+    let schema = TestSchema::migrated("park_busy_quiet");
+    poison_aggregate_stats(&schema);
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = schema
+        .projector(&[
+            "--partition-key",
+            "0-3",
+            "--total-partitions",
+            "4",
+            "--projection",
+            "aggregate-stats",
+            "--on-poison",
+            "park",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the projector");
+    let log = Arc::new(Mutex::new(String::new()));
+    let mut stderr = child.stderr.take().expect("stderr");
+    let reader = {
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(n @ 1..) = stderr.read(&mut buffer) {
+                log.lock()
+                    .expect("log")
+                    .push_str(&String::from_utf8_lossy(&buffer[..n]));
+            }
+        })
+    };
+    let parked_gauges = || {
+        let (_, metrics) = get(&format!("{base}/metrics"))?;
+        let one = |name| {
+            samples(&metrics, name)
+                .into_iter()
+                .find(|(labels, _)| labels.contains("projection=\"aggregate-stats\""))
+                .map(|(_, value)| value as i64)
+        };
+        Some((
+            one("projector_parked_aggregates")?,
+            one("projector_parked_events")?,
+        ))
+    };
+    eventually("metrics served", LIMIT, || parked_gauges() == Some((0, 0)));
+
+    // Busy: appends in several transactions while it runs, thing-7's version 3 among them.
+    for _ in 0..5 {
+        schema.seed(400, 1);
+    }
+    eventually("thing-7 parked, and the gauges say so", LIMIT, || {
+        parked_gauges() == Some((1, 3))
+    });
+    eventually("every checkpoint at the head", LIMIT, || {
+        checkpoints_at(&schema, "aggregate-stats") == vec![head(&schema); 4]
+    });
+    assert_eq!(
+        get(&format!("{base}/health/ready")).map(|(status, _)| status),
+        Some(200),
+        "parked events do not make the process unready: it is not behind"
+    );
+
+    // Quiet: the log still says what is parked (with the progress line, or on the next tick).
+    eventually("the log says what is parked", LIMIT, || {
+        let log = log.lock().expect("log");
+        log.contains("parked aggregate 'thing-7'")
+            && log.contains("1 aggregate(s) parked (3 event(s))")
+    });
+    assert_eq!(schema.stats_mismatches(), 1, "only thing-7 differs");
+
+    // Dropped: the gauges go back to 0 and the process goes on.
+    let output = dead_letters(
+        &schema,
+        &[
+            "drop",
+            "--projection",
+            "aggregate-stats",
+            "--aggregate",
+            POISON,
+            "--yes",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    eventually("the gauges back to 0", LIMIT, || {
+        parked_gauges() == Some((0, 0))
+    });
+    signal(&child, "TERM");
+    let status = child.wait().expect("wait");
+    reader.join().expect("reader");
+    assert_eq!(status.code(), Some(0), "{}", log.lock().expect("log"));
 }

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::util::{TestSchema, eventually, insert_event, run_within, signal, text, wait_within};
 
 /// A port nobody listens on now.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
@@ -18,7 +18,7 @@ fn free_port() -> u16 {
 }
 
 /// `GET url`: the status code and the body (a 503 is an answer too).
-fn get(url: &str) -> Option<(u16, String)> {
+pub(crate) fn get(url: &str) -> Option<(u16, String)> {
     match ureq::get(url).timeout(Duration::from_secs(10)).call() {
         Ok(response) => {
             let status = response.status();
@@ -39,7 +39,7 @@ fn sum_of(metrics: &str, name: &str) -> f64 {
 }
 
 /// The samples of a metric, as (labels, value).
-fn samples(metrics: &str, name: &str) -> Vec<(String, f64)> {
+pub(crate) fn samples(metrics: &str, name: &str) -> Vec<(String, f64)> {
     metrics
         .lines()
         .filter(|line| line.starts_with(&format!("{name}{{")))
