@@ -4,7 +4,6 @@
 //! SIGKILL at any moment loses and doubles nothing; the stop policy is unchanged.
 
 use std::io::Read;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use projector::postgres::Transaction;
 use projector::{BoxError, Builder, Context, Event, PoisonPolicy, Projection, Settings};
 
-use crate::operations::{free_port, get, samples};
+use crate::operations::{free_port, get, samples, spawn_with_metrics};
 use crate::several_projections::checkpoints_at;
 use crate::util::{TestSchema, eventually, insert_event, run_within, signal, text, wait_within};
 
@@ -687,23 +686,7 @@ fn a_poison_event_while_the_stream_is_busy_then_quiet_is_parked_said_and_counted
     poison_aggregate_stats(&schema);
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut child = schema
-        .projector(&[
-            "--partition-key",
-            "0-3",
-            "--total-partitions",
-            "4",
-            "--projection",
-            "aggregate-stats",
-            "--on-poison",
-            "park",
-            "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the projector");
+    let mut child = spawn_with_metrics(&schema, "aggregate-stats", port, &["--on-poison", "park"]);
     let log = Arc::new(Mutex::new(String::new()));
     let mut stderr = child.stderr.take().expect("stderr");
     let reader = {

@@ -50,20 +50,30 @@ pub(crate) fn samples(metrics: &str, name: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-fn spawn_with_metrics(schema: &TestSchema, projections: &str, port: u16) -> Child {
+/// The binary running `projections` on partitions 0-3 of 4 with metrics on `port`, and `extra`
+/// flags; its stderr piped.
+pub(crate) fn spawn_with_metrics(
+    schema: &TestSchema,
+    projections: &str,
+    port: u16,
+    extra: &[&str],
+) -> Child {
+    let address = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--partition-key",
+        "0-3",
+        "--total-partitions",
+        "4",
+        "--projection",
+        projections,
+        "--batch-size",
+        "500",
+        "--metrics-addr",
+        &address,
+    ];
+    args.extend_from_slice(extra);
     schema
-        .projector(&[
-            "--partition-key",
-            "0-3",
-            "--total-partitions",
-            "4",
-            "--projection",
-            projections,
-            "--batch-size",
-            "500",
-            "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
+        .projector(&args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -75,7 +85,7 @@ fn metrics_grow_during_a_catch_up_and_the_lag_matches_status_while_a_gap_is_held
     let schema = TestSchema::migrated("metrics_scrape");
     let events = schema.seed(20_000, 10);
     let port = free_port();
-    let child = spawn_with_metrics(&schema, "aggregate-stats", port);
+    let child = spawn_with_metrics(&schema, "aggregate-stats", port, &[]);
     let base = format!("http://127.0.0.1:{port}");
 
     // Scrape while it catches up: the applied counter grows, and it is not ready meanwhile.
@@ -175,7 +185,7 @@ fn a_fenced_projection_makes_the_process_not_ready_while_the_other_goes_on() {
     let schema = TestSchema::migrated("metrics_fenced");
     schema.seed(100, 3);
     let port = free_port();
-    let child = spawn_with_metrics(&schema, "aggregate-stats,noop", port);
+    let child = spawn_with_metrics(&schema, "aggregate-stats,noop", port, &[]);
     let base = format!("http://127.0.0.1:{port}");
     eventually("ready", Duration::from_secs(30), || {
         get(&format!("{base}/health/ready")).is_some_and(|(status, _)| status == 200)
