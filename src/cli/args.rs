@@ -315,7 +315,10 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
             | ("repartition", "--to")
             | ("status", "--watch")
             | ("wait", "--position" | "--aggregate" | "--timeout")
-            | ("dead-letters", "--projection" | "--aggregate")
+            | (
+                "dead-letters",
+                "--projection" | "--projection-file" | "--aggregate"
+            )
     )
 }
 
@@ -338,7 +341,7 @@ fn with_flags_in_place(args: Vec<&str>) -> Result<Vec<&str>, Parsed> {
             moved.extend([arg, value]);
         } else if RUN_FLAGS.contains(&arg)
             || (arg == "--projection" && !WITH_PROJECTION.contains(&subcommand))
-            || (arg == "--projection-file" && subcommand != "reset")
+            || (arg == "--projection-file" && !["reset", "dead-letters"].contains(&subcommand))
         {
             return Err(run_flag_with(arg, subcommand));
         } else {

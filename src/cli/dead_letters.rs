@@ -4,7 +4,7 @@
 use std::time::SystemTime;
 
 use argh::FromArgs;
-use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, Users};
+use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, SqlProjection, Users};
 use projector::{Database, Error, Projection};
 
 /// List, retry or drop the events a projection parked with --on-poison park.
@@ -46,7 +46,11 @@ pub(crate) struct List {
 pub(crate) struct Retry {
     /// the projection: users, aggregate-stats, aggregate-stats-batch or noop
     #[argh(option)]
-    pub(crate) projection: String,
+    pub(crate) projection: Option<String>,
+
+    /// the projection, written in SQL: its file (its `-- apply` section applies the events)
+    #[argh(option)]
+    pub(crate) projection_file: Option<String>,
 
     /// the aggregate id (default: every parked aggregate of the projection)
     #[argh(option)]
@@ -75,17 +79,30 @@ pub(super) fn run(database: &Database, args: &DeadLetters) -> Result<(), Error> 
     let mut client = database.connect()?;
     match &args.command {
         Action::List(list) => print_list(&mut client, list.projection.as_deref()),
-        Action::Retry(retry) => match retry.projection.as_str() {
-            "users" => retry_with(&mut client, Users, retry),
-            "aggregate-stats" => retry_with(&mut client, AggregateStats, retry),
-            "aggregate-stats-batch" => retry_with(&mut client, AggregateStatsBatch, retry),
-            "noop" => retry_with(&mut client, Noop, retry),
-            other => Err(Error::invalid_setting(
+        Action::Retry(retry) => match (retry.projection.as_deref(), &retry.projection_file) {
+            (None, Some(file)) => {
+                let projection = SqlProjection::from_file(file)?;
+                projection.check(&mut client)?;
+                retry_with(&mut client, projection, retry)
+            }
+            (Some("users"), None) => retry_with(&mut client, Users, retry),
+            (Some("aggregate-stats"), None) => retry_with(&mut client, AggregateStats, retry),
+            (Some("aggregate-stats-batch"), None) => {
+                retry_with(&mut client, AggregateStatsBatch, retry)
+            }
+            (Some("noop"), None) => retry_with(&mut client, Noop, retry),
+            (Some(other), None) => Err(Error::invalid_setting(
                 "--projection",
                 other,
-                "dead-letters retry applies events through a built-in projection: users, \
-                 aggregate-stats, aggregate-stats-batch or noop (a service retries its own \
-                 projection with projector::retry)",
+                "dead-letters retry applies events through a built-in projection (users, \
+                 aggregate-stats, aggregate-stats-batch or noop) or a SQL file \
+                 (--projection-file FILE); a service retries its own projection with \
+                 projector::retry",
+            )),
+            _ => Err(Error::invalid_setting(
+                "--projection",
+                retry.projection.as_deref().unwrap_or(""),
+                "give either --projection NAME or --projection-file FILE (exactly one)",
             )),
         },
         Action::Drop(drop) => drop_parked(&mut client, drop),

@@ -677,6 +677,30 @@ fn the_policy_is_per_projection_from_a_sql_header_or_a_named_flag() {
         20 * 4 - 2,
         "all but thing-7's last two events"
     );
+
+    // Fixed, the file's parked events are retried through it, in order, and released.
+    std::fs::write(
+        &file,
+        "-- projection: picky\n\
+         -- on-poison: park\n\
+         -- setup\n\
+         CREATE TABLE IF NOT EXISTS picky (aggregate_id TEXT, version BIGINT);\n\
+         -- apply\n\
+         INSERT INTO picky SELECT aggregate_id, aggregate_version FROM batch;\n",
+    )
+    .expect("fix the projection file");
+    let output = dead_letters(&schema, &["retry", "--projection-file", &file]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(parked(&schema, "picky").is_empty());
+    assert_eq!(
+        schema.count(
+            "SELECT COUNT(*) FROM picky WHERE aggregate_id = 'thing-7' AND version IN (3, 4)"
+        ),
+        2
+    );
+    let output = dead_letters(&schema, &["retry", "--projection", "picky"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("--projection-file"));
     std::fs::remove_dir_all(&folder).expect("remove the folder");
 }
 
