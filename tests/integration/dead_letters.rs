@@ -617,16 +617,22 @@ fn the_policy_is_per_projection_from_a_sql_header_or_a_named_flag() {
     std::fs::create_dir_all(&folder).expect("make a folder");
     let file = folder.join("picky.sql");
     // Fails (division by zero) on thing-7's version 3 and parks it, by its header.
+    let picky = |version: &str| {
+        format!(
+            "-- projection: picky\n\
+             -- on-poison: park\n\
+             -- setup\n\
+             CREATE TABLE IF NOT EXISTS picky (aggregate_id TEXT, version BIGINT);\n\
+             -- apply\n\
+             INSERT INTO picky SELECT aggregate_id, {version} FROM batch;\n"
+        )
+    };
     std::fs::write(
         &file,
-        "-- projection: picky\n\
-         -- on-poison: park\n\
-         -- setup\n\
-         CREATE TABLE IF NOT EXISTS picky (aggregate_id TEXT, version BIGINT);\n\
-         -- apply\n\
-         INSERT INTO picky SELECT aggregate_id, aggregate_version / \
-             (CASE WHEN aggregate_id = 'thing-7' AND aggregate_version = 3 THEN 0 ELSE 1 END) \
-         FROM batch;\n",
+        picky(
+            "aggregate_version / (CASE WHEN aggregate_id = 'thing-7' AND aggregate_version = 3 \
+             THEN 0 ELSE 1 END)",
+        ),
     )
     .expect("write the projection file");
     let file = file.to_string_lossy().into_owned();
@@ -679,16 +685,7 @@ fn the_policy_is_per_projection_from_a_sql_header_or_a_named_flag() {
     );
 
     // Fixed, the file's parked events are retried through it, in order, and released.
-    std::fs::write(
-        &file,
-        "-- projection: picky\n\
-         -- on-poison: park\n\
-         -- setup\n\
-         CREATE TABLE IF NOT EXISTS picky (aggregate_id TEXT, version BIGINT);\n\
-         -- apply\n\
-         INSERT INTO picky SELECT aggregate_id, aggregate_version FROM batch;\n",
-    )
-    .expect("fix the projection file");
+    std::fs::write(&file, picky("aggregate_version")).expect("fix the projection file");
     let output = dead_letters(&schema, &["retry", "--projection-file", &file]);
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     assert!(parked(&schema, "picky").is_empty());
