@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use projector::postgres::Client;
 use projector::{CheckpointStatus, Error};
 
+use super::status::{no_checkpoints, projection_width, where_it_stands};
+
 /// Where a partition stood at the last refresh.
 type Seen = HashMap<(String, u32, u32), (i64, Instant)>;
 
@@ -48,20 +50,11 @@ fn table(rows: &[CheckpointStatus], seen: &mut Seen, projection: Option<&str>) -
     let now = Instant::now();
     let mut text = format!("{}\n", time_of_day());
     if rows.is_empty() {
-        text.push_str(&format!(
-            "no checkpoints yet{}\n",
-            projection
-                .map(|p| format!(" for '{p}'"))
-                .unwrap_or_default()
-        ));
+        text.push_str(&no_checkpoints(projection));
+        text.push('\n');
         return text;
     }
-    let width = rows
-        .iter()
-        .map(|row| row.projection.chars().count())
-        .chain([20])
-        .max()
-        .unwrap_or(20);
+    let width = projection_width(rows);
     text.push_str(&format!(
         "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9} {:>12} {:>9}  HELD-BY\n",
         "PROJECTION", "PARTITION", "CHECKPOINT", "HEAD", "LAG", "LAG-TIME", "RATE", "ETA"
@@ -90,13 +83,8 @@ fn table(rows: &[CheckpointStatus], seen: &mut Seen, projection: Option<&str>) -
             .held_by_pid
             .map_or_else(|| "-".to_owned(), |pid| format!("pid {pid}"));
         text.push_str(&format!(
-            "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9} {:>12} {:>9}  {}\n",
-            row.projection,
-            format!("{}/{}", row.partition_key, row.total_partitions),
-            row.last_position,
-            row.head_position,
-            row.lag_events,
-            format!("{}s", row.lag_time.as_secs()),
+            "{} {:>12} {:>9}  {}\n",
+            where_it_stands(row, width),
             rate.map_or_else(|| "?".to_owned(), |r| format!("{r:.0}/s")),
             eta,
             held_by

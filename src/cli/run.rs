@@ -1,0 +1,241 @@
+//! Running projections: the runner the flags describe, started, watched through signals, and
+//! its summary logged.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use log::{info, warn};
+use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, Users};
+use projector::{Builder, Database, Error, Projection, Stopper, Summary};
+
+use super::args::{Args, flag_or_env};
+use super::{duration, positive, serve, sql_files, unknown_projection};
+
+/// Runs the projections of `args` on `database` until stopped (or caught up, with
+/// `--exit-when-caught-up`), then logs the summary.
+pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Error> {
+    // Before anything that may wait (the layout or setup lock, the database), so that a signal
+    // during start-up stops the process cleanly rather than killing it.
+    let signals = Arc::new(Mutex::new(Signals::Starting));
+    let handler = {
+        let signals = Arc::clone(&signals);
+        ctrlc::set_handler(move || on_signal(&signals))
+    };
+    if let Err(error) = handler {
+        warn!("could not install the Ctrl-C handler ({error}); stop with SIGKILL");
+    }
+    let (total_flag, total_text) = flag_or_env(
+        "--total-partitions",
+        args.total_partitions.clone(),
+        "TOTAL_PARTITIONS",
+    )
+    .unwrap_or_else(|| ("--total-partitions".into(), "4".into()));
+    let total = projector::parse_total_partitions(&total_flag, &total_text)?;
+    let Some((key_flag, key_text)) = flag_or_env(
+        "--partition-key",
+        args.partition_key.clone(),
+        "PARTITION_KEY",
+    ) else {
+        return Err(Error::NotSet {
+            setting: "--partition-key".into(),
+            hint: format!(
+                "it is required to run a projection: give the partition(s) this process owns, \
+                 from 0 to {}, as 2, 0,2 or 0-3 (or set PARTITION_KEY)",
+                total - 1
+            ),
+        });
+    };
+    let keys = projector::parse_partition_keys(&key_flag, &key_text, total)?;
+    let mut builder = builder_of(args, database)?
+        .partitions(keys)
+        .total_partitions(total)
+        .exit_when_caught_up(args.exit_when_caught_up);
+    if let Some(text) = &args.on_poison {
+        builder = with_poison_policies(builder, text)?;
+    }
+    if let Some(text) = &args.batch_size {
+        builder = builder.batch_size(positive("--batch-size", text)?);
+    }
+    if let Some(text) = &args.poll_interval_ms {
+        builder = builder.poll_interval(Duration::from_millis(u64::from(positive(
+            "--poll-interval-ms",
+            text,
+        )?)));
+    }
+    if let Some((flag, text)) = flag_or_env(
+        "--give-up-after",
+        args.give_up_after.clone(),
+        "PROJECTOR_GIVE_UP_AFTER",
+    ) {
+        builder = builder.give_up_after(duration(&flag, &text)?);
+    }
+    let metrics_address = flag_or_env(
+        "--metrics-addr",
+        args.metrics_addr.clone(),
+        "PROJECTOR_METRICS_ADDR",
+    );
+    let listener = match &metrics_address {
+        Some((flag, address)) => Some(serve::listen(flag, address)?),
+        None => None,
+    };
+    let ready_max_lag = match &args.ready_max_lag {
+        Some(text) => i64::from(positive("--ready-max-lag", text)?),
+        None => 1_000,
+    };
+    let runner = builder.start()?;
+    *lock(&signals) = Signals::Running(runner.stopper());
+    let server = match listener {
+        Some(listener) => Some(serve::serve(listener, runner.metrics(), ready_max_lag)?),
+        None => None,
+    };
+    let outcome = runner.join();
+    drop(server);
+    let summary = outcome?;
+    log_summary(&summary);
+    Ok(())
+}
+
+/// A runner of the projections named in `--projection` (a comma-separated list; `users` when
+/// neither it nor `--projection-file` is given) and of the files of `--projection-file`, each
+/// file checked against the database first.
+fn builder_of(args: &Args, database: Database) -> Result<Builder, Error> {
+    let files = sql_files::projection_files(&args.projection_file)?;
+    sql_files::check(&database, &files)?;
+    let mut builder: Option<Builder> = None;
+    let names = match (&args.projection, files.is_empty()) {
+        (Some(names), _) => names.as_str(),
+        (None, true) => "users",
+        (None, false) => "",
+    };
+    for file in files {
+        builder = Some(with(builder, &database, file));
+    }
+    for name in names
+        .split(',')
+        .map(str::trim)
+        .filter(|_| !names.is_empty())
+    {
+        builder = Some(match name {
+            "users" => with(builder, &database, Users),
+            "aggregate-stats" => with(builder, &database, AggregateStats),
+            "aggregate-stats-batch" => with(builder, &database, AggregateStatsBatch),
+            "noop" => with(builder, &database, Noop),
+            other => return Err(unknown_projection(other)),
+        });
+    }
+    builder.ok_or_else(|| unknown_projection(""))
+}
+
+/// `builder` with `projection` added, or a new one of it.
+fn with<P: Projection>(builder: Option<Builder>, database: &Database, projection: P) -> Builder {
+    match builder {
+        Some(builder) => builder.projection(projection),
+        None => Builder::new(database.clone(), projection),
+    }
+}
+
+/// `--on-poison`: `park` or `stop` for every projection, `NAME=park` (or `stop`) for one, or a
+/// comma-separated list of these (the named ones win).
+fn with_poison_policies(mut builder: Builder, text: &str) -> Result<Builder, Error> {
+    let mut for_all = None;
+    for item in text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
+        match item.split_once('=') {
+            Some((name, policy)) => {
+                let policy = projector::PoisonPolicy::parse("--on-poison", policy)?;
+                builder = builder.on_poison_of(name.trim(), policy);
+            }
+            None if for_all.is_some() => {
+                return Err(Error::invalid_setting(
+                    "--on-poison",
+                    text,
+                    "two policies for every projection: give one (park or stop), and NAME=POLICY \
+                     for the projections that differ",
+                ));
+            }
+            None => for_all = Some(projector::PoisonPolicy::parse("--on-poison", item)?),
+        }
+    }
+    Ok(match for_all {
+        Some(policy) => builder.on_poison(policy),
+        None => builder,
+    })
+}
+
+/// Where the process stands when a signal (Ctrl-C, SIGTERM) arrives.
+enum Signals {
+    /// Starting: nothing is applied yet, so the process may end at once.
+    Starting,
+    /// Running: the first signal stops the runner.
+    Running(Stopper),
+    /// Stopping after a signal: another one forces the stop.
+    Stopping,
+}
+
+fn lock(signals: &Mutex<Signals>) -> MutexGuard<'_, Signals> {
+    signals
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn on_signal(signals: &Mutex<Signals>) {
+    let mut state = lock(signals);
+    match std::mem::replace(&mut *state, Signals::Stopping) {
+        Signals::Starting => {
+            // Whatever start-up had open (a transaction waiting on a lock) is rolled back by
+            // the server when the connection closes.
+            info!("stopped during start-up: nothing was applied");
+            std::process::exit(0);
+        }
+        Signals::Running(stopper) => {
+            info!("stopping: finishing the transactions in flight (press Ctrl-C again to force)");
+            stopper.stop();
+        }
+        Signals::Stopping => {
+            eprintln!("forced stop");
+            std::process::exit(130);
+        }
+    }
+}
+
+fn log_summary(summary: &Summary) {
+    for projection in &summary.projections {
+        for partition in &projection.partitions {
+            info!(
+                "partition {}/{} of '{}': applied {}, skipped {}, checkpoint {}",
+                partition.partition,
+                projection.total_partitions,
+                projection.projection,
+                partition.applied,
+                partition.skipped,
+                partition.checkpoint
+            );
+        }
+    }
+    let names: Vec<String> = summary
+        .projections
+        .iter()
+        .map(|p| format!("'{}'", p.projection))
+        .collect();
+    let seconds = summary.elapsed.as_secs_f64();
+    let memory = peak_memory_kib()
+        .map(|kib| format!(", peak memory {:.1} MiB", kib as f64 / 1024.0))
+        .unwrap_or_default();
+    info!(
+        "stopped {} after {seconds:.1} s: read {} events, applied {} ({:.0} events/s){memory}",
+        names.join(", "),
+        summary.events_read,
+        summary.applied(),
+        summary.applied() as f64 / seconds.max(0.001)
+    );
+}
+
+/// The process's peak resident memory (VmHWM), where the system reports it.
+fn peak_memory_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
