@@ -60,9 +60,11 @@ impl<P: Projection> Worker<P> {
             .collect();
         let skipped = events.len() - pending_at.len();
         // With the park policy, the events of parked aggregates are recorded, not applied.
+        let pending = pending_at.len();
         let pending_at = self
             .set_parked_aside(&mut tx, events, pending_at)
             .map_err(|e| self.failure(e))?;
+        let parked = (pending - pending_at.len()) as u64;
         // Applied run by run (usually one: the tail of the batch), in order, without copying
         // the events around those left out (parked, or applied under an earlier layout).
         let mut failed = None;
@@ -107,6 +109,7 @@ impl<P: Projection> Worker<P> {
         self.parking_committed();
         summary.applied += applied;
         summary.skipped += skipped;
+        summary.parked += parked;
         summary.checkpoint = new_checkpoint;
         self.progress.applied.fetch_add(applied, Ordering::Relaxed);
         self.progress

@@ -130,6 +130,7 @@ mod metrics;
 mod migration;
 mod outage;
 mod ownership;
+mod parking;
 mod partition;
 mod progress;
 mod projection;

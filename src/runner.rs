@@ -11,12 +11,13 @@ use log::error;
 use postgres::Client;
 
 use crate::database::Pool;
-use crate::dead_letter::{Parking, PoisonPolicy};
+use crate::dead_letter::PoisonPolicy;
 use crate::fetcher::Fetcher;
 use crate::layout::Layout;
 use crate::metrics::{CommitTimers, Metrics};
 use crate::outage::{Attempts, Outage};
 use crate::ownership::Role;
+use crate::parking::Parking;
 use crate::progress::{LaneProgress, Monitor};
 use crate::projection::{AnyProjection, Context, Projection};
 use crate::retry::Held;
@@ -374,12 +375,23 @@ impl Summary {
             .map(ProjectionSummary::applied)
             .sum()
     }
+
+    /// Events parked instead of applied (park policy), all projections and partitions
+    /// together.
+    pub fn parked(&self) -> u64 {
+        self.projections.iter().map(ProjectionSummary::parked).sum()
+    }
 }
 
 impl ProjectionSummary {
     /// Events applied, all partitions together.
     pub fn applied(&self) -> u64 {
         self.partitions.iter().map(|p| p.applied).sum()
+    }
+
+    /// Events parked instead of applied (park policy), all partitions together.
+    pub fn parked(&self) -> u64 {
+        self.partitions.iter().map(|p| p.parked).sum()
     }
 }
 

@@ -11,13 +11,13 @@ use prometheus::Histogram;
 use crate::Error;
 use crate::checkpoint::{PartitionStatements, Peek};
 use crate::database::Pool;
-use crate::dead_letter::Parking;
 use crate::error::BoxError;
 use crate::event::{Event, Scope};
 use crate::layout::EarlierLayout;
 use crate::metrics::LaneState;
 use crate::outage::{Attempts, Outage};
 use crate::ownership::Role;
+use crate::parking::Parking;
 use crate::projection::{Context, Projection};
 use crate::retry::Held;
 use crate::settings::{Settings, Stopper};
@@ -79,6 +79,9 @@ pub struct PartitionSummary {
     /// A commit that went through while its acknowledgement was lost with the connection is
     /// found applied when retried, so its events count here rather than in `applied`.
     pub skipped: u64,
+    /// Events this process parked in `projection_dead_letters` (with the park policy) instead
+    /// of applying them: the poison events and those behind them.
+    pub parked: u64,
     /// The checkpoint when the worker stopped.
     pub checkpoint: i64,
 }
@@ -174,6 +177,7 @@ impl<P: Projection> Worker<P> {
             partition: self.context.partition,
             applied: 0,
             skipped: 0,
+            parked: 0,
             checkpoint: self.progress.checkpoint.load(Ordering::Relaxed),
         };
         // A position the checkpoint may move to with no event to apply, written lazily.

@@ -204,8 +204,12 @@ fn on_signal(signals: &Mutex<Signals>) {
 fn log_summary(summary: &Summary) {
     for projection in &summary.projections {
         for partition in &projection.partitions {
+            let parked = match partition.parked {
+                0 => String::new(),
+                n => format!(", parked {n}"),
+            };
             info!(
-                "partition {}/{} of '{}': applied {}, skipped {}, checkpoint {}",
+                "partition {}/{} of '{}': applied {}, skipped {}{parked}, checkpoint {}",
                 partition.partition,
                 projection.total_partitions,
                 projection.projection,
@@ -224,8 +228,13 @@ fn log_summary(summary: &Summary) {
     let memory = peak_memory_kib()
         .map(|kib| format!(", peak memory {:.1} MiB", kib as f64 / 1024.0))
         .unwrap_or_default();
+    let parked = match summary.parked() {
+        0 => String::new(),
+        n => format!(", parked {n} (`projector dead-letters list`)"),
+    };
     info!(
-        "stopped {} after {seconds:.1} s: read {} events, applied {} ({:.0} events/s){memory}",
+        "stopped {} after {seconds:.1} s: read {} events, applied {} ({:.0} events/s){parked}\
+         {memory}",
         names.join(", "),
         summary.events_read,
         summary.applied(),

@@ -1,0 +1,198 @@
+//! A parking worker's side of [`crate::dead_letter`]: inside each of its transactions, after
+//! the checkpoint row is locked, it reads the projection's parked aggregates and records the
+//! events to set aside (the poison event it gave up on, and every event of a parked
+//! aggregate) instead of applying them.
+
+use std::collections::HashSet;
+use std::time::SystemTime;
+
+use log::warn;
+use postgres::Transaction;
+use postgres::types::Type;
+
+use crate::checkpoint::to_i32;
+use crate::event::Event;
+use crate::projection::Projection;
+use crate::worker::Worker;
+use crate::{BoxError, error_chain};
+
+/// The event a parking worker gave up on: it is parked in the next commit.
+#[derive(Debug)]
+pub(crate) struct Poisoned {
+    position: i64,
+    error: String,
+    attempts: u32,
+    first_failed_at: SystemTime,
+}
+
+/// A parking worker's state.
+#[derive(Debug)]
+pub(crate) struct Parking {
+    /// The events to park at the next commit: several when one transaction holds several
+    /// poison events (each found after the one before was set aside).
+    poisoned: Vec<Poisoned>,
+    /// The parked aggregates the last transaction saw, with the events it set aside.
+    seen: HashSet<String>,
+    heads_now: Vec<(i64, String)>,
+}
+
+impl Parking {
+    pub(crate) fn new() -> Parking {
+        Parking {
+            poisoned: Vec::new(),
+            seen: HashSet::new(),
+            heads_now: Vec::new(),
+        }
+    }
+
+    /// Parks `event` at the next commit: it failed `attempts` times, first at `first_failed_at`.
+    pub(crate) fn poison(
+        &mut self,
+        event: &Event,
+        source: &BoxError,
+        attempts: u32,
+        first_failed_at: SystemTime,
+    ) {
+        self.poisoned.push(Poisoned {
+            position: event.global_position,
+            error: error_chain(source.as_ref()),
+            attempts,
+            first_failed_at,
+        });
+    }
+}
+
+impl<P: Projection> Worker<P> {
+    /// With the park policy: in `tx` (after the checkpoint row is locked), reads the parked
+    /// aggregates, records the events of `pending_at` (indexes into `events`) that must be
+    /// parked (the poisoned one and those of parked aggregates), and returns the others. With
+    /// the stop policy, `pending_at` unchanged and no query.
+    pub(crate) fn set_parked_aside(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+        pending_at: Vec<usize>,
+    ) -> Result<Vec<usize>, postgres::Error> {
+        if self.parking.is_none() || pending_at.is_empty() {
+            // Stop policy, or nothing to apply (a checkpoint moving over an idle range).
+            return Ok(pending_at);
+        }
+        let name = self.projection.name().to_owned();
+        let Some(parking) = self.parking.as_mut() else {
+            return Ok(pending_at);
+        };
+        parking.heads_now.clear();
+        parking.seen = tx
+            .query_typed(
+                "SELECT DISTINCT aggregate_id FROM projection_dead_letters WHERE projection = $1",
+                &[(&name, Type::TEXT)],
+            )?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if parking.seen.is_empty() && parking.poisoned.is_empty() {
+            return Ok(pending_at);
+        }
+        let mut parked: Vec<(&Event, Option<&Poisoned>)> = Vec::new();
+        let mut kept = Vec::with_capacity(pending_at.len());
+        for index in pending_at {
+            let event = &events[index];
+            let poisoned = parking
+                .poisoned
+                .iter()
+                .find(|p| p.position == event.global_position);
+            if poisoned.is_some() {
+                parking.seen.insert(event.aggregate_id.clone());
+                parked.push((event, poisoned));
+            } else if parking.seen.contains(&event.aggregate_id) {
+                parked.push((event, None));
+            } else {
+                kept.push(index);
+            }
+        }
+        if parked.is_empty() {
+            return Ok(kept);
+        }
+        let mut positions = Vec::with_capacity(parked.len());
+        let mut contexts = Vec::with_capacity(parked.len());
+        let mut types = Vec::with_capacity(parked.len());
+        let mut ids = Vec::with_capacity(parked.len());
+        let mut event_types = Vec::with_capacity(parked.len());
+        let mut errors = Vec::with_capacity(parked.len());
+        let mut attempts = Vec::with_capacity(parked.len());
+        let mut first_failed = Vec::with_capacity(parked.len());
+        for (event, poisoned) in &parked {
+            positions.push(event.global_position);
+            contexts.push(event.bounded_context.as_str());
+            types.push(event.aggregate_type.as_str());
+            ids.push(event.aggregate_id.as_str());
+            event_types.push(event.event_type.as_str());
+            match poisoned {
+                Some(poisoned) => {
+                    errors.push(poisoned.error.clone());
+                    attempts.push(to_i32(poisoned.attempts));
+                    first_failed.push(Some(poisoned.first_failed_at));
+                    parking
+                        .heads_now
+                        .push((event.global_position, event.aggregate_id.clone()));
+                }
+                None => {
+                    errors.push(format!(
+                        "parked behind an earlier event of aggregate '{}' that failed",
+                        event.aggregate_id
+                    ));
+                    attempts.push(0);
+                    first_failed.push(None);
+                }
+            }
+        }
+        tx.execute(
+            "INSERT INTO projection_dead_letters (projection, global_position, bounded_context, \
+                 aggregate_type, aggregate_id, event_type, error, attempts, first_failed_at, \
+                 last_failed_at) \
+             SELECT $1, p, c, t, a, e, r, n, COALESCE(f, NOW()), NOW() \
+             FROM unnest($2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                 $7::text[], $8::int[], $9::timestamptz[]) AS x(p, c, t, a, e, r, n, f) \
+             ON CONFLICT (projection, global_position) DO NOTHING",
+            &[
+                &name,
+                &positions,
+                &contexts,
+                &types,
+                &ids,
+                &event_types,
+                &errors,
+                &attempts,
+                &first_failed,
+            ],
+        )?;
+        Ok(kept)
+    }
+
+    /// After a commit: the parked event, if there was one, is done with; says what was parked.
+    /// (While parked events remain, the progress lines say so: see `progress`.)
+    pub(crate) fn parking_committed(&mut self) {
+        if self.parking.is_none() {
+            return;
+        }
+        let name = self.projection.name().to_owned();
+        let (partition, total) = (self.context.partition, self.context.total_partitions);
+        let Some(parking) = self.parking.as_mut() else {
+            return;
+        };
+        let poisoned = std::mem::take(&mut parking.poisoned);
+        for (position, aggregate) in parking.heads_now.drain(..) {
+            let why = poisoned
+                .iter()
+                .find(|p| p.position == position)
+                .map(|p| format!(" after {} attempt(s) ({})", p.attempts, p.error))
+                .unwrap_or_default();
+            warn!(
+                "projection '{name}' parked aggregate '{aggregate}' at global position \
+                 {position} on partition {partition}/{total}{why}; its later events are parked \
+                 behind it and the other aggregates go on. Fix the cause, then run `projector \
+                 dead-letters retry --projection {name} --aggregate {aggregate}` (or `drop`)"
+            );
+        }
+    }
+}
