@@ -137,7 +137,9 @@ fn with<P: Projection>(builder: Option<Builder>, database: &Database, projection
 /// `--on-poison`: `park` or `stop` for every projection, `NAME=park` (or `stop`) for one, or a
 /// comma-separated list of these (the named ones win).
 fn with_poison_policies(mut builder: Builder, text: &str) -> Result<Builder, Error> {
+    let refuse = |reason: &str| Error::invalid_setting("--on-poison", text, reason);
     let mut for_all = None;
+    let mut named = Vec::new();
     for item in text
         .split(',')
         .map(str::trim)
@@ -145,13 +147,22 @@ fn with_poison_policies(mut builder: Builder, text: &str) -> Result<Builder, Err
     {
         match item.split_once('=') {
             Some((name, policy)) => {
-                let policy = projector::PoisonPolicy::parse("--on-poison", policy)?;
-                builder = builder.on_poison_of(name.trim(), policy);
+                let name = name.trim();
+                if named.contains(&name) {
+                    return Err(refuse(&format!(
+                        "'{name}' is given twice: give each projection one policy"
+                    )));
+                }
+                named.push(name);
+                let policy = super::named(
+                    projector::PoisonPolicy::parse("--on-poison", policy),
+                    "--on-poison",
+                    item,
+                )?;
+                builder = builder.on_poison_of(name, policy);
             }
             None if for_all.is_some() => {
-                return Err(Error::invalid_setting(
-                    "--on-poison",
-                    text,
+                return Err(refuse(
                     "two policies for every projection: give one (park or stop), and NAME=POLICY \
                      for the projections that differ",
                 ));

@@ -240,7 +240,11 @@ fn park_sets_the_poison_aggregate_aside_in_order_and_retry_releases_it_while_run
     runner.shutdown();
     let summary = runner.join().expect("clean stop");
     assert_eq!(summary.parked(), 7, "versions 3 to 9 of thing-7");
-    assert_eq!(summary.applied(), 2400 - 6 + 1, "all but versions 3 to 8, and version 10");
+    assert_eq!(
+        summary.applied(),
+        2400 - 6 + 1,
+        "all but versions 3 to 8, and version 10"
+    );
     assert!(others_exact(&schema, 300, 8));
 }
 
