@@ -670,6 +670,10 @@ fn the_policy_is_per_projection_from_a_sql_header_or_a_named_flag() {
         schema.count("SELECT COUNT(*) FROM projector_checkpoints"),
         0
     );
+    let output = run(&["--on-poison", "picky=park,picky=stop"]);
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("'picky' is given twice"), "{stderr}");
 
     // The flag, naming it, wins over the header: the projection stops at the event.
     let output = run(&["--on-poison", "park,picky=stop"]);
