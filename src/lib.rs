@@ -125,6 +125,7 @@ mod error;
 mod event;
 mod fetcher;
 mod gap;
+mod health;
 mod layout;
 mod metrics;
 mod migration;
@@ -154,8 +155,9 @@ pub use dead_letter::{
 };
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent, Scope};
+pub use health::{Health, READY_GAP_LIMIT};
 pub use layout::{EarlierLayout, LayoutChange, repartition};
-pub use metrics::{Health, Metrics, READY_GAP_LIMIT};
+pub use metrics::Metrics;
 pub use migration::migrate;
 pub use partition::{
     MAX_PARTITIONS, fnv1a32, parse_partition_keys, parse_total_partitions, partition_of,

@@ -1,4 +1,5 @@
-//! Metrics and health of a running group of projections, in the Prometheus text format.
+//! Metrics of a running group of projections, in the Prometheus text format (their health is
+//! [`crate::health`]).
 //!
 //! Workers and the fetcher keep their figures in atomics (and a commit-duration histogram);
 //! [`Metrics::render`] reads them, asks the database for the head of the stream and each
@@ -6,14 +7,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use postgres::Client;
 use prometheus::{
     Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use serde_json::{Value, json};
 
 use crate::progress::LaneProgress;
 use crate::router::FetchProgress;
@@ -59,7 +59,7 @@ impl LaneState {
             .unwrap_or(LaneState::Starting)
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         STATES
             .iter()
             .find(|(state, _)| *state == self)
@@ -70,14 +70,11 @@ impl LaneState {
 /// Up to this many positions behind the head, a partition's lag is counted exactly.
 const COUNTED_LAG: i64 = 10_000;
 
-/// A gap held for longer than this makes the process not ready.
-pub const READY_GAP_LIMIT: Duration = Duration::from_secs(5);
-
 /// The metrics and health of a [`Runner`](crate::Runner): render them into an embedding
 /// service's own endpoint, or let `projector --metrics-addr` serve them. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -86,18 +83,18 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-struct Shared {
+pub(crate) struct Shared {
     database: Database,
-    lanes: Vec<LaneProgress>,
-    fetch: Arc<FetchProgress>,
+    pub(crate) lanes: Vec<LaneProgress>,
+    pub(crate) fetch: Arc<FetchProgress>,
     families: Families,
     /// A connection for the head and lag queries, opened again when lost; and what the
     /// counters were last set from.
-    scrape: Mutex<Scrape>,
+    pub(crate) scrape: Mutex<Scrape>,
 }
 
 #[derive(Default)]
-struct Scrape {
+pub(crate) struct Scrape {
     client: Option<Client>,
     applied: Vec<u64>,
     retries: Vec<u64>,
@@ -105,7 +102,7 @@ struct Scrape {
     rows_read: u64,
     gap_wait: f64,
     /// Per lane, as the last refresh found them.
-    lags: Vec<Lag>,
+    pub(crate) lags: Vec<Lag>,
 }
 
 struct Families {
@@ -267,16 +264,6 @@ fn metrics_error(error: prometheus::Error) -> Error {
     }
 }
 
-/// A health check's answer: `ok` (HTTP 200) or not (503), and a JSON body saying why.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct Health {
-    /// True when healthy.
-    pub ok: bool,
-    /// `{"status": "ok" | "unavailable", "reasons": [...], ...}`.
-    pub body: String,
-}
-
 impl Metrics {
     pub(crate) fn new(
         database: Database,
@@ -315,80 +302,9 @@ impl Metrics {
         String::from_utf8_lossy(&buffer).into_owned()
     }
 
-    /// Liveness: the fetcher and at least one worker are running.
-    pub fn live(&self) -> Health {
-        let mut reasons = Vec::new();
-        if !self.shared.fetch.running.load(Ordering::Acquire) {
-            reasons.push("the fetcher has stopped".to_owned());
-        }
-        if self.shared.lanes.iter().all(|lane| lane.state().is_done()) {
-            reasons.push("every partition's worker has stopped".to_owned());
-        }
-        health(reasons, json!({}))
-    }
-
-    /// Readiness: live, no gap held for longer than [`READY_GAP_LIMIT`], and every owned
-    /// partition (standbys included) within `max_lag` events of the head (events stored after
-    /// its checkpoint), none fenced, failed or stopped.
-    pub fn ready(&self, max_lag: i64) -> Health {
-        let live = self.live();
-        let mut reasons: Vec<String> = Vec::new();
-        if !live.ok {
-            reasons.push("not live".into());
-        }
-        let mut scrape = lock(&self.shared.scrape);
-        let head = self.refresh(&mut scrape);
-        let lags = scrape.lags.clone();
-        drop(scrape);
-        let Some(head) = head else {
-            reasons.push("the database cannot be reached".into());
-            return health(reasons, json!({}));
-        };
-        let held = self.shared.fetch.gap_held_for();
-        if let Some(age) = held.filter(|age| *age > READY_GAP_LIMIT) {
-            reasons.push(format!(
-                "the fetcher has waited {:.0} s at a position that may still commit (pid {})",
-                age.as_secs_f64(),
-                self.shared.fetch.gap_pid.load(Ordering::Relaxed)
-            ));
-        }
-        let mut partitions = Vec::new();
-        for (index, lane) in self.shared.lanes.iter().enumerate() {
-            let state = lane.state();
-            let lag = lags.get(index).map_or(0, |lag| lag.events);
-            let name = format!(
-                "partition {}/{} of '{}'",
-                lane.partition, lane.total, lane.projection
-            );
-            match state {
-                LaneState::Fenced | LaneState::Failed | LaneState::Stopped => {
-                    reasons.push(format!("{name} is {}", state.name()));
-                }
-                _ if lag > max_lag => {
-                    reasons.push(format!(
-                        "{name} is {lag} positions behind the head (more than {max_lag})"
-                    ));
-                }
-                _ => {}
-            }
-            partitions.push(json!({
-                "projection": lane.projection,
-                "partition": lane.partition,
-                "total_partitions": lane.total,
-                "state": state.name(),
-                "checkpoint": lane.checkpoint(),
-                "lag_events": lag,
-            }));
-        }
-        health(
-            reasons,
-            json!({ "head_position": head, "partitions": partitions }),
-        )
-    }
-
     /// Sets every gauge and counter from the workers' and fetcher's figures and the
     /// database; the head when the database answered.
-    fn refresh(&self, scrape: &mut Scrape) -> Option<i64> {
+    pub(crate) fn refresh(&self, scrape: &mut Scrape) -> Option<i64> {
         let f = &self.shared.families;
         // The label values of each lane, made once per scrape.
         let keys: Vec<[String; 3]> = self.shared.lanes.iter().map(lane_labels).collect();
@@ -537,8 +453,8 @@ impl Metrics {
 
 /// How far one partition is behind the head.
 #[derive(Debug, Default, Clone, Copy)]
-struct Lag {
-    events: i64,
+pub(crate) struct Lag {
+    pub(crate) events: i64,
     seconds: f64,
 }
 
@@ -556,21 +472,6 @@ fn advance(counter: &IntCounter, last: &mut u64, now: u64) {
     if now > *last {
         counter.inc_by(now - *last);
         *last = now;
-    }
-}
-
-fn health(reasons: Vec<String>, mut details: Value) -> Health {
-    let ok = reasons.is_empty();
-    if let Value::Object(map) = &mut details {
-        map.insert(
-            "status".into(),
-            json!(if ok { "ok" } else { "unavailable" }),
-        );
-        map.insert("reasons".into(), json!(reasons));
-    }
-    Health {
-        ok,
-        body: details.to_string(),
     }
 }
 
