@@ -384,6 +384,7 @@ impl Metrics {
             .iter()
             .map(|lane| lane.projection.as_str())
             .collect();
+        names.sort_unstable();
         names.dedup();
         let Ok(totals) = crate::dead_letter::parked_totals(client, &names) else {
             return;

@@ -96,18 +96,19 @@ impl Monitor {
                 .iter()
                 .filter_map(|lanes| Some(lanes.first()?.projection.as_str()))
                 .collect();
+            // `None` when the database did not answer: each projection keeps what it last saw.
             let parked = client
                 .as_mut()
-                .and_then(|c| crate::dead_letter::parked_totals(c, &names).ok())
-                .unwrap_or_default();
+                .and_then(|c| crate::dead_letter::parked_totals(c, &names).ok());
             let seconds = last_time.elapsed().as_secs_f64().max(0.001);
             for (lanes, seen) in projections.iter().zip(&mut seen) {
-                let parked = lanes.first().map_or((0, 0), |lane| {
-                    parked
+                let parked = match (&parked, lanes.first()) {
+                    (Some(parked), Some(lane)) => parked
                         .iter()
                         .find(|(name, _, _)| *name == lane.projection)
-                        .map_or((0, 0), |&(_, aggregates, events)| (aggregates, events))
-                });
+                        .map_or((0, 0), |&(_, aggregates, events)| (aggregates, events)),
+                    _ => seen.parked,
+                };
                 *seen = self.report(lanes, seen, head, seconds, parked);
             }
             last_time = Instant::now();

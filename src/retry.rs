@@ -129,22 +129,29 @@ impl<P: Projection> Worker<P> {
 
     /// Waits `delay` before retrying an event, taking the batches that arrive meanwhile off
     /// the queue and holding them (in order, after any held before), so that the router does
-    /// not wait for this partition and the others go on. Past
-    /// [`Settings::max_events_held_while_retrying`](crate::Settings) held events, the
+    /// not wait for this partition and the others go on. Once the runner's partitions hold
+    /// [`Settings::max_events_held_while_retrying`](crate::Settings) events together, the
     /// partition leaves the shared read instead (see [`Worker::step_aside`]). True when asked
     /// to stop meanwhile.
     fn wait_holding_batches(&mut self, delay: Duration) -> bool {
         let deadline = Instant::now() + delay;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            if self.held.events >= self.settings.max_events_held_while_retrying {
+            if left.is_zero() {
+                // A ready batch would win over a zero timeout: it waits on the queue.
+                return false;
+            }
+            if self.stragglers.held_events() >= self.settings.max_events_held_while_retrying {
                 self.step_aside();
                 return self.sleep_or_stop(left);
             }
             select! {
                 recv(self.stop) -> _ => return true,
                 recv(self.batches) -> batch => match batch {
-                    Ok(batch) => self.held.push(batch),
+                    Ok(batch) => {
+                        self.stragglers.hold(batch.events.len());
+                        self.held.push(batch);
+                    }
                     // The fetcher is done: nothing more comes.
                     Err(_) => return self.sleep_or_stop(left),
                 },
@@ -153,10 +160,22 @@ impl<P: Projection> Worker<P> {
         }
     }
 
+    /// The first batch held while retrying, if any.
+    pub(crate) fn take_held(&mut self) -> Option<Batch> {
+        let batch = self.held.pop()?;
+        self.stragglers.release(batch.events.len());
+        Some(batch)
+    }
+
+    /// Gives the runner's hold budget back for the batches still held (a worker that stops).
+    pub(crate) fn drop_held(&mut self) {
+        while self.take_held().is_some() {}
+    }
+
     /// The next batch to apply: one held while retrying, else one from the queue if there is
     /// one at once.
     pub(crate) fn next_batch_now(&mut self) -> Option<Batch> {
-        self.held.pop().or_else(|| self.batches.try_recv().ok())
+        self.take_held().or_else(|| self.batches.try_recv().ok())
     }
 
     /// Before waiting to retry an event, with too many batches held already: leaves the shared
@@ -206,20 +225,23 @@ impl<P: Projection> Worker<P> {
 #[derive(Debug, Default)]
 pub(crate) struct Held {
     batches: VecDeque<Batch>,
-    /// The events in `batches`.
-    events: usize,
 }
 
 impl Held {
+    /// Holds `batch` after the others; an empty one only moves the last one's `upto` on (the
+    /// router sends every lane one per read, events or not).
     fn push(&mut self, batch: Batch) {
-        self.events += batch.events.len();
+        if batch.events.is_empty() {
+            if let Some(last) = self.batches.back_mut() {
+                last.upto = last.upto.max(batch.upto);
+                return;
+            }
+        }
         self.batches.push_back(batch);
     }
 
-    pub(crate) fn pop(&mut self) -> Option<Batch> {
-        let batch = self.batches.pop_front()?;
-        self.events -= batch.events.len();
-        Some(batch)
+    fn pop(&mut self) -> Option<Batch> {
+        self.batches.pop_front()
     }
 
     pub(crate) fn is_empty(&self) -> bool {

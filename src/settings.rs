@@ -48,9 +48,10 @@ pub struct Settings {
     /// partition then reads its own events until it catches up. Default 5 s.
     pub straggler_after: Duration,
     /// While a worker waits to retry an event that failed, it takes the batches that arrive
-    /// off its queue and holds them, so that the other partitions go on; past this many held
-    /// events it leaves the shared read instead and later reads what it missed from the store,
-    /// as a straggler. Default 100,000 (tens of MB, only while retrying).
+    /// off its queue and holds them, so that the other partitions go on; once the runner's
+    /// workers hold this many events together, a worker that waits leaves the shared read
+    /// instead and later reads what it missed from the store, as a straggler. Default 100,000
+    /// (tens of MB at most, only while retrying).
     pub max_events_held_while_retrying: usize,
     /// At start, a partition whose checkpoint is more than this many positions behind the
     /// furthest one (of any projection of the runner) reads its own events until it has caught

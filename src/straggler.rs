@@ -20,7 +20,7 @@
 //! position, so every later chunk reaches it and no earlier one is missed. (An event handed
 //! out twice would be harmless anyway: a worker applies only events above its checkpoint.)
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use postgres::Client;
@@ -42,6 +42,10 @@ pub(crate) struct Stragglers {
     /// Per lane (a partition of a projection, by index): true while it is a straggler. Read
     /// without the lock by the router and by the lane's own worker.
     flags: Vec<AtomicBool>,
+    /// Per lane: its worker has stopped (the router then finds its queue gone).
+    gone: Vec<AtomicBool>,
+    /// Events the runner's workers hold while they wait to retry (see `crate::retry`).
+    held: AtomicUsize,
 }
 
 impl Stragglers {
@@ -52,6 +56,8 @@ impl Stragglers {
             handed_through: Mutex::new(start),
             handed: AtomicI64::new(start),
             flags: behind.iter().map(|&b| AtomicBool::new(b)).collect(),
+            gone: behind.iter().map(|_| AtomicBool::new(false)).collect(),
+            held: AtomicUsize::new(0),
         }
     }
 
@@ -77,9 +83,26 @@ impl Stragglers {
     /// router hands out to, so that the next hand-out finds the lane gone (the router stops
     /// the runner once every lane has gone).
     pub(crate) fn gone(&self, lane: usize) {
-        if let Some(flag) = self.flags.get(lane) {
-            flag.store(false, Ordering::Release);
+        if let (Some(gone), Some(flag)) = (self.gone.get(lane), self.flags.get(lane)) {
+            // In this order: the router's `mark` looks at `gone` after setting the flag.
+            gone.store(true, Ordering::SeqCst);
+            flag.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// Counts `events` more held by a worker waiting to retry.
+    pub(crate) fn hold(&self, events: usize) {
+        self.held.fetch_add(events, Ordering::Relaxed);
+    }
+
+    /// Counts `events` fewer held.
+    pub(crate) fn release(&self, events: usize) {
+        self.held.fetch_sub(events, Ordering::Relaxed);
+    }
+
+    /// Events the runner's workers hold while they wait to retry, together.
+    pub(crate) fn held_events(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Taken by the router for the whole hand-out of one chunk.
@@ -120,8 +143,14 @@ pub(crate) struct HandOut<'a> {
 impl HandOut<'_> {
     /// Leaves `lane` out of the shared read until its worker rejoins.
     pub(crate) fn mark(&mut self, lane: usize) {
-        if let Some(flag) = self.stragglers.flags.get(lane) {
-            flag.store(true, Ordering::Release);
+        let stragglers = self.stragglers;
+        if let (Some(flag), Some(gone)) = (stragglers.flags.get(lane), stragglers.gone.get(lane)) {
+            flag.store(true, Ordering::SeqCst);
+            // A worker that stopped meanwhile stays out of the stragglers: the next hand-out
+            // finds its queue gone (otherwise the router would skip it for ever).
+            if gone.load(Ordering::SeqCst) {
+                flag.store(false, Ordering::SeqCst);
+            }
         }
     }
 

@@ -156,6 +156,7 @@ impl<P: Projection> Worker<P> {
         // The router finds the lane gone at its next hand-out, even when it had stepped aside.
         self.batches = crossbeam_channel::never();
         self.stragglers.gone(self.lane);
+        self.drop_held();
         self.progress.set_state(match &result {
             Ok(_) => LaneState::Stopped,
             Err(Error::Fenced { .. }) => LaneState::Fenced,
@@ -202,7 +203,11 @@ impl<P: Projection> Worker<P> {
                 }
                 last_write = Instant::now();
             }
-            let batch = if let Some(batch) = carried.take().or_else(|| self.held.pop()) {
+            let batch = if let Some(batch) = carried.take().or_else(|| self.take_held()) {
+                // Taken off the queue earlier: a stop asked for since comes first.
+                if self.sleep_or_stop(Duration::ZERO) {
+                    break;
+                }
                 batch
             } else {
                 select! {
@@ -310,9 +315,7 @@ impl<P: Projection> Worker<P> {
              position {received} until it catches up",
             self.projection.name()
         );
-        // Positions of the whole stream are read to find the partition's own events: as many
-        // as make about one read's worth of them.
-        let limit = i64::from(self.settings.batch_size) * i64::from(total.max(1));
+        let limit = i64::from(self.settings.batch_size);
         loop {
             if self.sleep_or_stop(Duration::ZERO) {
                 return Ok(true);

@@ -170,6 +170,11 @@ fn with_poison_policies(mut builder: Builder, text: &str) -> Result<Builder, Err
             None => for_all = Some(projector::PoisonPolicy::parse("--on-poison", item)?),
         }
     }
+    if for_all.is_none() && named.is_empty() {
+        return Err(refuse(
+            "give park or stop (for every projection), or NAME=park / NAME=stop",
+        ));
+    }
     Ok(match for_all {
         Some(policy) => builder.on_poison(policy),
         None => builder,

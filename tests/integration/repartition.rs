@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use projector::postgres::Transaction;
 use projector::projections::AggregateStats;
-use projector::{BoxError, Builder, Context, Error, Event, Projection, Runner, Settings, Summary};
+use projector::{BoxError, Builder, Context, Error, Event, Projection, Settings, Summary};
 
-use crate::util::{TestSchema, eventually};
+use crate::util::{TestSchema, eventually, join_within};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -131,15 +131,6 @@ fn run_live_and_stop_at_random_points(schema: &TestSchema, total: u32, events: i
     let reached = checkpoints(schema, total);
     println!("layout {total} stopped live at {reached:?}");
     reached
-}
-
-/// Waits for `runner` to end, failing the test after `limit` rather than hanging.
-fn join_within(runner: Runner, limit: Duration) -> Result<Summary, Error> {
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || sender.send(runner.join()));
-    receiver
-        .recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("the runner did not stop within {limit:?}"))
 }
 
 /// One runner owning every partition of `total` (switched to first with `repartition`), to

@@ -2,36 +2,13 @@
 //! must not let a later batch's checkpoint pass it.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use projector::postgres::Transaction;
-use projector::{BoxError, Builder, Context, Event, Projection, Settings, partition_of};
+use projector::{BoxError, Builder, Event, Settings, partition_of};
 
-use crate::util::{TestSchema, join_within, signal, text, wait_within};
-
-/// Fails, every time, on the events in `failing` (one per partition).
-#[derive(Clone)]
-struct FailsOn {
-    failing: HashSet<String>,
-}
-
-impl Projection for FailsOn {
-    fn name(&self) -> &str {
-        "fails-on"
-    }
-
-    fn apply(
-        &mut self,
-        _: &mut Transaction<'_>,
-        event: &Event,
-        _: &Context,
-    ) -> Result<(), BoxError> {
-        if self.failing.contains(&event.aggregate_id) && event.aggregate_version == 1 {
-            return Err("the read model refused it".into());
-        }
-        Ok(())
-    }
-}
+use crate::util::{EachEvent, TestSchema, eventually, join_within, signal, text, wait_within};
 
 #[test]
 fn a_stop_during_a_retry_leaves_every_checkpoint_before_the_failing_event() {
@@ -52,17 +29,25 @@ fn a_stop_during_a_retry_leaves_every_checkpoint_before_the_failing_event() {
     settings.min_events_per_batch = 1;
     settings.retry_delay = Duration::from_secs(3);
     settings.max_retry_delay = Duration::from_secs(3);
-    let runner = Builder::new(
-        schema.database.clone(),
-        FailsOn {
-            failing: failing.clone(),
+    // Fails, every time, on the first event of the aggregates in `failing`.
+    let fails_on = EachEvent {
+        name: "fails-on",
+        apply: {
+            let failing = failing.clone();
+            move |event: &Event| -> Result<(), BoxError> {
+                if failing.contains(&event.aggregate_id) && event.aggregate_version == 1 {
+                    return Err("the read model refused it".into());
+                }
+                Ok(())
+            }
         },
-    )
-    .settings(settings)
-    .partitions(0..total)
-    .total_partitions(total)
-    .start()
-    .expect("start");
+    };
+    let runner = Builder::new(schema.database.clone(), fails_on)
+        .settings(settings)
+        .partitions(0..total)
+        .total_partitions(total)
+        .start()
+        .expect("start");
     // Every partition has failed once by now, and waits to retry while later batches queue.
     std::thread::sleep(Duration::from_millis(1_500));
     runner.shutdown();
@@ -136,4 +121,57 @@ fn a_partition_that_only_receives_empty_batches_for_long_keeps_its_session() {
     );
     assert!(!stderr.contains("lost the database"), "{stderr}");
     assert_eq!(output.status.code(), Some(0), "{stderr}");
+}
+
+#[test]
+fn a_stop_right_after_a_retry_does_not_wait_for_the_batches_taken_meanwhile() {
+    let schema = TestSchema::migrated("stop_after_retry");
+    schema.seed(300, 8);
+    let poison = schema.count(
+        "SELECT global_position FROM events WHERE aggregate_id = 'thing-7' AND aggregate_version = 3",
+    );
+    // While it waits 2 x 2 s to retry, the partition takes the rest of the stream off its queue
+    // (100 events a batch, one batch per transaction of 0.5 s).
+    let mut settings = Settings::default();
+    settings.batch_size = 100;
+    settings.min_events_per_batch = 1;
+    settings.max_events_per_transaction = 100;
+    settings.retry_delay = Duration::from_secs(2);
+    settings.max_retry_delay = Duration::from_secs(2);
+    // Fails on thing-7's version 3 the first two times, then applies it; every event takes
+    // 5 ms.
+    let failures = Arc::new(AtomicU32::new(0));
+    let fails_twice = EachEvent {
+        name: "fails-twice",
+        apply: move |event: &Event| -> Result<(), BoxError> {
+            if event.aggregate_id == "thing-7"
+                && event.aggregate_version == 3
+                && failures.fetch_add(1, Ordering::SeqCst) < 2
+            {
+                return Err("not yet".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            Ok(())
+        },
+    };
+    let runner = Builder::new(schema.database.clone(), fails_twice)
+        .settings(settings)
+        .start()
+        .expect("start");
+    eventually("the failing event applied", Duration::from_secs(60), || {
+        checkpoint(&schema) >= poison
+    });
+    runner.shutdown();
+    join_within(runner, Duration::from_secs(3)).expect("a clean stop, within a transaction or two");
+    assert!(
+        checkpoint(&schema) < schema.count("SELECT MAX(global_position) FROM events"),
+        "stopped before the end of the stream"
+    );
+}
+
+fn checkpoint(schema: &TestSchema) -> i64 {
+    schema.count(
+        "SELECT COALESCE(MAX(last_position), 0) FROM projector_checkpoints \
+         WHERE projection = 'fails-twice'",
+    )
 }

@@ -296,3 +296,28 @@ pub fn signal(child: &Child, name: &str) {
         .expect("run kill");
     assert!(status.success(), "kill -{name} failed");
 }
+
+/// A projection for tests that needs no read model: `name`, and `apply` called with each event.
+#[derive(Clone)]
+pub struct EachEvent<F> {
+    pub name: &'static str,
+    pub apply: F,
+}
+
+impl<F> projector::Projection for EachEvent<F>
+where
+    F: FnMut(&projector::Event) -> Result<(), projector::BoxError> + Clone + Send + 'static,
+{
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn apply(
+        &mut self,
+        _: &mut projector::postgres::Transaction<'_>,
+        event: &projector::Event,
+        _: &projector::Context,
+    ) -> Result<(), projector::BoxError> {
+        (self.apply)(event)
+    }
+}
