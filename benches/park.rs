@@ -143,6 +143,15 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
             &[],
         )?
         .get(0);
+    // Each round's poisoned run against the run without poison just before it: drift in the
+    // machine's load over the rounds cancels out.
+    let mut paired: Vec<f64> = times[1]
+        .iter()
+        .zip(&times[2])
+        .map(|(none, poisoned)| none.as_secs_f64() / poisoned.as_secs_f64())
+        .collect();
+    paired.sort_by(f64::total_cmp);
+    let paired = paired[paired.len() / 2];
     let medians: Vec<f64> = times
         .iter_mut()
         .map(|t| common::median(t).as_secs_f64())
@@ -181,6 +190,10 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
             copy / medians[kind]
         );
     }
+    println!(
+        "\nPaired, the median over the rounds of each round's park-without-poison wall over its \
+         poisoned wall: **{paired:.3}**."
+    );
     println!(
         "\n(ratios are throughput ratios; {parked} events parked over the poisoned runs, {} per run)",
         parked / options.rounds.max(1) as i64

@@ -14,7 +14,7 @@ use crate::checkpoint::to_i32;
 use crate::event::Event;
 use crate::projection::Projection;
 use crate::worker::Worker;
-use crate::{BoxError, error_chain};
+use crate::{BoxError, error_chain, partition_of};
 
 /// The event a parking worker gave up on: it is parked in the next commit.
 #[derive(Debug)]
@@ -82,13 +82,17 @@ impl<P: Projection> Worker<P> {
             return Ok(pending_at);
         };
         parking.heads_now.clear();
+        // Only this partition's parked aggregates can have events here: with none, the events
+        // are not looked at one by one.
+        let (partition, total) = (self.context.partition, self.context.total_partitions);
         parking.seen = tx
             .query_typed(
                 "SELECT DISTINCT aggregate_id FROM projection_dead_letters WHERE projection = $1",
                 &[(&name, Type::TEXT)],
             )?
             .iter()
-            .map(|row| row.get(0))
+            .map(|row| row.get::<_, String>(0))
+            .filter(|id| partition_of(id, total) == partition)
             .collect();
         if parking.seen.is_empty() && parking.poisoned.is_empty() {
             return Ok(pending_at);
