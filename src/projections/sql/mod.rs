@@ -1,0 +1,295 @@
+//! Projections written in SQL alone: one file with a header and named sections.
+//!
+//! ```sql
+//! -- projection: running-totals
+//! -- scope: event_types = Deposited, Withdrawn; aggregate_types = Account
+//! -- on-poison: park
+//! -- setup
+//! CREATE TABLE IF NOT EXISTS running_totals (...);
+//! -- apply
+//! INSERT INTO running_totals SELECT ... FROM batch ...;
+//! -- reset
+//! TRUNCATE running_totals;
+//! ```
+//!
+//! The `apply` section runs once per worker transaction over the relation `batch`: the
+//! transaction's events of the partition, loaded by binary `COPY` into a temporary table of
+//! the worker's connection.
+
+use std::sync::Arc;
+
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::types::{ToSql, Type};
+use postgres::{Client, Transaction};
+
+use crate::dead_letter::PoisonPolicy;
+use crate::error::{BoxError, is_connection_loss};
+use crate::event::{Event, Scope};
+use crate::projection::{Context, Projection};
+use crate::{Error, error_chain};
+
+mod file;
+
+use file::{Section, SqlFile};
+
+/// A projection defined by a SQL file: see the README's "Projections in SQL".
+///
+/// Parse one with [`SqlProjection::from_file`] or [`SqlProjection::parse`], then add it to a
+/// [`Builder`](crate::Builder) like any other projection. Clones share the parsed file.
+#[derive(Debug, Clone)]
+pub struct SqlProjection {
+    file: Arc<SqlFile>,
+}
+
+/// Creates, when this connection does not have them yet, the table the batch is copied into
+/// and the view `batch` over it; then empties the table (an event-by-event retry applies
+/// several times in one transaction). Both are temporary: they belong to the connection, and
+/// vanish with a transaction that rolls back after creating them, hence the check every time.
+const PREPARE_BATCH: &str = "DO $$BEGIN
+IF to_regclass('pg_temp.projector_batch_rows') IS NULL THEN
+    CREATE TEMP TABLE projector_batch_rows (
+        global_position BIGINT, bounded_context TEXT, aggregate_type TEXT, aggregate_id TEXT,
+        aggregate_version BIGINT, event_id UUID, event_type TEXT, event_version INT,
+        payload BYTEA, trace_id TEXT, correlation_id TEXT, causation_id TEXT, metadata TEXT,
+        created_at TIMESTAMPTZ, payload_json TEXT, partition INT, total_partitions INT
+    ) ON COMMIT DELETE ROWS;
+    CREATE TEMP VIEW batch AS SELECT global_position, bounded_context, aggregate_type,
+        aggregate_id, aggregate_version, event_id, event_type, event_version, payload, trace_id,
+        correlation_id, causation_id, metadata::jsonb AS metadata, created_at,
+        payload_json::jsonb AS payload_json, partition, total_partitions
+    FROM pg_temp.projector_batch_rows;
+END IF;
+END$$;
+DELETE FROM pg_temp.projector_batch_rows";
+
+const COPY_BATCH: &str = "COPY pg_temp.projector_batch_rows FROM STDIN (FORMAT binary)";
+
+/// The column types of `projector_batch_rows`, in order.
+const COLUMN_TYPES: [Type; 17] = [
+    Type::INT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::UUID,
+    Type::TEXT,
+    Type::INT4,
+    Type::BYTEA,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::INT4,
+    Type::INT4,
+];
+
+impl SqlProjection {
+    /// The file's path, as given.
+    pub fn path(&self) -> &str {
+        &self.file.path
+    }
+
+    /// True when the file has a `-- reset` section.
+    pub fn has_reset(&self) -> bool {
+        self.file.reset.is_some()
+    }
+
+    /// Runs the `setup` section, then the `apply` section over an empty `batch`, in a
+    /// transaction rolled back whatever happens: a syntax error, an unknown table or column is
+    /// reported as [`Error::SqlProjectionFile`] before anything is created or applied.
+    pub fn check(&self, client: &mut Client) -> Result<(), Error> {
+        let mut tx = client
+            .transaction()
+            .map_err(Error::database("starting to check a projection file"))?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
+            &[&self.file.name],
+        )
+        .map_err(Error::database("waiting for other processes' setup"))?;
+        self.set_up(&mut tx)
+        // Dropping the transaction rolls it back.
+    }
+
+    /// The `setup` section, then a trial of `apply` on an empty batch, rolled back.
+    fn set_up(&self, tx: &mut Transaction<'_>) -> Result<(), Error> {
+        if let Some(setup) = &self.file.setup {
+            tx.batch_execute(&setup.sql)
+                .map_err(|error| self.refused(setup, error))?;
+        }
+        let mut trial = tx
+            .transaction()
+            .map_err(Error::database("starting a trial of the apply section"))?;
+        trial
+            .batch_execute(PREPARE_BATCH)
+            .map_err(Error::database("creating the temporary relation `batch`"))?;
+        let apply = &self.file.apply;
+        trial
+            .batch_execute(&apply.sql)
+            .map_err(|error| self.refused(apply, error))?;
+        trial.rollback().map_err(Error::database(
+            "rolling back the trial of the apply section",
+        ))
+    }
+
+    /// The error for `section`, refused by the database with `error`; a lost connection is
+    /// not the file's fault, and stays a database error.
+    fn refused(&self, section: &Section, error: postgres::Error) -> Error {
+        if is_connection_loss(&error) {
+            return Error::Database {
+                action: format!(
+                    "running the {} section of '{}'",
+                    section.name, self.file.path
+                ),
+                source: error,
+            };
+        }
+        let (line, message) = match error.as_db_error() {
+            Some(db) => {
+                let line = match db.position() {
+                    Some(postgres::error::ErrorPosition::Original(at)) => {
+                        let before = section.sql.chars().take((*at as usize).saturating_sub(1));
+                        Some(section.first_line + before.filter(|&c| c == '\n').count())
+                    }
+                    _ => None,
+                };
+                let mut message = db.message().to_owned();
+                if let Some(detail) = db.detail() {
+                    message.push_str(&format!(" ({detail})"));
+                }
+                if let Some(hint) = db.hint() {
+                    message.push_str(&format!("; hint: {hint}"));
+                }
+                (line, format!("{message} [SQLSTATE {}]", db.code().code()))
+            }
+            None => (None, error_chain(&error)),
+        };
+        Error::SqlProjectionFile {
+            file: self.file.path.clone(),
+            section: Some(section.name.to_owned()),
+            line: line.or(Some(section.first_line - 1)),
+            reason: format!("the database refused it: {message}; fix the section and try again"),
+        }
+    }
+
+    /// Copies `events` into `batch`, then runs the `apply` section.
+    fn apply_events(
+        &self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        tx.batch_execute(PREPARE_BATCH)?;
+        let partition = context.partition as i32;
+        let total = context.total_partitions as i32;
+        let mut writer = BinaryCopyInWriter::new(tx.copy_in(COPY_BATCH)?, &COLUMN_TYPES);
+        for event in events {
+            let payload_json = json_text(&event.payload);
+            let row: [&(dyn ToSql + Sync); 17] = [
+                &event.global_position,
+                &event.bounded_context,
+                &event.aggregate_type,
+                &event.aggregate_id,
+                &event.aggregate_version,
+                &event.event_id,
+                &event.event_type,
+                &event.event_version,
+                &event.payload,
+                &event.trace_id,
+                &event.correlation_id,
+                &event.causation_id,
+                &event.metadata,
+                &event.created_at,
+                &payload_json,
+                &partition,
+                &total,
+            ];
+            writer.write(&row)?;
+        }
+        writer.finish()?;
+        let apply = &self.file.apply;
+        tx.batch_execute(&apply.sql)
+            .map_err(|error| match self.refused(apply, error) {
+                // The driver's error, which the worker retries on a new connection.
+                Error::Database { source, .. } => Box::new(source) as BoxError,
+                refused => Box::new(refused),
+            })
+    }
+}
+
+/// The payload as text when it is JSON that PostgreSQL's `jsonb` takes, else `None`.
+fn json_text(payload: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(payload).ok()?;
+    // jsonb refuses the NUL character, which JSON allows as an escape.
+    if text.contains("\\u0000") {
+        return None;
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
+    Some(text)
+}
+
+impl Projection for SqlProjection {
+    fn name(&self) -> &str {
+        &self.file.name
+    }
+
+    /// Each aggregate is written once per transaction: larger ones while catching up mean
+    /// fewer writes of the same rows.
+    fn events_per_transaction(&self) -> Option<usize> {
+        Some(20_000)
+    }
+
+    fn scope(&self) -> Scope {
+        self.file.scope.clone()
+    }
+
+    fn poison_policy(&self) -> PoisonPolicy {
+        self.file.poison
+    }
+
+    fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        self.set_up(tx)
+            .map_err(|error| -> BoxError { Box::new(error) })
+    }
+
+    fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        match &self.file.reset {
+            Some(reset) => tx
+                .batch_execute(&reset.sql)
+                .map_err(|error| -> BoxError { Box::new(self.refused(reset, error)) }),
+            None => Ok(()),
+        }
+    }
+
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        self.apply_events(tx, std::slice::from_ref(event), context)
+    }
+
+    fn apply_batch(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        self.apply_events(tx, events, context)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_is_json_only_when_jsonb_would_take_it() {
+        assert_eq!(json_text(br#"{"n": 1}"#), Some(r#"{"n": 1}"#));
+        assert_eq!(json_text(b"not json"), None);
+        assert_eq!(json_text(&[0xff, 0xfe]), None);
+        assert_eq!(json_text(br#"{"s": "\u0000"}"#), None);
+    }
+}
