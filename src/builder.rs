@@ -345,12 +345,37 @@ fn prepare(client: &mut Client, mut plan: Plan) -> Result<Prepared, Error> {
     let layout = layout::claim_layout(client, &name, plan.total, false)?;
     set_up_read_model(client, &mut plan)?;
     let checkpoints = checkpoint::load(client, &name, plan.total, &plan.keys)?;
+    warn_of_parked_aggregates(client, &name, plan.policy)?;
     Ok(Prepared {
         plan,
         name,
         layout,
         checkpoints,
     })
+}
+
+/// Says at start when the projection has parked aggregates: their later events are parked
+/// behind them whatever the policy (see [`crate::parking`]).
+fn warn_of_parked_aggregates(
+    client: &mut Client,
+    name: &str,
+    policy: PoisonPolicy,
+) -> Result<(), Error> {
+    let totals = crate::dead_letter::parked_totals(client, &[name])
+        .map_err(Error::database("counting the parked events"))?;
+    if let Some((_, aggregates, events)) = totals.first().filter(|t| t.1 > 0) {
+        let stop = match policy {
+            PoisonPolicy::Stop => " (the stop policy only decides what a new poison event does)",
+            PoisonPolicy::Park => "",
+        };
+        warn!(
+            "projection '{name}' has {aggregates} parked aggregate(s) ({events} event(s)): their \
+             later events are parked behind them{stop}; `projector dead-letters list \
+             --projection {}` shows them",
+            crate::shell_word(name)
+        );
+    }
+    Ok(())
 }
 
 /// Runs the projection's setup, one process at a time: processes starting together must not
@@ -421,8 +446,12 @@ fn log_start(prepared: &[Prepared], start: i64, head: i64, settings: &Settings, 
         } else {
             format!(", events where {scope}")
         };
+        let policy = match p.plan.policy {
+            PoisonPolicy::Stop => "stop",
+            PoisonPolicy::Park => "park",
+        };
         info!(
-            "projection '{}': partitions {} of {}{scope}",
+            "projection '{}': partitions {} of {}{scope}, on poison: {policy}",
             p.name,
             describe_keys(&p.plan.keys),
             p.plan.total

@@ -216,7 +216,8 @@ fn parked_aggregates_named(
             id,
             format!(
                 "projection '{name}' has no parked events of this aggregate: `projector \
-                 dead-letters list --projection {name}` shows what is parked"
+                 dead-letters list --projection {}` shows what is parked",
+                crate::shell_word(name)
             ),
         )),
         _ => Ok(aggregates),
@@ -438,9 +439,23 @@ pub fn drop_parked(
         .iter()
         .map(|row| row.get(0))
         .collect();
+    if positions.is_empty() {
+        // A retry or drop running at the same time got there first: nothing to drop, nothing
+        // to record.
+        return Err(Error::invalid_setting(
+            "--aggregate",
+            aggregate_id,
+            "nothing of it is parked any more: a retry or drop running at the same time released \
+             it first",
+        ));
+    }
     positions.sort_unstable();
     let row = tx
-        .query_one("SELECT current_user::text, NOW()", &[])
+        .query_one(
+            "SELECT current_user::text, NOW(), \
+                 to_char(NOW() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
+            &[],
+        )
         .map_err(Error::database("reading the current user"))?;
     tx.commit()
         .map_err(Error::database("committing the drop"))?;
@@ -453,19 +468,16 @@ pub fn drop_parked(
         os_user,
         at: row.get(1),
     };
+    let at: String = row.get(2);
     warn!(
-        "projection '{projection}': dropped the {} parked event(s) of aggregate '{aggregate_id}' \
-         (global positions {}) without applying them, by database user '{}' (OS user '{}') at \
-         {} s since the epoch; the aggregate is released",
+        "projection '{projection}': dropped the {} parked event(s) of aggregate '{}' (global \
+         positions {}) without applying them, by database user '{}' (OS user '{}') at {at} \
+         (server clock); the aggregate is released",
         dropped.positions.len(),
+        aggregate_id.escape_debug(),
         describe_positions(&dropped.positions),
         dropped.database_user,
-        dropped.os_user.as_deref().unwrap_or("unknown"),
-        dropped
-            .at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default()
+        dropped.os_user.as_deref().unwrap_or("unknown")
     );
     Ok(dropped)
 }

@@ -196,6 +196,34 @@ pub fn readable_duration(duration: Duration) -> String {
     }
 }
 
+/// `text` as one word a POSIX shell reads back exactly, for the commands messages suggest: as
+/// it is when it is plain (`cart-7`), in single quotes otherwise (`'it'\''s here'`), and in
+/// `$'...'` with escapes when it holds control characters (a newline, an escape sequence),
+/// which are then never written to the terminal raw.
+pub fn shell_word(text: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:@%+=,".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        return text.to_owned();
+    }
+    if !text.chars().any(char::is_control) {
+        return format!("'{}'", text.replace('\'', r"'\''"));
+    }
+    let mut quoted = String::from("$'");
+    for c in text.chars() {
+        match c {
+            '\'' => quoted.push_str(r"\'"),
+            '\\' => quoted.push_str(r"\\"),
+            '\n' => quoted.push_str(r"\n"),
+            '\t' => quoted.push_str(r"\t"),
+            '\r' => quoted.push_str(r"\r"),
+            c if c.is_control() => quoted.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('\'');
+    quoted
+}
+
 /// Locks `mutex`, taking its data even if a thread panicked while holding it: the data guarded
 /// in this crate (positions, stop senders, outage state) stays valid whatever the panic.
 pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -213,6 +241,16 @@ pub(crate) fn backoff(attempt: u32, first: Duration, max: Duration) -> Duration 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shell_word_reads_back_as_the_text() {
+        assert_eq!(shell_word("cart-7"), "cart-7");
+        assert_eq!(shell_word(""), "''");
+        assert_eq!(shell_word("with space "), "'with space '");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word("a\nb"), r"$'a\nb'");
+        assert_eq!(shell_word("esc\u{1b}[31m'x"), r"$'esc\u001b[31m\'x'");
+    }
 
     #[test]
     fn durations_read_as_hours_minutes_or_seconds() {

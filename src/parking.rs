@@ -11,6 +11,7 @@ use postgres::Transaction;
 use postgres::types::Type;
 
 use crate::checkpoint::to_i32;
+use crate::dead_letter::PoisonPolicy;
 use crate::event::Event;
 use crate::projection::Projection;
 use crate::worker::Worker;
@@ -28,6 +29,9 @@ pub(crate) struct Poisoned {
 /// A parking worker's state.
 #[derive(Debug)]
 pub(crate) struct Parking {
+    /// The park policy: an event that keeps failing is parked (else the projection stops).
+    /// Whatever the policy, the events of aggregates already parked are set aside.
+    parks_poison: bool,
     /// The events to park at the next commit: several when one transaction holds several
     /// poison events (each found after the one before was set aside).
     poisoned: Vec<Poisoned>,
@@ -37,12 +41,18 @@ pub(crate) struct Parking {
 }
 
 impl Parking {
-    pub(crate) fn new() -> Parking {
+    pub(crate) fn new(policy: PoisonPolicy) -> Parking {
         Parking {
+            parks_poison: policy == PoisonPolicy::Park,
             poisoned: Vec::new(),
             seen: HashSet::new(),
             heads_now: Vec::new(),
         }
+    }
+
+    /// True with the park policy: an event that keeps failing is to be parked.
+    pub(crate) fn parks_poison(&self) -> bool {
+        self.parks_poison
     }
 
     /// Parks `event` at the next commit: it failed `attempts` times, first at `first_failed_at`.
@@ -63,24 +73,23 @@ impl Parking {
 }
 
 impl<P: Projection> Worker<P> {
-    /// With the park policy: in `tx` (after the checkpoint row is locked), reads the parked
-    /// aggregates, records the events of `pending_at` (indexes into `events`) that must be
-    /// parked (the poisoned one and those of parked aggregates), and returns the others. With
-    /// the stop policy, `pending_at` unchanged and no query.
+    /// In `tx` (after the checkpoint row is locked), reads the parked aggregates, records the
+    /// events of `pending_at` (indexes into `events`) that must be parked (a poisoned one, and
+    /// those of parked aggregates), and returns the others. Whatever the policy: a projection
+    /// run with `stop` after it parked (a restart with other flags, a standby without them)
+    /// must not apply an aggregate's later events around its parked ones.
     pub(crate) fn set_parked_aside(
         &mut self,
         tx: &mut Transaction<'_>,
         events: &[Event],
         pending_at: Vec<usize>,
     ) -> Result<Vec<usize>, postgres::Error> {
-        if self.parking.is_none() || pending_at.is_empty() {
-            // Stop policy, or nothing to apply (a checkpoint moving over an idle range).
+        if pending_at.is_empty() {
+            // Nothing to apply (a checkpoint moving over an idle range).
             return Ok(pending_at);
         }
         let name = self.projection.name().to_owned();
-        let Some(parking) = self.parking.as_mut() else {
-            return Ok(pending_at);
-        };
+        let parking = &mut self.parking;
         parking.heads_now.clear();
         // Only this partition's parked aggregates can have events here: with none, the events
         // are not looked at one by one.
@@ -176,14 +185,9 @@ impl<P: Projection> Worker<P> {
     /// After a commit: the parked event, if there was one, is done with; says what was parked.
     /// (While parked events remain, the progress lines say so: see `progress`.)
     pub(crate) fn parking_committed(&mut self) {
-        if self.parking.is_none() {
-            return;
-        }
         let name = self.projection.name().to_owned();
         let (partition, total) = (self.context.partition, self.context.total_partitions);
-        let Some(parking) = self.parking.as_mut() else {
-            return;
-        };
+        let parking = &mut self.parking;
         let poisoned = std::mem::take(&mut parking.poisoned);
         for (position, aggregate) in parking.heads_now.drain(..) {
             let why = poisoned
@@ -192,10 +196,14 @@ impl<P: Projection> Worker<P> {
                 .map(|p| format!(" after {} attempt(s) ({})", p.attempts, p.error))
                 .unwrap_or_default();
             warn!(
-                "projection '{name}' parked aggregate '{aggregate}' at global position \
-                 {position} on partition {partition}/{total}{why}; its later events are parked \
-                 behind it and the other aggregates go on. Fix the cause, then run `projector \
-                 dead-letters retry --projection {name} --aggregate {aggregate}` (or `drop`)"
+                "projection '{name}' parked aggregate '{}' at global position {position} on \
+                 partition {partition}/{total}{why}; its later events are parked behind it and \
+                 the other aggregates go on. Fix the cause, then run `projector dead-letters \
+                 retry --projection {} --aggregate {}` (`--projection-file FILE` instead of \
+                 `--projection` for a projection written in SQL), or `drop`",
+                aggregate.escape_debug(),
+                crate::shell_word(&name),
+                crate::shell_word(&aggregate)
             );
         }
     }

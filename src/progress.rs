@@ -241,6 +241,7 @@ fn parked_note(name: &str, (aggregates, events): (i64, i64)) -> String {
     }
     format!(
         "; {aggregates} aggregate(s) parked ({events} event(s)): `projector dead-letters list \
-         --projection {name}` shows them, `retry` or `drop` releases them"
+         --projection {}` shows them, `retry` or `drop` releases them",
+        crate::shell_word(name)
     )
 }

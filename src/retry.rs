@@ -81,9 +81,10 @@ impl<P: Projection> Worker<P> {
                         first_failed_at = std::time::SystemTime::now();
                     }
                     if failures >= self.settings.max_attempts {
-                        if let Some(parking) = self.parking.as_mut() {
+                        if self.parking.parks_poison() {
                             // Parked in the next attempt, with the later events of its aggregate.
-                            parking.poison(event, &source, failures, first_failed_at);
+                            self.parking
+                                .poison(event, &source, failures, first_failed_at);
                             failures = 0;
                             continue;
                         }

@@ -244,7 +244,7 @@ impl Threads {
                 stragglers: Arc::clone(&self.stragglers),
                 lane: lanes.len() - 1,
                 scope: scope.clone(),
-                parking: (plan.policy == PoisonPolicy::Park).then(Parking::new),
+                parking: Parking::new(plan.policy),
                 held: Held::default(),
             };
             let done = done.clone();

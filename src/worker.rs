@@ -114,8 +114,9 @@ pub(crate) struct Worker<P> {
     pub(crate) lane: usize,
     /// The events the projection wants.
     pub(crate) scope: Scope,
-    /// With the park policy: what this worker parks ([`crate::dead_letter`]); `None` stops.
-    pub(crate) parking: Option<Parking>,
+    /// What this worker parks ([`crate::dead_letter`]), and whether a poison event is parked
+    /// (else the projection stops on it).
+    pub(crate) parking: Parking,
     /// Batches taken off the queue while waiting to retry an event: applied before the queue.
     pub(crate) held: Held,
 }

@@ -188,24 +188,50 @@ fn retry_with<P: Projection>(
         return Ok(());
     }
     let mut first_failure = None;
+    let mut released_meanwhile = None;
     for outcome in outcomes {
-        let (id, n) = (&outcome.aggregate_id, outcome.positions.len());
+        let (id, n) = (outcome.aggregate_id.escape_debug(), outcome.positions.len());
         match outcome.failure {
+            // A retry or drop running at the same time got there first.
+            None if n == 0 => {
+                println!(
+                    "projection '{name}': aggregate '{id}' has nothing parked any more (released \
+                     or dropped meanwhile, by a retry or drop running at the same time)"
+                );
+                released_meanwhile.get_or_insert(outcome.aggregate_id);
+            }
             None => println!(
                 "projection '{name}': applied the {n} parked event(s) of aggregate '{id}' in \
                  order; it is released"
             ),
-            Some(failure) => {
+            Some(failure) if first_failure.is_none() => {
+                // Said in full as the command's error, below.
                 println!(
                     "projection '{name}': aggregate '{id}' failed again, its {n} event(s) stay \
-                     parked: {}",
-                    projector::error_chain(&failure)
+                     parked"
                 );
-                first_failure.get_or_insert(failure);
+                first_failure = Some(failure);
             }
+            Some(failure) => println!(
+                "projection '{name}': aggregate '{id}' failed again, its {n} event(s) stay \
+                 parked: {}",
+                projector::error_chain(&failure)
+            ),
         }
     }
-    first_failure.map_or(Ok(()), Err)
+    if let Some(failure) = first_failure {
+        return Err(failure);
+    }
+    match (released_meanwhile, &retry.aggregate) {
+        // The one aggregate asked for had nothing left to retry: as when nothing is parked.
+        (Some(id), Some(_)) => Err(Error::invalid_setting(
+            "--aggregate",
+            id,
+            "nothing of it is parked any more: a retry or drop running at the same time released \
+             it first",
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn drop_parked(client: &mut projector::postgres::Client, drop: &Drop) -> Result<(), Error> {
@@ -223,7 +249,8 @@ fn drop_parked(client: &mut projector::postgres::Client, drop: &Drop) -> Result<
                 id,
                 format!(
                     "projection '{name}' has no parked events of this aggregate: `projector \
-                     dead-letters list --projection {name}` shows what is parked"
+                     dead-letters list --projection {}` shows what is parked",
+                    projector::shell_word(name)
                 ),
             ));
         }

@@ -271,9 +271,14 @@ fn reset_projection<P: Projection>(
             "noop" => "clear nothing else (it has no read model)",
             _ => "clear its read model",
         };
+        let parked: u64 = rows.iter().map(|row| row.parked_events).sum();
+        let parked = match parked {
+            0 => String::new(),
+            n => format!(", delete its {n} parked event(s) (`projector dead-letters list`)"),
+        };
         let action = format!(
-            "reset would {checkpoints} and {read_model}, so that its next start rebuilds it from \
-             the first event"
+            "reset would {checkpoints}{parked} and {read_model}, so that its next start rebuilds \
+             it from the first event"
         );
         let held: Vec<(u32, u32, i32)> = rows
             .iter()

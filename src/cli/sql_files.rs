@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use projector::projections::SqlProjection;
-use projector::{Database, Error};
+use projector::{Database, Error, Projection};
 
 /// The projections of the files given with `--projection-file`, each parsed (nothing is sent
 /// to the database yet): a folder stands for every `*.sql` file in it, sorted by name.
@@ -28,10 +28,34 @@ pub(crate) fn projection_files(paths: &[String]) -> Result<Vec<SqlProjection>, E
             projections.push(SqlProjection::from_file(path)?);
         }
     }
+    defined_once(&projections)?;
     Ok(projections)
 }
 
-/// The `*.sql` files directly in `folder`, sorted by name.
+/// Refuses two files that define the same projection, naming both.
+fn defined_once(projections: &[SqlProjection]) -> Result<(), Error> {
+    for (at, projection) in projections.iter().enumerate() {
+        if let Some(first) = projections[..at]
+            .iter()
+            .find(|earlier| earlier.name() == projection.name())
+        {
+            return Err(Error::invalid_setting(
+                "--projection-file",
+                projection.path(),
+                format!(
+                    "projection '{}' is defined here and in {} (or the file is given twice): \
+                     each projection may be defined once",
+                    projection.name(),
+                    first.path()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The `*.sql` entries directly in `folder`, sorted by name. Each is read as a file: a broken
+/// link or a folder named `*.sql` is refused when read, rather than skipped without a word.
 fn sql_files_in(folder: &Path) -> Result<Vec<PathBuf>, Error> {
     let unreadable = |error: std::io::Error| {
         Error::invalid_setting(
@@ -43,7 +67,7 @@ fn sql_files_in(folder: &Path) -> Result<Vec<PathBuf>, Error> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(folder).map_err(unreadable)? {
         let path = entry.map_err(unreadable)?.path();
-        if path.is_file() && path.extension().is_some_and(|ext| ext == "sql") {
+        if path.extension().is_some_and(|ext| ext == "sql") {
             files.push(path);
         }
     }

@@ -48,7 +48,8 @@ pub(super) fn print_status(
             let name = &layout[0].projection;
             println!(
                 "{name}: {aggregates} aggregate(s) parked, with {events} event(s): see `projector \
-                 dead-letters list --projection {name}`"
+                 dead-letters list --projection {}`",
+                projector::shell_word(name)
             );
         }
     }

@@ -791,3 +791,40 @@ fn a_poison_event_while_the_stream_is_busy_then_quiet_is_parked_said_and_counted
     reader.join().expect("reader");
     assert_eq!(status.code(), Some(0), "{}", log.lock().expect("log"));
 }
+
+#[test]
+fn a_restart_with_the_stop_policy_still_parks_behind_a_parked_aggregate() {
+    let schema = TestSchema::migrated("park_then_stop");
+    schema.seed(300, 8);
+    let run = |policy: PoisonPolicy| {
+        Builder::new(schema.database.clone(), Flaky::new())
+            .partitions(0..4)
+            .total_partitions(4)
+            .settings(quick_retries())
+            .on_poison(policy)
+            .exit_when_caught_up(true)
+            .start()
+            .expect("start")
+            .join()
+            .expect("caught up")
+    };
+    run(PoisonPolicy::Park);
+    assert_eq!(parked(&schema, "flaky").len(), 6, "versions 3 to 8");
+
+    // Restarted with the default policy (a supervisor's old flags, a standby without
+    // --on-poison park): thing-7's next event still waits behind the parked ones.
+    let ninth = insert_event(&mut schema.client(), POISON, 9);
+    let summary = run(PoisonPolicy::Stop);
+    assert_eq!(summary.parked(), 1);
+    assert_eq!(
+        parked(&schema, "flaky").last().map(|l| l.0),
+        Some(ninth),
+        "parked behind the others"
+    );
+    assert_eq!(
+        poison_recorded(&schema),
+        (2, 2, true),
+        "never applied around the hole"
+    );
+    assert!(others_exact(&schema, 300, 8));
+}

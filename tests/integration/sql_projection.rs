@@ -260,7 +260,7 @@ fn sql_projection_bad_files_are_refused_at_start_before_anything_is_applied() {
     let schema = TestSchema::migrated("sql_bad");
     schema.seed(10, 3);
     let setup = "-- setup\nCREATE TABLE IF NOT EXISTS bad_model (id TEXT PRIMARY KEY);\n";
-    let cases: [(&str, String, &[&str]); 5] = [
+    let cases: [(&str, String, &[&str]); 7] = [
         (
             "syntax.sql",
             format!(
@@ -292,6 +292,16 @@ fn sql_projection_bad_files_are_refused_at_start_before_anything_is_applied() {
             "setup.sql",
             "-- projection: bad-setup\n-- setup\nCREATE TABLE bad_setup (id TEXT PRIMARY KEY;\n-- apply\nSELECT 1;\n".into(),
             &["section `-- setup` (line 3)", "syntax error at or near \";\""],
+        ),
+        (
+            "commit.sql",
+            "-- projection: commits\n-- apply\nSELECT 1;\nCOMMIT;\n".into(),
+            &["section `-- apply` (line 2)", "ends the transaction it runs in"],
+        ),
+        (
+            "typo.sql",
+            "-- projection: typo\n-- apply\nSELECT 1;\n-- rest\nTRUNCATE bad_model;\n".into(),
+            &["(line 4)", "`-- rest` looks like a misspelt `-- reset`"],
         ),
     ];
     for (name, body, expected) in cases {

@@ -52,6 +52,8 @@ impl SqlProjection {
 
     /// Parses the text of a projection file; `path` names it in messages.
     pub fn parse(path: &str, text: &str) -> Result<SqlProjection, Error> {
+        // A byte-order mark some editors write is not part of the first line.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let refuse =
             |line: Option<usize>, section: Option<&str>, reason: String| Error::SqlProjectionFile {
                 file: path.to_owned(),
@@ -107,6 +109,17 @@ impl SqlProjection {
                                     .into(),
                             ));
                         }
+                        if value.contains([',', '=']) {
+                            return Err(refuse(
+                                Some(number),
+                                None,
+                                format!(
+                                    "the name `{value}` holds `,` or `=`, which the \
+                                     `--projection` and `--on-poison` lists split on: choose \
+                                     another"
+                                ),
+                            ));
+                        }
                         name = Some(value.to_owned());
                     } else if key == "on-poison" {
                         if poison.is_some() {
@@ -145,22 +158,37 @@ impl SqlProjection {
                         );
                     }
                 }
-                None => match sections.last_mut() {
-                    Some(section) => {
-                        section.sql.push_str(line);
-                        section.sql.push('\n');
-                    }
-                    None if is_blank_or_comment(line) => {}
-                    None => {
+                None => {
+                    if let Some(meant) = misspelt_directive(line) {
                         return Err(refuse(
                             Some(number),
                             None,
-                            "SQL before the first section: put statements under `-- setup`, \
-                             `-- apply` or `-- reset`"
-                                .into(),
+                            format!(
+                                "`{}` looks like a misspelt `-- {meant}`: the sections are \
+                                 `-- setup`, `-- apply` and `-- reset`, the headers \
+                                 `-- projection:`, `-- scope:` and `-- on-poison:`; write it \
+                                 exactly so, or reword the comment",
+                                line.trim()
+                            ),
                         ));
                     }
-                },
+                    match sections.last_mut() {
+                        Some(section) => {
+                            section.sql.push_str(line);
+                            section.sql.push('\n');
+                        }
+                        None if is_blank_or_comment(line) => {}
+                        None => {
+                            return Err(refuse(
+                                Some(number),
+                                None,
+                                "SQL before the first section: put statements under `-- setup`, \
+                                 `-- apply` or `-- reset`"
+                                    .into(),
+                            ));
+                        }
+                    }
+                }
             }
         }
         let Some(name) = name else {
@@ -227,10 +255,54 @@ fn directive(line: &str) -> Option<Directive<'_>> {
     }
     let (key, value) = comment.split_once(':')?;
     let key = key.trim().to_ascii_lowercase();
-    ["projection", "scope", "on-poison"]
+    HEADERS
         .into_iter()
         .find(|k| *k == key)
         .map(|k| Directive::Header(k, value.trim()))
+}
+
+/// The headers a file may have.
+const HEADERS: [&str; 3] = ["projection", "scope", "on-poison"];
+
+/// For a comment line that is not a directive but reads like one (`-- rest`, `-- on_poison:
+/// park`, `-- apply:`), the directive it is close to. Kept as SQL, it would silently run a
+/// `reset` section's statements inside `apply`, or drop a header.
+fn misspelt_directive(line: &str) -> Option<&'static str> {
+    let comment = line.trim().strip_prefix("--")?.trim();
+    let word = comment
+        .split_once(':')
+        .map_or(comment, |(key, _)| key)
+        .trim();
+    if word.is_empty()
+        || !word
+            .chars()
+            .all(|c| c.is_ascii_alphabetic() || c == '-' || c == '_')
+    {
+        return None;
+    }
+    let word = word.to_ascii_lowercase().replace('_', "-");
+    SECTIONS
+        .into_iter()
+        .chain(HEADERS)
+        .find(|known| edit_distance(&word, known) <= 2)
+}
+
+/// The number of single-character insertions, deletions and substitutions from `a` to `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (diagonal + usize::from(ca != cb))
+                .min(above + 1)
+                .min(row[j] + 1);
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 fn is_blank_or_comment(line: &str) -> bool {
@@ -330,5 +402,24 @@ mod tests {
             refused("-- projection: p\n-- on-poison: skip\n-- apply\nSELECT 1;\n")
                 .contains("`-- on-poison: skip`: expected stop")
         );
+        // Misspelt directives would otherwise be kept as SQL (a reset run in every apply).
+        let typo = refused("-- projection: p\n-- apply\nSELECT 1;\n-- rest\nTRUNCATE t;\n");
+        assert!(
+            typo.contains("line 4") && typo.contains("misspelt `-- reset`"),
+            "{typo}"
+        );
+        assert!(
+            refused("-- projection: p\n-- on_poison: park\n-- apply\nSELECT 1;\n")
+                .contains("misspelt `-- on-poison`")
+        );
+        assert!(refused("-- projection: a,b\n-- apply\nSELECT 1;\n").contains("holds `,` or `=`"));
+    }
+
+    #[test]
+    fn comments_a_bom_and_windows_line_ends_are_fine() {
+        let text = "\u{feff}-- projection: p\r\n-- apply\r\n-- apply the totals, per account\r\n\
+                    -- note: set-based\r\nSELECT 1;\r\n";
+        let parsed = SqlProjection::parse("f.sql", text).expect("parses");
+        assert_eq!(parsed.name(), "p");
     }
 }

@@ -19,6 +19,7 @@
 use std::sync::Arc;
 
 use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::error::SqlState;
 use postgres::types::{ToSql, Type};
 use postgres::{Client, Transaction};
 
@@ -118,9 +119,9 @@ impl SqlProjection {
             tx.batch_execute(&setup.sql)
                 .map_err(|error| self.refused(setup, error))?;
         }
-        let mut trial = tx
-            .transaction()
-            .map_err(Error::database("starting a trial of the apply section"))?;
+        let mut trial = tx.transaction().map_err(|error| {
+            self.ended_transaction(self.file.setup.as_ref(), error, "starting a trial of apply")
+        })?;
         trial
             .batch_execute(PREPARE_BATCH)
             .map_err(Error::database("creating the temporary relation `batch`"))?;
@@ -128,9 +129,36 @@ impl SqlProjection {
         trial
             .batch_execute(&apply.sql)
             .map_err(|error| self.refused(apply, error))?;
-        trial.rollback().map_err(Error::database(
-            "rolling back the trial of the apply section",
-        ))
+        trial.rollback().map_err(|error| {
+            self.ended_transaction(Some(apply), error, "rolling back the trial of apply")
+        })
+    }
+
+    /// `error` from `action`: a section that ended the transaction it runs in (`COMMIT`,
+    /// `ROLLBACK`) is the file's fault, and says so; anything else is a database error.
+    fn ended_transaction(
+        &self,
+        section: Option<&Section>,
+        error: postgres::Error,
+        action: &str,
+    ) -> Error {
+        match section {
+            Some(section) if error.code() == Some(&SqlState::NO_ACTIVE_SQL_TRANSACTION) => {
+                Error::SqlProjectionFile {
+                    file: self.file.path.clone(),
+                    section: Some(section.name.to_owned()),
+                    line: Some(section.first_line - 1),
+                    reason: "it ends the transaction it runs in (COMMIT, ROLLBACK or END): \
+                             remove that statement; each batch is applied in the worker's own \
+                             transaction, the one that also moves the checkpoint"
+                        .into(),
+                }
+            }
+            _ => Error::Database {
+                action: action.to_owned(),
+                source: error,
+            },
+        }
     }
 
     /// The error for `section`, refused by the database with `error`; a lost connection is
