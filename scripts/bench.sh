@@ -9,7 +9,7 @@
 #   --events N      events in the main runs (default 1000000)
 #   --big-events N  events for the second peak-memory run (default 5000000, 0 skips it)
 #   --quick         smoke run: 100000 events, no big run, scaling at 1, 4 and 16 partitions,
-#                   latency for 3 s per mode instead of 10, park 3 rounds instead of 5
+#                   latency for 3 s per mode instead of 10, park 3 rounds instead of 7
 #   --only BENCH    run one benchmark: catch_up, projections, latency or park
 #
 # Without DATABASE_URL, a throw-away PostgreSQL server is started for the run. Either way a
@@ -29,7 +29,7 @@ big_set=0
 quick=0
 only=
 latency_seconds=10
-park_rounds=5
+park_rounds=7
 while [[ $# -gt 0 ]]; do
     case $1 in
     --events | --big-events)
