@@ -5,8 +5,9 @@
 //! Each run is a runner owning 4 partitions of 4 catching up from the first event with default
 //! settings (3 attempts, 100 ms and 200 ms back-off before the event is parked); the projection
 //! applies nothing, so that what parking costs the worker is as visible as it can be. The runs
-//! alternate, `--rounds` times each, and the median is reported, with R0 (the whole stream
-//! read by one binary `COPY`, the faster of two) measured in the same run.
+//! alternate, `--rounds` times each (every other round in the reverse order), and the median
+//! is reported, with R0 (the whole stream read by one binary `COPY`, the faster of two)
+//! measured in the same run.
 //!
 //! ```text
 //! cargo bench --bench park -- --database-url URL [--events N] [--rounds R] [--retry-delay-ms MS]
@@ -126,7 +127,14 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
     let (copy, _) = common::copy_all_events(&mut database.connect()?)?;
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); KINDS.len()];
     for round in 0..options.rounds.max(1) {
-        for (kind, &(label, policy, poison)) in KINDS.iter().enumerate() {
+        // Every other round in the reverse order, so that running first or last (a warm
+        // cache, autovacuum catching up) favours no kind.
+        let mut order: Vec<usize> = (0..KINDS.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for kind in order {
+            let (label, policy, poison) = KINDS[kind];
             let projection = Bench {
                 name: format!("bench-{kind}-{round}"),
                 poison,
@@ -143,7 +151,7 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
             &[],
         )?
         .get(0);
-    // Each round's poisoned run against the run without poison just before it: drift in the
+    // Each round's poisoned run against its run without poison (run next to it): drift in the
     // machine's load over the rounds cancels out.
     let mut paired: Vec<f64> = times[1]
         .iter()
@@ -192,7 +200,7 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
     }
     println!(
         "\nPaired, the median over the rounds of each round's park-without-poison wall over its \
-         poisoned wall: **{paired:.3}**."
+         poisoned wall (run next to each other): **{paired:.3}**."
     );
     println!(
         "\n(ratios are throughput ratios; {parked} events parked over the poisoned runs, {} per run)",
