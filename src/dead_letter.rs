@@ -177,7 +177,8 @@ pub struct Retried {
 ///
 /// Safe while the projection runs: each transaction locks the checkpoint row of the
 /// aggregate's partition, as the worker does. Fails with [`Error::InvalidSetting`] for an
-/// aggregate with nothing parked.
+/// aggregate with nothing parked, also when a retry or drop running at the same time released
+/// it first (with `None`, such an aggregate's outcome has no positions).
 pub fn retry<P: Projection>(
     client: &mut Client,
     projection: &mut P,
@@ -190,7 +191,52 @@ pub fn retry<P: Projection>(
     for aggregate_id in aggregates {
         outcomes.push(retry_one(client, projection, &name, aggregate_id)?);
     }
-    Ok(outcomes)
+    match (aggregate, outcomes.first()) {
+        // The one aggregate asked for was released by someone else between the two reads.
+        (Some(id), Some(outcome)) if outcome.positions.is_empty() => Err(released_meanwhile(id)),
+        _ => Ok(outcomes),
+    }
+}
+
+/// `aggregate` of projection `name` has nothing parked.
+fn nothing_parked(name: &str, aggregate: &str) -> Error {
+    Error::invalid_setting(
+        "--aggregate",
+        aggregate,
+        format!(
+            "projection '{name}' has no parked events of this aggregate: `projector \
+             dead-letters list --projection {}` shows what is parked",
+            crate::shell_word(name)
+        ),
+    )
+}
+
+/// `aggregate` was parked when looked at, and released by a retry or drop running at the same
+/// time before this one locked it.
+fn released_meanwhile(aggregate: &str) -> Error {
+    Error::invalid_setting(
+        "--aggregate",
+        aggregate,
+        "nothing of it is parked any more: a retry or drop running at the same time released it \
+         first",
+    )
+}
+
+/// The parked events of `aggregate` in projection `name`, in position order: what
+/// [`drop_parked`] would discard. Fails with [`Error::InvalidSetting`] when it has none.
+pub fn dead_letters_of(
+    client: &mut impl GenericClient,
+    name: &str,
+    aggregate: &str,
+) -> Result<Vec<DeadLetter>, Error> {
+    let letters: Vec<DeadLetter> = dead_letters(client, Some(name))?
+        .into_iter()
+        .filter(|letter| letter.aggregate_id == aggregate)
+        .collect();
+    if letters.is_empty() {
+        return Err(nothing_parked(name, aggregate));
+    }
+    Ok(letters)
 }
 
 /// The parked aggregates of `name` (or just `aggregate`, checked to be parked), oldest first.
@@ -211,15 +257,7 @@ fn parked_aggregates_named(
         .map(|row| row.get(0))
         .collect();
     match aggregate {
-        Some(id) if aggregates.is_empty() => Err(Error::invalid_setting(
-            "--aggregate",
-            id,
-            format!(
-                "projection '{name}' has no parked events of this aggregate: `projector \
-                 dead-letters list --projection {}` shows what is parked",
-                crate::shell_word(name)
-            ),
-        )),
+        Some(id) if aggregates.is_empty() => Err(nothing_parked(name, id)),
         _ => Ok(aggregates),
     }
 }
@@ -442,12 +480,7 @@ pub fn drop_parked(
     if positions.is_empty() {
         // A retry or drop running at the same time got there first: nothing to drop, nothing
         // to record.
-        return Err(Error::invalid_setting(
-            "--aggregate",
-            aggregate_id,
-            "nothing of it is parked any more: a retry or drop running at the same time released \
-             it first",
-        ));
+        return Err(released_meanwhile(aggregate_id));
     }
     positions.sort_unstable();
     let row = tx

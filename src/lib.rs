@@ -151,7 +151,7 @@ use std::time::Duration;
 pub use builder::{Builder, MAX_BATCH_SIZE};
 pub use database::{Database, Pool};
 pub use dead_letter::{
-    DeadLetter, Dropped, PoisonPolicy, Retried, dead_letters, drop_parked, retry,
+    DeadLetter, Dropped, PoisonPolicy, Retried, dead_letters, dead_letters_of, drop_parked, retry,
 };
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent, Scope};

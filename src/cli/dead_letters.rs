@@ -188,18 +188,15 @@ fn retry_with<P: Projection>(
         return Ok(());
     }
     let mut first_failure = None;
-    let mut released_meanwhile = None;
     for outcome in outcomes {
         let (id, n) = (outcome.aggregate_id.escape_debug(), outcome.positions.len());
         match outcome.failure {
-            // A retry or drop running at the same time got there first.
-            None if n == 0 => {
-                println!(
-                    "projection '{name}': aggregate '{id}' has nothing parked any more (released \
-                     or dropped meanwhile, by a retry or drop running at the same time)"
-                );
-                released_meanwhile.get_or_insert(outcome.aggregate_id);
-            }
+            // A retry or drop running at the same time got there first (of the one aggregate
+            // asked for, `retry` says so as its error).
+            None if n == 0 => println!(
+                "projection '{name}': aggregate '{id}' has nothing parked any more (released or \
+                 dropped meanwhile, by a retry or drop running at the same time)"
+            ),
             None => println!(
                 "projection '{name}': applied the {n} parked event(s) of aggregate '{id}' in \
                  order; it is released"
@@ -219,41 +216,16 @@ fn retry_with<P: Projection>(
             ),
         }
     }
-    if let Some(failure) = first_failure {
-        return Err(failure);
-    }
-    match (released_meanwhile, &retry.aggregate) {
-        // The one aggregate asked for had nothing left to retry: as when nothing is parked.
-        (Some(id), Some(_)) => Err(Error::invalid_setting(
-            "--aggregate",
-            id,
-            "nothing of it is parked any more: a retry or drop running at the same time released \
-             it first",
-        )),
-        _ => Ok(()),
-    }
+    first_failure.map_or(Ok(()), Err)
 }
 
 fn drop_parked(client: &mut projector::postgres::Client, drop: &Drop) -> Result<(), Error> {
     let (name, id) = (drop.projection.as_str(), drop.aggregate.as_str());
     if !drop.yes {
-        let letters = projector::dead_letters(client, Some(name))?;
-        let positions: Vec<i64> = letters
+        let positions: Vec<i64> = projector::dead_letters_of(client, name, id)?
             .iter()
-            .filter(|l| l.aggregate_id == id)
             .map(|l| l.global_position)
             .collect();
-        if positions.is_empty() {
-            return Err(Error::invalid_setting(
-                "--aggregate",
-                id,
-                format!(
-                    "projection '{name}' has no parked events of this aggregate: `projector \
-                     dead-letters list --projection {}` shows what is parked",
-                    projector::shell_word(name)
-                ),
-            ));
-        }
         return Err(Error::NotConfirmed {
             action: format!(
                 "drop would discard the {} parked event(s) of aggregate '{id}' in projection \
