@@ -25,6 +25,8 @@ use projector::{
     Waiter,
 };
 
+mod common;
+
 #[derive(Clone)]
 struct NotifyOnCommit;
 
@@ -56,27 +58,26 @@ struct Options {
     seconds: u64,
 }
 
-fn options() -> Result<Options, String> {
+const USAGE: &str = "usage: latency [--database-url URL] [--rate N] [--seconds N]
+  --database-url  server to run against (env DATABASE_URL)
+  --rate          appends per second, default 1000
+  --seconds       seconds per mode, default 10";
+
+fn options() -> common::Result<Option<Options>> {
     let mut options = Options {
-        url: std::env::var("DATABASE_URL").unwrap_or_default(),
+        url: String::new(),
         rate: 1_000,
         seconds: 10,
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--database-url" => options.url = value()?,
-            "--rate" => options.rate = value()?.parse().map_err(|_| "--rate: a number")?,
-            "--seconds" => options.seconds = value()?.parse().map_err(|_| "--seconds: a number")?,
-            "--bench" => {}
-            other => return Err(format!("unknown argument {other}")),
+    let url = common::read_args(USAGE, |flag, value| {
+        match flag {
+            "--rate" => options.rate = common::number(flag, value()?)?,
+            "--seconds" => options.seconds = common::number(flag, value()?)?,
+            _ => return Ok(false),
         }
-    }
-    if options.url.is_empty() {
-        return Err("set DATABASE_URL or pass --database-url".into());
-    }
-    Ok(options)
+        Ok(true)
+    })?;
+    Ok(url.map(|url| Options { url, ..options }))
 }
 
 fn main() {
@@ -87,7 +88,11 @@ fn main() {
         return;
     }
     let options = match options() {
-        Ok(options) => options,
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{USAGE}");
+            return;
+        }
         Err(message) => {
             eprintln!("latency: {message}");
             std::process::exit(2);

@@ -77,31 +77,24 @@ fn main() {
 
 fn options() -> Result<Option<Options>> {
     let mut options = Options {
-        url: std::env::var("DATABASE_URL").unwrap_or_default(),
+        url: String::new(),
         events: 1_000_000,
         rounds: 3,
         retry_delay: None,
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--bench" => {}
-            "-h" | "--help" => return Ok(None),
-            "--database-url" => options.url = value()?,
-            "--events" => options.events = value()?.parse().map_err(|_| "--events: a number")?,
-            "--rounds" => options.rounds = value()?.parse().map_err(|_| "--rounds: a number")?,
+    let url = common::read_args(USAGE, |flag, value| {
+        match flag {
+            "--events" => options.events = common::number(flag, value()?)?,
+            "--rounds" => options.rounds = common::number(flag, value()?)?,
             "--retry-delay-ms" => {
-                let ms = value()?.parse().map_err(|_| "--retry-delay-ms: a number")?;
+                let ms = common::number(flag, value()?)?;
                 options.retry_delay = Some(Duration::from_millis(ms));
             }
-            other => return Err(format!("unknown argument '{other}'\n{USAGE}").into()),
+            _ => return Ok(false),
         }
-    }
-    if options.url.is_empty() {
-        return Err("no database: pass --database-url or set DATABASE_URL".into());
-    }
-    Ok(Some(options))
+        Ok(true)
+    })?;
+    Ok(url.map(|url| Options { url, ..options }))
 }
 
 fn run(options: &Options) -> Result<()> {

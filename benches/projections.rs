@@ -115,32 +115,25 @@ fn main() {
 
 fn options() -> Result<Option<Options>> {
     let mut options = Options {
-        url: std::env::var("DATABASE_URL").unwrap_or_default(),
+        url: String::new(),
         events: 1_000_000,
         seconds: 10,
         rate: 200,
         pairs: 3,
         metrics_only: false,
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--bench" => {}
-            "-h" | "--help" => return Ok(None),
-            "--database-url" => options.url = value()?,
-            "--events" => options.events = value()?.parse().map_err(|_| "--events: a number")?,
-            "--seconds" => options.seconds = value()?.parse().map_err(|_| "--seconds: a number")?,
-            "--rate" => options.rate = value()?.parse().map_err(|_| "--rate: a number")?,
-            "--pairs" => options.pairs = value()?.parse().map_err(|_| "--pairs: a number")?,
+    let url = common::read_args(USAGE, |flag, value| {
+        match flag {
+            "--events" => options.events = common::number(flag, value()?)?,
+            "--seconds" => options.seconds = common::number(flag, value()?)?,
+            "--rate" => options.rate = common::number(flag, value()?)?,
+            "--pairs" => options.pairs = common::number(flag, value()?)?,
             "--metrics-only" => options.metrics_only = true,
-            other => return Err(format!("unknown argument '{other}'\n{USAGE}").into()),
+            _ => return Ok(false),
         }
-    }
-    if options.url.is_empty() {
-        return Err("no database: pass --database-url or set DATABASE_URL".into());
-    }
-    Ok(Some(options))
+        Ok(true)
+    })?;
+    Ok(url.map(|url| Options { url, ..options }))
 }
 
 fn run(options: &Options) -> Result<()> {

@@ -1,5 +1,5 @@
-//! What the benchmarks share: running one, a schema of its own, seeding, the COPY limit (R0),
-//! medians. Each benchmark uses only some of it.
+//! What the benchmarks share: running one, its command line, a schema of its own, seeding,
+//! the COPY limit (R0), medians. Each benchmark uses only some of it.
 #![allow(dead_code)]
 
 use std::io::BufRead;
@@ -33,6 +33,42 @@ pub(crate) fn main_of<O>(
         eprintln!("{name}: {}", projector::error_chain(error.as_ref()));
         std::process::exit(1);
     }
+}
+
+/// A benchmark's command line: `--database-url URL` (else `DATABASE_URL`), `--help` (`None`),
+/// cargo's `--bench`, and the benchmark's own flags, each handed to `own(flag, value)`, where
+/// `value()` takes the flag's value; `own` returns false for a flag it does not know. Returns
+/// the database URL.
+pub(crate) fn read_args(
+    usage: &str,
+    mut own: impl FnMut(&str, &mut dyn FnMut() -> Result<String>) -> Result<bool>,
+) -> Result<Option<String>> {
+    let mut url = std::env::var("DATABASE_URL").unwrap_or_default();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value =
+            || -> Result<String> { Ok(args.next().ok_or(format!("{arg} needs a value"))?) };
+        match arg.as_str() {
+            "--bench" => {}
+            "-h" | "--help" => return Ok(None),
+            "--database-url" => url = value()?,
+            flag => {
+                if !own(flag, &mut value)? {
+                    return Err(format!("unknown argument '{flag}'\n{usage}").into());
+                }
+            }
+        }
+    }
+    if url.is_empty() {
+        return Err("no database: pass --database-url or set DATABASE_URL".into());
+    }
+    Ok(Some(url))
+}
+
+/// `text`, the value of `flag`, as a number.
+pub(crate) fn number<T: std::str::FromStr>(flag: &str, text: String) -> Result<T> {
+    text.parse()
+        .map_err(|_| format!("{flag}: a number, not '{text}'").into())
 }
 
 /// Runs `measure` on the database at `url` in a schema of its own (`bench_<name>_<pid>`),
