@@ -12,7 +12,7 @@ use crate::database::Pool;
 use crate::dead_letter::PoisonPolicy;
 use crate::error::BoxError;
 use crate::partition::{MAX_PARTITIONS, describe_keys};
-use crate::projection::{AnyProjection, Projection};
+use crate::projection::{AnyProjection, Projection, lock_setup};
 use crate::runner::{Plan, Prepared, Runner, Threads};
 use crate::settings::Settings;
 use crate::{Database, Error, checkpoint, layout, store};
@@ -385,14 +385,7 @@ fn set_up_read_model(client: &mut Client, plan: &mut Plan) -> Result<(), Error> 
     let mut tx = client
         .transaction()
         .map_err(Error::database("starting the projection's setup"))?;
-    tx.execute("SET LOCAL client_min_messages = warning", &[])
-        .and_then(|_| {
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
-                &[&name],
-            )
-        })
-        .map_err(Error::database("waiting for other processes' setup"))?;
+    lock_setup(&mut tx, &name).map_err(Error::database("waiting for other processes' setup"))?;
     plan.projection
         .setup(&mut tx)
         .map_err(|source| match source.downcast::<Error>() {

@@ -22,7 +22,7 @@ use postgres::{Client, GenericClient, Transaction};
 use crate::checkpoint::to_i32;
 use crate::event::Event;
 use crate::layout::lock_layout;
-use crate::projection::{Context, Projection};
+use crate::projection::{Context, Projection, lock_setup};
 use crate::store::{EVENT_COLUMNS, event_from_row};
 use crate::{BoxError, Error, partition_of};
 
@@ -413,14 +413,8 @@ fn apply_in_order<P: Projection>(
     partition: u32,
     total: u32,
 ) -> Result<(), (Option<usize>, BoxError)> {
-    tx.execute("SET LOCAL client_min_messages = warning", &[])
-        .and_then(|_| {
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
-                &[&projection.name()],
-            )
-        })
-        .map_err(|e| (None, e.into()))?;
+    let name = projection.name().to_owned();
+    lock_setup(tx, &name).map_err(|e| (None, e.into()))?;
     projection.setup(tx).map_err(|e| (None, e))?;
     let context = Context {
         partition,

@@ -109,6 +109,18 @@ pub trait Projection: Clone + Send + 'static {
 /// A projection of any type, so that one runner can host projections of different types.
 pub(crate) struct AnyProjection(Box<dyn DynProjection>);
 
+/// In `tx`, waits until no other process is running projection `name`'s setup (or reset), and
+/// keeps the others out until `tx` ends: processes starting together must not race to create
+/// the same read-model tables. The notices of `CREATE ... IF NOT EXISTS` are silenced for `tx`.
+pub(crate) fn lock_setup(tx: &mut Transaction<'_>, name: &str) -> Result<(), postgres::Error> {
+    tx.execute("SET LOCAL client_min_messages = warning", &[])?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
+        &[&name],
+    )?;
+    Ok(())
+}
+
 impl AnyProjection {
     pub(crate) fn new<P: Projection>(projection: P) -> AnyProjection {
         AnyProjection(Box::new(projection))

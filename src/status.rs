@@ -7,7 +7,7 @@ use postgres::{Client, GenericClient};
 
 use crate::checkpoint::{held_partitions, lock_class};
 use crate::layout::{EarlierLayout, lock_layout};
-use crate::projection::Projection;
+use crate::projection::{Projection, lock_setup};
 use crate::{BoxError, Error};
 
 /// One stored checkpoint, as `projector status` shows it.
@@ -224,14 +224,7 @@ pub fn reset<P: Projection>(client: &mut Client, projection: &mut P) -> Result<u
         });
     }
     // The hook may clear tables the projection has not created yet.
-    tx.execute("SET LOCAL client_min_messages = warning", &[])
-        .and_then(|_| {
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
-                &[&name],
-            )
-        })
-        .map_err(Error::database("waiting for other processes' setup"))?;
+    lock_setup(&mut tx, &name).map_err(Error::database("waiting for other processes' setup"))?;
     let read_model = |action: &str| {
         let (projection, action) = (name.clone(), action.to_owned());
         move |source: BoxError| Error::ReadModel {

@@ -26,7 +26,7 @@ use postgres::{Client, Transaction};
 use crate::dead_letter::PoisonPolicy;
 use crate::error::{BoxError, is_connection_loss};
 use crate::event::{Event, Scope};
-use crate::projection::{Context, Projection};
+use crate::projection::{Context, Projection, lock_setup};
 use crate::{Error, error_chain};
 
 mod file;
@@ -104,11 +104,8 @@ impl SqlProjection {
         let mut tx = client
             .transaction()
             .map_err(Error::database("starting to check a projection file"))?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('projector setup ' || $1))",
-            &[&self.file.name],
-        )
-        .map_err(Error::database("waiting for other processes' setup"))?;
+        lock_setup(&mut tx, &self.file.name)
+            .map_err(Error::database("waiting for other processes' setup"))?;
         self.set_up(&mut tx)
         // Dropping the transaction rolls it back.
     }
