@@ -11,7 +11,7 @@ use crate::Error;
 use crate::error::{BoxError, is_connection_loss};
 use crate::event::Event;
 use crate::layout::EarlierLayout;
-use crate::projection::{Context, Projection};
+use crate::projection::{Context, Projection, apply_each, panic_message};
 use crate::worker::{Connection, Failure, PartitionSummary, Worker};
 
 impl<P: Projection> Worker<P> {
@@ -59,7 +59,7 @@ impl<P: Projection> Worker<P> {
             })
             .collect();
         let skipped = events.len() - pending_at.len();
-        // With the park policy, the events of parked aggregates are recorded, not applied.
+        // The events of parked aggregates are recorded, not applied (whatever the policy).
         let pending = pending_at.len();
         let pending_at = self
             .set_parked_aside(&mut tx, events, pending_at)
@@ -170,14 +170,9 @@ impl<P: Projection> Worker<P> {
                 Err(panic) => Err((None, panic_message(panic).into())),
             };
         }
-        for (index, event) in events.iter().enumerate() {
-            match catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event, context))) {
-                Ok(Ok(())) => trace_applied(event, context),
-                Ok(Err(source)) => return Err((Some(index), source)),
-                Err(panic) => return Err((Some(index), panic_message(panic).into())),
-            }
-        }
-        Ok(())
+        apply_each(projection, tx, events, context, |event| {
+            trace_applied(event, context)
+        })
     }
 }
 
@@ -203,15 +198,6 @@ fn trace_applied(event: &Event, context: &Context) {
         event.global_position,
         event.aggregate_id
     );
-}
-
-pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-text panic payload".to_owned());
-    format!("panicked: {message}")
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@
 //! all of them applied (or discarded). A projection whose policy is `stop` reads nothing.
 //! The worker's side is [`crate::parking`].
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::SystemTime;
 
 use log::{info, warn};
@@ -22,7 +21,7 @@ use postgres::{Client, GenericClient, Transaction};
 use crate::checkpoint::to_i32;
 use crate::event::Event;
 use crate::layout::lock_layout;
-use crate::projection::{Context, Projection, lock_setup};
+use crate::projection::{Context, Projection, apply_each, lock_setup};
 use crate::store::{EVENT_COLUMNS, event_from_row};
 use crate::{BoxError, Error, partition_of};
 
@@ -420,16 +419,7 @@ fn apply_in_order<P: Projection>(
         partition,
         total_partitions: total.max(1),
     };
-    for (index, event) in events.iter().enumerate() {
-        match catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event, &context))) {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => return Err((Some(index), source)),
-            Err(panic) => {
-                return Err((Some(index), crate::commit::panic_message(panic).into()));
-            }
-        }
-    }
-    Ok(())
+    apply_each(projection, tx, events, &context, |_| {})
 }
 
 /// What [`drop_parked`] discarded, and who did it.

@@ -1,5 +1,7 @@
 //! The trait a read model implements.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
 use postgres::Transaction;
 
 use crate::dead_letter::PoisonPolicy;
@@ -108,6 +110,35 @@ pub trait Projection: Clone + Send + 'static {
 
 /// A projection of any type, so that one runner can host projections of different types.
 pub(crate) struct AnyProjection(Box<dyn DynProjection>);
+
+/// Applies `events` one by one through `projection` (calling `applied` after each), so that a
+/// failure names its event: the index of the one that failed, and why (a panic included).
+pub(crate) fn apply_each<P: Projection>(
+    projection: &mut P,
+    tx: &mut Transaction<'_>,
+    events: &[Event],
+    context: &Context,
+    mut applied: impl FnMut(&Event),
+) -> Result<(), (Option<usize>, BoxError)> {
+    for (index, event) in events.iter().enumerate() {
+        match catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event, context))) {
+            Ok(Ok(())) => applied(event),
+            Ok(Err(source)) => return Err((Some(index), source)),
+            Err(panic) => return Err((Some(index), panic_message(panic).into())),
+        }
+    }
+    Ok(())
+}
+
+/// What a projection's panic said, as an error message.
+pub(crate) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text panic payload".to_owned());
+    format!("panicked: {message}")
+}
 
 /// In `tx`, waits until no other process is running projection `name`'s setup (or reset), and
 /// keeps the others out until `tx` ends: processes starting together must not race to create
