@@ -64,7 +64,7 @@
 //! ([`PoisonPolicy::Stop`]). With [`PoisonPolicy::Park`] ([`Projection::poison_policy`], or
 //! [`Builder::on_poison`] for a whole runner) the worker parks it in `projection_dead_letters`
 //! in the transaction that moves the checkpoint past it, parks every later event of the same
-//! aggregate behind it, in order, and goes on with the other aggregates. [`dead_letters`] lists
+//! aggregate behind it, in order, and goes on with the other aggregates. [`dead_letters()`] lists
 //! them, [`retry`] applies an aggregate's parked events once the cause is fixed and releases
 //! it, and [`drop_parked`] discards them; both are safe while the projection runs.
 //!
@@ -116,60 +116,41 @@
 //! }
 //! ```
 
-mod builder;
-mod checkpoint;
-mod commit;
-mod database;
-mod dead_letter;
+mod dead_letters;
+mod engine;
 mod error;
 mod event;
-mod fetcher;
-mod gap;
-mod health;
 mod layout;
-mod metrics;
-mod migration;
-mod outage;
-mod ownership;
-mod parking;
+mod ops;
 mod partition;
-mod progress;
-mod projection;
 pub mod projections;
-mod retry;
-mod router;
-mod runner;
-mod settings;
-mod status;
 mod store;
-mod straggler;
 mod wait;
-mod worker;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use builder::{Builder, MAX_BATCH_SIZE};
-pub use database::{Database, Pool};
-pub use dead_letter::{
-    DeadLetter, Dropped, PoisonPolicy, Retried, dead_letters, dead_letters_of, drop_parked, retry,
+pub use dead_letters::{
+    DeadLetter, Dropped, Retried, dead_letters, dead_letters_of, drop_parked, retry,
 };
+pub use engine::builder::{Builder, MAX_BATCH_SIZE};
+pub use engine::runner::{ProjectionSummary, Runner, Summary};
+pub use engine::settings::{Settings, Stopper};
+pub use engine::worker::PartitionSummary;
 pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent, Scope};
-pub use health::{Health, READY_GAP_LIMIT};
 pub use layout::{EarlierLayout, LayoutChange, repartition};
-pub use metrics::Metrics;
-pub use migration::migrate;
+pub use ops::health::{Health, READY_GAP_LIMIT};
+pub use ops::metrics::Metrics;
+pub use ops::status::{CheckpointStatus, reset, status};
 pub use partition::{
     MAX_PARTITIONS, fnv1a32, parse_partition_keys, parse_total_partitions, partition_of,
 };
 pub use postgres;
-pub use projection::{Context, Projection};
-pub use runner::{ProjectionSummary, Runner, Summary};
-pub use settings::{Settings, Stopper};
-pub use status::{CheckpointStatus, reset, status};
+pub use projections::projection::{Context, PoisonPolicy, Projection};
+pub use store::database::{Database, Pool};
+pub use store::migration::migrate;
 pub use store::{append, read_stream};
 pub use wait::{Applied, Until, Waiter, wait_for};
-pub use worker::PartitionSummary;
 
 /// An error and all its causes, as one line: `outer: cause: root cause`.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
@@ -236,6 +217,13 @@ pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, 
 pub(crate) fn backoff(attempt: u32, first: Duration, max: Duration) -> Duration {
     let factor = 1u32 << attempt.saturating_sub(1).min(16);
     first.saturating_mul(factor).min(max)
+}
+
+/// Now, in milliseconds since the epoch (0 if the clock is before it).
+pub(crate) fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 #[cfg(test)]

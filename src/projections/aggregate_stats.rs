@@ -7,7 +7,7 @@ use postgres::types::ToSql;
 
 use crate::error::BoxError;
 use crate::event::Event;
-use crate::projection::{Context, Projection};
+use crate::projections::projection::{Context, Projection};
 
 /// One row per aggregate in `aggregate_stats`: events applied, last version, last global
 /// position. An event whose version is not the last applied version plus one fails its batch,

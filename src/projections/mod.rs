@@ -3,6 +3,7 @@
 
 mod aggregate_stats;
 mod noop;
+pub(crate) mod projection;
 mod sql;
 mod users;
 

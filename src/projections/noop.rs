@@ -4,7 +4,7 @@ use postgres::Transaction;
 
 use crate::error::BoxError;
 use crate::event::Event;
-use crate::projection::{Context, Projection};
+use crate::projections::projection::{Context, Projection};
 
 /// A projection that applies nothing: the workers still commit their checkpoints, so a run
 /// measures reading, routing and checkpointing alone.

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::error::BoxError;
 use crate::event::Event;
-use crate::projection::{Context, Projection};
+use crate::projections::projection::{Context, Projection};
 
 /// How many created users a worker logs at info level; the rest go to debug.
 const SHOWN_PER_PARTITION: u32 = 3;

@@ -17,7 +17,7 @@ use postgres::types::Type;
 use postgres::{Client, error::SqlState};
 
 use crate::Error;
-use crate::database::{Database, notify_channel};
+use crate::store::database::{Database, notify_channel};
 
 mod target;
 
@@ -408,7 +408,7 @@ impl Waiter {
             )
             .map(|row| row.get(0))
             .ok();
-        let held_by_pid = crate::checkpoint::held_partitions(&mut self.client, projection)
+        let held_by_pid = crate::layout::checkpoint::held_partitions(&mut self.client, projection)
             .ok()
             .and_then(|holders| {
                 holders

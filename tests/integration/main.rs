@@ -22,6 +22,7 @@ mod repartition;
 mod repartition_command;
 mod runtime;
 mod several_projections;
+mod shape;
 mod sql_projection;
 mod stopping;
 mod store;

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::Error;
-use crate::dead_letter::PoisonPolicy;
 use crate::event::Scope;
 use crate::projections::SqlProjection;
+use crate::projections::projection::PoisonPolicy;
 
 #[derive(Debug)]
 pub(super) struct SqlFile {
@@ -349,7 +349,7 @@ fn parse_scope(text: &str) -> Result<Scope, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::projection::Projection;
+    use crate::projections::projection::Projection;
 
     const GOOD: &str = "-- projection: totals\n\
         -- scope: event_types = A, B; aggregate_types = X\n\

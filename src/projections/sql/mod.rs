@@ -23,10 +23,10 @@ use postgres::error::SqlState;
 use postgres::types::{ToSql, Type};
 use postgres::{Client, Transaction};
 
-use crate::dead_letter::PoisonPolicy;
 use crate::error::{BoxError, is_connection_loss};
 use crate::event::{Event, Scope};
-use crate::projection::{Context, Projection, lock_setup};
+use crate::projections::projection::PoisonPolicy;
+use crate::projections::projection::{Context, Projection, lock_setup};
 use crate::{Error, error_chain};
 
 mod file;

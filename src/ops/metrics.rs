@@ -1,5 +1,5 @@
 //! Metrics of a running group of projections, in the Prometheus text format (their health is
-//! [`crate::health`]).
+//! [`crate::ops::health`]).
 //!
 //! Workers and the fetcher keep their figures in atomics (and a commit-duration histogram);
 //! [`Metrics::render`] reads them, asks the database for the head of the stream and each
@@ -7,70 +7,22 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use postgres::Client;
 use prometheus::{
-    Counter, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Counter, Encoder, Gauge, GaugeVec, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::progress::LaneProgress;
-use crate::router::FetchProgress;
-use crate::{Database, Error, lock};
-
-/// What a partition's worker is doing, as the `state` label of `projector_partition_state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum LaneState {
-    Starting = 0,
-    Standby = 1,
-    Waiting = 2,
-    Owned = 3,
-    Fenced = 4,
-    Failed = 5,
-    Stopped = 6,
-}
-
-const STATES: [(LaneState, &str); 7] = [
-    (LaneState::Starting, "starting"),
-    (LaneState::Standby, "standby"),
-    (LaneState::Waiting, "waiting"),
-    (LaneState::Owned, "owned"),
-    (LaneState::Fenced, "fenced"),
-    (LaneState::Failed, "failed"),
-    (LaneState::Stopped, "stopped"),
-];
-
-impl LaneState {
-    /// The worker has ended.
-    pub(crate) fn is_done(self) -> bool {
-        matches!(
-            self,
-            LaneState::Fenced | LaneState::Failed | LaneState::Stopped
-        )
-    }
-
-    pub(crate) fn from_u8(value: u8) -> LaneState {
-        STATES
-            .iter()
-            .map(|(state, _)| *state)
-            .find(|state| *state as u8 == value)
-            .unwrap_or(LaneState::Starting)
-    }
-
-    pub(crate) fn name(self) -> &'static str {
-        STATES
-            .iter()
-            .find(|(state, _)| *state == self)
-            .map_or("starting", |(_, name)| name)
-    }
-}
+use crate::Runner;
+use crate::engine::lane::{LANE, LaneProgress, STATES};
+use crate::engine::runner::Figures;
+use crate::lock;
 
 /// Up to this many positions behind the head, a partition's lag is counted exactly.
 const COUNTED_LAG: i64 = 10_000;
 
-/// The metrics and health of a [`Runner`](crate::Runner): render them into an embedding
+/// The metrics and health of a [`Runner`]: render them into an embedding
 /// service's own endpoint, or let `projector --metrics-addr` serve them. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -84,9 +36,7 @@ impl std::fmt::Debug for Metrics {
 }
 
 pub(crate) struct Shared {
-    database: Database,
-    pub(crate) lanes: Vec<LaneProgress>,
-    pub(crate) fetch: Arc<FetchProgress>,
+    pub(crate) figures: Figures,
     families: Families,
     /// A connection for the head and lag queries, opened again when lost; and what the
     /// counters were last set from.
@@ -124,8 +74,6 @@ struct Families {
     parked_aggregates: IntGaugeVec,
     parked_events: IntGaugeVec,
 }
-
-const LANE: [&str; 3] = ["projection", "partition", "total_partitions"];
 
 impl Families {
     fn new(commit_seconds: HistogramVec) -> Result<Families, prometheus::Error> {
@@ -229,55 +177,27 @@ impl Families {
     }
 }
 
-/// The commit-duration histograms of a runner's partitions, made before its workers so that
-/// each worker observes its own.
-pub(crate) struct CommitTimers(HistogramVec);
-
-impl CommitTimers {
-    pub(crate) fn new() -> Result<CommitTimers, Error> {
-        let opts = HistogramOpts::new(
-            "projector_batch_commit_duration_seconds",
-            "Time of one worker transaction: apply the events and move the checkpoint.",
-        )
-        .buckets(vec![
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ]);
-        HistogramVec::new(opts, &LANE)
-            .map(CommitTimers)
-            .map_err(metrics_error)
-    }
-
-    pub(crate) fn for_lane(
-        &self,
-        projection: &str,
-        partition: u32,
-        total: u32,
-    ) -> prometheus::Histogram {
-        self.0
-            .with_label_values(&[projection, &partition.to_string(), &total.to_string()])
-    }
-}
-
-fn metrics_error(error: prometheus::Error) -> Error {
-    Error::Metrics {
-        reason: error.to_string(),
+impl Runner {
+    /// The runner's metrics and health, to render into a service's own endpoint. Every call
+    /// returns a handle on the same figures.
+    pub fn metrics(&self) -> Metrics {
+        let made = self
+            .metrics
+            .get_or_init(|| Box::new(Metrics::new(self.figures.clone())));
+        made.downcast_ref::<Metrics>()
+            .cloned()
+            .unwrap_or_else(|| Metrics::new(self.figures.clone()))
     }
 }
 
 impl Metrics {
-    pub(crate) fn new(
-        database: Database,
-        lanes: Vec<LaneProgress>,
-        fetch: Arc<FetchProgress>,
-        timers: CommitTimers,
-    ) -> Result<Metrics, Error> {
-        let families = Families::new(timers.0).map_err(metrics_error)?;
-        let n = lanes.len();
-        Ok(Metrics {
+    fn new(figures: Figures) -> Metrics {
+        let families = Families::new(figures.commit_seconds.clone())
+            .expect("the metric families have fixed, valid and distinct names");
+        let n = figures.lanes.len();
+        Metrics {
             shared: Arc::new(Shared {
-                database,
-                lanes,
-                fetch,
+                figures,
                 families,
                 scrape: Mutex::new(Scrape {
                     applied: vec![0; n],
@@ -286,7 +206,7 @@ impl Metrics {
                     ..Scrape::default()
                 }),
             }),
-        })
+        }
     }
 
     /// Every metric in the Prometheus text format (version 0.0.4), after asking the database
@@ -307,8 +227,8 @@ impl Metrics {
     pub(crate) fn refresh(&self, scrape: &mut Scrape) -> Option<i64> {
         let f = &self.shared.families;
         // The label values of each lane, made once per scrape.
-        let keys: Vec<[String; 3]> = self.shared.lanes.iter().map(lane_labels).collect();
-        for (index, (lane, key)) in self.shared.lanes.iter().zip(&keys).enumerate() {
+        let keys: Vec<[String; 3]> = self.shared.figures.lanes.iter().map(lane_labels).collect();
+        for (index, (lane, key)) in self.shared.figures.lanes.iter().zip(&keys).enumerate() {
             let labels = key.each_ref().map(String::as_str);
             let p = &lane.progress;
             advance(
@@ -336,7 +256,7 @@ impl Metrics {
                     .set(i64::from(state == current));
             }
         }
-        let fetch = &self.shared.fetch;
+        let fetch = &self.shared.figures.fetch;
         f.read_position.set(fetch.position.load(Ordering::Relaxed));
         let read = fetch.read.load(Ordering::Relaxed);
         if read > scrape.rows_read {
@@ -380,13 +300,14 @@ impl Metrics {
         };
         let mut names: Vec<&str> = self
             .shared
+            .figures
             .lanes
             .iter()
             .map(|lane| lane.projection.as_str())
             .collect();
         names.sort_unstable();
         names.dedup();
-        let Ok(totals) = crate::dead_letter::parked_totals(client, &names) else {
+        let Ok(totals) = crate::dead_letters::parked_totals(client, &names) else {
             return;
         };
         let f = &self.shared.families;
@@ -409,11 +330,12 @@ impl Metrics {
     /// them, so that a scrape during a long catch-up costs no scan of the backlog.
     fn lags(&self, scrape: &mut Scrape) -> Option<(i64, Vec<Lag>)> {
         if scrape.client.as_ref().is_none_or(|c| c.is_closed()) {
-            scrape.client = self.shared.database.connect().ok();
+            scrape.client = self.shared.figures.database.connect().ok();
         }
         let client = scrape.client.as_mut()?;
         let checkpoints: Vec<i64> = self
             .shared
+            .figures
             .lanes
             .iter()
             .map(LaneProgress::checkpoint)
@@ -474,11 +396,4 @@ fn advance(counter: &IntCounter, last: &mut u64, now: u64) {
         counter.inc_by(now - *last);
         *last = now;
     }
-}
-
-/// Now, in milliseconds since the epoch (0 if the clock is before it).
-pub(crate) fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

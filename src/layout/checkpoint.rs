@@ -10,7 +10,7 @@
 use postgres::{Client, GenericClient, Statement, Transaction};
 
 use crate::Error;
-use crate::database::notify_channel;
+use crate::store::database::notify_channel;
 
 /// The checkpoints of `keys`, in the same order.
 pub(crate) fn load(

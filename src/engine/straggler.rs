@@ -44,7 +44,7 @@ pub(crate) struct Stragglers {
     flags: Vec<AtomicBool>,
     /// Per lane: its worker has stopped (the router then finds its queue gone).
     gone: Vec<AtomicBool>,
-    /// Events the runner's workers hold while they wait to retry (see `crate::retry`).
+    /// Events the runner's workers hold while they wait to retry (see `crate::engine::worker::retry`).
     held: AtomicUsize,
 }
 

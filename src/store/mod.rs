@@ -1,11 +1,15 @@
 //! The event store: migrations, appends with optimistic concurrency, and reads.
 
+pub(crate) mod database;
+pub(crate) mod gap;
+pub(crate) mod migration;
+
 use postgres::types::Oid;
 use postgres::{GenericClient, Row};
 
-use crate::database::notify_channel;
+use crate::Error;
 use crate::event::{Event, ExpectedVersion, NewEvent, Scope};
-use crate::{Error, migration};
+use crate::store::database::notify_channel;
 
 /// The columns of an event, in the order [`event_from_row`] reads them.
 pub(crate) const EVENT_COLUMNS: &str = "global_position, bounded_context, aggregate_type, \
@@ -16,7 +20,7 @@ pub(crate) const EVENT_COLUMNS: &str = "global_position, bounded_context, aggreg
 const MIN_SERVER_VERSION: i32 = 140_000;
 
 /// Fails with a configuration error on a server older than PostgreSQL 14, which would refuse
-/// every worker's connection (see [`Database::session_timeout_secs`]).
+/// every worker's connection (see [`Database::session_timeout_secs`](crate::Database::session_timeout_secs)).
 pub(crate) fn check_server_version(client: &mut impl GenericClient) -> Result<(), Error> {
     let row = client
         .query_one(
@@ -34,6 +38,18 @@ pub(crate) fn check_server_version(client: &mut impl GenericClient) -> Result<()
         "the projector needs PostgreSQL 14 or later (its workers' sessions end themselves when \
          a process stops answering, with idle_session_timeout): upgrade the server",
     ))
+}
+
+/// Fails with [`Error::MissingTables`] unless the projector's tables are in the current schema,
+/// which it returns.
+pub(crate) fn check_tables_here(client: &mut impl GenericClient) -> Result<String, Error> {
+    let schema: String = client
+        .query_one("SELECT current_schema()::text", &[])
+        .map_err(Error::database("reading the current schema"))?
+        .get::<_, Option<String>>(0)
+        .unwrap_or_default();
+    check_tables(client, &schema)?;
+    Ok(schema)
 }
 
 /// Fails with [`Error::MissingTables`] unless all the projector's tables exist.

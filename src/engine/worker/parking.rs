@@ -1,4 +1,4 @@
-//! A parking worker's side of [`crate::dead_letter`]: inside each of its transactions, after
+//! A parking worker's side of [`crate::dead_letters`](mod@crate::dead_letters): inside each of its transactions, after
 //! the checkpoint row is locked, it reads the projection's parked aggregates and records the
 //! events to set aside (the poison event it gave up on, and every event of a parked
 //! aggregate) instead of applying them.
@@ -10,11 +10,11 @@ use log::warn;
 use postgres::Transaction;
 use postgres::types::Type;
 
-use crate::checkpoint::to_i32;
-use crate::dead_letter::PoisonPolicy;
+use crate::engine::worker::Worker;
 use crate::event::Event;
-use crate::projection::Projection;
-use crate::worker::Worker;
+use crate::layout::checkpoint::to_i32;
+use crate::projections::projection::PoisonPolicy;
+use crate::projections::projection::Projection;
 use crate::{BoxError, error_chain, partition_of};
 
 /// The event a parking worker gave up on: it is parked in the next commit.

@@ -1,30 +1,32 @@
 //! A running group of projections: its threads, stopping them, and what they did.
 
+use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use log::error;
 use postgres::Client;
+use prometheus::HistogramVec;
 
-use crate::database::Pool;
-use crate::dead_letter::PoisonPolicy;
-use crate::fetcher::Fetcher;
+use crate::engine::fetcher::Fetcher;
+use crate::engine::lane::{CommitTimers, LaneProgress, Progress};
+use crate::engine::outage::{Attempts, Outage};
+use crate::engine::progress::Monitor;
+use crate::engine::router::{FetchProgress, Lane};
+use crate::engine::settings::{Settings, Stopper};
+use crate::engine::straggler::Stragglers;
+use crate::engine::worker::ownership::Role;
+use crate::engine::worker::parking::Parking;
+use crate::engine::worker::retry::Held;
+use crate::engine::worker::{PartitionSummary, Worker};
 use crate::layout::Layout;
-use crate::metrics::{CommitTimers, Metrics};
-use crate::outage::{Attempts, Outage};
-use crate::ownership::Role;
-use crate::parking::Parking;
-use crate::progress::{LaneProgress, Monitor};
-use crate::projection::{AnyProjection, Context, Projection};
-use crate::retry::Held;
-use crate::router::{FetchProgress, Lane};
-use crate::settings::{Settings, Stopper};
-use crate::straggler::Stragglers;
-use crate::worker::{PartitionSummary, Progress, Worker};
+use crate::projections::projection::PoisonPolicy;
+use crate::projections::projection::{AnyProjection, Context, Projection};
+use crate::store::database::Pool;
 use crate::{Database, Error, error_chain};
 
 /// A projection as checked: which partitions of how many this process owns.
@@ -117,12 +119,12 @@ impl Threads {
         let fetch_progress = Arc::new(FetchProgress::default());
         fetch_progress.position.store(self.start, Ordering::Relaxed);
         fetch_progress.running.store(true, Ordering::Release);
-        let metrics = Metrics::new(
-            self.database.clone(),
-            progress.clone(),
-            Arc::clone(&fetch_progress),
-            timers,
-        )?;
+        let figures = Figures {
+            database: self.database.clone(),
+            lanes: progress.clone(),
+            fetch: Arc::clone(&fetch_progress),
+            commit_seconds: timers.0,
+        };
         let fetcher = Fetcher {
             database: self.database.clone(),
             settings: Arc::clone(&self.settings),
@@ -168,7 +170,8 @@ impl Threads {
             projections,
             monitor: Some(monitor),
             started,
-            metrics,
+            figures,
+            metrics: OnceLock::new(),
         })
     }
 
@@ -329,6 +332,25 @@ pub(crate) struct RunningProjection {
     pub(crate) workers: Vec<(u32, JoinHandle<Result<PartitionSummary, Error>>)>,
 }
 
+/// What a running group of projections shows of itself: each lane's figures, the fetcher's, the
+/// commit-duration histograms, and the database to ask for the head of the stream. The runner
+/// makes it; [`crate::ops`] reads it for metrics and health.
+#[derive(Clone)]
+pub(crate) struct Figures {
+    pub(crate) database: Database,
+    pub(crate) lanes: Vec<LaneProgress>,
+    pub(crate) fetch: Arc<FetchProgress>,
+    pub(crate) commit_seconds: HistogramVec,
+}
+
+impl std::fmt::Debug for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Figures")
+            .field("lanes", &self.lanes.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Running projections: a fetcher thread and one worker thread per owned partition of each.
 ///
 /// Dropping it asks the threads to stop without waiting for them; call
@@ -340,7 +362,12 @@ pub struct Runner {
     pub(crate) projections: Vec<RunningProjection>,
     pub(crate) monitor: Option<JoinHandle<Result<(), Error>>>,
     pub(crate) started: Instant,
-    pub(crate) metrics: Metrics,
+    /// What the runner shows of itself, for [`Runner::metrics`].
+    pub(crate) figures: Figures,
+    /// The one [`Metrics`](crate::Metrics) handle of the runner, made by [`crate::ops`] at the
+    /// first call of [`Runner::metrics`] (held as `Any` so that the engine needs nothing of
+    /// operations).
+    pub(crate) metrics: OnceLock<Box<dyn Any + Send + Sync>>,
 }
 
 /// What a runner did, from [`Runner::join`].
@@ -404,11 +431,6 @@ impl Runner {
     /// A handle that stops this runner from another thread.
     pub fn stopper(&self) -> Stopper {
         self.stopper.clone()
-    }
-
-    /// The runner's metrics and health, to render into a service's own endpoint.
-    pub fn metrics(&self) -> Metrics {
-        self.metrics.clone()
     }
 
     /// Waits for every thread to end. Returns the figures, or the first error a thread met (a

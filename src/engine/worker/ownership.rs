@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 use log::{info, warn};
 
 use crate::Error;
-use crate::checkpoint::Peek;
-use crate::metrics::LaneState;
-use crate::projection::Projection;
-use crate::worker::{Connection, Failure, PartitionSummary, Worker, discard};
+use crate::engine::lane::LaneState;
+use crate::engine::worker::{Connection, Failure, PartitionSummary, Worker, discard};
+use crate::layout::checkpoint::Peek;
+use crate::projections::projection::Projection;
 
 /// Whether a worker may apply its partition's events.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

@@ -10,13 +10,13 @@ use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TryRecvError};
 use log::{debug, info};
 use postgres::Row;
 
+use crate::engine::settings::{Settings, Stopper};
+use crate::engine::straggler::Stragglers;
+use crate::engine::worker::Batch;
 use crate::event::{Event, Scope};
-use crate::metrics::now_millis;
+use crate::now_millis;
 use crate::partition::partition_of;
-use crate::settings::{Settings, Stopper};
 use crate::store::event_from_row;
-use crate::straggler::Stragglers;
-use crate::worker::Batch;
 
 /// Figures the fetcher and router share while they run, for progress lines and metrics.
 #[derive(Debug, Default)]

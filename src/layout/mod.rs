@@ -23,10 +23,12 @@
 //! layout that is still running finds nothing at its next transaction and stops with
 //! [`Error::Fenced`], exactly, with no timing involved.
 
+pub(crate) mod checkpoint;
+
 use log::info;
 use postgres::{Client, GenericClient, Transaction};
 
-use crate::checkpoint::to_i32;
+use crate::layout::checkpoint::to_i32;
 use crate::partition::{MAX_PARTITIONS, partition_of};
 use crate::{Database, Error};
 

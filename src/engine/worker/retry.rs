@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::select;
 use log::{debug, info, warn};
 
+use crate::engine::worker::{Batch, Connection, Failure, PartitionSummary, Worker, discard};
 use crate::event::Event;
-use crate::projection::Projection;
-use crate::worker::{Batch, Connection, Failure, PartitionSummary, Worker, discard};
+use crate::projections::projection::Projection;
 use crate::{Error, backoff};
 
 impl<P: Projection> Worker<P> {
@@ -182,7 +182,7 @@ impl<P: Projection> Worker<P> {
     /// Before waiting to retry an event, with too many batches held already: leaves the shared
     /// read, so that the other partitions do not wait behind this one's full queue; the
     /// partition reads what it missed itself afterwards, and rejoins (see
-    /// [`crate::straggler`]).
+    /// [`crate::engine::straggler`]).
     fn step_aside(&self) {
         if self.stragglers.step_aside(self.lane) {
             info!(

@@ -8,34 +8,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, select, tick};
 use log::{log, warn};
 
-use crate::metrics::LaneState;
-use crate::router::FetchProgress;
+use crate::engine::lane::LaneProgress;
+use crate::engine::router::FetchProgress;
 use crate::store;
-use crate::worker::Progress;
 use crate::{Database, readable_duration};
-
-/// The figures of one worker: a partition of a projection.
-#[derive(Clone)]
-pub(crate) struct LaneProgress {
-    pub(crate) projection: String,
-    pub(crate) partition: u32,
-    pub(crate) total: u32,
-    pub(crate) progress: Arc<Progress>,
-}
-
-impl LaneProgress {
-    pub(crate) fn applied(&self) -> u64 {
-        self.progress.applied.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn checkpoint(&self) -> i64 {
-        self.progress.checkpoint.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn state(&self) -> LaneState {
-        LaneState::from_u8(self.progress.state.load(Ordering::Relaxed))
-    }
-}
 
 /// Logs a progress line every few seconds while there is work.
 pub(crate) struct Monitor {
@@ -99,7 +75,7 @@ impl Monitor {
             // `None` when the database did not answer: each projection keeps what it last saw.
             let parked = client
                 .as_mut()
-                .and_then(|c| crate::dead_letter::parked_totals(c, &names).ok());
+                .and_then(|c| crate::dead_letters::parked_totals(c, &names).ok());
             let seconds = last_time.elapsed().as_secs_f64().max(0.001);
             for (lanes, seen) in projections.iter().zip(&mut seen) {
                 let parked = match (&parked, lanes.first()) {

@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime};
 use log::info;
 use postgres::{Client, GenericClient};
 
-use crate::checkpoint::{held_partitions, lock_class};
+use crate::layout::checkpoint::{held_partitions, lock_class};
 use crate::layout::{EarlierLayout, lock_layout};
-use crate::projection::{Projection, lock_setup};
+use crate::projections::projection::{Projection, lock_setup};
 use crate::{BoxError, Error};
 
 /// One stored checkpoint, as `projector status` shows it.
@@ -70,7 +70,7 @@ pub fn status(
     client: &mut impl GenericClient,
     projection: Option<&str>,
 ) -> Result<Vec<CheckpointStatus>, Error> {
-    let schema = check_tables_here(client)?;
+    let schema = crate::store::check_tables_here(client)?;
     crate::store::check_event_columns(client, &schema)?;
     let head = crate::store::head_position(client)?;
     let locks: Vec<Lock> = client
@@ -116,7 +116,7 @@ pub fn status(
             )
         })
         .collect();
-    let parked = crate::dead_letter::parked_counts(client)?;
+    let parked = crate::dead_letters::parked_counts(client)?;
     let rows = client
         .query(
             &format!(
@@ -188,18 +188,6 @@ struct Lock {
     application: Option<String>,
 }
 
-/// Fails with [`Error::MissingTables`] unless the projector's tables are in the current schema,
-/// which it returns.
-pub(crate) fn check_tables_here(client: &mut impl GenericClient) -> Result<String, Error> {
-    let schema: String = client
-        .query_one("SELECT current_schema()::text", &[])
-        .map_err(Error::database("reading the current schema"))?
-        .get::<_, Option<String>>(0)
-        .unwrap_or_default();
-    crate::store::check_tables(client, &schema)?;
-    Ok(schema)
-}
-
 /// Clears `projection`'s checkpoints (of every layout, with any re-partitioning in progress)
 /// and, through [`Projection::reset`], its read model, in one transaction: its next start
 /// rebuilds it from the first event. Returns how many checkpoints were deleted.
@@ -208,7 +196,7 @@ pub(crate) fn check_tables_here(client: &mut impl GenericClient) -> Result<Strin
 /// a process that was only standing by finds its checkpoint gone and stops
 /// ([`Error::Fenced`]).
 pub fn reset<P: Projection>(client: &mut Client, projection: &mut P) -> Result<u64, Error> {
-    check_tables_here(client)?;
+    crate::store::check_tables_here(client)?;
     let name = projection.name().to_owned();
     let mut tx = client
         .transaction()

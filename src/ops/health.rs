@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::engine::lane::LaneState;
 use crate::lock;
-use crate::metrics::{LaneState, Metrics};
+use crate::ops::metrics::Metrics;
 
 /// A gap held for longer than this makes the process not ready.
 pub const READY_GAP_LIMIT: Duration = Duration::from_secs(5);
@@ -26,10 +27,16 @@ impl Metrics {
     /// Liveness: the fetcher and at least one worker are running.
     pub fn live(&self) -> Health {
         let mut reasons = Vec::new();
-        if !self.shared.fetch.running.load(Ordering::Acquire) {
+        if !self.shared.figures.fetch.running.load(Ordering::Acquire) {
             reasons.push("the fetcher has stopped".to_owned());
         }
-        if self.shared.lanes.iter().all(|lane| lane.state().is_done()) {
+        if self
+            .shared
+            .figures
+            .lanes
+            .iter()
+            .all(|lane| lane.state().is_done())
+        {
             reasons.push("every partition's worker has stopped".to_owned());
         }
         health(reasons, json!({}))
@@ -52,16 +59,16 @@ impl Metrics {
             reasons.push("the database cannot be reached".into());
             return health(reasons, json!({}));
         };
-        let held = self.shared.fetch.gap_held_for();
+        let held = self.shared.figures.fetch.gap_held_for();
         if let Some(age) = held.filter(|age| *age > READY_GAP_LIMIT) {
             reasons.push(format!(
                 "the fetcher has waited {:.0} s at a position that may still commit (pid {})",
                 age.as_secs_f64(),
-                self.shared.fetch.gap_pid.load(Ordering::Relaxed)
+                self.shared.figures.fetch.gap_pid.load(Ordering::Relaxed)
             ));
         }
         let mut partitions = Vec::new();
-        for (index, lane) in self.shared.lanes.iter().enumerate() {
+        for (index, lane) in self.shared.figures.lanes.iter().enumerate() {
             let state = lane.state();
             let lag = lags.get(index).map_or(0, |lag| lag.events);
             let name = format!(

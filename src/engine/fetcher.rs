@@ -12,13 +12,13 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, Row, Statement};
 
+use crate::engine::outage::{Attempts, Outage};
+use crate::engine::router::{Chunk, FetchProgress, Lane, Router, Routes};
+use crate::engine::settings::{Settings, Stopper};
+use crate::engine::straggler::Stragglers;
 use crate::event::Scope;
-use crate::gap::{Before, Gaps, Held, Writers, holes};
-use crate::outage::{Attempts, Outage};
-use crate::router::{Chunk, FetchProgress, Lane, Router, Routes};
-use crate::settings::{Settings, Stopper};
+use crate::store::gap::{Before, Gaps, Held, Writers, holes};
 use crate::store::{EVENT_COLUMNS, ScopeFilter, scope_filter};
-use crate::straggler::Stragglers;
 use crate::{Database, Error, backoff};
 
 /// The longest the fetcher sleeps without looking at its stop channel.

@@ -4,9 +4,41 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use postgres::Transaction;
 
-use crate::dead_letter::PoisonPolicy;
+use crate::Error;
 use crate::error::BoxError;
 use crate::event::{Event, Scope};
+
+/// What a projection does with an event that still fails after
+/// [`Settings::max_attempts`](crate::Settings::max_attempts) attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PoisonPolicy {
+    /// Stop the projection just before the event ([`Error::Projection`]); the default.
+    #[default]
+    Stop,
+    /// Park the event in `projection_dead_letters`, in the transaction that moves the
+    /// checkpoint past it, park every later event of its aggregate behind it (in order), and go
+    /// on with the other aggregates. [`retry`](crate::retry) applies them once fixed; [`drop_parked`](crate::drop_parked)
+    /// discards them.
+    Park,
+}
+
+impl PoisonPolicy {
+    /// `stop` or `park`, as `--on-poison` takes it; `setting` names where the text came from.
+    pub fn parse(setting: &str, text: &str) -> Result<PoisonPolicy, Error> {
+        match text.trim() {
+            "stop" => Ok(PoisonPolicy::Stop),
+            "park" => Ok(PoisonPolicy::Park),
+            _ => Err(Error::invalid_setting(
+                setting,
+                text,
+                "expected stop (the projection stops just before an event that keeps failing) \
+                 or park (the event and the later events of its aggregate are parked in \
+                 projection_dead_letters, and the other aggregates go on)",
+            )),
+        }
+    }
+}
 
 /// Where an event is being applied: which partition of how many.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,7 +62,7 @@ pub struct Context {
 /// transaction and be repeated after a crash. An error (or a panic) rolls the batch back; the
 /// batch is tried [`Settings::max_attempts`](crate::Settings::max_attempts) times in all (3
 /// attempts by default), with back-off in between, then the runner stops with
-/// [`Error::Projection`](crate::Error::Projection), the checkpoint left just before the event.
+/// [`Error::Projection`], the checkpoint left just before the event.
 ///
 /// Every worker gets its own clone of the projection.
 pub trait Projection: Clone + Send + 'static {

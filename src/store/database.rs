@@ -36,7 +36,7 @@ const KEEPALIVE_PROBES: u32 = 3;
 /// agree.
 macro_rules! notify_channel {
     () => {
-        $crate::database::notify_channel!("projector_events_")
+        $crate::store::database::notify_channel!("projector_events_")
     };
     ($prefix:literal) => {
         concat!(

@@ -24,7 +24,7 @@ const TIMESTAMP: &[&str] = &["timestamp with time zone", "timestamp without time
 /// The event store, as pupsourcing lays it out: the projector reads and appends to it.
 pub(crate) const EVENTS: Table = Table {
     name: "events",
-    create: include_str!("../sql/events.sql"),
+    create: include_str!("../../sql/events.sql"),
     columns: &[
         ("global_position", BIGINT),
         ("bounded_context", TEXT),
@@ -45,7 +45,7 @@ pub(crate) const EVENTS: Table = Table {
 
 const AGGREGATE_HEADS: Table = Table {
     name: "aggregate_heads",
-    create: include_str!("../sql/aggregate_heads.sql"),
+    create: include_str!("../../sql/aggregate_heads.sql"),
     columns: &[
         ("bounded_context", TEXT),
         ("aggregate_type", TEXT),
@@ -57,7 +57,7 @@ const AGGREGATE_HEADS: Table = Table {
 
 const CHECKPOINTS: Table = Table {
     name: "projector_checkpoints",
-    create: include_str!("../sql/projector_checkpoints.sql"),
+    create: include_str!("../../sql/projector_checkpoints.sql"),
     columns: &[
         ("projection", TEXT),
         ("total_partitions", INTEGER),
@@ -70,7 +70,7 @@ const CHECKPOINTS: Table = Table {
 
 const PRIOR_LAYOUTS: Table = Table {
     name: "projector_prior_layouts",
-    create: include_str!("../sql/projector_prior_layouts.sql"),
+    create: include_str!("../../sql/projector_prior_layouts.sql"),
     columns: &[
         ("projection", TEXT),
         ("total_partitions", INTEGER),
@@ -83,7 +83,7 @@ const PRIOR_LAYOUTS: Table = Table {
 /// Parked events of projections whose poison policy is `park` (see `dead_letter.rs`).
 const DEAD_LETTERS: Table = Table {
     name: "projection_dead_letters",
-    create: include_str!("../sql/projection_dead_letters.sql"),
+    create: include_str!("../../sql/projection_dead_letters.sql"),
     columns: &[
         ("projection", TEXT),
         ("global_position", BIGINT),

@@ -8,11 +8,11 @@ use std::time::Instant;
 use log::{debug, info, trace};
 
 use crate::Error;
+use crate::engine::worker::{Connection, Failure, PartitionSummary, Worker};
 use crate::error::{BoxError, is_connection_loss};
 use crate::event::Event;
 use crate::layout::EarlierLayout;
-use crate::projection::{Context, Projection, apply_each, panic_message};
-use crate::worker::{Connection, Failure, PartitionSummary, Worker};
+use crate::projections::projection::{Context, Projection, apply_each, panic_message};
 
 impl<P: Projection> Worker<P> {
     /// One transaction: lock the checkpoint, apply the events above it that no earlier layout

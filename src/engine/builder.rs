@@ -8,14 +8,14 @@ use std::time::Duration;
 use log::{info, warn};
 use postgres::Client;
 
-use crate::database::Pool;
-use crate::dead_letter::PoisonPolicy;
+use crate::engine::runner::{Plan, Prepared, Runner, Threads};
+use crate::engine::settings::Settings;
 use crate::error::BoxError;
 use crate::partition::{MAX_PARTITIONS, describe_keys};
-use crate::projection::{AnyProjection, Projection, lock_setup};
-use crate::runner::{Plan, Prepared, Runner, Threads};
-use crate::settings::Settings;
-use crate::{Database, Error, checkpoint, layout, store};
+use crate::projections::projection::PoisonPolicy;
+use crate::projections::projection::{AnyProjection, Projection, lock_setup};
+use crate::store::database::Pool;
+use crate::{Database, Error, layout, layout::checkpoint, store};
 
 /// The most events one read of the stream may hold, so that memory stays bounded.
 pub const MAX_BATCH_SIZE: u32 = 100_000;
@@ -355,13 +355,13 @@ fn prepare(client: &mut Client, mut plan: Plan) -> Result<Prepared, Error> {
 }
 
 /// Says at start when the projection has parked aggregates: their later events are parked
-/// behind them whatever the policy (see [`crate::parking`]).
+/// behind them whatever the policy (see [`crate::engine::worker::parking`]).
 fn warn_of_parked_aggregates(
     client: &mut Client,
     name: &str,
     policy: PoisonPolicy,
 ) -> Result<(), Error> {
-    let totals = crate::dead_letter::parked_totals(client, &[name])
+    let totals = crate::dead_letters::parked_totals(client, &[name])
         .map_err(Error::database("counting the parked events"))?;
     if let Some((_, aggregates, events)) = totals.first().filter(|t| t.1 > 0) {
         let stop = match policy {

@@ -1,27 +1,31 @@
 //! A worker: applies one partition's events and commits them with the checkpoint.
 
+pub(crate) mod commit;
+pub(crate) mod ownership;
+pub(crate) mod parking;
+pub(crate) mod retry;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, select};
 use log::info;
-use prometheus::Histogram;
 
 use crate::Error;
-use crate::checkpoint::{PartitionStatements, Peek};
-use crate::database::Pool;
+use crate::engine::lane::{LaneState, Progress};
+use crate::engine::outage::{Attempts, Outage};
+use crate::engine::settings::{Settings, Stopper};
+use crate::engine::straggler::{OwnEvents, Stragglers, read_own_events};
+use crate::engine::worker::ownership::Role;
+use crate::engine::worker::parking::Parking;
+use crate::engine::worker::retry::Held;
 use crate::error::BoxError;
 use crate::event::{Event, Scope};
 use crate::layout::EarlierLayout;
-use crate::metrics::LaneState;
-use crate::outage::{Attempts, Outage};
-use crate::ownership::Role;
-use crate::parking::Parking;
-use crate::projection::{Context, Projection};
-use crate::retry::Held;
-use crate::settings::{Settings, Stopper};
-use crate::straggler::{OwnEvents, Stragglers, read_own_events};
+use crate::layout::checkpoint::{PartitionStatements, Peek};
+use crate::projections::projection::{Context, Projection};
+use crate::store::database::Pool;
 
 /// What the fetcher hands a worker: the partition's events from one read of the stream, and
 /// the position up to which that read saw the whole stream.
@@ -32,38 +36,6 @@ pub(crate) struct Batch {
     pub(crate) events: Arc<Vec<Event>>,
     /// Every event of the partition at or below this position is in `events` or was sent before.
     pub(crate) upto: i64,
-}
-
-/// Figures a worker shares while it runs, for progress lines and metrics.
-#[derive(Debug)]
-pub(crate) struct Progress {
-    pub(crate) applied: AtomicU64,
-    pub(crate) checkpoint: AtomicI64,
-    /// Failed attempts at a batch that were tried again.
-    pub(crate) retries: AtomicU64,
-    /// Attempts that were the last: the partition stopped on an event.
-    pub(crate) failures: AtomicU64,
-    /// A [`LaneState`], as its number.
-    pub(crate) state: AtomicU8,
-    /// How long each transaction took.
-    pub(crate) commit_seconds: Histogram,
-}
-
-impl Progress {
-    pub(crate) fn new(checkpoint: i64, commit_seconds: Histogram) -> Progress {
-        Progress {
-            applied: AtomicU64::new(0),
-            checkpoint: AtomicI64::new(checkpoint),
-            retries: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            state: AtomicU8::new(LaneState::Starting as u8),
-            commit_seconds,
-        }
-    }
-
-    pub(crate) fn set_state(&self, state: LaneState) {
-        self.state.store(state as u8, Ordering::Relaxed);
-    }
 }
 
 /// What one partition's worker did, as [`Runner::join`](crate::Runner::join) reports it.
@@ -114,7 +86,7 @@ pub(crate) struct Worker<P> {
     pub(crate) lane: usize,
     /// The events the projection wants.
     pub(crate) scope: Scope,
-    /// What this worker parks ([`crate::dead_letter`]), and whether a poison event is parked
+    /// What this worker parks ([`crate::dead_letters()`]), and whether a poison event is parked
     /// (else the projection stops on it).
     pub(crate) parking: Parking,
     /// Batches taken off the queue while waiting to retry an event: applied before the queue.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::Error;
-use crate::settings::Settings;
+use crate::engine::settings::Settings;
 
 /// A failure this soon after the database came back belongs to the same outage: threads
 /// notice a restart one after the other, and some only after another one got through.

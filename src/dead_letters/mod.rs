@@ -1,4 +1,4 @@
-//! Poison events parked per aggregate: a projection whose policy is [`PoisonPolicy::Park`]
+//! Poison events parked per aggregate: a projection whose policy is [`PoisonPolicy::Park`](crate::PoisonPolicy::Park)
 //! records an event that keeps failing in `projection_dead_letters`, with every later event of
 //! the same aggregate behind it, and goes on with the other aggregates.
 //!
@@ -11,51 +11,19 @@
 //! current layout, found under the layout lock), so they serialize with the worker: a worker
 //! transaction sees an aggregate either parked with all its earlier events, or released with
 //! all of them applied (or discarded). A projection whose policy is `stop` reads nothing.
-//! The worker's side is [`crate::parking`].
+//! The worker's side is [`crate::engine::worker::parking`].
 
 use std::time::SystemTime;
 
 use log::{info, warn};
 use postgres::{Client, GenericClient, Transaction};
 
-use crate::checkpoint::to_i32;
 use crate::event::Event;
+use crate::layout::checkpoint::to_i32;
 use crate::layout::lock_layout;
-use crate::projection::{Context, Projection, apply_each, lock_setup};
+use crate::projections::projection::{Context, Projection, apply_each, lock_setup};
 use crate::store::{EVENT_COLUMNS, event_from_row};
 use crate::{BoxError, Error, partition_of};
-
-/// What a projection does with an event that still fails after
-/// [`Settings::max_attempts`](crate::Settings::max_attempts) attempts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum PoisonPolicy {
-    /// Stop the projection just before the event ([`Error::Projection`]); the default.
-    #[default]
-    Stop,
-    /// Park the event in `projection_dead_letters`, in the transaction that moves the
-    /// checkpoint past it, park every later event of its aggregate behind it (in order), and go
-    /// on with the other aggregates. [`retry`] applies them once fixed; [`drop_parked`]
-    /// discards them.
-    Park,
-}
-
-impl PoisonPolicy {
-    /// `stop` or `park`, as `--on-poison` takes it; `setting` names where the text came from.
-    pub fn parse(setting: &str, text: &str) -> Result<PoisonPolicy, Error> {
-        match text.trim() {
-            "stop" => Ok(PoisonPolicy::Stop),
-            "park" => Ok(PoisonPolicy::Park),
-            _ => Err(Error::invalid_setting(
-                setting,
-                text,
-                "expected stop (the projection stops just before an event that keeps failing) \
-                 or park (the event and the later events of its aggregate are parked in \
-                 projection_dead_letters, and the other aggregates go on)",
-            )),
-        }
-    }
-}
 
 /// One parked event, as `projector dead-letters list` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,7 +57,7 @@ pub fn dead_letters(
     client: &mut impl GenericClient,
     projection: Option<&str>,
 ) -> Result<Vec<DeadLetter>, Error> {
-    crate::status::check_tables_here(client)?;
+    crate::store::check_tables_here(client)?;
     let rows = client
         .query(
             "SELECT projection, global_position, bounded_context, aggregate_type, aggregate_id, \
@@ -183,7 +151,7 @@ pub fn retry<P: Projection>(
     projection: &mut P,
     aggregate: Option<&str>,
 ) -> Result<Vec<Retried>, Error> {
-    crate::status::check_tables_here(client)?;
+    crate::store::check_tables_here(client)?;
     let name = projection.name().to_owned();
     let aggregates = parked_aggregates_named(client, &name, aggregate)?;
     let mut outcomes = Vec::with_capacity(aggregates.len());
@@ -445,7 +413,7 @@ pub fn drop_parked(
     projection: &str,
     aggregate_id: &str,
 ) -> Result<Dropped, Error> {
-    crate::status::check_tables_here(client)?;
+    crate::store::check_tables_here(client)?;
     parked_aggregates_named(client, projection, Some(aggregate_id))?;
     let mut tx = client
         .transaction()

@@ -1,0 +1,28 @@
+//! The engine: the threads that carry an event from the store to a projection's read model.
+//!
+//! - [`builder`]: checks a run's settings and prepares each projection's layout and
+//!   checkpoints before any thread starts ([`Builder`](crate::Builder)).
+//! - [`runner`]: starts the threads and joins them ([`Runner`](crate::Runner)).
+//! - [`fetcher`]: the one thread that reads the stream, in position order, never past a
+//!   position that may still commit (see [`crate::store::gap`]).
+//! - [`router`]: hands each event over a bounded channel to the worker of its partition, for
+//!   every projection of the runner.
+//! - [`straggler`]: a partition far behind steps out of the shared read and reads its own
+//!   events until it has caught up.
+//! - [`worker`]: one thread per owned partition; applies events and commits them with the
+//!   checkpoint in one transaction (its parts: commit, retry, ownership, parking).
+//! - [`outage`]: a lost database, retried with capped back-off and logged once.
+//! - [`progress`]: what each lane has done, read by the progress log and by
+//!   [`crate::ops`] for metrics and health.
+//! - [`settings`]: every tunable, with its default ([`Settings`](crate::Settings)).
+
+pub(crate) mod builder;
+pub(crate) mod fetcher;
+pub(crate) mod lane;
+pub(crate) mod outage;
+pub(crate) mod progress;
+pub(crate) mod router;
+pub(crate) mod runner;
+pub(crate) mod settings;
+pub(crate) mod straggler;
+pub(crate) mod worker;

@@ -1,0 +1,13 @@
+//! Operations: what an operator asks of projections, running or not.
+//!
+//! - [`status`]: where each partition's checkpoint stands, which process holds it, and
+//!   [`reset`](crate::reset) to rebuild a projection.
+//! - [`metrics`]: a runner's figures in the Prometheus text format, read from the engine's
+//!   lane figures ([`crate::engine::progress`]) and the database.
+//! - [`health`]: liveness and readiness of a runner, for probes.
+//!
+//! Operations read the engine's state; the engine never reads them.
+
+pub(crate) mod health;
+pub(crate) mod metrics;
+pub(crate) mod status;
