@@ -2,6 +2,8 @@
 
 pub(crate) mod args;
 mod dead_letters;
+#[cfg(test)]
+mod documented_commands;
 pub(crate) mod logs;
 mod run;
 mod seed;
