@@ -33,7 +33,7 @@ mod file;
 
 use file::{Section, SqlFile};
 
-/// A projection defined by a SQL file: see the README's "Projections in SQL".
+/// A projection defined by a SQL file: see `docs/sql-projections.md`.
 ///
 /// Parse one with [`SqlProjection::from_file`] or [`SqlProjection::parse`], then add it to a
 /// [`Builder`](crate::Builder) like any other projection. Clones share the parsed file.
