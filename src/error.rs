@@ -29,13 +29,6 @@ pub enum Error {
         /// Why, in words that quote nothing of the string.
         reason: String,
     },
-    /// A required setting was not given.
-    NotSet {
-        /// The setting, such as `DATABASE_URL`.
-        setting: String,
-        /// How to give it.
-        hint: String,
-    },
     /// The server refused the login: wrong password, unknown user, or a user that may not log
     /// in from here.
     LoginRefused {
@@ -167,25 +160,6 @@ pub enum Error {
         /// The projection's error.
         source: BoxError,
     },
-    /// A flag that no longer exists was given.
-    RemovedFlag {
-        /// The flag.
-        flag: String,
-        /// What to do instead.
-        instead: String,
-    },
-    /// A destructive command was not confirmed.
-    NotConfirmed {
-        /// What it would do, in words.
-        action: String,
-    },
-    /// A destructive command was not confirmed, and confirming it would be refused for now.
-    WouldBeRefused {
-        /// What it would do, in words.
-        action: String,
-        /// Why it would be refused (such as [`Error::ProjectionRunning`]).
-        because: Box<Error>,
-    },
     /// The database could not be reached for longer than the give-up limit
     /// ([`Settings::give_up_after`](crate::Settings::give_up_after)).
     Unavailable {
@@ -229,6 +203,28 @@ pub enum Error {
         /// How long it waited.
         waited: std::time::Duration,
     },
+    /// [`wait_for`](crate::wait_for) found the event parked: the projection's partition has
+    /// passed it, but set it aside in `projection_dead_letters` (the park policy) instead of
+    /// applying it, so the read model does not show it, nor any later event of its aggregate,
+    /// until a [`retry`](crate::retry) applies them.
+    EventParked {
+        /// The projection.
+        projection: String,
+        /// The global position waited for.
+        position: i64,
+        /// Its aggregate: the aggregate that is parked.
+        aggregate_id: String,
+        /// The partition that owns the aggregate.
+        partition: u32,
+        /// The projection's number of partitions.
+        total: u32,
+        /// The aggregate's first parked event: `position` itself when it is the event that
+        /// failed, an earlier one when it is parked behind that one.
+        first_parked: i64,
+        /// Why it is parked, as recorded: the projection's error, or which event it is parked
+        /// behind.
+        reason: String,
+    },
     /// The metrics could not be set up (a metric defined twice: a bug).
     Metrics {
         /// What the metrics library said.
@@ -257,7 +253,7 @@ impl Error {
     /// True when the error comes from how the projector was configured or invoked (bad
     /// setting or connection string, a login refused, no such database, missing tables, tables
     /// of another shape, partition layout mismatch, a layout replaced under a running
-    /// process, a reset refused or not confirmed, a projection waited for that never ran),
+    /// process, a reset refused, a projection waited for that never ran),
     /// rather than from a failure at run time. The
     /// command-line tool exits with code 2 for these: starting again with the same flags would
     /// not help.
@@ -266,7 +262,6 @@ impl Error {
             self,
             Error::InvalidSetting { .. }
                 | Error::InvalidConnectionString { .. }
-                | Error::NotSet { .. }
                 | Error::LoginRefused { .. }
                 | Error::NoSuchDatabase { .. }
                 | Error::MissingTables { .. }
@@ -275,9 +270,6 @@ impl Error {
                 | Error::LayoutMismatch { .. }
                 | Error::Fenced { .. }
                 | Error::ProjectionRunning { .. }
-                | Error::NotConfirmed { .. }
-                | Error::WouldBeRefused { .. }
-                | Error::RemovedFlag { .. }
                 | Error::NotStarted { .. }
                 | Error::SqlProjectionFile { .. }
         )
@@ -354,7 +346,6 @@ impl fmt::Display for Error {
             Error::InvalidConnectionString { setting, reason } => {
                 write!(f, "{setting} is not a valid connection string: {reason}")
             }
-            Error::NotSet { setting, hint } => write!(f, "{setting} is not set: {hint}"),
             Error::LoginRefused {
                 target, setting, ..
             } => write!(
@@ -500,11 +491,6 @@ impl fmt::Display for Error {
             Error::ReadModel {
                 projection, action, ..
             } => write!(f, "projection '{projection}' failed while {action}"),
-            Error::RemovedFlag { flag, instead } => write!(f, "{flag} was removed: {instead}"),
-            Error::NotConfirmed { action } => write!(f, "{action}; pass --yes to go ahead"),
-            Error::WouldBeRefused { action, .. } => {
-                write!(f, "{action}; --yes would be refused for now")
-            }
             Error::ThreadPanicked { thread } => write!(f, "thread '{thread}' panicked"),
             Error::Metrics { reason } => write!(f, "setting up the metrics: {reason}"),
             Error::SqlProjectionFile {
@@ -581,6 +567,27 @@ impl fmt::Display for Error {
                     ),
                 }
             }
+            Error::EventParked {
+                projection,
+                position,
+                aggregate_id,
+                partition,
+                total,
+                first_parked,
+                reason,
+            } => {
+                write!(
+                    f,
+                    "projection '{projection}' has parked global position {position} (aggregate \
+                     '{aggregate_id}') instead of applying it: {reason}; partition \
+                     {partition}/{total} has passed it, but the read model shows neither it nor \
+                     any later event of the aggregate"
+                )?;
+                if first_parked < position {
+                    write!(f, " (parked since global position {first_parked})")?;
+                }
+                f.write_str(" until a retry applies them")
+            }
             Error::Unavailable { waited, .. } => write!(
                 f,
                 "gave up after {} s without the database (the limit is --give-up-after): check \
@@ -600,7 +607,6 @@ impl std::error::Error for Error {
             | Error::Database { source, .. } => Some(source),
             Error::Pool { source } => Some(source),
             Error::Unavailable { source, .. } => Some(source.as_ref()),
-            Error::WouldBeRefused { because, .. } => Some(because.as_ref()),
             Error::Projection { source, .. } | Error::ReadModel { source, .. } => {
                 Some(source.as_ref())
             }

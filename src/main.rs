@@ -1,6 +1,6 @@
 //! The `projector` command: parses flags, sets up logging and signals, calls the library and
 //! turns the outcome into an exit code (0 clean stop, 1 runtime failure, 2 bad usage or
-//! configuration, 130 forced stop).
+//! configuration, 3 a `wait` whose event was parked rather than applied, 130 forced stop).
 
 mod cli;
 
@@ -38,7 +38,7 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("error: {text}");
             }
-            ExitCode::from(if error.is_configuration() { 2 } else { 1 })
+            ExitCode::from(error.exit_code())
         }
     }
 }

@@ -203,7 +203,8 @@ pub(crate) struct Repartition {
 
 /// Wait until a projection has applied an event (read your writes): until the partition that
 /// owns its aggregate has a checkpoint at or past it. Exits 0 once it has, 1 on time-out, 2 for
-/// bad usage or a projection that has never run.
+/// bad usage or a projection that has never run, 3 when the projection parked the event instead
+/// of applying it.
 #[derive(FromArgs, Debug)]
 #[argh(
     subcommand,

@@ -7,6 +7,8 @@ use argh::FromArgs;
 use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, SqlProjection, Users};
 use projector::{Database, Error, Projection};
 
+use super::error::CliError;
+
 /// List, retry or drop the events a projection parked with --on-poison park.
 #[derive(FromArgs, Debug)]
 #[argh(
@@ -75,37 +77,40 @@ pub(crate) struct Drop {
     pub(crate) yes: bool,
 }
 
-pub(super) fn run(database: &Database, args: &DeadLetters) -> Result<(), Error> {
+pub(super) fn run(database: &Database, args: &DeadLetters) -> Result<(), CliError> {
     let mut client = database.connect()?;
     match &args.command {
-        Action::List(list) => print_list(&mut client, list.projection.as_deref()),
-        Action::Retry(retry) => match (retry.projection.as_deref(), &retry.projection_file) {
-            (None, Some(file)) => {
-                let projection = SqlProjection::from_file(file)?;
-                projection.check(&mut client)?;
-                retry_with(&mut client, projection, retry)
-            }
-            (Some("users"), None) => retry_with(&mut client, Users, retry),
-            (Some("aggregate-stats"), None) => retry_with(&mut client, AggregateStats, retry),
-            (Some("aggregate-stats-batch"), None) => {
-                retry_with(&mut client, AggregateStatsBatch, retry)
-            }
-            (Some("noop"), None) => retry_with(&mut client, Noop, retry),
-            (Some(other), None) => Err(Error::invalid_setting(
-                "--projection",
-                other,
-                "dead-letters retry applies events through a built-in projection (users, \
-                 aggregate-stats, aggregate-stats-batch or noop) or a SQL file \
-                 (--projection-file FILE); a service retries its own projection with \
-                 projector::retry",
-            )),
-            _ => Err(Error::invalid_setting(
-                "--projection",
-                retry.projection.as_deref().unwrap_or(""),
-                "give either --projection NAME or --projection-file FILE (exactly one)",
-            )),
-        },
+        Action::List(list) => Ok(print_list(&mut client, list.projection.as_deref())?),
+        Action::Retry(retry) => Ok(retry_named(&mut client, retry)?),
         Action::Drop(drop) => drop_parked(&mut client, drop),
+    }
+}
+
+/// `dead-letters retry` of the projection named by `--projection` or `--projection-file`.
+fn retry_named(client: &mut projector::postgres::Client, retry: &Retry) -> Result<(), Error> {
+    match (retry.projection.as_deref(), &retry.projection_file) {
+        (None, Some(file)) => {
+            let projection = SqlProjection::from_file(file)?;
+            projection.check(client)?;
+            retry_with(client, projection, retry)
+        }
+        (Some("users"), None) => retry_with(client, Users, retry),
+        (Some("aggregate-stats"), None) => retry_with(client, AggregateStats, retry),
+        (Some("aggregate-stats-batch"), None) => retry_with(client, AggregateStatsBatch, retry),
+        (Some("noop"), None) => retry_with(client, Noop, retry),
+        (Some(other), None) => Err(Error::invalid_setting(
+            "--projection",
+            other,
+            "dead-letters retry applies events through a built-in projection (users, \
+             aggregate-stats, aggregate-stats-batch or noop) or a SQL file \
+             (--projection-file FILE); a service retries its own projection with \
+             projector::retry",
+        )),
+        _ => Err(Error::invalid_setting(
+            "--projection",
+            retry.projection.as_deref().unwrap_or(""),
+            "give either --projection NAME or --projection-file FILE (exactly one)",
+        )),
     }
 }
 
@@ -219,14 +224,14 @@ fn retry_with<P: Projection>(
     first_failure.map_or(Ok(()), Err)
 }
 
-fn drop_parked(client: &mut projector::postgres::Client, drop: &Drop) -> Result<(), Error> {
+fn drop_parked(client: &mut projector::postgres::Client, drop: &Drop) -> Result<(), CliError> {
     let (name, id) = (drop.projection.as_str(), drop.aggregate.as_str());
     if !drop.yes {
         let positions: Vec<i64> = projector::dead_letters_of(client, name, id)?
             .iter()
             .map(|l| l.global_position)
             .collect();
-        return Err(Error::NotConfirmed {
+        return Err(CliError::NotConfirmed {
             action: format!(
                 "drop would discard the {} parked event(s) of aggregate '{id}' in projection \
                  '{name}' (global positions {}) without applying them",

@@ -4,6 +4,7 @@ pub(crate) mod args;
 mod dead_letters;
 #[cfg(test)]
 mod documented_commands;
+pub(crate) mod error;
 pub(crate) mod logs;
 mod run;
 mod seed;
@@ -20,10 +21,11 @@ use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, Users};
 use projector::{Database, Error, LayoutChange, Projection};
 
 use args::{Args, Command, flag_or_env};
+use error::CliError;
 
-pub(crate) fn run(args: Args) -> Result<(), Error> {
+pub(crate) fn run(args: Args) -> Result<(), CliError> {
     if args.repartition {
-        return Err(Error::RemovedFlag {
+        return Err(CliError::RemovedFlag {
             flag: "--repartition".into(),
             instead: "a process no longer changes the number of partitions at start (a \
                       supervisor restarting it with stale flags would move the layout back); \
@@ -39,7 +41,7 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
             info!("migrated {database}");
             Ok(())
         }
-        Some(Command::Seed(ref seed)) => seed::seed(&database, seed),
+        Some(Command::Seed(ref seed)) => Ok(seed::seed(&database, seed)?),
         Some(Command::Status(ref status)) => {
             let mut client = connect_to_schema(&database, &schema_setting(&args))?;
             match &status.watch {
@@ -47,14 +49,21 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
                     "--watch",
                     "",
                     "--watch redraws the table: leave out --json (or run status --json in a loop)",
-                )),
+                )
+                .into()),
                 Some(seconds) => {
                     let every = Duration::from_secs(u64::from(positive("--watch", seconds)?));
-                    watch::watch(&mut client, status.projection.as_deref(), every)
+                    Ok(watch::watch(
+                        &mut client,
+                        status.projection.as_deref(),
+                        every,
+                    )?)
                 }
-                None => {
-                    status::print_status(&mut client, status.projection.as_deref(), status.json)
-                }
+                None => Ok(status::print_status(
+                    &mut client,
+                    status.projection.as_deref(),
+                    status.json,
+                )?),
             }
         }
         Some(Command::Reset(ref reset)) => {
@@ -70,7 +79,8 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
                         "--projection",
                         reset.projection.as_deref().unwrap_or(""),
                         "give either --projection NAME or --projection-file FILE (exactly one)",
-                    ));
+                    )
+                    .into());
                 }
             };
             match name {
@@ -78,10 +88,10 @@ pub(crate) fn run(args: Args) -> Result<(), Error> {
                 "aggregate-stats" => reset_projection(client, AggregateStats, reset.yes),
                 "aggregate-stats-batch" => reset_projection(client, AggregateStatsBatch, reset.yes),
                 "noop" => reset_projection(client, Noop, reset.yes),
-                other => Err(unknown_projection(other)),
+                other => Err(unknown_projection(other).into()),
             }
         }
-        Some(Command::Repartition(ref change)) => repartition(&database, change),
+        Some(Command::Repartition(ref change)) => Ok(repartition(&database, change)?),
         Some(Command::Wait(ref wait)) => wait::wait(&database, wait),
         Some(Command::DeadLetters(ref command)) => {
             connect_to_schema(&database, &schema_setting(&args))?;
@@ -133,11 +143,11 @@ fn repartition(database: &Database, change: &args::Repartition) -> Result<(), Er
 
 const KNOWN_PROJECTIONS: [&str; 4] = ["users", "aggregate-stats", "aggregate-stats-batch", "noop"];
 
-fn database(args: &Args) -> Result<Database, Error> {
+fn database(args: &Args) -> Result<Database, CliError> {
     let Some((setting, url)) =
         flag_or_env("--database-url", args.database_url.clone(), "DATABASE_URL")
     else {
-        return Err(Error::NotSet {
+        return Err(CliError::NotSet {
             setting: "DATABASE_URL".into(),
             hint: "set DATABASE_URL or pass --database-url, e.g. \
                    DATABASE_URL=postgres://user:password@localhost:5432/dbname"
@@ -162,7 +172,7 @@ fn database(args: &Args) -> Result<Database, Error> {
         database = named(database.session_timeout_secs(seconds), &flag, &text)?;
     }
     match flag_or_env("--schema", args.schema.clone(), "PROJECTOR_SCHEMA") {
-        Some((flag, schema)) => named(database.schema(&schema), &flag, &schema),
+        Some((flag, schema)) => Ok(named(database.schema(&schema), &flag, &schema)?),
         None => Ok(database),
     }
 }
@@ -251,7 +261,7 @@ fn reset_projection<P: Projection>(
     mut client: projector::postgres::Client,
     mut projection: P,
     yes: bool,
-) -> Result<(), Error> {
+) -> Result<(), CliError> {
     if !yes {
         let name = projection.name().to_owned();
         let rows = projector::status(&mut client, Some(&name))?;
@@ -290,14 +300,14 @@ fn reset_projection<P: Projection>(
             })
             .collect();
         if held.is_empty() {
-            return Err(Error::NotConfirmed { action });
+            return Err(CliError::NotConfirmed { action });
         }
-        return Err(Error::WouldBeRefused {
+        return Err(CliError::WouldBeRefused {
             action,
-            because: Box::new(Error::ProjectionRunning {
+            because: Error::ProjectionRunning {
                 projection: name,
                 held,
-            }),
+            },
         });
     }
     projector::reset(&mut client, &mut projection)?;

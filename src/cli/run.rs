@@ -9,11 +9,12 @@ use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, Users};
 use projector::{Builder, Database, Error, Projection, Stopper, Summary};
 
 use super::args::{Args, flag_or_env};
+use super::error::CliError;
 use super::{duration, positive, serve, sql_files, unknown_projection};
 
 /// Runs the projections of `args` on `database` until stopped (or caught up, with
 /// `--exit-when-caught-up`), then logs the summary.
-pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Error> {
+pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), CliError> {
     // Before anything that may wait (the layout or setup lock, the database), so that a signal
     // during start-up stops the process cleanly rather than killing it.
     let signals = Arc::new(Mutex::new(Signals::Starting));
@@ -36,7 +37,7 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Err
         args.partition_key.clone(),
         "PARTITION_KEY",
     ) else {
-        return Err(Error::NotSet {
+        return Err(CliError::NotSet {
             setting: "--partition-key".into(),
             hint: format!(
                 "it is required to run a projection: give the partition(s) this process owns, \

@@ -5,12 +5,13 @@ use std::time::Duration;
 use projector::{Database, Error, Until};
 
 use super::args::Wait;
+use super::error::CliError;
 
 /// How long `projector wait` waits when `--timeout` is not given.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Waits until the projection has applied the event, and says where in one line.
-pub(super) fn wait(database: &Database, wait: &Wait) -> Result<(), Error> {
+pub(super) fn wait(database: &Database, wait: &Wait) -> Result<(), CliError> {
     const ONE_OF: &str = "give exactly one of --position N (the event at global position N) and \
                           --aggregate ID (the latest event of aggregate ID)";
     let until = match (&wait.position, &wait.aggregate) {
@@ -21,10 +22,11 @@ pub(super) fn wait(database: &Database, wait: &Wait) -> Result<(), Error> {
                 "--aggregate",
                 id,
                 format!("--position is given too: {ONE_OF}"),
-            ));
+            )
+            .into());
         }
         (None, None) => {
-            return Err(Error::NotSet {
+            return Err(CliError::NotSet {
                 setting: "--position or --aggregate".into(),
                 hint: ONE_OF.into(),
             });

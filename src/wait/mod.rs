@@ -83,6 +83,9 @@ pub struct Applied {
 /// many writes keeps a [`Waiter`] instead. Fails with:
 /// - [`Error::NotAppliedInTime`] when `timeout` passes first, saying how far the partition is,
 ///   and whether a live process holds it;
+/// - [`Error::EventParked`] when the projection parked the event instead of applying it
+///   (under [`PoisonPolicy::Park`](crate::PoisonPolicy::Park)): its read model does not show
+///   it, nor any later event of its aggregate, until a [`retry`](crate::retry) applies them;
 /// - [`Error::NotStarted`] at once when the projection has no checkpoints (no process has run
 ///   it in this schema, or it was reset);
 /// - [`Error::MissingTables`] when the schema has no projector tables;
@@ -203,7 +206,8 @@ impl Waiter {
             let standing = layout.standing(target);
             if standing.checkpoint >= target.position {
                 let (total, checkpoint) = (layout.total, standing.checkpoint);
-                return Ok(target.applied(projection, total, standing.owner, checkpoint, started));
+                let passed = target.applied(projection, total, standing.owner, checkpoint, started);
+                return self.applied_unless_parked(passed);
             }
             if self.listening {
                 let now = Instant::now();
@@ -224,7 +228,8 @@ impl Waiter {
                 }) = self.wait_for_news(target, until)?
                 {
                     let owner = Some(partition);
-                    return Ok(target.applied(projection, total, owner, checkpoint, started));
+                    let passed = target.applied(projection, total, owner, checkpoint, started);
+                    return self.applied_unless_parked(passed);
                 }
             } else {
                 // The name is the prefix and letters, digits and underscores (or an MD5).
@@ -316,6 +321,41 @@ impl Waiter {
             length = length.saturating_mul(10);
         }
         Ok(0)
+    }
+
+    /// `passed`, once the partition that owns the event has passed it, unless the projection
+    /// parked the event instead of applying it: then [`Error::EventParked`]. A parked event's
+    /// row is written in the transaction that moves the checkpoint past it, so it is there to
+    /// be read once the checkpoint is; a retry that has applied it since deletes the row.
+    fn applied_unless_parked(&mut self, passed: Applied) -> Result<Applied, Error> {
+        let (Some(aggregate_id), Some(partition)) = (&passed.aggregate_id, passed.partition) else {
+            return Ok(passed);
+        };
+        let parked = self
+            .client
+            .query_typed_opt(
+                "SELECT d.error, (SELECT MIN(f.global_position) FROM projection_dead_letters f \
+                     WHERE f.projection = d.projection AND f.aggregate_id = d.aggregate_id) \
+                 FROM projection_dead_letters d \
+                 WHERE d.projection = $1 AND d.global_position = $2",
+                &[
+                    (&passed.projection, Type::TEXT),
+                    (&passed.position, Type::INT8),
+                ],
+            )
+            .map_err(|source| self.failed("reading whether the event was parked", source))?;
+        match parked {
+            None => Ok(passed),
+            Some(row) => Err(Error::EventParked {
+                projection: passed.projection.clone(),
+                position: passed.position,
+                aggregate_id: aggregate_id.clone(),
+                partition,
+                total: passed.total_partitions,
+                first_parked: row.get::<_, Option<i64>>(1).unwrap_or(passed.position),
+                reason: row.get(0),
+            }),
+        }
     }
 
     /// The checkpoints of the projection's current layout; [`Error::NotStarted`] when it has

@@ -7,8 +7,8 @@ use projector::postgres::fallible_iterator::FallibleIterator;
 use projector::postgres::{Client, NoTls, Transaction};
 use projector::projections::AggregateStats;
 use projector::{
-    Applied, BoxError, Builder, Context, Error, Event, ExpectedVersion, NewEvent, Projection,
-    Runner, Until, Waiter, partition_of, wait_for,
+    Applied, BoxError, Builder, Context, Error, Event, ExpectedVersion, NewEvent, PoisonPolicy,
+    Projection, Runner, Settings, Until, Waiter, partition_of, wait_for,
 };
 
 use crate::util::{TestSchema, insert_event, join_within, run_within, text};
@@ -522,4 +522,150 @@ fn the_wait_command_exits_2_for_bad_flags_and_a_projection_that_never_ran() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+}
+
+/// `aggregate-stats` under the park policy, whose events of aggregate `poison-1` always fail:
+/// they are parked, never applied.
+#[derive(Clone)]
+struct ParksPoison;
+
+impl Projection for ParksPoison {
+    fn name(&self) -> &str {
+        "parks-poison"
+    }
+
+    fn poison_policy(&self) -> PoisonPolicy {
+        PoisonPolicy::Park
+    }
+
+    fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        AggregateStats.setup(tx)
+    }
+
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        if event.aggregate_id == "poison-1" {
+            return Err("poison-1 cannot be applied".into());
+        }
+        AggregateStats.apply(tx, event, context)
+    }
+}
+
+/// Runs `parks-poison` to the head, with quick retries.
+fn park_to_the_head(schema: &TestSchema) {
+    let mut settings = Settings::default();
+    settings.retry_delay = Duration::from_millis(20);
+    settings.max_retry_delay = Duration::from_millis(50);
+    let runner = Builder::new(schema.database.clone(), ParksPoison)
+        .partitions(0..2)
+        .total_partitions(2)
+        .settings(settings)
+        .exit_when_caught_up(true)
+        .start()
+        .expect("start the runner");
+    join_within(runner, LIMIT).expect("the runner catches up");
+}
+
+#[test]
+fn wait_for_a_parked_event_says_it_was_parked_never_applied() {
+    let schema = TestSchema::migrated("wait_parked");
+    let good = append(&schema, "cart-1");
+    let poison = append(&schema, "poison-1");
+    let behind = append(&schema, "poison-1");
+    park_to_the_head(&schema);
+    let partition = partition_of("poison-1", 2);
+
+    let applied = wait_for(
+        &schema.database,
+        "parks-poison",
+        Until::Position(good),
+        LIMIT,
+    )
+    .expect("an event of another aggregate is applied");
+    assert_eq!(applied.position, good);
+    for (until, position, why) in [
+        (
+            Until::Position(poison),
+            poison,
+            "poison-1 cannot be applied",
+        ),
+        (
+            Until::Position(behind),
+            behind,
+            "parked behind an earlier event",
+        ),
+        (Until::Aggregate("poison-1".into()), behind, "parked behind"),
+    ] {
+        let outcome = wait_for(&schema.database, "parks-poison", until.clone(), LIMIT);
+        match outcome {
+            Err(error @ Error::EventParked { .. }) => {
+                let message = error.to_string();
+                assert!(!error.is_configuration(), "{message}");
+                let Error::EventParked {
+                    projection,
+                    position: parked,
+                    aggregate_id,
+                    partition: at,
+                    total,
+                    first_parked,
+                    reason,
+                    ..
+                } = error
+                else {
+                    unreachable!()
+                };
+                assert_eq!(projection, "parks-poison");
+                assert_eq!((parked, at, total), (position, partition, 2), "{until:?}");
+                assert_eq!(aggregate_id, "poison-1");
+                assert_eq!(first_parked, poison, "{message}");
+                assert!(reason.contains(why), "{until:?}: {reason}");
+                assert!(
+                    message.starts_with(&format!(
+                        "projection 'parks-poison' has parked global position {position} \
+                         (aggregate 'poison-1') instead of applying it"
+                    )),
+                    "{message}"
+                );
+            }
+            other => panic!("{until:?}: expected EventParked, got {other:?}"),
+        }
+    }
+    assert_eq!(read_model(&schema, "poison-1"), None);
+}
+
+#[test]
+fn the_wait_command_exits_3_for_a_parked_event() {
+    let schema = TestSchema::migrated("wait_parked_command");
+    let poison = append(&schema, "poison-1");
+    park_to_the_head(&schema);
+    let output = run_within(
+        schema.projector(&[
+            "wait",
+            "--projection",
+            "parks-poison",
+            "--position",
+            &poison.to_string(),
+        ]),
+        LIMIT,
+    );
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert_eq!(text(&output.stdout), "", "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "error: projection 'parks-poison' has parked global position {poison} (aggregate \
+             'poison-1') instead of applying it: poison-1 cannot be applied"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(
+            "`projector dead-letters retry --projection parks-poison --aggregate poison-1`"
+        ),
+        "{stderr}"
+    );
 }

@@ -1,0 +1,110 @@
+//! The command line's errors: the library's, told in the words of the command line (its flags
+//! and commands), and the few only a command line can make (a flag not given, a removed flag,
+//! a destructive command not confirmed). Each has its exit code.
+
+use std::fmt;
+
+use projector::{Error, shell_word};
+
+/// Exit code of a `projector wait` for an event the projection parked instead of applying.
+pub(crate) const EXIT_PARKED: u8 = 3;
+
+/// What a command reports when it fails.
+#[derive(Debug)]
+pub(crate) enum CliError {
+    /// The library's error; Display adds what to do from the command line.
+    Library(Error),
+    /// A required flag (or its environment variable) was not given.
+    NotSet {
+        /// The setting, such as `DATABASE_URL`.
+        setting: String,
+        /// How to give it.
+        hint: String,
+    },
+    /// A flag that no longer exists was given.
+    RemovedFlag {
+        /// The flag.
+        flag: String,
+        /// What to do instead.
+        instead: String,
+    },
+    /// A destructive command was not confirmed with `--yes`.
+    NotConfirmed {
+        /// What it would do, in words.
+        action: String,
+    },
+    /// A destructive command was not confirmed, and confirming it would be refused for now.
+    WouldBeRefused {
+        /// What it would do, in words.
+        action: String,
+        /// Why it would be refused (such as [`Error::ProjectionRunning`]).
+        because: Error,
+    },
+}
+
+impl CliError {
+    /// The process's exit code: 1 for a failure at run time, 2 for bad usage or configuration
+    /// (starting again with the same flags would not help), 3 for a `wait` whose event was
+    /// parked rather than applied.
+    pub(crate) fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Library(Error::EventParked { .. }) => EXIT_PARKED,
+            CliError::Library(error) if !error.is_configuration() => 1,
+            _ => 2,
+        }
+    }
+}
+
+impl From<Error> for CliError {
+    fn from(error: Error) -> CliError {
+        CliError::Library(error)
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CliError::Library(error) => {
+                write!(f, "{error}")?;
+                with_flags(error, f)
+            }
+            CliError::NotSet { setting, hint } => write!(f, "{setting} is not set: {hint}"),
+            CliError::RemovedFlag { flag, instead } => write!(f, "{flag} was removed: {instead}"),
+            CliError::NotConfirmed { action } => write!(f, "{action}; pass --yes to go ahead"),
+            CliError::WouldBeRefused { action, .. } => {
+                write!(f, "{action}; --yes would be refused for now")
+            }
+        }
+    }
+}
+
+impl std::error::Error for CliError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            // The library error's own text is this one's first part: its causes come next.
+            CliError::Library(error) => std::error::Error::source(error),
+            CliError::WouldBeRefused { because, .. } => Some(because),
+            _ => None,
+        }
+    }
+}
+
+/// What to do about `error` from the command line, after the library's words: the flags and
+/// commands that do it.
+fn with_flags(error: &Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match error {
+        Error::EventParked {
+            projection,
+            aggregate_id,
+            ..
+        } => write!(
+            f,
+            ": `projector dead-letters retry --projection {} --aggregate {}` once the cause is \
+             fixed (`projector dead-letters list --projection {}` lists them)",
+            shell_word(projection),
+            shell_word(aggregate_id),
+            shell_word(projection),
+        ),
+        _ => Ok(()),
+    }
+}
