@@ -416,6 +416,65 @@ fn sql_projection_payload_that_is_not_json_has_payload_json_null() {
 }
 
 #[test]
+fn sql_projection_payload_that_jsonb_refuses_has_payload_json_null_and_the_projection_goes_on() {
+    let schema = TestSchema::migrated("sql_jsonb_refuses");
+    let mut client = schema.client();
+    // JSON that a JSON parser may take, but `jsonb` refuses: a lone surrogate, a number past
+    // numeric's range, a NUL escape; around them, JSON it takes.
+    let payloads: [&[u8]; 6] = [
+        br#"{"n": 1}"#,
+        br#""\ud83d""#,
+        b"1e1000000",
+        br#"{"s": "\u0000"}"#,
+        br#"{"a": ["\ud83d\ude00", 1e100]}"#,
+        br#"{"n": 2}"#,
+    ];
+    for (version, payload) in payloads.iter().enumerate() {
+        client
+            .execute(
+                "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, \
+                     aggregate_version, event_id, event_type, payload) \
+                 VALUES ('test', 'Thing', 'jsonb-1', $1, gen_random_uuid(), 'Happened', $2)",
+                &[&(version as i64 + 1), payload],
+            )
+            .expect("insert an event");
+    }
+    let file = TempFile::new(
+        "read_json.sql",
+        "-- projection: read-json\n\
+         -- setup\n\
+         CREATE TABLE IF NOT EXISTS read_json (global_position BIGINT PRIMARY KEY, \
+             payload_json JSONB, n TEXT);\n\
+         -- apply\n\
+         INSERT INTO read_json SELECT global_position, payload_json, payload_json->>'n' \
+             FROM batch;\n",
+    );
+    let (code, stderr) = run(&schema, "0-1", "2", &["--projection-file", &file.path]);
+    assert_eq!(code, 0, "{stderr}");
+    let seen: Vec<(Option<String>, Option<String>)> = client
+        .query(
+            "SELECT payload_json::text, n FROM read_json ORDER BY global_position",
+            &[],
+        )
+        .expect("read read_json")
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let json = |text: &str| Some(text.to_owned());
+    assert_eq!(
+        seen.len(),
+        payloads.len(),
+        "every event is applied: {seen:?}"
+    );
+    assert_eq!(seen[0], (json(r#"{"n": 1}"#), json("1")));
+    assert_eq!(seen[1..4], [(None, None), (None, None), (None, None)]);
+    // A surrogate pair and a large number are fine.
+    let pair = seen[4].0.as_deref().unwrap_or_default();
+    assert!(pair.starts_with(r#"{"a": ["😀", 1000"#), "{pair}");
+    assert_eq!(seen[5], (json(r#"{"n": 2}"#), json("2")));
+}
+
+#[test]
 fn sql_projection_aggregate_stats_fails_on_a_version_that_does_not_follow() {
     let schema = TestSchema::migrated("sql_order");
     schema.seed(5, 3);
