@@ -6,6 +6,14 @@
 //! It vanishes with the connection, so `pg_locks` tells which partitions a live process holds:
 //! a second process started on the same partition waits as a standby and takes over when the
 //! lock is released, and a new layout waits until no live process of an older one holds a lock.
+//!
+//! # Badges
+//! A partition's lock is two 32-bit keys, the first a hash of schema and projection: another
+//! application's lock, or another projection's whose hash collides, may take the same keys.
+//! So a worker takes a second session lock with its partition's, its *badge*, in the one-key
+//! (64-bit) space that no partition lock uses, keyed by an MD5 of schema, projection, layout
+//! and partition. A session holding a partition's lock without its badge is not a projector of
+//! that projection, and a worker waiting on it says so, naming the session (see [`Stranger`]).
 
 use postgres::{Client, GenericClient, Statement, Transaction};
 
@@ -44,6 +52,28 @@ pub(crate) fn lock_class(projection: &str) -> String {
     format!("hashtext('projector ' || current_schema() || ' ' || {projection})")
 }
 
+/// The key of a partition's badge (see the module's docs), as SQL over the projection,
+/// partition count and partition key expressions given: 64 bits of an MD5.
+fn badge_key(projection: &str, total: &str, key: &str) -> String {
+    format!(
+        "('x' || left(md5(concat_ws(' ', 'projector badge', current_schema(), {projection}, \
+         ({total})::int, ({key})::int)), 16))::bit(64)::bigint"
+    )
+}
+
+/// SQL: whether the session `pid` holds the badge of the partition (as [`badge_key`] takes
+/// it). A one-key lock shows in `pg_locks` as its high half in `classid`, its low in `objid`.
+fn holds_badge(pid: &str, projection: &str, total: &str, key: &str) -> String {
+    let badge = badge_key(projection, total, key);
+    format!(
+        "EXISTS (SELECT 1 FROM pg_locks b \
+             WHERE b.locktype = 'advisory' AND b.granted AND b.objsubid = 1 AND b.pid = {pid} \
+                 AND b.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND b.classid = (({badge} >> 32) & 4294967295)::oid \
+                 AND b.objid = ({badge} & 4294967295)::oid)"
+    )
+}
+
 /// SQL selecting the granted partition locks of projection `$1` in this database, as
 /// `(total_partitions, partition_key, pid)`.
 pub(crate) fn held_partitions_sql() -> String {
@@ -80,6 +110,72 @@ pub(crate) fn held_partitions(
             pid: row.get(2),
         })
         .collect())
+}
+
+/// A session holding a partition's lock without its badge: not a projector of the
+/// projection, but another application, or a projector of a projection whose lock key
+/// collides (or a projector of a version that took no badges). Display names it as
+/// `pg_stat_activity` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stranger {
+    /// The partition whose lock it holds.
+    pub(crate) holder: Holder,
+    /// Its `application_name`, when it gives one.
+    pub(crate) application: Option<String>,
+    /// The role it is logged in as.
+    pub(crate) user: Option<String>,
+    /// Where it connects from, as `address:port` or `local socket`, when the server shows it.
+    pub(crate) client: Option<String>,
+}
+
+impl std::fmt::Display for Stranger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "server pid {}", self.holder.pid)?;
+        let mut about = Vec::new();
+        if let Some(application) = &self.application {
+            about.push(format!("application '{application}'"));
+        }
+        if let Some(user) = &self.user {
+            about.push(format!("user '{user}'"));
+        }
+        if let Some(client) = &self.client {
+            about.push(format!("from {client}"));
+        }
+        if !about.is_empty() {
+            write!(f, " ({})", about.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// The sessions among `holders` (of `projection`'s partitions) that hold no badge.
+pub(crate) fn strangers_among(
+    client: &mut impl GenericClient,
+    projection: &str,
+    holders: &[Holder],
+) -> Result<Vec<Stranger>, postgres::Error> {
+    let sql = format!(
+        "SELECT NULLIF(a.application_name, ''), a.usename::text, \
+             CASE WHEN a.client_port = -1 THEN 'local socket' \
+                  WHEN a.client_addr IS NOT NULL THEN host(a.client_addr) || ':' || a.client_port \
+             END \
+         FROM pg_stat_activity a WHERE a.pid = $4 AND NOT {}",
+        holds_badge("$4", "$1::text", "$2", "$3")
+    );
+    let mut strangers = Vec::new();
+    for &holder in holders {
+        let (total, key) = (to_i32(holder.total), to_i32(holder.key));
+        let row = client.query_opt(&sql, &[&projection, &total, &key, &holder.pid])?;
+        if let Some(row) = row {
+            strangers.push(Stranger {
+                holder,
+                application: row.get(0),
+                user: row.get(1),
+                client: row.get(2),
+            });
+        }
+    }
+    Ok(strangers)
 }
 
 /// One worker's statements, prepared once on its connection for its projection, layout,
@@ -132,9 +228,12 @@ impl PartitionStatements {
              FROM saved",
             notify_channel!("projector_applied_")
         ))?;
+        // The badge with the lock, in one statement: no one sees the lock without it.
         let try_hold = prepare(format!(
-            "SELECT pg_try_advisory_lock({}, $2 * 65536 + $3)",
-            lock_class("$1")
+            "SELECT CASE WHEN pg_try_advisory_lock({}, $2 * 65536 + $3) \
+                 THEN pg_try_advisory_lock({}) IS NOT NULL ELSE false END",
+            lock_class("$1"),
+            badge_key("$1", "$2", "$3")
         ))?;
         let peek = prepare(format!(
             "SELECT c.last_position, ( \
@@ -187,13 +286,14 @@ impl PartitionStatements {
             .map(|row| row.get(0))
     }
 
-    /// Gives the partition's session lock back.
+    /// Gives the partition's session lock back, and its badge.
     pub(crate) fn release(&self, client: &mut Client) -> Result<(), postgres::Error> {
         client
             .execute(
                 &format!(
-                    "SELECT pg_advisory_unlock({}, $2 * 65536 + $3)",
-                    lock_class("$1")
+                    "SELECT pg_advisory_unlock({}, $2 * 65536 + $3), pg_advisory_unlock({})",
+                    lock_class("$1"),
+                    badge_key("$1", "$2", "$3")
                 ),
                 &[&self.projection, &self.total, &self.key],
             )
@@ -209,6 +309,21 @@ impl PartitionStatements {
                 position: row.get(0),
                 holder: row.get(1),
             }))
+    }
+
+    /// The session holding this partition's lock, `pid`, when it is not a projector of the
+    /// projection (it holds no badge).
+    pub(crate) fn stranger(
+        &self,
+        client: &mut Client,
+        pid: i32,
+    ) -> Result<Option<Stranger>, postgres::Error> {
+        let holder = Holder {
+            total: self.total.unsigned_abs(),
+            key: self.key.unsigned_abs(),
+            pid,
+        };
+        Ok(strangers_among(client, &self.projection, &[holder])?.pop())
     }
 
     /// Live processes holding partitions of the projection under another partition count.

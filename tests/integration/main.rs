@@ -12,6 +12,7 @@ mod faults;
 mod gap;
 mod hardening;
 mod hostile;
+mod locks;
 mod newcomer;
 mod operations;
 mod outages;

@@ -8,8 +8,14 @@ use log::{info, warn};
 use crate::Error;
 use crate::engine::lane::LaneState;
 use crate::engine::worker::{Connection, Failure, PartitionSummary, Worker, discard};
-use crate::layout::checkpoint::Peek;
+use crate::layout::checkpoint::{Peek, strangers_among};
 use crate::projections::projection::Projection;
+
+/// What a session holding a partition's lock without its badge (see `checkpoint`) is.
+const NOT_A_PROJECTOR: &str = "that session holds the advisory lock the partition takes, but \
+     not the badge a projector takes with it: another application's lock whose keys are the \
+     same, or a projection whose lock keys collide with this one's (or a projector older than \
+     the badges); end that session or change its keys";
 
 /// Whether a worker may apply its partition's events.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -111,13 +117,7 @@ impl<P: Projection> Worker<P> {
                     ));
                 };
                 if self.role != Role::Standby {
-                    info!(
-                        "partition {partition}/{total} of '{}' is held by another live process \
-                         (server pid {}, checkpoint {}): standing by, taking over if it stops",
-                        self.projection.name(),
-                        peek.holder.map_or("?".into(), |pid| pid.to_string()),
-                        peek.position
-                    );
+                    self.say_standing_by(connection, peek)?;
                     self.role = Role::Standby;
                     self.progress.set_state(LaneState::Standby);
                 }
@@ -150,18 +150,35 @@ impl<P: Projection> Worker<P> {
                 ));
             }
             if self.role != Role::Waiting {
+                let strangers =
+                    strangers_among(&mut *connection.client, self.projection.name(), &others)
+                        .map_err(|e| self.failure(e))?;
+                for stranger in &strangers {
+                    let held = stranger.holder;
+                    warn!(
+                        "partition {partition}/{total} of '{name}' waits for partition {}/{} to \
+                         be let go, whose lock is held by {stranger}, which is not a projector \
+                         of '{name}': {NOT_A_PROJECTOR}",
+                        held.key,
+                        held.total,
+                        name = self.projection.name(),
+                    );
+                }
                 let held: Vec<String> = others
                     .iter()
+                    .filter(|h| !strangers.iter().any(|s| s.holder == **h))
                     .map(|h| format!("{}/{} by server pid {}", h.key, h.total, h.pid))
                     .collect();
-                warn!(
-                    "partition {partition}/{total} of '{}' waits for live processes of another \
+                if !held.is_empty() {
+                    warn!(
+                        "partition {partition}/{total} of '{}' waits for live processes of another \
                      layout to stop (partition {} held); they are fenced and stop at their next \
                      transaction or check, within about {} s; stop them if they do not",
-                    self.projection.name(),
-                    held.join(", "),
-                    self.settings.liveness_interval.as_secs().max(1)
-                );
+                        self.projection.name(),
+                        held.join(", "),
+                        self.settings.liveness_interval.as_secs().max(1)
+                    );
+                }
                 self.role = Role::Waiting;
                 self.progress.set_state(LaneState::Waiting);
             }
@@ -177,6 +194,34 @@ impl<P: Projection> Worker<P> {
         }
         self.role = Role::Owner;
         self.progress.set_state(LaneState::Owned);
+        Ok(())
+    }
+
+    /// Says that this worker stands by while another session holds its partition's lock: a
+    /// live process of the projection, or a stranger, named as such.
+    fn say_standing_by(&self, connection: &mut Connection, peek: Peek) -> Result<(), Failure> {
+        let (partition, total) = (self.context.partition, self.context.total_partitions);
+        let name = self.projection.name();
+        let stranger = match peek.holder {
+            Some(pid) => connection
+                .statements
+                .stranger(&mut connection.client, pid)
+                .map_err(|e| self.failure(e))?,
+            None => None,
+        };
+        match stranger {
+            Some(stranger) => warn!(
+                "partition {partition}/{total} of '{name}' is held by {stranger}, which is not a \
+                 projector of '{name}': {NOT_A_PROJECTOR}; this partition stands by until that \
+                 session lets the lock go"
+            ),
+            None => info!(
+                "partition {partition}/{total} of '{name}' is held by another live process \
+                 (server pid {}, checkpoint {}): standing by, taking over if it stops",
+                peek.holder.map_or("?".into(), |pid| pid.to_string()),
+                peek.position
+            ),
+        }
         Ok(())
     }
 
