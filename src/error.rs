@@ -15,7 +15,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum Error {
     /// A setting has a value that cannot be used.
     InvalidSetting {
-        /// The setting, as the user spells it (a flag such as `--partition-key`).
+        /// The setting, in the words of the call that took it: a method
+        /// (`Builder::partitions`, `Database::schema`), a function's parameter
+        /// (`repartition(total)`, `aggregate id` for the dead-letter functions), or the name
+        /// the caller gave a parsing function (`parse_partition_keys("--partition-key", ..)`).
         setting: String,
         /// The value given.
         value: String,
@@ -105,8 +108,8 @@ pub enum Error {
     VersionConflict {
         /// `bounded_context/aggregate_type/aggregate_id`.
         aggregate: String,
-        /// What the caller expected, in words.
-        expected: String,
+        /// What the caller expected.
+        expected: crate::ExpectedVersion,
         /// The version found (0: no stream), when known.
         actual: Option<i64>,
     },
@@ -403,7 +406,7 @@ impl fmt::Display for Error {
                 write!(
                     f,
                     "table '{schema}.{table}' is not the projector's ({}): it seems to belong to \
-                     another tool; use another --schema for the projector",
+                     another tool; give the projector a schema of its own",
                     columns.join("; ")
                 )
             }
@@ -417,18 +420,19 @@ impl fmt::Display for Error {
                     f,
                     "projection '{projection}' has checkpoints for {} partition(s), not {requested}: \
                      a checkpoint only holds under the partition count that wrote it, so running \
-                     with {requested} would skip or repeat events. Start with --total-partitions {}",
+                     with {requested} would skip or repeat events: build the runner with \
+                     Builder::total_partitions({})",
                     stored.join(" and "),
                     stored.first().map(String::as_str).unwrap_or("?"),
                 )?;
                 if stored.len() == 1 {
                     write!(
                         f,
-                        ", or run `projector repartition --projection {projection} --to \
-                         {requested}` to move to {requested} partitions exactly"
+                        ", or move the projection to {requested} partitions exactly with \
+                         projector::repartition"
                     )
                 } else {
-                    f.write_str(", or rebuild the projection with `projector reset`")
+                    f.write_str(", or rebuild the projection with projector::reset")
                 }
             }
             Error::VersionConflict {
@@ -557,13 +561,12 @@ impl fmt::Display for Error {
                     Some(pid) => write!(
                         f,
                         "; a live process holds that partition (server pid {pid}) but has not got \
-                         there: see how far it is with `projector status --projection \
-                         {projection}`"
+                         there"
                     ),
                     None => write!(
                         f,
                         "; no live process holds that partition: is a projector running for \
-                         '{projection}'? (`projector status --projection {projection}`)"
+                         '{projection}'?"
                     ),
                 }
             }
@@ -590,8 +593,8 @@ impl fmt::Display for Error {
             }
             Error::Unavailable { waited, .. } => write!(
                 f,
-                "gave up after {} s without the database (the limit is --give-up-after): check \
-                 that it is up and reachable, then start again",
+                "gave up after {} s without the database (the limit is Builder::give_up_after): \
+                 check that it is up and reachable, then start again",
                 waited.as_secs()
             ),
         }

@@ -64,10 +64,7 @@ impl From<Error> for CliError {
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CliError::Library(error) => {
-                write!(f, "{error}")?;
-                with_flags(error, f)
-            }
+            CliError::Library(error) => in_flags(error, f),
             CliError::NotSet { setting, hint } => write!(f, "{setting} is not set: {hint}"),
             CliError::RemovedFlag { flag, instead } => write!(f, "{flag} was removed: {instead}"),
             CliError::NotConfirmed { action } => write!(f, "{action}; pass --yes to go ahead"),
@@ -89,22 +86,97 @@ impl std::error::Error for CliError {
     }
 }
 
-/// What to do about `error` from the command line, after the library's words: the flags and
-/// commands that do it.
-fn with_flags(error: &Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+/// `error` in the words of the command line: the library's message with the flags and
+/// commands that do what it says, or, where its advice is a call, the command line's own.
+fn in_flags(error: &Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     match error {
+        Error::InvalidSetting {
+            setting,
+            value,
+            reason,
+        } if flag_of(setting).is_some() => {
+            let flag = flag_of(setting).unwrap_or_default();
+            write!(f, "invalid value '{value}' for {flag}: {reason}")?;
+            match flag {
+                "--on-poison" => {
+                    f.write_str(", or give a policy for all of them (`--on-poison park`)")
+                }
+                "--aggregate" => {
+                    f.write_str(" (`projector dead-letters list` shows what is parked)")
+                }
+                _ => Ok(()),
+            }
+        }
+        Error::LayoutMismatch {
+            projection,
+            stored,
+            requested,
+        } => {
+            let stored: Vec<String> = stored.iter().map(u32::to_string).collect();
+            write!(
+                f,
+                "projection '{projection}' has checkpoints for {} partition(s), not {requested}: \
+                 a checkpoint only holds under the partition count that wrote it, so running \
+                 with {requested} would skip or repeat events. Start with --total-partitions {}",
+                stored.join(" and "),
+                stored.first().map(String::as_str).unwrap_or("?"),
+            )?;
+            if stored.len() == 1 {
+                write!(
+                    f,
+                    ", or run `projector repartition --projection {} --to {requested}` to move \
+                     to {requested} partitions exactly",
+                    shell_word(projection)
+                )
+            } else {
+                f.write_str(", or rebuild the projection with `projector reset`")
+            }
+        }
+        Error::Unavailable { waited, .. } => write!(
+            f,
+            "gave up after {} s without the database (the limit is --give-up-after): check that \
+             it is up and reachable, then start again",
+            waited.as_secs()
+        ),
+        Error::UnexpectedColumns { .. } => write!(f, "{error} (--schema)"),
+        Error::NotAppliedInTime {
+            projection,
+            held_by_pid,
+            ..
+        } => {
+            let status = format!("`projector status --projection {}`", shell_word(projection));
+            match held_by_pid {
+                Some(_) => write!(f, "{error}: see how far it is with {status}"),
+                None => write!(f, "{error} ({status})"),
+            }
+        }
         Error::EventParked {
             projection,
             aggregate_id,
             ..
         } => write!(
             f,
-            ": `projector dead-letters retry --projection {} --aggregate {}` once the cause is \
-             fixed (`projector dead-letters list --projection {}` lists them)",
+            "{error}: `projector dead-letters retry --projection {} --aggregate {}` once the \
+             cause is fixed (`projector dead-letters list --projection {}` lists them)",
             shell_word(projection),
             shell_word(aggregate_id),
             shell_word(projection),
         ),
-        _ => Ok(()),
+        _ => write!(f, "{error}"),
     }
+}
+
+/// The flag that gives a setting the library names in the words of its calls (see
+/// [`Error::InvalidSetting`]); `None` for one the command line named itself.
+fn flag_of(setting: &str) -> Option<&'static str> {
+    Some(match setting {
+        "Builder::batch_size" => "--batch-size",
+        "Builder::projection" | "repartition(projection)" => "--projection",
+        "Builder::on_poison_of" => "--on-poison",
+        "Builder::total_partitions" => "--total-partitions",
+        "Builder::partitions" => "--partition-key",
+        "repartition(total)" => "--to",
+        "aggregate id" => "--aggregate",
+        _ => return None,
+    })
 }

@@ -168,13 +168,9 @@ pub fn retry<P: Projection>(
 /// `aggregate` of projection `name` has nothing parked.
 fn nothing_parked(name: &str, aggregate: &str) -> Error {
     Error::invalid_setting(
-        "--aggregate",
+        "aggregate id",
         aggregate,
-        format!(
-            "projection '{name}' has no parked events of this aggregate: `projector \
-             dead-letters list --projection {}` shows what is parked",
-            crate::shell_word(name)
-        ),
+        format!("projection '{name}' has no parked events of this aggregate"),
     )
 }
 
@@ -182,7 +178,7 @@ fn nothing_parked(name: &str, aggregate: &str) -> Error {
 /// time before this one locked it.
 fn released_meanwhile(aggregate: &str) -> Error {
     Error::invalid_setting(
-        "--aggregate",
+        "aggregate id",
         aggregate,
         "nothing of it is parked any more: a retry or drop running at the same time released it \
          first",

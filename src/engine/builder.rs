@@ -204,7 +204,7 @@ impl Builder {
         let batch_size = self.settings.batch_size;
         if !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
             return Err(Error::invalid_setting(
-                "--batch-size",
+                "Builder::batch_size",
                 batch_size,
                 format!(
                     "from 1 to {MAX_BATCH_SIZE} events per read: a read is held in memory whole"
@@ -218,14 +218,14 @@ impl Builder {
                 let name = member.projection.name().to_owned();
                 if name.is_empty() {
                     return Err(Error::invalid_setting(
-                        "--projection",
+                        "Builder::projection",
                         "",
                         "a projection needs a name",
                     ));
                 }
                 if !names.insert(name.clone()) {
                     return Err(Error::invalid_setting(
-                        "--projection",
+                        "Builder::projection",
                         &name,
                         "each projection may be given once: it is named twice",
                     ));
@@ -260,11 +260,10 @@ impl Builder {
         let runs = |name: &str| plans.iter().any(|plan| plan.projection.name() == name);
         match self.on_poison_of.iter().find(|(name, _)| !runs(name)) {
             Some((name, _)) => Err(Error::invalid_setting(
-                "--on-poison",
+                "Builder::on_poison_of",
                 name,
                 format!(
-                    "no projection of that name runs here (it runs {}): name one of them, or \
-                     give a policy for all of them (`--on-poison park`)",
+                    "no projection of that name runs here (it runs {}): name one of them",
                     plans
                         .iter()
                         .map(|plan| format!("'{}'", plan.projection.name()))
@@ -301,24 +300,24 @@ impl Builder {
 fn checked_keys(mut keys: Vec<u32>, total: u32) -> Result<Vec<u32>, Error> {
     if total == 0 || total > MAX_PARTITIONS {
         return Err(Error::invalid_setting(
-            "--total-partitions",
+            "Builder::total_partitions",
             total,
             format!("the number of partitions must be from 1 to {MAX_PARTITIONS}"),
         ));
     }
     if keys.is_empty() {
         return Err(Error::invalid_setting(
-            "--partition-key",
+            "Builder::partitions",
             "",
             "at least one partition key is needed",
         ));
     }
     if let Some(&key) = keys.iter().find(|&&key| key >= total) {
         return Err(Error::invalid_setting(
-            "--partition-key",
+            "Builder::partitions",
             key,
             format!(
-                "partition keys go from 0 to {} with --total-partitions {total}",
+                "partition keys go from 0 to {} with {total} partitions",
                 total - 1
             ),
         ));

@@ -133,14 +133,14 @@ pub fn repartition(
 ) -> Result<LayoutChange, Error> {
     if total == 0 || total > MAX_PARTITIONS {
         return Err(Error::invalid_setting(
-            "--to",
+            "repartition(total)",
             total,
             format!("the number of partitions must be from 1 to {MAX_PARTITIONS}"),
         ));
     }
     if projection.is_empty() {
         return Err(Error::invalid_setting(
-            "--projection",
+            "repartition(projection)",
             "",
             "a projection needs a name",
         ));

@@ -129,7 +129,7 @@ impl Database {
                 .all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
             return Err(Error::invalid_setting(
-                "--schema",
+                "Database::schema",
                 schema,
                 "schema names are up to 63 letters, digits and underscores, not starting with a digit",
             ));
@@ -146,7 +146,8 @@ impl Database {
     /// bound). From 5 to 86,400 seconds; default 30. Options of the same names given in the
     /// connection string's `options` win over it on the server side.
     pub fn keepalive_timeout_secs(mut self, seconds: u32) -> Result<Database, Error> {
-        self.keepalive_timeout_secs = timeout_within_bounds("--keepalive-timeout-secs", seconds)?;
+        self.keepalive_timeout_secs =
+            timeout_within_bounds("Database::keepalive_timeout_secs", seconds)?;
         self.apply_settings();
         Ok(self)
     }
@@ -161,7 +162,8 @@ impl Database {
     /// PostgreSQL 14 or later. Options of the same names in the connection string's `options`
     /// win over it.
     pub fn session_timeout_secs(mut self, seconds: u32) -> Result<Database, Error> {
-        self.session_timeout_secs = timeout_within_bounds("--session-timeout-secs", seconds)?;
+        self.session_timeout_secs =
+            timeout_within_bounds("Database::session_timeout_secs", seconds)?;
         Ok(self)
     }
 
@@ -613,7 +615,7 @@ mod tests {
                         prop_assert!(options.ends_with(&format!(" -c search_path=\"{name}\"")), "{}", options);
                     }
                     Err(Error::InvalidSetting { setting, value, .. }) => {
-                        prop_assert_eq!(setting, "--schema");
+                        prop_assert_eq!(setting, "Database::schema");
                         prop_assert_eq!(value, name);
                     }
                     Err(other) => prop_assert!(false, "{other:?}"),

@@ -239,7 +239,7 @@ pub fn append(
     }
     let conflict = |actual: Option<i64>| Error::VersionConflict {
         aggregate: aggregate.clone(),
-        expected: expected.to_string(),
+        expected,
         actual,
     };
 

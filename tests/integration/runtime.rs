@@ -154,6 +154,60 @@ fn a_different_partition_count_than_stored_is_refused() {
     }
 }
 
+/// The setting an [`Error::InvalidSetting`] names, and its message.
+fn invalid_setting(outcome: Result<projector::Runner, Error>) -> (String, String) {
+    match outcome {
+        Err(error @ Error::InvalidSetting { .. }) => {
+            let message = error.to_string();
+            let Error::InvalidSetting { setting, .. } = error else {
+                unreachable!()
+            };
+            (setting, message)
+        }
+        Err(other) => panic!("expected InvalidSetting, got {other:?}"),
+        Ok(_) => panic!("expected InvalidSetting, the runner started"),
+    }
+}
+
+#[test]
+fn library_errors_name_builder_methods_not_command_line_flags() {
+    let schema = TestSchema::migrated("library_words");
+    schema.seed(10, 2);
+    catch_up(&schema, AggregateStats, &[0, 1, 2, 3], 4).expect("first layout");
+    let layout = catch_up(&schema, AggregateStats, &[0], 2)
+        .expect_err("another partition count")
+        .to_string();
+    assert!(
+        layout.contains("build the runner with Builder::total_partitions(4)")
+            && layout.contains("projector::repartition"),
+        "{layout}"
+    );
+
+    let builder = || Builder::new(schema.database.clone(), AggregateStats);
+    let key = builder().partitions([5]).total_partitions(4).start();
+    let batch = builder().batch_size(100_000_000).start();
+    let poison = builder()
+        .on_poison_of("agregate-stats", projector::PoisonPolicy::Park)
+        .start();
+    let twice = builder().projection(AggregateStats).start();
+    let (key, batch, poison, twice) = (
+        invalid_setting(key),
+        invalid_setting(batch),
+        invalid_setting(poison),
+        invalid_setting(twice),
+    );
+    assert_eq!(key.0, "Builder::partitions", "{}", key.1);
+    assert_eq!(batch.0, "Builder::batch_size", "{}", batch.1);
+    assert_eq!(poison.0, "Builder::on_poison_of", "{}", poison.1);
+    assert_eq!(twice.0, "Builder::projection", "{}", twice.1);
+    for message in [&layout, &key.1, &batch.1, &poison.1, &twice.1] {
+        assert!(
+            !message.contains("--"),
+            "a flag in a library error: {message}"
+        );
+    }
+}
+
 #[test]
 fn an_idle_partition_still_moves_its_checkpoint() {
     let schema = TestSchema::migrated("idle_partition");

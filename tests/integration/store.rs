@@ -89,6 +89,7 @@ fn append_with_a_stale_version_is_a_conflict_and_stores_nothing() {
         matches!(
             exists,
             Err(Error::VersionConflict {
+                expected: ExpectedVersion::NoStream,
                 actual: Some(1),
                 ..
             })
