@@ -38,7 +38,7 @@ pub(crate) enum CliError {
         /// What it would do, in words.
         action: String,
         /// Why it would be refused (such as [`Error::ProjectionRunning`]).
-        because: Error,
+        because: Box<Error>,
     },
 }
 
@@ -80,7 +80,7 @@ impl std::error::Error for CliError {
         match self {
             // The library error's own text is this one's first part: its causes come next.
             CliError::Library(error) => std::error::Error::source(error),
-            CliError::WouldBeRefused { because, .. } => Some(because),
+            CliError::WouldBeRefused { because, .. } => Some(because.as_ref()),
             _ => None,
         }
     }

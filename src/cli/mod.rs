@@ -304,10 +304,10 @@ fn reset_projection<P: Projection>(
         }
         return Err(CliError::WouldBeRefused {
             action,
-            because: Error::ProjectionRunning {
+            because: Box::new(Error::ProjectionRunning {
                 projection: name,
                 held,
-            },
+            }),
         });
     }
     projector::reset(&mut client, &mut projection)?;

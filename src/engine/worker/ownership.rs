@@ -8,7 +8,7 @@ use log::{info, warn};
 use crate::Error;
 use crate::engine::lane::LaneState;
 use crate::engine::worker::{Connection, Failure, PartitionSummary, Worker, discard};
-use crate::layout::checkpoint::{Peek, strangers_among};
+use crate::layout::checkpoint::{Holder, Peek, strangers_among};
 use crate::projections::projection::Projection;
 
 /// What a session holding a partition's lock without its badge (see `checkpoint`) is.
@@ -150,35 +150,7 @@ impl<P: Projection> Worker<P> {
                 ));
             }
             if self.role != Role::Waiting {
-                let strangers =
-                    strangers_among(&mut *connection.client, self.projection.name(), &others)
-                        .map_err(|e| self.failure(e))?;
-                for stranger in &strangers {
-                    let held = stranger.holder;
-                    warn!(
-                        "partition {partition}/{total} of '{name}' waits for partition {}/{} to \
-                         be let go, whose lock is held by {stranger}, which is not a projector \
-                         of '{name}': {NOT_A_PROJECTOR}",
-                        held.key,
-                        held.total,
-                        name = self.projection.name(),
-                    );
-                }
-                let held: Vec<String> = others
-                    .iter()
-                    .filter(|h| !strangers.iter().any(|s| s.holder == **h))
-                    .map(|h| format!("{}/{} by server pid {}", h.key, h.total, h.pid))
-                    .collect();
-                if !held.is_empty() {
-                    warn!(
-                        "partition {partition}/{total} of '{}' waits for live processes of another \
-                     layout to stop (partition {} held); they are fenced and stop at their next \
-                     transaction or check, within about {} s; stop them if they do not",
-                        self.projection.name(),
-                        held.join(", "),
-                        self.settings.liveness_interval.as_secs().max(1)
-                    );
-                }
+                self.say_waiting(connection, &others)?;
                 self.role = Role::Waiting;
                 self.progress.set_state(LaneState::Waiting);
             }
@@ -221,6 +193,38 @@ impl<P: Projection> Worker<P> {
                 peek.holder.map_or("?".into(), |pid| pid.to_string()),
                 peek.position
             ),
+        }
+        Ok(())
+    }
+
+    /// Says that this worker waits for the holders of another layout's partitions, naming
+    /// apart those that are not projectors of the projection.
+    fn say_waiting(&self, connection: &mut Connection, others: &[Holder]) -> Result<(), Failure> {
+        let (partition, total) = (self.context.partition, self.context.total_partitions);
+        let name = self.projection.name();
+        let strangers =
+            strangers_among(&mut *connection.client, name, others).map_err(|e| self.failure(e))?;
+        for stranger in &strangers {
+            let (key, of) = (stranger.holder.key, stranger.holder.total);
+            warn!(
+                "partition {partition}/{total} of '{name}' waits for partition {key}/{of} to be \
+                 let go, whose lock is held by {stranger}, which is not a projector of \
+                 '{name}': {NOT_A_PROJECTOR}"
+            );
+        }
+        let held: Vec<String> = others
+            .iter()
+            .filter(|h| !strangers.iter().any(|s| s.holder == **h))
+            .map(|h| format!("{}/{} by server pid {}", h.key, h.total, h.pid))
+            .collect();
+        if !held.is_empty() {
+            warn!(
+                "partition {partition}/{total} of '{name}' waits for live processes of another \
+                 layout to stop (partition {} held); they are fenced and stop at their next \
+                 transaction or check, within about {} s; stop them if they do not",
+                held.join(", "),
+                self.settings.liveness_interval.as_secs().max(1)
+            );
         }
         Ok(())
     }
