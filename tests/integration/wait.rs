@@ -523,7 +523,7 @@ fn the_wait_command_exits_2_for_bad_flags_and_a_projection_that_never_ran() {
     }
 }
 
-/// `aggregate-stats` under the park policy, whose events of aggregate `poison-1` always fail:
+/// `aggregate-stats` under the park policy, whose events of aggregates `poison-*` always fail:
 /// they are parked, never applied.
 #[derive(Clone)]
 struct ParksPoison;
@@ -547,26 +547,30 @@ impl Projection for ParksPoison {
         event: &Event,
         context: &Context,
     ) -> Result<(), BoxError> {
-        if event.aggregate_id == "poison-1" {
-            return Err("poison-1 cannot be applied".into());
+        if event.aggregate_id.starts_with("poison-") {
+            return Err(format!("{} cannot be applied", event.aggregate_id).into());
         }
         AggregateStats.apply(tx, event, context)
     }
 }
 
-/// Runs `parks-poison` to the head, with quick retries.
-fn park_to_the_head(schema: &TestSchema) {
+/// Starts `parks-poison` on 2 partitions, with quick retries, to the head or live.
+fn start_parking(schema: &TestSchema, to_the_head: bool) -> Runner {
     let mut settings = Settings::default();
-    settings.retry_delay = Duration::from_millis(20);
-    settings.max_retry_delay = Duration::from_millis(50);
-    let runner = Builder::new(schema.database.clone(), ParksPoison)
+    settings.retry_delay = Duration::from_millis(100);
+    settings.max_retry_delay = Duration::from_millis(100);
+    Builder::new(schema.database.clone(), ParksPoison)
         .partitions(0..2)
         .total_partitions(2)
         .settings(settings)
-        .exit_when_caught_up(true)
+        .exit_when_caught_up(to_the_head)
         .start()
-        .expect("start the runner");
-    join_within(runner, LIMIT).expect("the runner catches up");
+        .expect("start the runner")
+}
+
+/// Runs `parks-poison` to the head.
+fn park_to_the_head(schema: &TestSchema) {
+    join_within(start_parking(schema, true), LIMIT).expect("the runner catches up");
 }
 
 #[test]
@@ -634,6 +638,21 @@ fn wait_for_a_parked_event_says_it_was_parked_never_applied() {
         }
     }
     assert_eq!(read_model(&schema, "poison-1"), None);
+
+    // Waiting while it is tried (three attempts, 100 ms apart): the commit that parks it ends
+    // the wait, and says parked.
+    let runner = start_parking(&schema, false);
+    let poison = append(&schema, "poison-2");
+    match wait_for(
+        &schema.database,
+        "parks-poison",
+        Until::Position(poison),
+        LIMIT,
+    ) {
+        Err(Error::EventParked { position, .. }) => assert_eq!(position, poison),
+        other => panic!("expected EventParked, got {other:?}"),
+    }
+    stop(runner);
 }
 
 #[test]
