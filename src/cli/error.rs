@@ -94,19 +94,22 @@ fn in_flags(error: &Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             setting,
             value,
             reason,
-        } if flag_of(setting).is_some() => {
-            let flag = flag_of(setting).unwrap_or_default();
-            write!(f, "invalid value '{value}' for {flag}: {reason}")?;
-            match flag {
-                "--on-poison" => {
-                    f.write_str(", or give a policy for all of them (`--on-poison park`)")
+        } => match flag_of(setting) {
+            Some(flag) => {
+                write!(f, "invalid value '{value}' for {flag}: {reason}")?;
+                match flag {
+                    "--on-poison" => {
+                        f.write_str(", or give a policy for all of them (`--on-poison park`)")
+                    }
+                    "--aggregate" => {
+                        f.write_str(" (`projector dead-letters list` shows what is parked)")
+                    }
+                    _ => Ok(()),
                 }
-                "--aggregate" => {
-                    f.write_str(" (`projector dead-letters list` shows what is parked)")
-                }
-                _ => Ok(()),
             }
-        }
+            // Named by the command line itself.
+            None => write!(f, "{error}"),
+        },
         Error::LayoutMismatch {
             projection,
             stored,
@@ -179,4 +182,63 @@ fn flag_of(setting: &str) -> Option<&'static str> {
         "aggregate id" => "--aggregate",
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_setting_the_library_names_by_its_call_is_shown_as_its_flag() {
+        let error = CliError::from(Error::invalid_setting(
+            "Builder::partitions",
+            9,
+            "partition keys go from 0 to 3 with 4 partitions",
+        ));
+        assert_eq!(
+            error.to_string(),
+            "invalid value '9' for --partition-key: partition keys go from 0 to 3 with 4 \
+             partitions"
+        );
+        assert_eq!(error.exit_code(), 2);
+        let named = CliError::from(Error::invalid_setting("--timeout", "soon", "a duration"));
+        assert_eq!(
+            named.to_string(),
+            "invalid value 'soon' for --timeout: a duration"
+        );
+    }
+
+    #[test]
+    fn each_error_has_its_exit_code() {
+        let parked = CliError::from(Error::EventParked {
+            projection: "carts".into(),
+            position: 7,
+            aggregate_id: "it's here".into(),
+            partition: 1,
+            total: 4,
+            first_parked: 7,
+            reason: "boom".into(),
+        });
+        assert_eq!(parked.exit_code(), EXIT_PARKED);
+        assert!(
+            parked.to_string().ends_with(
+                "`projector dead-letters retry --projection carts --aggregate 'it'\\''s here'` \
+                 once the cause is fixed (`projector dead-letters list --projection carts` lists \
+                 them)"
+            ),
+            "{parked}"
+        );
+        let failed = CliError::from(Error::ThreadPanicked {
+            thread: "projector-fetch".into(),
+        });
+        assert_eq!(failed.exit_code(), 1);
+        let not_confirmed = CliError::NotConfirmed {
+            action: "reset would delete".into(),
+        };
+        assert_eq!(not_confirmed.exit_code(), 2);
+        assert_eq!(
+            not_confirmed.to_string(),
+            "reset would delete; pass --yes to go ahead"
+        );
+    }
 }
