@@ -17,6 +17,9 @@ use crate::projections::projection::PoisonPolicy;
 use crate::projections::projection::Projection;
 use crate::{BoxError, error_chain, partition_of};
 
+/// The parked aggregates of projection `$1`.
+const PARKED_AGGREGATES: &str = include_str!("../../../sql/parked_aggregates.sql");
+
 /// The event a parking worker gave up on: it is parked in the next commit.
 #[derive(Debug)]
 pub(crate) struct Poisoned {
@@ -95,10 +98,7 @@ impl<P: Projection> Worker<P> {
         // are not looked at one by one.
         let (partition, total) = (self.context.partition, self.context.total_partitions);
         parking.seen = tx
-            .query_typed(
-                "SELECT DISTINCT aggregate_id FROM projection_dead_letters WHERE projection = $1",
-                &[(&name, Type::TEXT)],
-            )?
+            .query_typed(PARKED_AGGREGATES, &[(&name, Type::TEXT)])?
             .iter()
             .map(|row| row.get::<_, String>(0))
             .filter(|id| partition_of(id, total) == partition)
