@@ -1,6 +1,7 @@
 //! The crate's one error type.
 
 use std::fmt;
+use std::time::Duration;
 
 /// The error a projection's `apply` may return: any error, boxed.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -135,6 +136,28 @@ pub enum Error {
         /// How many times it was tried.
         attempts: u32,
         /// The projection's error, or the panic message.
+        source: BoxError,
+    },
+    /// A projection with the park policy parked more aggregates than
+    /// [`Settings::park_storm_limit`](crate::Settings::park_storm_limit) within
+    /// [`Settings::park_storm_window`](crate::Settings::park_storm_window) and failed on yet
+    /// another event: it stopped just before that event, as under the stop policy.
+    ParkStorm {
+        /// The projection's name.
+        projection: String,
+        /// How many aggregates it parked within the window.
+        parked: u32,
+        /// The window.
+        window: Duration,
+        /// The partition key of the event it stopped before.
+        partition: u32,
+        /// The number of partitions.
+        total: u32,
+        /// Global position of that event.
+        position: i64,
+        /// Its aggregate id.
+        aggregate_id: String,
+        /// The projection's error for it.
         source: BoxError,
     },
     /// This process's layout was replaced (re-partitioned, or the projection reset) after it
@@ -463,6 +486,25 @@ impl fmt::Display for Error {
                  {position} (aggregate '{aggregate_id}', event type '{event_type}') after {attempts} \
                  attempt(s); its checkpoint is left before this event, fix the cause and restart"
             ),
+            Error::ParkStorm {
+                projection,
+                parked,
+                window,
+                partition,
+                total,
+                position,
+                aggregate_id,
+                ..
+            } => write!(
+                f,
+                "park storm: projection '{projection}' parked {parked} aggregates within {} s, \
+                 which points to a bug rather than to bad events, and is stopped on partition \
+                 {partition}/{total} before global position {position} (aggregate \
+                 '{aggregate_id}'); `projector dead-letters list --projection {}` shows why they \
+                 failed: fix the cause, restart, then retry them (or raise the park storm limit)",
+                window.as_secs(),
+                crate::shell_word(projection)
+            ),
             Error::Fenced {
                 projection,
                 total,
@@ -610,7 +652,9 @@ impl std::error::Error for Error {
             | Error::Database { source, .. } => Some(source),
             Error::Pool { source } => Some(source),
             Error::Unavailable { source, .. } => Some(source.as_ref()),
-            Error::Projection { source, .. } | Error::ReadModel { source, .. } => {
+            Error::Projection { source, .. }
+            | Error::ParkStorm { source, .. }
+            | Error::ReadModel { source, .. } => {
                 Some(source.as_ref())
             }
             _ => None,

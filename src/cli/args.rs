@@ -43,6 +43,12 @@ pub(crate) struct Args {
     #[argh(option)]
     pub(crate) on_poison: Option<String>,
 
+    /// with park: a projection that would park more than N aggregates within a minute stops
+    /// just before the next poison event instead (a bug, not bad events), default 20; 0 never
+    /// stops
+    #[argh(option)]
+    pub(crate) park_storm_limit: Option<String>,
+
     /// stop once caught up with the head of the stream as it was at start
     #[argh(switch)]
     pub(crate) exit_when_caught_up: bool,
@@ -283,8 +289,9 @@ const CONNECTION_FLAGS: [&str; 5] = [
 ];
 
 /// Flags only running a projection (no subcommand) uses.
-const RUN_FLAGS: [&str; 9] = [
+const RUN_FLAGS: [&str; 10] = [
     "--on-poison",
+    "--park-storm-limit",
     "--partition-key",
     "--total-partitions",
     "--batch-size",

@@ -54,6 +54,9 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Cli
     if let Some(text) = &args.on_poison {
         builder = with_poison_policies(builder, text)?;
     }
+    if let Some(text) = &args.park_storm_limit {
+        builder = builder.park_storm_limit(whole_number("--park-storm-limit", text)?);
+    }
     if let Some(text) = &args.batch_size {
         builder = builder.batch_size(positive("--batch-size", text)?);
     }
@@ -180,6 +183,13 @@ fn with_poison_policies(mut builder: Builder, text: &str) -> Result<Builder, Err
         Some(policy) => builder.on_poison(policy),
         None => builder,
     })
+}
+
+/// A whole number, 0 included.
+fn whole_number(flag: &str, text: &str) -> Result<u32, Error> {
+    text.trim()
+        .parse::<u32>()
+        .map_err(|_| Error::invalid_setting(flag, text, "expected a whole number (0 or more)"))
 }
 
 /// Where the process stands when a signal (Ctrl-C, SIGTERM) arrives.

@@ -163,6 +163,15 @@ impl Builder {
         self
     }
 
+    /// With the park policy: a projection that would park more than `limit` aggregates within
+    /// [`Settings::park_storm_window`] (a minute by default) stops just before the next poison
+    /// event instead, with [`Error::ParkStorm`]; 0 turns the breaker off. See
+    /// [`Settings::park_storm_limit`].
+    pub fn park_storm_limit(mut self, limit: u32) -> Self {
+        self.settings.park_storm_limit = limit;
+        self
+    }
+
     /// Replaces every setting at once.
     pub fn settings(mut self, settings: Settings) -> Self {
         self.settings = settings;

@@ -20,7 +20,7 @@ use crate::engine::router::{FetchProgress, Lane};
 use crate::engine::settings::{Settings, Stopper};
 use crate::engine::straggler::Stragglers;
 use crate::engine::worker::ownership::Role;
-use crate::engine::worker::parking::Parking;
+use crate::engine::worker::parking::{Parking, StormBreaker};
 use crate::engine::worker::retry::Held;
 use crate::engine::worker::{PartitionSummary, Worker};
 use crate::layout::Layout;
@@ -199,6 +199,7 @@ impl Threads {
         let several = self.projection_stops.len() > 1;
         let failed = Arc::new(AtomicBool::new(false));
         let scope = plan.projection.scope();
+        let breaker = Arc::new(StormBreaker::new(&self.settings));
         let mut workers = Vec::new();
         for (&partition, &checkpoint) in plan.keys.iter().zip(&checkpoints) {
             let (queue, batches) = bounded(self.settings.queue_depth.max(1));
@@ -247,7 +248,7 @@ impl Threads {
                 stragglers: Arc::clone(&self.stragglers),
                 lane: lanes.len() - 1,
                 scope: scope.clone(),
-                parking: Parking::new(plan.policy),
+                parking: Parking::new(plan.policy, Arc::clone(&breaker)),
                 held: Held::default(),
             };
             let done = done.clone();

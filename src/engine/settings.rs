@@ -40,6 +40,15 @@ pub struct Settings {
     pub retry_delay: Duration,
     /// Longest delay between retries. Default 5 s.
     pub max_retry_delay: Duration,
+    /// The park storm breaker: a projection whose policy is
+    /// [`PoisonPolicy::Park`](crate::PoisonPolicy::Park) and that would park more than this
+    /// many aggregates within [`park_storm_window`](Self::park_storm_window) (in this process)
+    /// stops instead, just before the next poison event, with
+    /// [`Error::ParkStorm`](crate::Error::ParkStorm): so many poison events at once point to a
+    /// bug in the projection rather than to bad events. 0 turns the breaker off. Default 20.
+    pub park_storm_limit: u32,
+    /// The window of [`park_storm_limit`](Self::park_storm_limit). Default 60 s.
+    pub park_storm_window: Duration,
     /// Stop once every owned partition has caught up with the head of the stream as it was at
     /// start. Default off: run until shut down.
     pub exit_when_caught_up: bool,
@@ -83,6 +92,8 @@ impl Default for Settings {
             max_attempts: 3,
             retry_delay: Duration::from_millis(100),
             max_retry_delay: Duration::from_secs(5),
+            park_storm_limit: 20,
+            park_storm_window: Duration::from_secs(60),
             exit_when_caught_up: false,
             liveness_interval: Duration::from_secs(1),
             give_up_after: Duration::from_secs(600),

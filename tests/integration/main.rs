@@ -17,6 +17,7 @@ mod newcomer;
 mod operations;
 mod outages;
 mod partition;
+mod poison;
 mod proxy;
 mod pupsourcing;
 mod repartition;

@@ -3,8 +3,9 @@
 //! events to set aside (the poison event it gave up on, and every event of a parked
 //! aggregate) instead of applying them.
 
-use std::collections::HashSet;
-use std::time::SystemTime;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::warn;
 use postgres::Transaction;
@@ -15,6 +16,7 @@ use crate::event::Event;
 use crate::layout::checkpoint::to_i32;
 use crate::projections::projection::PoisonPolicy;
 use crate::projections::projection::Projection;
+use crate::engine::settings::Settings;
 use crate::{BoxError, error_chain, partition_of};
 
 /// The parked aggregates of projection `$1`.
@@ -41,16 +43,25 @@ pub(crate) struct Parking {
     /// The parked aggregates the last transaction saw, with the events it set aside.
     seen: HashSet<String>,
     heads_now: Vec<(i64, String)>,
+    /// Shared by the projection's workers in this process.
+    breaker: Arc<StormBreaker>,
 }
 
 impl Parking {
-    pub(crate) fn new(policy: PoisonPolicy) -> Parking {
+    pub(crate) fn new(policy: PoisonPolicy, breaker: Arc<StormBreaker>) -> Parking {
         Parking {
             parks_poison: policy == PoisonPolicy::Park,
             poisoned: Vec::new(),
             seen: HashSet::new(),
             heads_now: Vec::new(),
+            breaker,
         }
+    }
+
+    /// Before parking one more aggregate: counts it, unless the projection's park storm
+    /// breaker trips; then `Err` with how many aggregates it parked within the window.
+    pub(crate) fn admit_one_more(&self) -> Result<(), u32> {
+        self.breaker.admit(Instant::now())
     }
 
     /// True with the park policy: an event that keeps failing is to be parked.
@@ -72,6 +83,49 @@ impl Parking {
             attempts,
             first_failed_at,
         });
+    }
+}
+
+/// A projection's park storm breaker: it trips when the projection's workers in this process
+/// would park more than [`Settings::park_storm_limit`] aggregates within
+/// [`Settings::park_storm_window`]; a bug that fails on every event then stops the projection
+/// instead of parking every aggregate.
+#[derive(Debug)]
+pub(crate) struct StormBreaker {
+    limit: u32,
+    window: Duration,
+    /// When each aggregate counted within the window was parked, oldest first.
+    parked_at: Mutex<VecDeque<Instant>>,
+}
+
+impl StormBreaker {
+    pub(crate) fn new(settings: &Settings) -> StormBreaker {
+        StormBreaker {
+            limit: settings.park_storm_limit,
+            window: settings.park_storm_window,
+            parked_at: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Counts an aggregate parked `now`; `Err` with the number parked within the window, and
+    /// nothing counted, when that would be more than the limit (never with a limit of 0).
+    fn admit(&self, now: Instant) -> Result<(), u32> {
+        if self.limit == 0 {
+            return Ok(());
+        }
+        let mut parked_at = crate::lock(&self.parked_at);
+        while parked_at
+            .front()
+            .is_some_and(|&at| now.saturating_duration_since(at) >= self.window)
+        {
+            parked_at.pop_front();
+        }
+        let parked = u32::try_from(parked_at.len()).unwrap_or(u32::MAX);
+        if parked >= self.limit {
+            return Err(parked);
+        }
+        parked_at.push_back(now);
+        Ok(())
     }
 }
 
@@ -206,5 +260,36 @@ impl<P: Projection> Worker<P> {
                 crate::shell_word(&aggregate)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker(limit: u32, window_secs: u64) -> StormBreaker {
+        let mut settings = Settings::default();
+        settings.park_storm_limit = limit;
+        settings.park_storm_window = Duration::from_secs(window_secs);
+        StormBreaker::new(&settings)
+    }
+
+    #[test]
+    fn the_breaker_trips_past_the_limit_within_the_window_only() {
+        let breaker = breaker(2, 60);
+        let start = Instant::now();
+        assert_eq!(breaker.admit(start), Ok(()));
+        assert_eq!(breaker.admit(start + Duration::from_secs(30)), Ok(()));
+        assert_eq!(breaker.admit(start + Duration::from_secs(59)), Err(2));
+        // The first one has left the window.
+        assert_eq!(breaker.admit(start + Duration::from_secs(60)), Ok(()));
+        assert_eq!(breaker.admit(start + Duration::from_secs(61)), Err(2));
+    }
+
+    #[test]
+    fn a_limit_of_zero_never_trips() {
+        let breaker = breaker(0, 60);
+        let now = Instant::now();
+        assert!((0..1000).all(|_| breaker.admit(now).is_ok()));
     }
 }

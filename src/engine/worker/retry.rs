@@ -2,14 +2,15 @@
 //! on an event is tried again a few times, and meanwhile the partition's batches are held (or
 //! it leaves the shared read) so that the other partitions do not wait behind it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::select;
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 
 use crate::engine::worker::{Batch, Connection, Failure, PartitionSummary, Worker, discard};
+use crate::error::BoxError;
 use crate::event::Event;
 use crate::projections::projection::Projection;
 use crate::{Error, backoff};
@@ -27,8 +28,7 @@ impl<P: Projection> Worker<P> {
         upto: i64,
         summary: &mut PartitionSummary,
     ) -> Result<bool, Error> {
-        let mut failures = 0;
-        let mut first_failed_at = std::time::SystemTime::now();
+        let mut failed = FailedAttempts::default();
         // The whole batch at once first; after a failure, event by event, to find the event.
         let mut whole = true;
         loop {
@@ -75,33 +75,20 @@ impl<P: Projection> Worker<P> {
                     whole = false;
                 }
                 Err(Failure::Projection { index, source }) => {
-                    failures += 1;
                     let event = &events[index];
-                    if failures == 1 {
-                        first_failed_at = std::time::SystemTime::now();
-                    }
+                    let (failures, first_failed_at) = failed.count(event.global_position);
                     if failures >= self.settings.max_attempts {
-                        if self.parking.parks_poison() {
+                        let Some(error) =
+                            self.give_up_on(event, failures, first_failed_at, source)
+                        else {
                             // Parked in the next attempt, with the later events of its aggregate.
-                            self.parking
-                                .poison(event, &source, failures, first_failed_at);
-                            failures = 0;
                             continue;
-                        }
+                        };
                         self.progress.failures.fetch_add(1, Ordering::Relaxed);
                         // Keep what came before the failing event, and stop just before it.
                         let before = event.global_position - 1;
                         let _ = self.commit(connection, &events[..index], before, false, summary);
-                        return Err(Error::Projection {
-                            projection: self.projection.name().to_owned(),
-                            partition: self.context.partition,
-                            total: self.context.total_partitions,
-                            position: event.global_position,
-                            aggregate_id: event.aggregate_id.clone(),
-                            event_type: event.event_type.clone(),
-                            attempts: failures,
-                            source,
-                        });
+                        return Err(error);
                     }
                     self.progress.retries.fetch_add(1, Ordering::Relaxed);
                     let delay = backoff(
@@ -125,6 +112,63 @@ impl<P: Projection> Worker<P> {
                     }
                 }
             }
+        }
+    }
+
+    /// After the last attempt at `event`: parks it at the next commit (`None`) with the park
+    /// policy, unless the park storm breaker trips; else the error that stops the projection.
+    fn give_up_on(
+        &mut self,
+        event: &Event,
+        attempts: u32,
+        first_failed_at: SystemTime,
+        source: BoxError,
+    ) -> Option<Error> {
+        if !self.parking.parks_poison() {
+            return Some(Error::Projection {
+                projection: self.projection.name().to_owned(),
+                partition: self.context.partition,
+                total: self.context.total_partitions,
+                position: event.global_position,
+                aggregate_id: event.aggregate_id.clone(),
+                event_type: event.event_type.clone(),
+                attempts,
+                source,
+            });
+        }
+        match self.parking.admit_one_more() {
+            Ok(()) => {
+                self.parking
+                    .poison(event, &source, attempts, first_failed_at);
+                None
+            }
+            Err(parked) => Some(self.park_storm(event, parked, source)),
+        }
+    }
+
+    /// The error that stops a projection whose park storm breaker tripped on `event`, after
+    /// saying so loudly: `parked` aggregates were parked within the window.
+    fn park_storm(&self, event: &Event, parked: u32, source: BoxError) -> Error {
+        let window = self.settings.park_storm_window;
+        error!(
+            "park storm: projection '{}' parked {parked} aggregates within {} s and fails on \
+             yet another one (global position {}, aggregate '{}': {source}); so many poison \
+             events at once point to a bug, not to bad events: the projection stops here, as \
+             under the stop policy, instead of parking every aggregate",
+            self.projection.name(),
+            window.as_secs(),
+            event.global_position,
+            event.aggregate_id.escape_debug()
+        );
+        Error::ParkStorm {
+            projection: self.projection.name().to_owned(),
+            parked,
+            window,
+            partition: self.context.partition,
+            total: self.context.total_partitions,
+            position: event.global_position,
+            aggregate_id: event.aggregate_id.clone(),
+            source,
         }
     }
 
@@ -219,6 +263,27 @@ impl<P: Projection> Worker<P> {
             recv(self.stop) -> _ => true,
             default(delay) => false,
         }
+    }
+}
+
+/// The failed attempts at the events of one batch, counted per event: a transient failure of
+/// one event (a deadlock, a serialization failure) spends none of another event's attempts.
+#[derive(Debug, Default)]
+struct FailedAttempts {
+    /// Per global position: the failed attempts so far, and when the first one failed.
+    events: HashMap<i64, (u32, SystemTime)>,
+}
+
+impl FailedAttempts {
+    /// Counts one more failed attempt at the event at `position`: its failed attempts so far,
+    /// and when the first one failed.
+    fn count(&mut self, position: i64) -> (u32, SystemTime) {
+        let (failures, first) = self
+            .events
+            .entry(position)
+            .or_insert_with(|| (0, SystemTime::now()));
+        *failures += 1;
+        (*failures, *first)
     }
 }
 
