@@ -654,9 +654,7 @@ impl std::error::Error for Error {
             Error::Unavailable { source, .. } => Some(source.as_ref()),
             Error::Projection { source, .. }
             | Error::ParkStorm { source, .. }
-            | Error::ReadModel { source, .. } => {
-                Some(source.as_ref())
-            }
+            | Error::ReadModel { source, .. } => Some(source.as_ref()),
             _ => None,
         }
     }

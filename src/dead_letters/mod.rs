@@ -4,14 +4,17 @@
 //!
 //! # How a worker knows an aggregate is parked
 //! An aggregate (an `aggregate_id`, as partitioning sees it) is parked while the projection has
-//! rows of it in `projection_dead_letters`. A parking worker reads the projection's parked
-//! aggregates inside each of its transactions, after it has locked its checkpoint row, and sets
-//! their events aside in the same transaction that moves the checkpoint past them. [`retry`]
-//! and [`drop_parked`] lock the same checkpoint row (the aggregate's partition under the
-//! current layout, found under the layout lock), so they serialize with the worker: a worker
-//! transaction sees an aggregate either parked with all its earlier events, or released with
-//! all of them applied (or discarded). A projection whose policy is `stop` reads nothing.
-//! The worker's side is [`crate::engine::worker::parking`].
+//! rows of it in `projection_dead_letters`. Every worker, whatever its projection's policy,
+//! reads the projection's parked aggregates inside each of its transactions that applies
+//! events, after it has locked its checkpoint row (one index probe per parked aggregate, however
+//! many events are parked behind them), and sets their events aside in the same transaction
+//! that moves the checkpoint past them: a projection restarted with `stop` after it parked (a
+//! restart with other flags, a standby without them) must not apply an aggregate's later
+//! events around its parked ones. [`retry`] and [`drop_parked`] lock the same checkpoint row
+//! (the aggregate's partition under the current layout, found under the layout lock), so they
+//! serialize with the worker: a worker transaction sees an aggregate either parked with all its
+//! earlier events, or released with all of them applied (or discarded). The worker's side is
+//! [`crate::engine::worker::parking`].
 
 use std::time::SystemTime;
 

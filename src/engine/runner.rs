@@ -250,6 +250,7 @@ impl Threads {
                 scope: scope.clone(),
                 parking: Parking::new(plan.policy, Arc::clone(&breaker)),
                 held: Held::default(),
+                checkpoint_lock_failures: 0,
             };
             let done = done.clone();
             let everything = self.stopper.clone();

@@ -34,9 +34,12 @@ pub struct Settings {
     pub idle_checkpoint_interval: Duration,
     /// How often a progress line is logged while there is work. Default 5 s.
     pub progress_interval: Duration,
-    /// Attempts at a batch whose projection fails before the runner stops. Default 3.
+    /// Attempts at an event its projection fails on before the projection stops (or, with the
+    /// park policy, parks it), counted per event: failures of other events of the same batch
+    /// spend none of them. Default 3.
     pub max_attempts: u32,
-    /// First delay before a retry; it doubles with each failure. Default 100 ms.
+    /// First delay before a retry; it doubles with each failure of the same event. Default
+    /// 100 ms.
     pub retry_delay: Duration,
     /// Longest delay between retries. Default 5 s.
     pub max_retry_delay: Duration,
@@ -73,7 +76,8 @@ pub struct Settings {
     pub give_up_after: Duration,
     /// How often a standby tries to take its partition over, a worker that receives nothing
     /// checks that its layout has not been replaced, and a new layout looks again for live
-    /// processes of the old one. Default 1 s.
+    /// processes of the old one; also the longest a worker waits at a time for its checkpoint
+    /// row while another session holds it, so that a stop is seen meanwhile. Default 1 s.
     pub liveness_interval: Duration,
 }
 

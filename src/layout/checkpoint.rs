@@ -15,6 +15,8 @@
 //! and partition. A session holding a partition's lock without its badge is not a projector of
 //! that projection, and a worker waiting on it says so, naming the session (see [`Stranger`]).
 
+use std::time::Duration;
+
 use postgres::{Client, GenericClient, Statement, Transaction};
 
 use crate::Error;
@@ -185,6 +187,7 @@ pub(crate) struct PartitionStatements {
     total: i32,
     key: i32,
     lock: Statement,
+    lock_waiting: Statement,
     save: Statement,
     try_hold: Statement,
     peek: Statement,
@@ -214,6 +217,10 @@ impl PartitionStatements {
                 .map_err(Error::database("preparing the checkpoint statements"))
         };
         let lock = prepare(format!(
+            "SELECT last_position FROM projector_checkpoints \
+             WHERE {row} AND generation = {generation} FOR UPDATE NOWAIT"
+        ))?;
+        let lock_waiting = prepare(format!(
             "SELECT last_position FROM projector_checkpoints \
              WHERE {row} AND generation = {generation} FOR UPDATE"
         ))?;
@@ -250,6 +257,7 @@ impl PartitionStatements {
             total: to_i32(total),
             key: to_i32(key),
             lock,
+            lock_waiting,
             save,
             try_hold,
             peek,
@@ -257,11 +265,37 @@ impl PartitionStatements {
     }
 
     /// Locks the partition's checkpoint row until `tx` ends and returns its position; `None`
-    /// when the row of this generation is gone (the layout was replaced or reset). A second
-    /// process on the same partition waits here, then sees what the first one committed.
+    /// when the row of this generation is gone (the layout was replaced or reset). Fails at
+    /// once with `lock_not_available` when another session holds the row (a `dead-letters
+    /// retry`, a re-partitioning): then [`lock_waiting`](Self::lock_waiting) waits for it.
     pub(crate) fn lock(&self, tx: &mut Transaction<'_>) -> Result<Option<i64>, postgres::Error> {
         tx.query_opt(&self.lock, &[&self.projection, &self.total, &self.key])
             .map(|row| row.map(|row| row.get(0)))
+    }
+
+    /// As [`lock`](Self::lock), waiting (in the queue of the row's lock, as a second process
+    /// on the same partition does) while another session holds the row, but no longer than
+    /// `timeout`: then it fails with `lock_not_available`, so that the worker can see whether
+    /// it was asked to stop before it waits again. The transaction's `lock_timeout` is left as
+    /// it was, for the projection's statements.
+    pub(crate) fn lock_waiting(
+        &self,
+        tx: &mut Transaction<'_>,
+        timeout: Duration,
+    ) -> Result<Option<i64>, postgres::Error> {
+        let before: String = tx
+            .query_one(
+                "WITH before AS MATERIALIZED (SELECT current_setting('lock_timeout') AS setting) \
+                 SELECT setting, set_config('lock_timeout', $1, true) FROM before",
+                &[&format!("{}ms", timeout.as_millis().max(1))],
+            )?
+            .get(0);
+        let row = tx.query_opt(
+            &self.lock_waiting,
+            &[&self.projection, &self.total, &self.key],
+        )?;
+        tx.execute("SELECT set_config('lock_timeout', $1, true)", &[&before])?;
+        Ok(row.map(|row| row.get(0)))
     }
 
     /// Moves the locked checkpoint to `position`, and notifies the schema's applied channel

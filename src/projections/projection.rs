@@ -59,9 +59,10 @@ pub struct Context {
 ///
 /// A handler must not commit or roll back the transaction it is given, and must not write the
 /// read model through another connection: such writes would escape the checkpoint's
-/// transaction and be repeated after a crash. An error (or a panic) rolls the batch back; the
-/// batch is tried [`Settings::max_attempts`](crate::Settings::max_attempts) times in all (3
-/// attempts by default), with back-off in between, then the runner stops with
+/// transaction and be repeated after a crash. An error (or a panic) rolls the batch back, and
+/// it is tried again with back-off; once one event has failed
+/// [`Settings::max_attempts`](crate::Settings::max_attempts) times (3 by default; each event's
+/// failures are counted on their own), the runner stops with
 /// [`Error::Projection`], the checkpoint left just before the event.
 ///
 /// Every worker gets its own clone of the projection.

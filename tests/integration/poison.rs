@@ -75,7 +75,11 @@ fn transient_failures_of_several_events_of_one_batch_each_spend_only_their_own_a
         };
         let summary = catch_up(&schema, flaky_once, policy, quick_retries())
             .unwrap_or_else(|e| panic!("{policy:?}: stopped on transient failures: {e}"));
-        assert_eq!(summary.parked(), 0, "{policy:?}: parked a healthy aggregate");
+        assert_eq!(
+            summary.parked(),
+            0,
+            "{policy:?}: parked a healthy aggregate"
+        );
         assert_eq!(parked_events(&schema), 0, "{policy:?}");
         assert_eq!(summary.applied(), events as u64, "{policy:?}: {summary:?}");
     }

@@ -4,8 +4,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use projector::projections::AggregateStats;
 use projector::{BoxError, Builder, Event, Settings, partition_of};
 
 use crate::util::{EachEvent, TestSchema, eventually, join_within, signal, text, wait_within};
@@ -174,4 +175,51 @@ fn checkpoint(schema: &TestSchema) -> i64 {
         "SELECT COALESCE(MAX(last_position), 0) FROM projector_checkpoints \
          WHERE projection = 'fails-twice'",
     )
+}
+
+#[test]
+fn a_worker_waiting_for_its_locked_checkpoint_row_stops_within_seconds() {
+    let schema = TestSchema::migrated("stop_while_locked");
+    schema.seed(10, 2);
+    let run = |exit_when_caught_up| {
+        Builder::new(schema.database.clone(), AggregateStats)
+            .exit_when_caught_up(exit_when_caught_up)
+            .start()
+            .expect("start")
+    };
+    join_within(run(true), Duration::from_secs(30)).expect("first catch-up");
+    // Another session holds the checkpoint row (a long `dead-letters retry`, say) while events
+    // arrive.
+    let mut holder = schema.client();
+    let mut held = holder.transaction().expect("begin");
+    held.execute(
+        "SELECT last_position FROM projector_checkpoints WHERE projection = 'aggregate-stats' \
+         FOR UPDATE",
+        &[],
+    )
+    .expect("lock the checkpoint row");
+    schema.seed(10, 1);
+    let runner = run(false);
+    eventually(
+        "the worker waiting for the checkpoint row",
+        Duration::from_secs(30),
+        || {
+            schema.count(
+                "SELECT COUNT(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+                 WHERE NOT l.granted AND l.locktype = 'transactionid' \
+                     AND a.query LIKE '%projector_checkpoints%FOR UPDATE%'",
+            ) > 0
+        },
+    );
+    let asked = Instant::now();
+    runner.shutdown();
+    let summary = join_within(runner, Duration::from_secs(5)).expect("a clean stop");
+    eprintln!("stopped {:?} after being asked", asked.elapsed());
+    assert_eq!(summary.applied(), 0, "nothing applied behind the lock");
+    held.rollback().expect("release the row");
+    assert_eq!(
+        schema.stats_applied(),
+        20,
+        "only the first catch-up's events"
+    );
 }

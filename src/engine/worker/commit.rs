@@ -6,12 +6,14 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use log::{debug, info, trace};
+use postgres::error::SqlState;
 
 use crate::Error;
 use crate::engine::worker::{Connection, Failure, PartitionSummary, Worker};
 use crate::error::{BoxError, is_connection_loss};
 use crate::event::Event;
 use crate::layout::EarlierLayout;
+use crate::layout::checkpoint::PartitionStatements;
 use crate::projections::projection::{Context, Projection, apply_each, panic_message};
 
 impl<P: Projection> Worker<P> {
@@ -37,11 +39,7 @@ impl<P: Projection> Worker<P> {
             .client
             .transaction()
             .map_err(|e| self.failure(e))?;
-        let Some(checkpoint) = connection
-            .statements
-            .lock(&mut tx)
-            .map_err(|e| self.failure(e))?
-        else {
+        let Some(checkpoint) = self.lock_checkpoint(&connection.statements, &mut tx)? else {
             drop(tx);
             return Err(Failure::Fatal(
                 connection.statements.fenced(&mut connection.client),
@@ -132,6 +130,48 @@ impl<P: Projection> Worker<P> {
             }
         }
         Ok(())
+    }
+
+    /// Locks the partition's checkpoint row in `tx` and returns its position (`None`: the row
+    /// is gone). At once when no other session holds it; otherwise waits for it, a
+    /// [`Settings::liveness_interval`](crate::Settings) at a time, and fails with
+    /// [`Failure::CheckpointLocked`] after each wait, so that a stop asked for meanwhile is
+    /// seen within about that long (a `dead-letters retry` of many aggregates may hold the row
+    /// for long).
+    fn lock_checkpoint(
+        &mut self,
+        statements: &PartitionStatements,
+        tx: &mut postgres::Transaction<'_>,
+    ) -> Result<Option<i64>, Failure> {
+        let wait = self.settings.liveness_interval;
+        let locked = if self.checkpoint_lock_failures == 0 {
+            statements.lock(tx)
+        } else {
+            statements.lock_waiting(tx, wait)
+        };
+        match locked {
+            Ok(checkpoint) => {
+                self.checkpoint_lock_failures = 0;
+                Ok(checkpoint)
+            }
+            Err(error) if error.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                self.checkpoint_lock_failures += 1;
+                if self.checkpoint_lock_failures == 2 {
+                    info!(
+                        "partition {}/{} of '{}' waits for its checkpoint row, which another \
+                         session holds (a `projector dead-letters retry` or `drop`, a \
+                         re-partitioning, or a session that locked it by hand); it applies \
+                         nothing meanwhile, and a stop is seen within {} ms",
+                        self.context.partition,
+                        self.context.total_partitions,
+                        self.projection.name(),
+                        wait.as_millis()
+                    );
+                }
+                Err(Failure::CheckpointLocked)
+            }
+            Err(error) => Err(self.failure(error)),
+        }
     }
 
     /// Applies `events` through the projection: all at once (`whole`), or one by one so that

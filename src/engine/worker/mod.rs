@@ -91,6 +91,8 @@ pub(crate) struct Worker<P> {
     pub(crate) parking: Parking,
     /// Batches taken off the queue while waiting to retry an event: applied before the queue.
     pub(crate) held: Held,
+    /// Attempts in a row that found the checkpoint row held by another session.
+    pub(crate) checkpoint_lock_failures: u32,
 }
 
 /// A pooled connection with the partition's statements prepared on it.
@@ -118,6 +120,8 @@ pub(crate) enum Failure {
     Standby(Peek),
     /// Live processes of another layout still hold partitions of the projection.
     Waiting,
+    /// Another session holds the partition's checkpoint row: try again unless asked to stop.
+    CheckpointLocked,
 }
 
 impl<P: Projection> Worker<P> {

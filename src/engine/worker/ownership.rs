@@ -70,7 +70,13 @@ impl<P: Projection> Worker<P> {
             }
         });
         match outcome {
-            Ok(()) | Err(Failure::Waiting | Failure::Projection { .. } | Failure::Batch(_)) => {
+            Ok(())
+            | Err(
+                Failure::Waiting
+                | Failure::CheckpointLocked
+                | Failure::Projection { .. }
+                | Failure::Batch(_),
+            ) => {
                 self.outage.back(&self.thread, &mut self.attempts);
                 Ok(())
             }

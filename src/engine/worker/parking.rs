@@ -1,7 +1,8 @@
-//! A parking worker's side of [`crate::dead_letters`](mod@crate::dead_letters): inside each of its transactions, after
-//! the checkpoint row is locked, it reads the projection's parked aggregates and records the
+//! A worker's side of [`crate::dead_letters`](mod@crate::dead_letters): inside each of its transactions, after the
+//! checkpoint row is locked, it reads the projection's parked aggregates and records the
 //! events to set aside (the poison event it gave up on, and every event of a parked
-//! aggregate) instead of applying them.
+//! aggregate) instead of applying them, whatever the policy; and, with the park policy, the
+//! projection's park storm breaker ([`StormBreaker`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -11,12 +12,12 @@ use log::warn;
 use postgres::Transaction;
 use postgres::types::Type;
 
+use crate::engine::settings::Settings;
 use crate::engine::worker::Worker;
 use crate::event::Event;
 use crate::layout::checkpoint::to_i32;
 use crate::projections::projection::PoisonPolicy;
 use crate::projections::projection::Projection;
-use crate::engine::settings::Settings;
 use crate::{BoxError, error_chain, partition_of};
 
 /// The parked aggregates of projection `$1`.
@@ -268,10 +269,11 @@ mod tests {
     use super::*;
 
     fn breaker(limit: u32, window_secs: u64) -> StormBreaker {
-        let mut settings = Settings::default();
-        settings.park_storm_limit = limit;
-        settings.park_storm_window = Duration::from_secs(window_secs);
-        StormBreaker::new(&settings)
+        StormBreaker::new(&Settings {
+            park_storm_limit: limit,
+            park_storm_window: Duration::from_secs(window_secs),
+            ..Settings::default()
+        })
     }
 
     #[test]

@@ -57,6 +57,12 @@ impl<P: Projection> Worker<P> {
                         return Ok(false);
                     }
                 }
+                // The wait for the row was the pause: again at once, unless asked to stop.
+                Err(Failure::CheckpointLocked) => {
+                    if self.sleep_or_stop(Duration::ZERO) {
+                        return Ok(false);
+                    }
+                }
                 Err(Failure::Connection(error)) => {
                     self.progress.retries.fetch_add(1, Ordering::Relaxed);
                     if self.wait_after_losing(connection, error)? {
@@ -78,8 +84,7 @@ impl<P: Projection> Worker<P> {
                     let event = &events[index];
                     let (failures, first_failed_at) = failed.count(event.global_position);
                     if failures >= self.settings.max_attempts {
-                        let Some(error) =
-                            self.give_up_on(event, failures, first_failed_at, source)
+                        let Some(error) = self.give_up_on(event, failures, first_failed_at, source)
                         else {
                             // Parked in the next attempt, with the later events of its aggregate.
                             continue;
