@@ -145,8 +145,9 @@ pub enum Error {
     ParkStorm {
         /// The projection's name.
         projection: String,
-        /// How many aggregates it parked within the window.
-        parked: u32,
+        /// The limit: it had parked (or was about to park) this many aggregates within the
+        /// window when yet another event failed for good.
+        limit: u32,
         /// The window.
         window: Duration,
         /// The partition key of the event it stopped before.
@@ -488,7 +489,7 @@ impl fmt::Display for Error {
             ),
             Error::ParkStorm {
                 projection,
-                parked,
+                limit,
                 window,
                 partition,
                 total,
@@ -497,10 +498,11 @@ impl fmt::Display for Error {
                 ..
             } => write!(
                 f,
-                "park storm: projection '{projection}' parked {parked} aggregates within {} s, \
-                 which points to a bug rather than to bad events, and is stopped on partition \
-                 {partition}/{total} before global position {position} (aggregate \
-                 '{aggregate_id}'); `projector dead-letters list --projection {}` shows why they \
+                "park storm: projection '{projection}' gave up on the events of more than \
+                 {limit} aggregates within {} s, which points to a bug rather than to bad \
+                 events; it stopped on partition {partition}/{total} before global position \
+                 {position} (aggregate '{aggregate_id}') instead of parking one more. \
+                 `projector dead-letters list --projection {}` shows why the parked ones \
                  failed: fix the cause, restart, then retry them (or raise the park storm limit)",
                 window.as_secs(),
                 crate::shell_word(projection)

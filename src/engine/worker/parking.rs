@@ -60,7 +60,8 @@ impl Parking {
     }
 
     /// Before parking one more aggregate: counts it, unless the projection's park storm
-    /// breaker trips; then `Err` with how many aggregates it parked within the window.
+    /// breaker trips: then `Err` with the limit, which the aggregates parked (or about to be)
+    /// within the window have reached.
     pub(crate) fn admit_one_more(&self) -> Result<(), u32> {
         self.breaker.admit(Instant::now())
     }
@@ -108,8 +109,8 @@ impl StormBreaker {
         }
     }
 
-    /// Counts an aggregate parked `now`; `Err` with the number parked within the window, and
-    /// nothing counted, when that would be more than the limit (never with a limit of 0).
+    /// Counts an aggregate parked `now`; `Err` with the limit, and nothing counted, when that
+    /// would make more than the limit within the window (never with a limit of 0).
     fn admit(&self, now: Instant) -> Result<(), u32> {
         if self.limit == 0 {
             return Ok(());
@@ -121,9 +122,8 @@ impl StormBreaker {
         {
             parked_at.pop_front();
         }
-        let parked = u32::try_from(parked_at.len()).unwrap_or(u32::MAX);
-        if parked >= self.limit {
-            return Err(parked);
+        if parked_at.len() >= self.limit as usize {
+            return Err(self.limit);
         }
         parked_at.push_back(now);
         Ok(())

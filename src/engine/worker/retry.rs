@@ -13,7 +13,7 @@ use crate::engine::worker::{Batch, Connection, Failure, PartitionSummary, Worker
 use crate::error::BoxError;
 use crate::event::Event;
 use crate::projections::projection::Projection;
-use crate::{Error, backoff};
+use crate::{Error, backoff, error_chain};
 
 impl<P: Projection> Worker<P> {
     /// Commits `events` (those above the checkpoint) and the checkpoint `upto`, retrying lost
@@ -147,27 +147,28 @@ impl<P: Projection> Worker<P> {
                     .poison(event, &source, attempts, first_failed_at);
                 None
             }
-            Err(parked) => Some(self.park_storm(event, parked, source)),
+            Err(limit) => Some(self.park_storm(event, limit, source)),
         }
     }
 
     /// The error that stops a projection whose park storm breaker tripped on `event`, after
-    /// saying so loudly: `parked` aggregates were parked within the window.
-    fn park_storm(&self, event: &Event, parked: u32, source: BoxError) -> Error {
+    /// saying so loudly: `limit` aggregates were parked (or about to be) within the window.
+    fn park_storm(&self, event: &Event, limit: u32, source: BoxError) -> Error {
         let window = self.settings.park_storm_window;
         error!(
-            "park storm: projection '{}' parked {parked} aggregates within {} s and fails on \
-             yet another one (global position {}, aggregate '{}': {source}); so many poison \
-             events at once point to a bug, not to bad events: the projection stops here, as \
-             under the stop policy, instead of parking every aggregate",
+            "park storm: projection '{}' parked {limit} aggregates within {} s (or is about to) \
+             and fails for good on yet another one (global position {}, aggregate '{}': {}); \
+             so many poison events at once point to a bug, not to bad events: the projection \
+             stops here, as under the stop policy, instead of parking every aggregate",
             self.projection.name(),
             window.as_secs(),
             event.global_position,
-            event.aggregate_id.escape_debug()
+            event.aggregate_id.escape_debug(),
+            error_chain(source.as_ref())
         );
         Error::ParkStorm {
             projection: self.projection.name().to_owned(),
-            parked,
+            limit,
             window,
             partition: self.context.partition,
             total: self.context.total_partitions,
