@@ -66,7 +66,10 @@
 //! in the transaction that moves the checkpoint past it, parks every later event of the same
 //! aggregate behind it, in order, and goes on with the other aggregates. [`dead_letters()`] lists
 //! them, [`retry`] applies an aggregate's parked events once the cause is fixed and releases
-//! it, and [`drop_parked`] discards them; both are safe while the projection runs.
+//! it, and [`drop_parked`] discards them; both are safe while the projection runs. Attempts
+//! are counted per event. A projection that would park more than
+//! [`Settings::park_storm_limit`] aggregates within [`Settings::park_storm_window`] (a bug
+//! rather than bad events) stops instead, with [`Error::ParkStorm`].
 //!
 //! # Shutdown
 //! [`Runner::shutdown`] (or a [`Stopper`] from another thread) disconnects a channel every
