@@ -198,17 +198,21 @@ fn a_worker_waiting_for_its_locked_checkpoint_row_stops_within_seconds() {
         &[],
     )
     .expect("lock the checkpoint row");
+    let holder_pid: i32 = held
+        .query_one("SELECT pg_backend_pid()", &[])
+        .expect("read the holder's pid")
+        .get(0);
     schema.seed(10, 1);
     let runner = run(false);
     eventually(
         "the worker waiting for the checkpoint row",
         Duration::from_secs(30),
         || {
-            schema.count(
-                "SELECT COUNT(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
-                 WHERE NOT l.granted AND l.locktype = 'transactionid' \
-                     AND a.query LIKE '%projector_checkpoints%FOR UPDATE%'",
-            ) > 0
+            schema.count(&format!(
+                "SELECT COUNT(*) FROM pg_stat_activity \
+                 WHERE {holder_pid} = ANY(pg_blocking_pids(pid)) \
+                     AND query LIKE '%projector_checkpoints%FOR UPDATE%'"
+            )) > 0
         },
     );
     let asked = Instant::now();
