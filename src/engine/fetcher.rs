@@ -330,6 +330,10 @@ impl Fetcher {
             };
             self.progress
                 .note_gap(if batch.held { gaps.held_by() } else { None });
+            self.progress.notifications_held.store(
+                current.client.notifications().len() as u64,
+                Ordering::Relaxed,
+            );
             let caught_up = !batch.full || batch.held;
             // Sent when the read moved on, or to make the router let go of events it holds
             // for a larger batch once there is nothing more to read.

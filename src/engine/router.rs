@@ -33,6 +33,8 @@ pub(crate) struct FetchProgress {
     pub(crate) gap_pid: AtomicI32,
     /// Time spent waiting at gaps that have been passed, in ms.
     pub(crate) gap_waited_ms: AtomicU64,
+    /// Notifications of appends the fetcher's connection holds, as its last read left them.
+    pub(crate) notifications_held: AtomicU64,
 }
 
 impl FetchProgress {

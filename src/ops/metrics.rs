@@ -71,6 +71,7 @@ struct Families {
     gap_wait: Counter,
     gap_age: Gauge,
     gap_pid: IntGauge,
+    notifications_held: IntGauge,
     parked_aggregates: IntGaugeVec,
     parked_events: IntGaugeVec,
 }
@@ -140,6 +141,10 @@ impl Families {
                 "projector_gap_blocking_pid",
                 "Server process id of a transaction holding the gap; 0 when none (or prepared).",
             )?,
+            notifications_held: IntGauge::new(
+                "projector_fetcher_notifications_held",
+                "Notifications of appends the fetcher's connection holds (as its last read left them).",
+            )?,
             parked_aggregates: IntGaugeVec::new(
                 Opts::new(
                     "projector_parked_aggregates",
@@ -173,6 +178,7 @@ impl Families {
         r.register(Box::new(families.gap_wait.clone()))?;
         r.register(Box::new(families.gap_age.clone()))?;
         r.register(Box::new(families.gap_pid.clone()))?;
+        r.register(Box::new(families.notifications_held.clone()))?;
         Ok(families)
     }
 }
@@ -275,6 +281,8 @@ impl Metrics {
         } else {
             0
         });
+        f.notifications_held
+            .set(fetch.notifications_held.load(Ordering::Relaxed) as i64);
         let lags = self.lags(scrape);
         if let Some((head, lags)) = &lags {
             f.head.set(*head);

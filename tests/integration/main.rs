@@ -4,6 +4,7 @@
 
 #![allow(unreachable_pub)]
 
+mod backlog;
 mod cli;
 mod cluster;
 mod connection;
@@ -19,6 +20,7 @@ mod outages;
 mod partition;
 mod poison;
 mod proxy;
+mod probes;
 mod pupsourcing;
 mod repartition;
 mod repartition_command;
