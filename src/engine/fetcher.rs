@@ -224,6 +224,23 @@ impl Reader {
     }
 }
 
+impl Reader {
+    /// Drops the notifications of appends that came with the replies of the last read: while
+    /// more rows are waiting the fetcher reads again at once, so they wake nothing, and the
+    /// driver would otherwise keep one per append for the whole catch-up. Only those already
+    /// received: none is waited for.
+    fn forget_notifications(&mut self) {
+        let mut notifications = self.client.notifications();
+        let held = notifications.len();
+        let mut iter = notifications.iter();
+        for _ in 0..held {
+            if !matches!(iter.next(), Ok(Some(_))) {
+                break;
+            }
+        }
+    }
+}
+
 impl Read {
     /// A read that found nothing new after `position`.
     fn nothing_at(position: i64, held: bool) -> Read {
@@ -330,11 +347,14 @@ impl Fetcher {
             };
             self.progress
                 .note_gap(if batch.held { gaps.held_by() } else { None });
+            let caught_up = !batch.full || batch.held;
+            if !caught_up {
+                current.forget_notifications();
+            }
             self.progress.notifications_held.store(
                 current.client.notifications().len() as u64,
                 Ordering::Relaxed,
             );
-            let caught_up = !batch.full || batch.held;
             // Sent when the read moved on, or to make the router let go of events it holds
             // for a larger batch once there is nothing more to read.
             if batch.upto > position || (caught_up && router_holds) {
