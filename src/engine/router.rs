@@ -257,10 +257,13 @@ impl Router<'_> {
     ///
     /// While catching up (more rows are waiting), a lane's events are held until it has
     /// `min_events_per_batch` of them, so that a process owning many partitions still commits
-    /// large transactions; once caught up, everything goes out at once.
+    /// large transactions, or for `max_batch_delay` at most; once caught up, everything goes
+    /// out at once.
     pub(crate) fn run(&self, reads: Receiver<Chunk>) -> u64 {
         let mut read = 0;
         let mut held: Vec<Vec<Event>> = self.routes.streams.iter().map(|_| Vec::new()).collect();
+        // Since when each stream holds events.
+        let mut since: Vec<Option<Instant>> = vec![None; held.len()];
         let mut alive = vec![true; self.lanes.len()];
         let mut targets = Vec::new();
         for chunk in reads {
@@ -270,7 +273,24 @@ impl Router<'_> {
             }
             read += chunk.seen as u64;
             drop(chunk.rows);
-            if self.hand_out(&mut held, &mut alive, chunk.upto, chunk.more_waiting) {
+            for (events, since) in held.iter().zip(&mut since) {
+                if !events.is_empty() && since.is_none() {
+                    *since = Some(Instant::now());
+                }
+            }
+            let stop = self.hand_out(
+                &mut held,
+                &since,
+                &mut alive,
+                chunk.upto,
+                chunk.more_waiting,
+            );
+            for (events, since) in held.iter().zip(&mut since) {
+                if events.is_empty() {
+                    *since = None;
+                }
+            }
+            if stop {
                 if !alive.contains(&true) {
                     // Every projection has stopped: nothing is left to read for.
                     self.stopper.stop();
@@ -286,10 +306,12 @@ impl Router<'_> {
     /// to stop meanwhile, or every lane has gone (each projection stopped).
     ///
     /// With `hold_small`, a stream holding fewer than its `min_batch` events keeps
-    /// them (and its lanes are sent nothing, since their events up to `upto` are not all out).
+    /// them (and its lanes are sent nothing, since their events up to `upto` are not all out),
+    /// unless it has held them (since `since`) for [`Settings::max_batch_delay`].
     fn hand_out(
         &self,
         held: &mut [Vec<Event>],
+        since: &[Option<Instant>],
         alive: &mut [bool],
         upto: i64,
         hold_small: bool,
@@ -297,7 +319,10 @@ impl Router<'_> {
         let mut hand_out = self.stragglers.hand_out();
         for (stream, lanes) in self.routes.streams.iter().enumerate() {
             let events = held[stream].len();
-            if hold_small && events > 0 && events < self.routes.min_batch[stream] {
+            let waited_enough =
+                since[stream].is_some_and(|since| since.elapsed() >= self.settings.max_batch_delay);
+            if hold_small && events > 0 && events < self.routes.min_batch[stream] && !waited_enough
+            {
                 continue;
             }
             // A straggler reads its own events until it catches up (see `straggler`).

@@ -24,6 +24,10 @@ pub struct Settings {
     /// they are sent to its worker, so that owning many partitions still makes large
     /// transactions. Once caught up, events go out at once. Default 1,000.
     pub min_events_per_batch: usize,
+    /// While catching up, the longest a partition's events are held for
+    /// `min_events_per_batch` before they go out anyway, so that a quiet partition's events
+    /// are applied during another's long catch-up. Default 200 ms.
+    pub max_batch_delay: Duration,
     /// Batches queued per worker before the fetcher waits (back-pressure). Default 2.
     pub queue_depth: usize,
     /// Most events a worker applies in one transaction: batches queued behind the one it takes
@@ -89,6 +93,7 @@ impl Default for Settings {
             max_poll_interval: Duration::from_secs(1),
             gap_warn_after: Duration::from_secs(10),
             min_events_per_batch: 1_000,
+            max_batch_delay: Duration::from_millis(200),
             queue_depth: 2,
             max_events_per_transaction: 5_000,
             idle_checkpoint_interval: Duration::from_secs(1),

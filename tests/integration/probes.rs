@@ -48,7 +48,11 @@ fn live_answers_at_once_and_metrics_from_its_last_figures_while_the_events_table
     let started = Instant::now();
     let live = get_within(&format!("{base}/health/live"), Duration::from_secs(3));
     let took = started.elapsed();
-    assert_eq!(live, Some(200), "live while a scrape waits (after {took:?})");
+    assert_eq!(
+        live,
+        Some(200),
+        "live while a scrape waits (after {took:?})"
+    );
     assert!(took < Duration::from_secs(1), "live took {took:?}");
 
     let (answer, took) = scrape.join().expect("the scrape thread");
