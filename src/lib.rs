@@ -143,7 +143,7 @@ pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent, Scope};
 pub use layout::{EarlierLayout, LayoutChange, repartition};
 pub use ops::health::{Health, READY_GAP_LIMIT};
-pub use ops::metrics::Metrics;
+pub use ops::metrics::{Metrics, SCRAPE_TIMEOUT};
 pub use ops::status::{CheckpointStatus, reset, status};
 pub use partition::{
     MAX_PARTITIONS, fnv1a32, parse_partition_keys, parse_total_partitions, partition_of,

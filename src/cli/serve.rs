@@ -1,5 +1,6 @@
-//! `--metrics-addr`: a small HTTP server on its own thread for `/metrics`, `/health/live` and
-//! `/health/ready`.
+//! `--metrics-addr`: a small HTTP server for `/metrics`, `/health/live` and `/health/ready`,
+//! on a few threads of its own, so that a liveness probe is answered while a scrape waits on the
+//! database (one scrape asks it at a time, within its statement timeout; see `Metrics`).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -8,10 +9,13 @@ use log::{debug, info};
 use projector::{Error, Health, Metrics};
 use tiny_http::{Header, Request, Response, Server};
 
+/// Requests served at once: enough for a liveness probe, a readiness probe and two scrapes.
+const SERVING_THREADS: usize = 4;
+
 /// The server, serving until dropped.
 pub(crate) struct MetricsServer {
     server: Arc<Server>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 /// Listens at `address` (given by `flag`), before anything starts: an address that cannot be
@@ -29,7 +33,8 @@ pub(crate) fn listen(flag: &str, address: &str) -> Result<Arc<Server>, Error> {
     })
 }
 
-/// Serves `metrics` on `server` from a thread of its own; `/health/ready` allows `max_lag`.
+/// Serves `metrics` on `server` from [`SERVING_THREADS`] threads of its own; `/health/ready`
+/// allows `max_lag`.
 pub(crate) fn serve(
     server: Arc<Server>,
     metrics: Metrics,
@@ -38,21 +43,26 @@ pub(crate) fn serve(
     if let Some(address) = server.server_addr().to_ip() {
         info!("serving /metrics, /health/live and /health/ready at http://{address}");
     }
-    let serving = Arc::clone(&server);
-    let thread = std::thread::Builder::new()
-        .name("projector-metrics".into())
-        .spawn(move || {
-            for request in serving.incoming_requests() {
-                answer(request, &metrics, max_lag);
-            }
-        })
-        .map_err(|_| Error::ThreadPanicked {
-            thread: "projector-metrics".into(),
-        })?;
-    Ok(MetricsServer {
+    let mut serving = MetricsServer {
         server,
-        thread: Some(thread),
-    })
+        threads: Vec::with_capacity(SERVING_THREADS),
+    };
+    for n in 0..SERVING_THREADS {
+        let server = Arc::clone(&serving.server);
+        let metrics = metrics.clone();
+        let name = format!("projector-metrics-{n}");
+        // On failure, dropping `serving` stops the threads already started.
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                for request in server.incoming_requests() {
+                    answer(request, &metrics, max_lag);
+                }
+            })
+            .map_err(|_| Error::ThreadPanicked { thread: name })?;
+        serving.threads.push(thread);
+    }
+    Ok(serving)
 }
 
 fn answer(request: Request, metrics: &Metrics, max_lag: i64) {
@@ -91,8 +101,11 @@ fn text(status: u16, body: String, content_type: &str) -> Response<std::io::Curs
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(thread) = self.thread.take() {
+        // Each call lets one thread out of its wait for a request.
+        for _ in &self.threads {
+            self.server.unblock();
+        }
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }

@@ -65,6 +65,9 @@ impl LaneState {
 pub(crate) struct Progress {
     pub(crate) applied: AtomicU64,
     pub(crate) checkpoint: AtomicI64,
+    /// While the partition is owned here: every event of it up to this position is applied,
+    /// though the checkpoint may not say so yet (idle positions are written once a second).
+    pub(crate) through: AtomicI64,
     /// Failed attempts at a batch that were tried again.
     pub(crate) retries: AtomicU64,
     /// Attempts that were the last: the partition stopped on an event.
@@ -80,6 +83,7 @@ impl Progress {
         Progress {
             applied: AtomicU64::new(0),
             checkpoint: AtomicI64::new(checkpoint),
+            through: AtomicI64::new(checkpoint),
             retries: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             state: AtomicU8::new(LaneState::Starting as u8),
@@ -108,6 +112,18 @@ impl LaneProgress {
 
     pub(crate) fn checkpoint(&self) -> i64 {
         self.progress.checkpoint.load(Ordering::Relaxed)
+    }
+
+    /// The position up to which every event of the partition is applied: past the checkpoint
+    /// while the partition is owned here and its worker has received batches with nothing for
+    /// it that it has not written yet.
+    pub(crate) fn applied_through(&self) -> i64 {
+        let checkpoint = self.checkpoint();
+        if self.state() == LaneState::Owned {
+            checkpoint.max(self.progress.through.load(Ordering::Relaxed))
+        } else {
+            checkpoint
+        }
     }
 
     pub(crate) fn state(&self) -> LaneState {

@@ -7,7 +7,6 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::engine::lane::LaneState;
-use crate::lock;
 use crate::ops::metrics::Metrics;
 
 /// A gap held for longer than this makes the process not ready.
@@ -24,7 +23,8 @@ pub struct Health {
 }
 
 impl Metrics {
-    /// Liveness: the fetcher and at least one worker are running.
+    /// Liveness: the fetcher and at least one worker are running. Read from the process alone:
+    /// it never waits on the database.
     pub fn live(&self) -> Health {
         let mut reasons = Vec::new();
         if !self.shared.figures.fetch.running.load(Ordering::Acquire) {
@@ -43,20 +43,24 @@ impl Metrics {
     }
 
     /// Readiness: live, no gap held for longer than [`READY_GAP_LIMIT`], and every owned
-    /// partition (standbys included) within `max_lag` events of the head (events stored after
-    /// its checkpoint), none fenced, failed or stopped.
+    /// partition (standbys included) within `max_lag` events of the head, none fenced, failed
+    /// or stopped. A partition's lag is what it still has to apply: the events stored after
+    /// the position up to which every event of it is applied in this process (past its
+    /// checkpoint while it receives nothing of its own). The database is asked as
+    /// [`Metrics::render`] asks it: when another scrape is asking, its last answer counts.
     pub fn ready(&self, max_lag: i64) -> Health {
         let live = self.live();
         let mut reasons: Vec<String> = Vec::new();
         if !live.ok {
             reasons.push("not live".into());
         }
-        let mut scrape = lock(&self.shared.scrape);
-        let head = self.refresh(&mut scrape);
-        let lags = scrape.lags.clone();
-        drop(scrape);
-        let Some(head) = head else {
-            reasons.push("the database cannot be reached".into());
+        let figures = self.refresh();
+        let lags = figures.lags;
+        let Some(head) = figures.head else {
+            reasons.push(format!(
+                "the database cannot be reached or did not answer within {} s",
+                crate::ops::metrics::SCRAPE_TIMEOUT.as_secs()
+            ));
             return health(reasons, json!({}));
         };
         let held = self.shared.figures.fetch.gap_held_for();
@@ -92,6 +96,7 @@ impl Metrics {
                 "total_partitions": lane.total,
                 "state": state.name(),
                 "checkpoint": lane.checkpoint(),
+                "applied_through": lane.applied_through(),
                 "lag_events": lag,
             }));
         }

@@ -2,11 +2,17 @@
 //! [`crate::ops::health`]).
 //!
 //! Workers and the fetcher keep their figures in atomics (and a commit-duration histogram);
-//! [`Metrics::render`] reads them, asks the database for the head of the stream and each
-//! partition's lag in time, and encodes everything. Nothing here is on the events' path.
+//! [`Metrics::render`] reads them, asks the database for the head of the stream, each
+//! partition's lag and the parked events, and encodes everything. Nothing here is on the
+//! events' path.
+//!
+//! One scrape at a time asks the database, each query within [`SCRAPE_TIMEOUT`]; a scrape that
+//! comes meanwhile, or whose queries time out, shows the figures the database last gave, and
+//! `projector_database_figures_age_seconds` says how old they are.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
+use std::time::{Duration, Instant};
 
 use postgres::Client;
 use prometheus::{
@@ -21,6 +27,10 @@ use crate::lock;
 
 /// Up to this many positions behind the head, a partition's lag is counted exactly.
 const COUNTED_LAG: i64 = 10_000;
+
+/// The longest a scrape's query may take (its statement timeout): past it, the scrape answers
+/// with the figures the database last gave.
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The metrics and health of a [`Runner`]: render them into an embedding
 /// service's own endpoint, or let `projector --metrics-addr` serve them. Cheap to clone.
@@ -38,21 +48,33 @@ impl std::fmt::Debug for Metrics {
 pub(crate) struct Shared {
     pub(crate) figures: Figures,
     families: Families,
-    /// A connection for the head and lag queries, opened again when lost; and what the
-    /// counters were last set from.
-    pub(crate) scrape: Mutex<Scrape>,
+    /// What the counters were last set from.
+    counted: Mutex<Counted>,
+    /// The connection of the head, lag and parked queries, opened again when lost: held by
+    /// the one scrape that asks the database.
+    asking: Mutex<Option<Client>>,
+    /// What the database last said.
+    last: Mutex<DatabaseFigures>,
 }
 
 #[derive(Default)]
-pub(crate) struct Scrape {
-    client: Option<Client>,
+struct Counted {
     applied: Vec<u64>,
     retries: Vec<u64>,
     failures: Vec<u64>,
     rows_read: u64,
     gap_wait: f64,
-    /// Per lane, as the last refresh found them.
+}
+
+/// What the last scrape that asked the database found.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct DatabaseFigures {
+    /// The head of the stream; `None` when that scrape got no answer.
+    pub(crate) head: Option<i64>,
+    /// Per lane, as the database last gave them.
     pub(crate) lags: Vec<Lag>,
+    /// When the database last answered.
+    answered_at: Option<Instant>,
 }
 
 struct Families {
@@ -71,6 +93,7 @@ struct Families {
     gap_wait: Counter,
     gap_age: Gauge,
     gap_pid: IntGauge,
+    figures_age: Gauge,
     notifications_held: IntGauge,
     parked_aggregates: IntGaugeVec,
     parked_events: IntGaugeVec,
@@ -141,6 +164,10 @@ impl Families {
                 "projector_gap_blocking_pid",
                 "Server process id of a transaction holding the gap; 0 when none (or prepared).",
             )?,
+            figures_age: Gauge::new(
+                "projector_database_figures_age_seconds",
+                "Seconds since the database last answered a scrape's head, lag and parked queries (their figures are shown as it gave them then); -1 before it first answered.",
+            )?,
             notifications_held: IntGauge::new(
                 "projector_fetcher_notifications_held",
                 "Notifications of appends the fetcher's connection holds (as its last read left them).",
@@ -179,6 +206,7 @@ impl Families {
         r.register(Box::new(families.gap_age.clone()))?;
         r.register(Box::new(families.gap_pid.clone()))?;
         r.register(Box::new(families.notifications_held.clone()))?;
+        r.register(Box::new(families.figures_age.clone()))?;
         Ok(families)
     }
 }
@@ -205,32 +233,83 @@ impl Metrics {
             shared: Arc::new(Shared {
                 figures,
                 families,
-                scrape: Mutex::new(Scrape {
+                counted: Mutex::new(Counted {
                     applied: vec![0; n],
                     retries: vec![0; n],
                     failures: vec![0; n],
-                    ..Scrape::default()
+                    ..Counted::default()
                 }),
+                asking: Mutex::new(None),
+                last: Mutex::new(DatabaseFigures::default()),
             }),
         }
     }
 
     /// Every metric in the Prometheus text format (version 0.0.4), after asking the database
     /// for the head of the stream and each partition's lag. When the database cannot be
-    /// reached, the figures the process has are rendered, and the head stays where it was.
+    /// reached, does not answer within [`SCRAPE_TIMEOUT`], or another scrape is asking it,
+    /// the figures it last gave are rendered, with their age.
     pub fn render(&self) -> String {
-        let mut scrape = lock(&self.shared.scrape);
-        self.refresh(&mut scrape);
-        drop(scrape);
+        self.refresh();
         let mut buffer = Vec::new();
         let encoder = TextEncoder::new();
         let _ = encoder.encode(&self.shared.families.registry.gather(), &mut buffer);
         String::from_utf8_lossy(&buffer).into_owned()
     }
 
-    /// Sets every gauge and counter from the workers' and fetcher's figures and the
-    /// database; the head when the database answered.
-    pub(crate) fn refresh(&self, scrape: &mut Scrape) -> Option<i64> {
+    /// Sets every gauge and counter from the workers' and fetcher's figures and from the
+    /// database (unless another scrape is asking it); returns what the database last said.
+    pub(crate) fn refresh(&self) -> DatabaseFigures {
+        self.count_in_process();
+        let asking = match self.shared.asking.try_lock() {
+            Ok(client) => Some(client),
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut client) = asking {
+            self.ask_database(&mut client);
+        }
+        let last = lock(&self.shared.last).clone();
+        self.shared.families.figures_age.set(
+            last.answered_at
+                .map_or(-1.0, |at| at.elapsed().as_secs_f64()),
+        );
+        last
+    }
+
+    /// Asks the database for the head, the lags and the parked events, and sets their gauges;
+    /// records what it said (or that it did not answer).
+    fn ask_database(&self, client: &mut Option<Client>) {
+        let f = &self.shared.families;
+        let lags = self.lags(client);
+        let mut last = lock(&self.shared.last);
+        let Some((head, lags)) = lags else {
+            last.head = None;
+            return;
+        };
+        drop(last);
+        f.head.set(head);
+        for (lane, lag) in self.shared.figures.lanes.iter().zip(&lags) {
+            let labels = lane_labels(lane);
+            let labels = labels.each_ref().map(String::as_str);
+            f.lag_events.with_label_values(&labels).set(lag.events);
+            f.lag_seconds.with_label_values(&labels).set(lag.seconds);
+        }
+        if let Some(client) = client.as_mut() {
+            self.count_parked(client);
+        }
+        last = lock(&self.shared.last);
+        *last = DatabaseFigures {
+            head: Some(head),
+            lags,
+            answered_at: Some(Instant::now()),
+        };
+    }
+
+    /// Sets the counters and gauges kept in the process: the workers' and the fetcher's.
+    fn count_in_process(&self) {
+        let mut counted = lock(&self.shared.counted);
+        let scrape = &mut *counted;
         let f = &self.shared.families;
         // The label values of each lane, made once per scrape.
         let keys: Vec<[String; 3]> = self.shared.figures.lanes.iter().map(lane_labels).collect();
@@ -283,29 +362,11 @@ impl Metrics {
         });
         f.notifications_held
             .set(fetch.notifications_held.load(Ordering::Relaxed) as i64);
-        let lags = self.lags(scrape);
-        if let Some((head, lags)) = &lags {
-            f.head.set(*head);
-            for (key, lag) in keys.iter().zip(lags) {
-                let labels = key.each_ref().map(String::as_str);
-                f.lag_events.with_label_values(&labels).set(lag.events);
-                f.lag_seconds.with_label_values(&labels).set(lag.seconds);
-            }
-        }
-        self.count_parked(scrape);
-        scrape.lags = lags
-            .as_ref()
-            .map(|(_, lags)| lags.clone())
-            .unwrap_or_default();
-        lags.map(|(head, _)| head)
     }
 
     /// Sets the parked gauges of every projection of the runner (0 when none is parked); left
     /// as they were when the database does not answer.
-    fn count_parked(&self, scrape: &mut Scrape) {
-        let Some(client) = scrape.client.as_mut() else {
-            return;
-        };
+    fn count_parked(&self, client: &mut Client) {
         let mut names: Vec<&str> = self
             .shared
             .figures
@@ -331,22 +392,23 @@ impl Metrics {
         }
     }
 
-    /// The head of the stream and, per lane, the events stored after its checkpoint and how
-    /// long ago the first of them was stored; `None` when the database cannot be reached.
-    /// Events are counted (as `projector status` does) when the checkpoint is within
-    /// [`COUNTED_LAG`] positions of the head; further behind, the positions between stand for
-    /// them, so that a scrape during a long catch-up costs no scan of the backlog.
-    fn lags(&self, scrape: &mut Scrape) -> Option<(i64, Vec<Lag>)> {
-        if scrape.client.as_ref().is_none_or(|c| c.is_closed()) {
-            scrape.client = self.shared.figures.database.connect().ok();
+    /// The head of the stream and, per lane, the events stored after the position it has
+    /// applied through (see [`LaneProgress::applied_through`]) and how long ago the first of
+    /// them was stored; `None` when the database cannot be reached or does not answer within
+    /// [`SCRAPE_TIMEOUT`]. Events are counted (as `projector status` does) when that position
+    /// is within [`COUNTED_LAG`] positions of the head; further behind, the positions between
+    /// stand for them, so that a scrape during a long catch-up costs no scan of the backlog.
+    fn lags(&self, client: &mut Option<Client>) -> Option<(i64, Vec<Lag>)> {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            *client = self.connect_for_scrapes();
         }
-        let client = scrape.client.as_mut()?;
+        let client = client.as_mut()?;
         let checkpoints: Vec<i64> = self
             .shared
             .figures
             .lanes
             .iter()
-            .map(LaneProgress::checkpoint)
+            .map(LaneProgress::applied_through)
             .collect();
         // Each distinct checkpoint once: partitions usually stand at the same position.
         let rows = client
@@ -379,6 +441,20 @@ impl Metrics {
             })
             .collect();
         Some((head, lags))
+    }
+}
+
+impl Metrics {
+    /// A connection whose statements give up after [`SCRAPE_TIMEOUT`].
+    fn connect_for_scrapes(&self) -> Option<Client> {
+        let mut client = self.shared.figures.database.connect().ok()?;
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                SCRAPE_TIMEOUT.as_millis()
+            ))
+            .ok()?;
+        Some(client)
     }
 }
 

@@ -219,6 +219,13 @@ impl<P: Projection> Worker<P> {
             };
             received = received.max(batch.upto);
             if batch.events.is_empty() {
+                // Everything before this batch was applied (batches come in order): nothing
+                // of the partition is left to apply up to its position.
+                if self.role == Role::Owner {
+                    self.progress
+                        .through
+                        .fetch_max(batch.upto, Ordering::Relaxed);
+                }
                 if batch.upto > summary.checkpoint {
                     idle_upto = Some(batch.upto);
                 }

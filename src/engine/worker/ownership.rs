@@ -170,6 +170,11 @@ impl<P: Projection> Worker<P> {
                 self.projection.name()
             );
         }
+        if self.role != Role::Owner {
+            // What this worker passed over before it owned the partition was not applied here.
+            let checkpoint = self.progress.checkpoint.load(Ordering::Relaxed);
+            self.progress.through.store(checkpoint, Ordering::Relaxed);
+        }
         self.role = Role::Owner;
         self.progress.set_state(LaneState::Owned);
         Ok(())
