@@ -103,6 +103,7 @@ fn notifications_that_arrive_during_a_catch_up_are_not_kept() {
         "the projection caught up while the appends ran ({appended_in:?}): no catch-up to see"
     );
     let most = *most.lock().expect("most");
+    eprintln!("appended in {appended_in:?}; most notifications held at once: {most}");
     assert!(
         most <= 20_000.0,
         "the fetcher's connection held {most} notifications at once during the catch-up"
@@ -165,6 +166,7 @@ fn a_quiet_partitions_event_is_applied_early_in_a_long_catch_up_of_the_others() 
     });
     let busy_then = busy_applied.load(Ordering::Relaxed);
     let took = started.elapsed();
+    eprintln!("quiet event applied after {took:?}, {busy_then} busy events applied then");
     runner.shutdown();
     join_within(runner, LIMIT).expect("the runner stops cleanly");
     assert!(

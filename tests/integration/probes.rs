@@ -54,11 +54,13 @@ fn live_answers_at_once_and_metrics_from_its_last_figures_while_the_events_table
         "live while a scrape waits (after {took:?})"
     );
     assert!(took < Duration::from_secs(1), "live took {took:?}");
+    eprintln!("/health/live answered in {took:?} while a scrape waited");
 
     let (answer, took) = scrape.join().expect("the scrape thread");
     let (status, metrics) = answer.expect("/metrics answers while the table is locked");
     assert_eq!(status, 200);
     assert!(took < Duration::from_secs(5), "/metrics took {took:?}");
+    eprintln!("/metrics answered in {took:?} while the events table was locked");
     // The figures of the last scrape that reached the database, and how old they are.
     assert!(metrics.contains("projector_head_position 40"), "{metrics}");
     let age: f64 = metrics
@@ -125,9 +127,10 @@ fn a_steady_stream_of_other_partitions_events_keeps_a_quiet_partition_ready() {
         .collect();
     assert!(
         not_ready.is_empty(),
-        "{} of {} answers were not 200: {not_ready:?}",
+        "{} of {} answers were not 200, the first: {:?}",
         not_ready.len(),
-        answers.len()
+        answers.len(),
+        not_ready.first()
     );
     signal(&child, "TERM");
     let output = wait_within(child, Duration::from_secs(20));
