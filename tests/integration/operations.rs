@@ -204,10 +204,10 @@ fn a_fenced_projection_makes_the_process_not_ready_while_the_other_goes_on() {
         get(&format!("{base}/health/live")).map(|(s, _)| s),
         Some(200)
     );
-    // The partition whose worker met the fence says so; the projection's others stopped with it.
-    let (_, metrics) = get(&format!("{base}/metrics")).expect("scrape");
-    let noop_in = |state: &str| {
-        samples(&metrics, "projector_partition_state")
+    // The partition whose worker met the fence says so; the projection's others stop with it
+    // (once that worker has told them, and they have finished what they were doing).
+    let noop_in = |metrics: &str, state: &str| {
+        samples(metrics, "projector_partition_state")
             .iter()
             .filter(|(labels, value)| {
                 labels.contains("projection=\"noop\"")
@@ -216,8 +216,16 @@ fn a_fenced_projection_makes_the_process_not_ready_while_the_other_goes_on() {
             })
             .count()
     };
-    assert!(noop_in("fenced") >= 1, "{metrics}");
-    assert_eq!(noop_in("fenced") + noop_in("stopped"), 4, "{metrics}");
+    let mut metrics = String::new();
+    eventually(
+        "every noop partition fenced or stopped",
+        Duration::from_secs(15),
+        || {
+            metrics = get(&format!("{base}/metrics")).map_or(String::new(), |(_, m)| m);
+            noop_in(&metrics, "fenced") + noop_in(&metrics, "stopped") == 4
+        },
+    );
+    assert!(noop_in(&metrics, "fenced") >= 1, "{metrics}");
     signal(&child, "TERM");
     let output = wait_within(child, Duration::from_secs(20));
     // The fenced projection's error is the process's.
