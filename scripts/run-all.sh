@@ -18,6 +18,10 @@
 # projection to N partitions, exactly (nothing when it already has N), so a run
 # with another N after an earlier run just works: `run-all.sh 3` after
 # `run-all.sh 4`.
+#
+# PROJECTOR_BIN=path runs that binary instead of building target/release/projector;
+# RUN_ALL_PIDFILE=path keeps the process ids there instead (runs with different
+# pid files do not stop each other).
 set -euo pipefail
 
 usage() {
@@ -49,8 +53,8 @@ root=$(cd "$here/.." && pwd)
 source "$here/lib/pg.sh"
 cd "$root"
 
-bin=$root/target/release/projector
-pidfile=$root/.run-all.pids
+bin=${PROJECTOR_BIN:-$root/target/release/projector}
+pidfile=${RUN_ALL_PIDFILE:-$root/.run-all.pids}
 pgdir=
 pids=()
 prefixers=()
@@ -191,7 +195,12 @@ on_signal() {
 trap cleanup EXIT
 trap on_signal INT TERM HUP
 
-if command -v cargo >/dev/null 2>&1; then
+if [[ -n ${PROJECTOR_BIN:-} ]]; then
+    [[ -x $bin ]] || {
+        log "PROJECTOR_BIN=$bin is not an executable file"
+        exit 2
+    }
+elif command -v cargo >/dev/null 2>&1; then
     log "building target/release/projector (the first build takes a few minutes; cargo shows its progress)"
     cargo build --release --bin projector
 elif [[ ! -x $bin ]]; then
