@@ -498,3 +498,46 @@ fn sql_projection_aggregate_stats_fails_on_a_version_that_does_not_follow() {
         15
     );
 }
+
+#[test]
+fn sql_projection_failing_on_an_events_data_names_the_event_and_both_suspects() {
+    let schema = TestSchema::migrated("sql_bad_data");
+    schema.seed(3, 1);
+    let mut client = schema.client();
+    let position: i64 = client
+        .query_one(
+            "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, \
+                 aggregate_version, event_id, event_type, payload) \
+             VALUES ('test', 'Thing', 'thing-2', 2, gen_random_uuid(), 'Counted', \
+                 convert_to('{\"n\": \"many\"}', 'UTF8')) \
+             RETURNING global_position",
+            &[],
+        )
+        .expect("insert an event")
+        .get(0);
+    let file = TempFile::new(
+        "counts.sql",
+        "-- projection: counts\n\
+         -- setup\n\
+         CREATE TABLE IF NOT EXISTS counts (global_position BIGINT PRIMARY KEY, n INT);\n\
+         -- apply\n\
+         INSERT INTO counts SELECT global_position, (payload_json->>'n')::int FROM batch;\n",
+    );
+    let (code, stderr) = run(&schema, "0", "1", &["--projection-file", &file.path]);
+    assert_eq!(code, 1, "{stderr}");
+    let expected = format!(
+        "error: projection 'counts' failed on partition 0/1 at global position {position} \
+         (aggregate 'thing-2', event type 'Counted') after 3 attempt(s); its checkpoint is left \
+         before this event, fix the cause and restart: projection file '{}', section `-- apply` \
+         (line 4): the database refused the event at global position {position} (aggregate \
+         'thing-2', event type 'Counted'): invalid input syntax for type integer: \"many\" \
+         [SQLSTATE 22P02]; the event's data or the section may be at fault: fix the section, \
+         or set the event aside (`-- on-poison: park`, then `projector dead-letters`)\n",
+        file.path
+    );
+    assert!(stderr.ends_with(&expected), "{stderr}");
+    assert!(
+        !stderr.contains("fix the section and try again"),
+        "{stderr}"
+    );
+}

@@ -172,9 +172,49 @@ impl SqlProjection {
         }
     }
 
-    /// The error for `section`, refused by the database with `error`; a lost connection is
-    /// not the file's fault, and stays a database error.
+    /// The error for `section`, refused by the database with `error` while checked or run
+    /// without events; a lost connection is not the file's fault, and stays a database error.
     fn refused(&self, section: &Section, error: postgres::Error) -> Error {
+        self.refused_because(section, error, |message| {
+            format!("the database refused it: {message}; fix the section and try again")
+        })
+    }
+
+    /// The error for the `apply` section, refused by the database with `error` over `events`:
+    /// the section passed its trial on an empty batch, so the events' data may be at fault as
+    /// much as the section; the events are named (one, when the worker retries it alone).
+    fn refused_applying(&self, events: &[Event], error: postgres::Error) -> Error {
+        let refused = match events {
+            [event] => format!(
+                "the database refused the event at global position {} (aggregate '{}', event \
+                 type '{}')",
+                event.global_position, event.aggregate_id, event.event_type
+            ),
+            [first, .., last] => format!(
+                "the database refused the batch of {} events at global positions {} to {}",
+                events.len(),
+                first.global_position,
+                last.global_position
+            ),
+            [] => "the database refused it".to_owned(),
+        };
+        self.refused_because(&self.file.apply, error, |message| {
+            format!(
+                "{refused}: {message}; the event's data or the section may be at fault: fix the \
+                 section, or set the event aside (`-- on-poison: park`, then `projector \
+                 dead-letters`)"
+            )
+        })
+    }
+
+    /// `section`'s error, with `reason` made from the database's message (a lost connection
+    /// stays a database error).
+    fn refused_because(
+        &self,
+        section: &Section,
+        error: postgres::Error,
+        reason: impl FnOnce(&str) -> String,
+    ) -> Error {
         if is_connection_loss(&error) {
             return Error::Database {
                 action: format!(
@@ -208,7 +248,7 @@ impl SqlProjection {
             file: self.file.path.clone(),
             section: Some(section.name.to_owned()),
             line: line.or(Some(section.first_line - 1)),
-            reason: format!("the database refused it: {message}; fix the section and try again"),
+            reason: reason(&message),
         }
     }
 
@@ -247,13 +287,13 @@ impl SqlProjection {
             writer.write(&row)?;
         }
         writer.finish()?;
-        let apply = &self.file.apply;
-        tx.batch_execute(&apply.sql)
-            .map_err(|error| match self.refused(apply, error) {
+        tx.batch_execute(&self.file.apply.sql).map_err(|error| {
+            match self.refused_applying(events, error) {
                 // The driver's error, which the worker retries on a new connection.
                 Error::Database { source, .. } => Box::new(source) as BoxError,
                 refused => Box::new(refused),
-            })
+            }
+        })
     }
 }
 
