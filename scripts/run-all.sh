@@ -14,10 +14,11 @@
 # so the processes' stop summaries are shown.
 # Ctrl-C or SIGTERM stops all processes. Process ids are kept in
 # .run-all.pids; a new run first stops the processes of an earlier one.
-# Before starting the processes, `projector repartition --to N` moves the
-# projection to N partitions, exactly (nothing when it already has N), so a run
-# with another N after an earlier run just works: `run-all.sh 3` after
-# `run-all.sh 4`.
+# Before starting the processes, `projector repartition --to N` moves every
+# projection they run (each of the --projection lists and each one the
+# --projection-file files and folders define; users when neither is given) to N
+# partitions, exactly (nothing when it already has N), so a run with another N
+# after an earlier run just works: `run-all.sh 3` after `run-all.sh 4`.
 #
 # PROJECTOR_BIN=path runs that binary instead of building target/release/projector;
 # RUN_ALL_PIDFILE=path keeps the process ids there instead (runs with different
@@ -47,6 +48,13 @@ if [[ $# -gt 0 ]]; then
     esac
 fi
 extra=("$@")
+# The processes start from the repository's root: a projection file's path
+# given relative to here is made absolute.
+for ((i = 0; i + 1 < ${#extra[@]}; i++)); do
+    if [[ ${extra[i]} == --projection-file && ${extra[i + 1]} != /* ]]; then
+        extra[i + 1]=$PWD/${extra[i + 1]}
+    fi
+done
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -240,19 +248,24 @@ if sed -u '' </dev/null >/dev/null 2>&1; then
 fi
 
 # The earlier run's processes are stopped by now. Changing N goes through
-# `projector repartition`, which needs the projection and the connection flags
-# among the extra arguments.
-projection=users
+# `projector repartition`, given the projection flags and the connection flags
+# among the extra arguments: every projection the processes run is moved.
+projections=()
 connection=()
 for ((i = 0; i < ${#extra[@]}; i++)); do
     case ${extra[i]} in
-    --projection) projection=${extra[i + 1]:-users} ;;
-    --schema | --database-url | --keepalive-timeout-secs)
+    --projection | --projection-file)
+        projections+=("${extra[i]}" "${extra[i + 1]:-}")
+        ;;
+    --schema | --database-url | --keepalive-timeout-secs | --session-timeout-secs | --log-format)
         connection+=("${extra[i]}" "${extra[i + 1]:-}")
         ;;
     esac
 done
-"$bin" "${connection[@]}" repartition --projection "$projection" --to "$n"
+if ((${#projections[@]} == 0)); then
+    projections=(--projection users) # a run's default
+fi
+"$bin" "${connection[@]}" repartition "${projections[@]}" --to "$n"
 
 # Each process writes to a FIFO read by its prefixer. A terminal Ctrl-C reaches
 # the prefixers too (they share this script's process group): they ignore it

@@ -11,19 +11,18 @@ fn main() -> ExitCode {
     let command = match cli::args::parse(&args) {
         Ok(command) => command,
         Err(cli::args::Parsed::Help(text)) => {
-            println!("{text}");
+            cli::output::line(format_args!("{text}"));
             return ExitCode::SUCCESS;
         }
         Err(cli::args::Parsed::Usage(text)) => {
-            eprintln!("{text}");
-            eprintln!("Run projector --help for usage.");
+            cli::output::complain(format_args!("{text}\nRun projector --help for usage."));
             return ExitCode::from(2);
         }
     };
     let format = match cli::logs::LogFormat::chosen(command.log_format.clone()) {
         Ok(format) => format,
         Err(error) => {
-            eprintln!("error: {error}");
+            cli::output::complain(format_args!("error: {error}"));
             return ExitCode::from(2);
         }
     };
@@ -36,7 +35,7 @@ fn main() -> ExitCode {
                 // A log pipeline reads every line as JSON, the last one too.
                 log::error!("{text}");
             } else {
-                eprintln!("error: {text}");
+                cli::output::complain(format_args!("error: {text}"));
             }
             ExitCode::from(error.exit_code())
         }

@@ -188,9 +188,9 @@ pub(crate) struct Reset {
     pub(crate) yes: bool,
 }
 
-/// Change a projection's number of partitions, exactly: no event is applied twice or skipped.
-/// Processes still running the old layout stop at their next transaction; start the new
-/// layout's processes with --total-partitions set to the new count afterwards.
+/// Change the number of partitions of projections, exactly: no event is applied twice or
+/// skipped. Processes still running the old layout stop at their next transaction; start the
+/// new layout's processes with --total-partitions set to the new count afterwards.
 #[derive(FromArgs, Debug)]
 #[argh(
     subcommand,
@@ -198,9 +198,15 @@ pub(crate) struct Reset {
     note = "The connection flags --database-url, --schema, --keepalive-timeout-secs and --session-timeout-secs may also come after the subcommand (there they win)."
 )]
 pub(crate) struct Repartition {
-    /// the projection: users, aggregate-stats, aggregate-stats-batch or noop
+    /// the projection(s), comma-separated, as a run takes them: users, aggregate-stats,
+    /// aggregate-stats-batch, noop, or any with checkpoints in this schema
     #[argh(option)]
-    pub(crate) projection: String,
+    pub(crate) projection: Option<String>,
+
+    /// the projection of a SQL file, or of each *.sql file of a folder; may be repeated, and
+    /// combined with --projection (as a run takes them)
+    #[argh(option)]
+    pub(crate) projection_file: Vec<String>,
 
     /// the new number of partitions
     #[argh(option)]
@@ -305,6 +311,9 @@ const RUN_FLAGS: [&str; 10] = [
 /// Subcommands that take `--projection` themselves.
 const WITH_PROJECTION: [&str; 5] = ["status", "reset", "repartition", "wait", "dead-letters"];
 
+/// Subcommands that take `--projection-file` themselves.
+const WITH_PROJECTION_FILE: [&str; 3] = ["reset", "repartition", "dead-letters"];
+
 /// Whether `flag`, given before any subcommand, takes a value.
 fn takes_value(flag: &str) -> bool {
     !matches!(
@@ -319,7 +328,7 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
         (subcommand, flag),
         ("seed", "--users" | "--renames" | "--email-changes")
             | ("status" | "reset" | "repartition" | "wait", "--projection")
-            | ("reset", "--projection-file")
+            | ("reset" | "repartition", "--projection-file")
             | ("repartition", "--to")
             | ("status", "--watch")
             | ("wait", "--position" | "--aggregate" | "--timeout")
@@ -332,8 +341,8 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
 
 /// The arguments with every flag where argh expects it: connection flags given after the
 /// subcommand move before it (winning over the same flag given before), and a `--projection`
-/// given before `status`, `reset`, `repartition` or `wait` moves after it (unless it also has its
-/// own). A flag only a run uses, given with a subcommand, is refused: it would be ignored.
+/// (or `--projection-file`) given before a subcommand that takes it moves after it (unless it
+/// also has its own). A flag only a run uses, given with a subcommand, is refused: it would be ignored.
 fn with_flags_in_place(args: Vec<&str>) -> Result<Vec<&str>, Parsed> {
     let Some(at) = subcommand_position(&args) else {
         return Ok(args);
@@ -349,7 +358,7 @@ fn with_flags_in_place(args: Vec<&str>) -> Result<Vec<&str>, Parsed> {
             moved.extend([arg, value]);
         } else if RUN_FLAGS.contains(&arg)
             || (arg == "--projection" && !WITH_PROJECTION.contains(&subcommand))
-            || (arg == "--projection-file" && !["reset", "dead-letters"].contains(&subcommand))
+            || (arg == "--projection-file" && !WITH_PROJECTION_FILE.contains(&subcommand))
         {
             return Err(run_flag_with(arg, subcommand));
         } else {
@@ -359,6 +368,8 @@ fn with_flags_in_place(args: Vec<&str>) -> Result<Vec<&str>, Parsed> {
             }
         }
     }
+    // Projection flags given before the subcommand are its own unless it has some after it.
+    let own_projections = after.contains(&"--projection") || after.contains(&"--projection-file");
     let mut head = args[..at].iter().copied();
     while let Some(arg) = head.next() {
         let value = if arg.starts_with('-') && takes_value(arg) {
@@ -370,11 +381,12 @@ fn with_flags_in_place(args: Vec<&str>) -> Result<Vec<&str>, Parsed> {
             return Err(run_flag_with(arg, subcommand));
         }
         if arg == "--projection-file" {
-            // Only `reset` takes a projection file, as its own flag.
-            if subcommand != "reset" {
+            // Of the subcommands, `reset` and `repartition` take a projection file as their own
+            // flag (`dead-letters retry` only after its own subcommand).
+            if !["reset", "repartition"].contains(&subcommand) {
                 return Err(run_flag_with(arg, subcommand));
             }
-            if !after.contains(&"--projection") && !after.contains(&"--projection-file") {
+            if !own_projections {
                 after.push(arg);
                 after.extend(value);
             }
@@ -382,7 +394,7 @@ fn with_flags_in_place(args: Vec<&str>) -> Result<Vec<&str>, Parsed> {
             if !WITH_PROJECTION.contains(&subcommand) {
                 return Err(run_flag_with(arg, subcommand));
             }
-            if !after.contains(&"--projection") && !after.contains(&"--projection-file") {
+            if !own_projections {
                 after.push(arg);
                 after.extend(value);
             }

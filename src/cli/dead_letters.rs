@@ -8,6 +8,7 @@ use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, SqlProje
 use projector::{Database, Error, Projection};
 
 use super::error::CliError;
+use super::output::say;
 
 /// List, retry or drop the events a projection parked with --on-poison park.
 #[derive(FromArgs, Debug)]
@@ -80,9 +81,17 @@ pub(crate) struct Drop {
 pub(super) fn run(database: &Database, args: &DeadLetters) -> Result<(), CliError> {
     let mut client = database.connect()?;
     match &args.command {
-        Action::List(list) => Ok(print_list(&mut client, list.projection.as_deref())?),
+        Action::List(list) => {
+            if let Some(name) = &list.projection {
+                super::known_here(&mut client, name)?;
+            }
+            Ok(print_list(&mut client, list.projection.as_deref())?)
+        }
         Action::Retry(retry) => Ok(retry_named(&mut client, retry)?),
-        Action::Drop(drop) => drop_parked(&mut client, drop),
+        Action::Drop(drop) => {
+            super::known_here(&mut client, &drop.projection)?;
+            drop_parked(&mut client, drop)
+        }
     }
 }
 
@@ -120,7 +129,7 @@ fn print_list(
 ) -> Result<(), Error> {
     let letters = projector::dead_letters(client, projection)?;
     if letters.is_empty() {
-        println!(
+        say!(
             "no parked events{}",
             projection
                 .map(|p| format!(" for '{p}'"))
@@ -136,7 +145,7 @@ fn print_list(
         width(&|l| l.aggregate_id.chars().count(), 9),
         width(&|l| l.event_type.chars().count(), 10),
     );
-    println!(
+    say!(
         "{:<p$} {:<a$} {:>12} {:<t$} {:>8} {:>12} {:>12}  ERROR",
         "PROJECTION",
         "AGGREGATE",
@@ -147,7 +156,7 @@ fn print_list(
         "LAST-FAILED"
     );
     for letter in &letters {
-        println!(
+        say!(
             "{:<p$} {:<a$} {:>12} {:<t$} {:>8} {:>12} {:>12}  {}",
             letter.projection,
             letter.aggregate_id,
@@ -164,7 +173,7 @@ fn print_list(
         .map(|l| (l.projection.as_str(), l.aggregate_id.as_str()))
         .collect();
     aggregates.dedup();
-    println!(
+    say!(
         "{} parked event(s) of {} aggregate(s)",
         letters.len(),
         aggregates.len()
@@ -189,7 +198,7 @@ fn retry_with<P: Projection>(
     let name = projection.name().to_owned();
     let outcomes = projector::retry(client, &mut projection, retry.aggregate.as_deref())?;
     if outcomes.is_empty() {
-        println!("projection '{name}' has no parked events: nothing to retry");
+        say!("projection '{name}' has no parked events: nothing to retry");
         return Ok(());
     }
     let mut first_failure = None;
@@ -198,23 +207,23 @@ fn retry_with<P: Projection>(
         match outcome.failure {
             // A retry or drop running at the same time got there first (of the one aggregate
             // asked for, `retry` says so as its error).
-            None if n == 0 => println!(
+            None if n == 0 => say!(
                 "projection '{name}': aggregate '{id}' has nothing parked any more (released or \
                  dropped meanwhile, by a retry or drop running at the same time)"
             ),
-            None => println!(
+            None => say!(
                 "projection '{name}': applied the {n} parked event(s) of aggregate '{id}' in \
                  order; it is released"
             ),
             Some(failure) if first_failure.is_none() => {
                 // Said in full as the command's error, below.
-                println!(
+                say!(
                     "projection '{name}': aggregate '{id}' failed again, its {n} event(s) stay \
                      parked"
                 );
                 first_failure = Some(failure);
             }
-            Some(failure) => println!(
+            Some(failure) => say!(
                 "projection '{name}': aggregate '{id}' failed again, its {n} event(s) stay \
                  parked: {}",
                 projector::error_chain(&failure)
@@ -245,7 +254,7 @@ fn drop_parked(client: &mut projector::postgres::Client, drop: &Drop) -> Result<
         });
     }
     let dropped = projector::drop_parked(client, name, id)?;
-    println!(
+    say!(
         "projection '{name}': dropped the {} parked event(s) of aggregate '{id}' (database user \
          '{}', OS user '{}'); the aggregate is released",
         dropped.positions.len(),

@@ -6,6 +6,7 @@ mod dead_letters;
 mod documented_commands;
 pub(crate) mod error;
 pub(crate) mod logs;
+pub(crate) mod output;
 mod run;
 mod seed;
 mod serve;
@@ -22,6 +23,7 @@ use projector::{Database, Error, LayoutChange, Projection};
 
 use args::{Args, Command, flag_or_env};
 use error::CliError;
+use output::say;
 
 pub(crate) fn run(args: Args) -> Result<(), CliError> {
     if args.repartition {
@@ -110,35 +112,69 @@ fn unknown_projection(name: &str) -> Error {
     )
 }
 
-/// `projector repartition`: changes the layout and says what changed.
-fn repartition(database: &Database, change: &args::Repartition) -> Result<(), Error> {
-    let name = change.projection.as_str();
-    // Another name is taken when it has checkpoints (a projection file's, a service's own).
-    if !KNOWN_PROJECTIONS.contains(&name)
-        && projector::status(&mut database.connect()?, Some(name))?.is_empty()
-    {
-        return Err(Error::invalid_setting(
-            "--projection",
-            name,
-            "known projections are users, aggregate-stats, aggregate-stats-batch, noop and any \
-             projection with checkpoints in this schema (such as a projection file's, by the name \
-             in its `-- projection:` line)",
-        ));
+/// The one rule for a projection named with `--projection` on a command that acts on what it
+/// stored: it must be a built-in one or have checkpoints in this schema (a projection file's,
+/// a service's own). Any other name is refused, naming it: a mistyped name, or one of another
+/// schema, must not read as an empty projection. (`wait` asks more: that it has run.)
+fn known_here(client: &mut projector::postgres::Client, name: &str) -> Result<(), Error> {
+    if KNOWN_PROJECTIONS.contains(&name) || !projector::status(client, Some(name))?.is_empty() {
+        return Ok(());
     }
+    Err(Error::invalid_setting(
+        "--projection",
+        name,
+        "known projections are users, aggregate-stats, aggregate-stats-batch, noop and any \
+         projection with checkpoints in this schema (such as a projection file's, by the name in \
+         its `-- projection:` line)",
+    ))
+}
+
+/// `projector repartition`: changes the layout of each projection named (all are checked
+/// before any is changed) and says what changed.
+fn repartition(database: &Database, change: &args::Repartition) -> Result<(), CliError> {
     let total = projector::parse_total_partitions("--to", &change.to)?;
-    match projector::repartition(database, name, total)? {
-        LayoutChange::Replaced { from } => println!(
+    let mut names: Vec<String> = sql_files::projection_files(&change.projection_file)?
+        .iter()
+        .map(|file| file.name().to_owned())
+        .collect();
+    let files = names.len();
+    let listed = change.projection.as_deref().map(|list| list.split(','));
+    for name in listed.into_iter().flatten().map(str::trim) {
+        if !names.iter().any(|known| known == name) {
+            names.push(name.to_owned());
+        }
+    }
+    if names.is_empty() {
+        return Err(CliError::NotSet {
+            setting: "--projection or --projection-file".into(),
+            hint: "name the projection(s) to move, as a run takes them: --projection users (a \
+                   comma-separated list), --projection-file FILE (a file or a folder of them)"
+                .into(),
+        });
+    }
+    let mut client = database.connect()?;
+    for name in &names[files..] {
+        known_here(&mut client, name)?;
+    }
+    for name in &names {
+        say_what_changed(name, total, projector::repartition(database, name, total)?);
+    }
+    Ok(())
+}
+
+fn say_what_changed(name: &str, total: u32, change: LayoutChange) {
+    match change {
+        LayoutChange::Replaced { from } => say!(
             "projection '{name}' now has {total} partitions (was {from}): start its processes \
              with --total-partitions {total}; processes still running with {from} stop at their \
              next transaction"
         ),
-        LayoutChange::Created => println!(
+        LayoutChange::Created => say!(
             "projection '{name}' now has {total} partitions (it had no checkpoints): start its \
              processes with --total-partitions {total}"
         ),
-        _ => println!("projection '{name}' already has {total} partitions: nothing to do"),
+        _ => say!("projection '{name}' already has {total} partitions: nothing to do"),
     }
-    Ok(())
 }
 
 const KNOWN_PROJECTIONS: [&str; 4] = ["users", "aggregate-stats", "aggregate-stats-batch", "noop"];

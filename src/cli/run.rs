@@ -222,7 +222,7 @@ fn on_signal(signals: &Mutex<Signals>) {
             stopper.stop();
         }
         Signals::Stopping => {
-            eprintln!("forced stop");
+            super::output::complain(format_args!("forced stop"));
             std::process::exit(130);
         }
     }

@@ -4,12 +4,14 @@
 use projector::{CheckpointStatus, Error};
 use serde_json::{Value, json};
 
+use super::output::say;
+
 pub(super) fn print_status(
     client: &mut projector::postgres::Client,
     projection: Option<&str>,
     json: bool,
 ) -> Result<(), Error> {
-    let rows = projector::status(client, projection)?;
+    let rows = rows_of(client, projection)?;
     if json {
         let head = match rows.first() {
             Some(row) => row.head_position,
@@ -21,68 +23,122 @@ pub(super) fn print_status(
                 })?
                 .get(0),
         };
-        println!("{}", status_json(head, &rows));
+        say!("{}", status_json(head, &rows));
         return Ok(());
     }
+    say!("{}", table(&rows, projection, None).trim_end());
+    Ok(())
+}
+
+/// The checkpoints `status` shows: every projection's, or those of one that is known here
+/// (see [`super::known_here`]).
+pub(super) fn rows_of(
+    client: &mut projector::postgres::Client,
+    projection: Option<&str>,
+) -> Result<Vec<CheckpointStatus>, Error> {
+    let rows = projector::status(client, projection)?;
+    match projection {
+        Some(name) if rows.is_empty() => super::known_here(client, name).map(|()| rows),
+        _ => Ok(rows),
+    }
+}
+
+/// Two more columns, before HELD-BY: `status --watch` adds RATE and ETA.
+pub(super) struct MoreColumns<'a> {
+    /// Their headers.
+    pub(super) headers: [&'static str; 2],
+    /// Their values on a partition's line.
+    pub(super) values: &'a mut dyn FnMut(&CheckpointStatus) -> [String; 2],
+}
+
+/// The status table, one line per partition, then a line per projection with parked events and
+/// per re-partitioning in progress; `status --watch` adds two columns before HELD-BY.
+pub(super) fn table(
+    rows: &[CheckpointStatus],
+    projection: Option<&str>,
+    mut more: Option<MoreColumns<'_>>,
+) -> String {
     if rows.is_empty() {
-        println!("{}", no_checkpoints(projection));
-        return Ok(());
+        return format!("{}\n", no_checkpoints(projection));
     }
-    let width = projection_width(&rows);
-    println!(
-        "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9} {:>7}  HELD-BY",
+    let width = projection_width(rows);
+    let mut text = format!(
+        "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9} {:>7}",
         "PROJECTION", "PARTITION", "CHECKPOINT", "HEAD", "LAG", "LAG-TIME", "AGE", "PARKED"
     );
-    for row in &rows {
-        println!(
-            "{} {:>9} {:>7}  {}",
-            where_it_stands(row, width),
+    if let Some(MoreColumns {
+        headers: [first, second],
+        ..
+    }) = &more
+    {
+        text.push_str(&format!(" {first:>12} {second:>9}"));
+    }
+    text.push_str("  HELD-BY\n");
+    for row in rows {
+        text.push_str(&format!(
+            "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9} {:>9} {:>7}",
+            row.projection,
+            format!("{}/{}", row.partition_key, row.total_partitions),
+            row.last_position,
+            row.head_position,
+            row.lag_events,
+            format!("{}s", row.lag_time.as_secs()),
             format!("{}s", row.age.as_secs()),
             row.parked_events,
-            held_by(row)
-        );
+        ));
+        if let Some(more) = &mut more {
+            let [first, second] = (more.values)(row);
+            text.push_str(&format!(" {first:>12} {second:>9}"));
+        }
+        text.push_str(&format!("  {}\n", held_by(row)));
     }
-    for layout in layouts(&rows) {
+    for layout in layouts(rows) {
         let (aggregates, events) = parked(layout);
         if events > 0 {
             let name = &layout[0].projection;
-            println!(
+            text.push_str(&format!(
                 "{name}: {aggregates} aggregate(s) parked, with {events} event(s): see `projector \
-                 dead-letters list --projection {}`",
+                 dead-letters list --projection {}`\n",
                 projector::shell_word(name)
-            );
+            ));
         }
     }
-    for layout in layouts(&rows) {
-        let Some(until) = layout[0].repartitioning_until() else {
-            continue;
-        };
-        let from: Vec<String> = layout[0]
-            .earlier_layouts
-            .iter()
-            .map(|l| l.total_partitions.to_string())
-            .collect();
-        let behind: Vec<String> = layout
-            .iter()
-            .filter(|row| row.last_position < until)
-            .map(|row| format!("{}/{}", row.partition_key, row.total_partitions))
-            .collect();
-        println!(
-            "{}: re-partitioning from {} to {} partitions in progress: {} of {} partition(s) \
-             past global position {until}, the last applied under the earlier layout(s){}",
-            layout[0].projection,
-            from.join(" and "),
-            layout[0].total_partitions,
-            layout.len() - behind.len(),
-            layout.len(),
-            if behind.is_empty() {
-                String::new()
-            } else {
-                format!("; still skipping: {}", behind.join(", "))
-            }
-        );
+    for layout in layouts(rows) {
+        if let Some(line) = repartitioning(layout) {
+            text.push_str(&line);
+            text.push('\n');
+        }
     }
-    Ok(())
+    text
+}
+
+/// The line on a re-partitioning of `layout` in progress, if one is.
+fn repartitioning(layout: &[CheckpointStatus]) -> Option<String> {
+    let until = layout[0].repartitioning_until()?;
+    let from: Vec<String> = layout[0]
+        .earlier_layouts
+        .iter()
+        .map(|l| l.total_partitions.to_string())
+        .collect();
+    let behind: Vec<String> = layout
+        .iter()
+        .filter(|row| row.last_position < until)
+        .map(|row| format!("{}/{}", row.partition_key, row.total_partitions))
+        .collect();
+    Some(format!(
+        "{}: re-partitioning from {} to {} partitions in progress: {} of {} partition(s) past \
+         global position {until}, the last applied under the earlier layout(s){}",
+        layout[0].projection,
+        from.join(" and "),
+        layout[0].total_partitions,
+        layout.len() - behind.len(),
+        layout.len(),
+        if behind.is_empty() {
+            String::new()
+        } else {
+            format!("; still skipping: {}", behind.join(", "))
+        }
+    ))
 }
 
 /// The HELD-BY column: `-`, or the server pid of the holding connection, the projector
@@ -167,7 +223,7 @@ fn status_json(head: i64, rows: &[CheckpointStatus]) -> Value {
 }
 
 /// What status says when there is nothing to show.
-pub(super) fn no_checkpoints(projection: Option<&str>) -> String {
+fn no_checkpoints(projection: Option<&str>) -> String {
     format!(
         "no checkpoints yet{}",
         projection
@@ -177,24 +233,10 @@ pub(super) fn no_checkpoints(projection: Option<&str>) -> String {
 }
 
 /// The width of the PROJECTION column: the longest name, at least 20.
-pub(super) fn projection_width(rows: &[CheckpointStatus]) -> usize {
+fn projection_width(rows: &[CheckpointStatus]) -> usize {
     rows.iter()
         .map(|row| row.projection.chars().count())
         .chain([20])
         .max()
         .unwrap_or(20)
-}
-
-/// The columns `status` and `status --watch` share: projection, partition, checkpoint, head,
-/// lag and lag time.
-pub(super) fn where_it_stands(row: &CheckpointStatus, width: usize) -> String {
-    format!(
-        "{:<width$} {:>9} {:>12} {:>12} {:>10} {:>9}",
-        row.projection,
-        format!("{}/{}", row.partition_key, row.total_partitions),
-        row.last_position,
-        row.head_position,
-        row.lag_events,
-        format!("{}s", row.lag_time.as_secs()),
-    )
 }

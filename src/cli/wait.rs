@@ -7,6 +7,8 @@ use projector::{Database, Error, Until};
 use super::args::Wait;
 use super::error::CliError;
 
+use super::output::say;
+
 /// How long `projector wait` waits when `--timeout` is not given.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -44,17 +46,17 @@ pub(super) fn wait(database: &Database, wait: &Wait) -> Result<(), CliError> {
     );
     let ms = applied.waited.as_millis();
     match (&applied.aggregate_id, applied.partition) {
-        (Some(id), Some(partition)) => println!(
+        (Some(id), Some(partition)) => say!(
             "projection '{name}' has applied global position {} (aggregate '{id}'): partition \
              {partition}/{total} is at checkpoint {checkpoint}, after {ms} ms",
             applied.position
         ),
-        (None, Some(partition)) => println!(
+        (None, Some(partition)) => say!(
             "aggregate '{}' has no events: nothing to wait for in projection '{name}' \
              (partition {partition}/{total}, at checkpoint {checkpoint}), after {ms} ms",
             wait.aggregate.as_deref().unwrap_or_default()
         ),
-        (_, None) => println!(
+        (_, None) => say!(
             "projection '{name}' has passed global position {} (no event is stored there) on \
              all {total} partitions, the lowest at checkpoint {checkpoint}, after {ms} ms",
             applied.position

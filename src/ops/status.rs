@@ -72,7 +72,6 @@ pub fn status(
 ) -> Result<Vec<CheckpointStatus>, Error> {
     let schema = crate::store::check_tables_here(client)?;
     crate::store::check_event_columns(client, &schema)?;
-    let head = crate::store::head_position(client)?;
     let locks: Vec<Lock> = client
         .query(
             "SELECT l.classid, l.objid, l.pid, \
@@ -117,6 +116,8 @@ pub fn status(
         })
         .collect();
     let parked = crate::dead_letters::parked_counts(client)?;
+    // The head in the statement that reads the checkpoints and counts the lag: one snapshot,
+    // so a checkpoint that moved on after an earlier read of the head never shows above it.
     let rows = client
         .query(
             &format!(
@@ -125,7 +126,8 @@ pub fn status(
                      (SELECT COUNT(*) FROM events e WHERE e.global_position > c.last_position), \
                      (SELECT e.created_at FROM events e WHERE e.global_position > c.last_position \
                       ORDER BY e.global_position LIMIT 1), \
-                     {}::oid \
+                     {}::oid, \
+                     (SELECT COALESCE(MAX(e.global_position), 0) FROM events e) \
                  FROM projector_checkpoints c \
                  WHERE $1::text IS NULL OR c.projection = $1 \
                  ORDER BY c.projection, c.total_partitions, c.partition_key",
@@ -162,7 +164,7 @@ pub fn status(
                 total_partitions: total,
                 partition_key: key,
                 last_position: row.get(3),
-                head_position: head,
+                head_position: row.get(9),
                 lag_events: row.get(6),
                 lag_time: first_unapplied
                     .and_then(|t| now.duration_since(t).ok())

@@ -301,7 +301,7 @@ fn reset_help_lists_every_built_in_and_the_dry_run_names_each_table() {
 }
 
 /// A live process of `projection` owning partitions 0-1 of 2, once it holds them.
-fn spawn_holder(schema: &TestSchema, projection: &str) -> Child {
+pub(crate) fn spawn_holder(schema: &TestSchema, projection: &str) -> Child {
     let child = schema
         .projector(&[
             "--partition-key",
