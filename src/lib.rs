@@ -144,15 +144,16 @@ pub use event::{Event, ExpectedVersion, NewEvent, Scope};
 pub use layout::{EarlierLayout, LayoutChange, repartition};
 pub use ops::health::{Health, READY_GAP_LIMIT};
 pub use ops::metrics::{Metrics, SCRAPE_TIMEOUT};
-pub use ops::status::{CheckpointStatus, reset, status};
+pub use ops::status::{CheckpointStatus, Cleared, reset, reset_checkpoints, status};
 pub use partition::{
     MAX_PARTITIONS, fnv1a32, parse_partition_keys, parse_total_partitions, partition_of,
 };
 pub use postgres;
 pub use projections::projection::{Context, PoisonPolicy, Projection};
+pub use store::append::{Appender, append};
 pub use store::database::{Database, Pool};
 pub use store::migration::migrate;
-pub use store::{append, read_stream};
+pub use store::read_stream;
 pub use wait::{Applied, Until, Waiter, wait_for};
 
 /// An error and all its causes, as one line: `outer: cause: root cause`.

@@ -101,6 +101,7 @@ pub(crate) struct Args {
 pub(crate) enum Command {
     Migrate(Migrate),
     Seed(Seed),
+    Append(super::append::Append),
     Status(Status),
     Reset(Reset),
     Repartition(Repartition),
@@ -174,7 +175,9 @@ pub(crate) struct Status {
     note = "The connection flags --database-url, --schema, --keepalive-timeout-secs and --session-timeout-secs may also come after the subcommand (there they win)."
 )]
 pub(crate) struct Reset {
-    /// the projection to reset: users, aggregate-stats, aggregate-stats-batch or noop
+    /// the projection to reset: users, aggregate-stats, aggregate-stats-batch or noop; or
+    /// another projection with checkpoints in the schema (a service's): its checkpoints and
+    /// parked events only, its read model being the service's
     #[argh(option)]
     pub(crate) projection: Option<String>,
 
@@ -275,9 +278,10 @@ fn with_watch_seconds(args: &[String]) -> Vec<String> {
 }
 
 /// The subcommands, as typed.
-const SUBCOMMANDS: [&str; 7] = [
+const SUBCOMMANDS: [&str; 8] = [
     "migrate",
     "seed",
+    "append",
     "status",
     "reset",
     "repartition",
@@ -327,6 +331,16 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
     matches!(
         (subcommand, flag),
         ("seed", "--users" | "--renames" | "--email-changes")
+            | (
+                "append",
+                "--bounded-context"
+                    | "--aggregate-type"
+                    | "--aggregate-id"
+                    | "--event-type"
+                    | "--payload"
+                    | "--expected-version"
+                    | "--file"
+            )
             | ("status" | "reset" | "repartition" | "wait", "--projection")
             | ("reset" | "repartition", "--projection-file")
             | ("repartition", "--to")

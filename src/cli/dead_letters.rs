@@ -38,6 +38,11 @@ pub(crate) struct List {
     /// show only this projection's
     #[argh(option)]
     pub(crate) projection: Option<String>,
+
+    /// show each event's payload too, on a line of its own below it (control characters
+    /// escaped; a payload that is not UTF-8 in hexadecimal)
+    #[argh(switch)]
+    pub(crate) payload: bool,
 }
 
 /// Apply the parked events of an aggregate (of each parked aggregate when --aggregate is not
@@ -60,8 +65,8 @@ pub(crate) struct Retry {
     pub(crate) aggregate: Option<String>,
 }
 
-/// Discard the parked events of an aggregate without applying them, and release it; logs who
-/// dropped what, and when.
+/// Discard the parked events of an aggregate without applying them, and release it; records
+/// who dropped what, and when, in the table projection_dead_letter_drops (and logs it).
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "drop")]
 pub(crate) struct Drop {
@@ -85,7 +90,7 @@ pub(super) fn run(database: &Database, args: &DeadLetters) -> Result<(), CliErro
             if let Some(name) = &list.projection {
                 super::known_here(&mut client, name)?;
             }
-            Ok(print_list(&mut client, list.projection.as_deref())?)
+            Ok(print_list(&mut client, list)?)
         }
         Action::Retry(retry) => Ok(retry_named(&mut client, retry)?),
         Action::Drop(drop) => {
@@ -107,14 +112,7 @@ fn retry_named(client: &mut projector::postgres::Client, retry: &Retry) -> Resul
         (Some("aggregate-stats"), None) => retry_with(client, AggregateStats, retry),
         (Some("aggregate-stats-batch"), None) => retry_with(client, AggregateStatsBatch, retry),
         (Some("noop"), None) => retry_with(client, Noop, retry),
-        (Some(other), None) => Err(Error::invalid_setting(
-            "--projection",
-            other,
-            "dead-letters retry applies events through a built-in projection (users, \
-             aggregate-stats, aggregate-stats-batch or noop) or a SQL file \
-             (--projection-file FILE); a service retries its own projection with \
-             projector::retry",
-        )),
+        (Some(other), None) => Err(needs_the_code(client, other)?),
         _ => Err(Error::invalid_setting(
             "--projection",
             retry.projection.as_deref().unwrap_or(""),
@@ -123,10 +121,34 @@ fn retry_named(client: &mut projector::postgres::Client, retry: &Retry) -> Resul
     }
 }
 
-fn print_list(
-    client: &mut projector::postgres::Client,
-    projection: Option<&str>,
-) -> Result<(), Error> {
+/// Why `retry` cannot apply the parked events of a projection this binary has no code for, and
+/// what can be done instead.
+fn needs_the_code(client: &mut projector::postgres::Client, name: &str) -> Result<Error, Error> {
+    let what = match parked_counts(client, name)? {
+        (0, _) => format!(
+            "'{name}' has no parked events in this schema (`projector dead-letters list` shows \
+             what is parked)"
+        ),
+        (events, aggregates) => format!(
+            "'{name}' has {events} parked event(s) of {aggregates} aggregate(s): the service that \
+             defines it retries them with projector::retry, or discard them from here with \
+             `projector dead-letters drop --projection {} --aggregate ID --yes`",
+            projector::shell_word(name)
+        ),
+    };
+    Ok(Error::invalid_setting(
+        "--projection",
+        name,
+        format!(
+            "retrying applies the parked events through the projection's code, which this binary \
+             has only for the built-in projections (users, aggregate-stats, \
+             aggregate-stats-batch, noop) and for SQL files (--projection-file FILE); {what}"
+        ),
+    ))
+}
+
+fn print_list(client: &mut projector::postgres::Client, list: &List) -> Result<(), Error> {
+    let projection = list.projection.as_deref();
     let letters = projector::dead_letters(client, projection)?;
     if letters.is_empty() {
         say!(
@@ -167,6 +189,9 @@ fn print_list(
             ago(letter.last_failed_at),
             letter.error.replace('\n', " ")
         );
+        if list.payload {
+            say!("    payload: {}", printable(letter.payload.as_deref()));
+        }
     }
     let mut aggregates: Vec<(&str, &str)> = letters
         .iter()
@@ -179,6 +204,31 @@ fn print_list(
         aggregates.len()
     );
     Ok(())
+}
+
+/// A payload on one line: its text with control characters escaped (`\n`, `\u{1b}`), or, when
+/// it is not UTF-8, its bytes in hexadecimal.
+fn printable(payload: Option<&[u8]>) -> String {
+    let Some(bytes) = payload else {
+        return "(the event is no longer in the events table)".to_owned();
+    };
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text
+            .chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect(),
+        Err(_) => format!(
+            "(not UTF-8, {} bytes) 0x{}",
+            bytes.len(),
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
+    }
 }
 
 /// How long ago, as `12s ago`.
@@ -256,10 +306,30 @@ fn drop_parked(client: &mut projector::postgres::Client, drop: &Drop) -> Result<
     let dropped = projector::drop_parked(client, name, id)?;
     say!(
         "projection '{name}': dropped the {} parked event(s) of aggregate '{id}' (database user \
-         '{}', OS user '{}'); the aggregate is released",
+         '{}', OS user '{}'), recorded in projection_dead_letter_drops with id {}; the aggregate \
+         is released",
         dropped.positions.len(),
         dropped.database_user,
-        dropped.os_user.as_deref().unwrap_or("unknown")
+        dropped.os_user.as_deref().unwrap_or("unknown"),
+        dropped.record
     );
     Ok(())
+}
+
+/// How many events of how many aggregates projection `name` has parked.
+pub(super) fn parked_counts(
+    client: &mut projector::postgres::Client,
+    name: &str,
+) -> Result<(i64, i64), Error> {
+    let row = client
+        .query_one(
+            "SELECT COUNT(*), COUNT(DISTINCT aggregate_id) FROM projection_dead_letters \
+             WHERE projection = $1",
+            &[&name],
+        )
+        .map_err(|source| Error::Database {
+            action: format!("counting the parked events of '{name}'"),
+            source,
+        })?;
+    Ok((row.get(0), row.get(1)))
 }

@@ -1,5 +1,6 @@
 //! What each command does, on top of the library.
 
+mod append;
 pub(crate) mod args;
 mod dead_letters;
 #[cfg(test)]
@@ -7,6 +8,7 @@ mod documented_commands;
 pub(crate) mod error;
 pub(crate) mod logs;
 pub(crate) mod output;
+mod reset;
 mod run;
 mod seed;
 mod serve;
@@ -18,7 +20,6 @@ mod watch;
 use std::time::Duration;
 
 use log::info;
-use projector::projections::{AggregateStats, AggregateStatsBatch, Noop, Users};
 use projector::{Database, Error, LayoutChange, Projection};
 
 use args::{Args, Command, flag_or_env};
@@ -44,6 +45,7 @@ pub(crate) fn run(args: Args) -> Result<(), CliError> {
             Ok(())
         }
         Some(Command::Seed(ref seed)) => Ok(seed::seed(&database, seed)?),
+        Some(Command::Append(ref append)) => append::append(&database, append),
         Some(Command::Status(ref status)) => {
             let mut client = connect_to_schema(&database, &schema_setting(&args))?;
             match &status.watch {
@@ -69,29 +71,8 @@ pub(crate) fn run(args: Args) -> Result<(), CliError> {
             }
         }
         Some(Command::Reset(ref reset)) => {
-            let mut client = connect_to_schema(&database, &schema_setting(&args))?;
-            let name = match (&reset.projection, &reset.projection_file) {
-                (None, Some(file)) => {
-                    let projection = sql_files::for_reset(&mut client, file)?;
-                    return reset_projection(client, projection, reset.yes);
-                }
-                (Some(name), None) => name.as_str(),
-                _ => {
-                    return Err(Error::invalid_setting(
-                        "--projection",
-                        reset.projection.as_deref().unwrap_or(""),
-                        "give either --projection NAME or --projection-file FILE (exactly one)",
-                    )
-                    .into());
-                }
-            };
-            match name {
-                "users" => reset_projection(client, Users, reset.yes),
-                "aggregate-stats" => reset_projection(client, AggregateStats, reset.yes),
-                "aggregate-stats-batch" => reset_projection(client, AggregateStatsBatch, reset.yes),
-                "noop" => reset_projection(client, Noop, reset.yes),
-                other => Err(unknown_projection(other).into()),
-            }
+            let client = connect_to_schema(&database, &schema_setting(&args))?;
+            reset::reset(client, reset)
         }
         Some(Command::Repartition(ref change)) => Ok(repartition(&database, change)?),
         Some(Command::Wait(ref wait)) => wait::wait(&database, wait),
@@ -177,7 +158,8 @@ fn say_what_changed(name: &str, total: u32, change: LayoutChange) {
     }
 }
 
-const KNOWN_PROJECTIONS: [&str; 4] = ["users", "aggregate-stats", "aggregate-stats-batch", "noop"];
+pub(crate) const KNOWN_PROJECTIONS: [&str; 4] =
+    ["users", "aggregate-stats", "aggregate-stats-batch", "noop"];
 
 fn database(args: &Args) -> Result<Database, CliError> {
     let Some((setting, url)) =
@@ -292,60 +274,32 @@ fn positive(flag: &str, text: &str) -> Result<u32, Error> {
     }
 }
 
-/// `projector reset`: says what it would clear unless `yes`, then clears it.
-fn reset_projection<P: Projection>(
-    mut client: projector::postgres::Client,
-    mut projection: P,
-    yes: bool,
-) -> Result<(), CliError> {
-    if !yes {
-        let name = projection.name().to_owned();
-        let rows = projector::status(&mut client, Some(&name))?;
-        let checkpoints = match status::layouts(&rows).first() {
-            Some(layout) => format!(
-                "delete the {} checkpoint(s) of projection '{name}' ({} partitions, at global \
-                 positions {} to {})",
-                rows.len(),
-                layout[0].total_partitions,
-                rows.iter().map(|r| r.last_position).min().unwrap_or(0),
-                rows.iter().map(|r| r.last_position).max().unwrap_or(0),
-            ),
-            None => format!("delete the checkpoints of projection '{name}' (it has none)"),
-        };
-        let read_model = match name.as_str() {
-            "users" => "clear its read model (tables users and user_partition_counts)",
-            "aggregate-stats" => "clear its read model (table aggregate_stats)",
-            "aggregate-stats-batch" => "clear its read model (table aggregate_stats_batch)",
-            "noop" => "clear nothing else (it has no read model)",
-            _ => "clear its read model",
-        };
-        let parked: u64 = rows.iter().map(|row| row.parked_events).sum();
-        let parked = match parked {
-            0 => String::new(),
-            n => format!(", delete its {n} parked event(s) (`projector dead-letters list`)"),
-        };
-        let action = format!(
-            "reset would {checkpoints}{parked} and {read_model}, so that its next start rebuilds \
-             it from the first event"
-        );
-        let held: Vec<(u32, u32, i32)> = rows
-            .iter()
-            .filter_map(|row| {
-                row.held_by_pid
-                    .map(|pid| (row.total_partitions, row.partition_key, pid))
-            })
-            .collect();
-        if held.is_empty() {
-            return Err(CliError::NotConfirmed { action });
-        }
-        return Err(CliError::WouldBeRefused {
-            action,
-            because: Box::new(Error::ProjectionRunning {
-                projection: name,
-                held,
-            }),
-        });
+/// Fails with [`Error::MissingTables`] (run `projector migrate` first) unless the event store's
+/// tables exist.
+pub(super) fn check_store(
+    client: &mut projector::postgres::Client,
+    database: &Database,
+) -> Result<(), Error> {
+    let row = client
+        .query_one(
+            "SELECT to_regclass('events') IS NULL, to_regclass('aggregate_heads') IS NULL",
+            &[],
+        )
+        .map_err(|source| Error::Database {
+            action: "looking for the event store".into(),
+            source,
+        })?;
+    let missing: Vec<String> = [("events", row.get(0)), ("aggregate_heads", row.get(1))]
+        .into_iter()
+        .filter(|&(_, missing)| missing)
+        .map(|(table, _)| table.to_owned())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingTables {
+            schema: database.schema_name().to_owned(),
+            tables: missing,
+        })
     }
-    projector::reset(&mut client, &mut projection)?;
-    Ok(())
 }

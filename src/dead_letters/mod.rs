@@ -16,10 +16,14 @@
 //! earlier events, or released with all of them applied (or discarded). The worker's side is
 //! [`crate::engine::worker::parking`].
 
+mod drop;
+
 use std::time::SystemTime;
 
-use log::{info, warn};
+use log::info;
 use postgres::{Client, GenericClient, Transaction};
+
+pub use drop::{Dropped, drop_parked};
 
 use crate::event::Event;
 use crate::layout::checkpoint::to_i32;
@@ -53,6 +57,8 @@ pub struct DeadLetter {
     pub first_failed_at: SystemTime,
     /// When it last failed (or was parked).
     pub last_failed_at: SystemTime,
+    /// The event's payload, as stored in `events`; `None` when the event is no longer there.
+    pub payload: Option<Vec<u8>>,
 }
 
 /// The parked events of every projection, or of one, in projection and position order.
@@ -63,10 +69,13 @@ pub fn dead_letters(
     crate::store::check_tables_here(client)?;
     let rows = client
         .query(
-            "SELECT projection, global_position, bounded_context, aggregate_type, aggregate_id, \
-                 event_type, error, attempts, first_failed_at, last_failed_at \
-             FROM projection_dead_letters WHERE $1::text IS NULL OR projection = $1 \
-             ORDER BY projection, global_position",
+            "SELECT d.projection, d.global_position, d.bounded_context, d.aggregate_type, \
+                 d.aggregate_id, d.event_type, d.error, d.attempts, d.first_failed_at, \
+                 d.last_failed_at, e.payload \
+             FROM projection_dead_letters d \
+             LEFT JOIN events e ON e.global_position = d.global_position \
+             WHERE $1::text IS NULL OR d.projection = $1 \
+             ORDER BY d.projection, d.global_position",
             &[&projection],
         )
         .map_err(Error::database("reading the parked events"))?;
@@ -83,6 +92,7 @@ pub fn dead_letters(
             attempts: row.get::<_, i32>(7).unsigned_abs(),
             first_failed_at: row.get(8),
             last_failed_at: row.get(9),
+            payload: row.get(10),
         })
         .collect())
 }
@@ -387,83 +397,6 @@ fn apply_in_order<P: Projection>(
         total_partitions: total.max(1),
     };
     apply_each(projection, tx, events, &context, |_| {})
-}
-
-/// What [`drop_parked`] discarded, and who did it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Dropped {
-    /// The positions of the discarded events, in order.
-    pub positions: Vec<i64>,
-    /// The database role that dropped them (`current_user`).
-    pub database_user: String,
-    /// The OS user of the process that dropped them (`USER` or `LOGNAME`), if known.
-    pub os_user: Option<String>,
-    /// When, by the server's clock.
-    pub at: SystemTime,
-}
-
-/// Discards the parked events of `aggregate_id` in `projection` without applying them, and
-/// releases the aggregate: its later events are applied as usual. Logs (at warn) who dropped
-/// what and when. Safe while the projection runs (it locks the aggregate's checkpoint row, as
-/// [`retry`] does). Fails with [`Error::InvalidSetting`] when nothing of it is parked.
-pub fn drop_parked(
-    client: &mut Client,
-    projection: &str,
-    aggregate_id: &str,
-) -> Result<Dropped, Error> {
-    crate::store::check_tables_here(client)?;
-    parked_aggregates_named(client, projection, Some(aggregate_id))?;
-    let mut tx = client
-        .transaction()
-        .map_err(Error::database("starting to drop parked events"))?;
-    lock_partition_of(&mut tx, projection, aggregate_id)?;
-    let mut positions: Vec<i64> = tx
-        .query(
-            "DELETE FROM projection_dead_letters WHERE projection = $1 AND aggregate_id = $2 \
-             RETURNING global_position",
-            &[&projection, &aggregate_id],
-        )
-        .map_err(Error::database("deleting the parked events"))?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    if positions.is_empty() {
-        // A retry or drop running at the same time got there first: nothing to drop, nothing
-        // to record.
-        return Err(released_meanwhile(aggregate_id));
-    }
-    positions.sort_unstable();
-    let row = tx
-        .query_one(
-            "SELECT current_user::text, NOW(), \
-                 to_char(NOW() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')",
-            &[],
-        )
-        .map_err(Error::database("reading the current user"))?;
-    tx.commit()
-        .map_err(Error::database("committing the drop"))?;
-    let os_user = ["USER", "LOGNAME"]
-        .iter()
-        .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()));
-    let dropped = Dropped {
-        positions,
-        database_user: row.get(0),
-        os_user,
-        at: row.get(1),
-    };
-    let at: String = row.get(2);
-    warn!(
-        "projection '{projection}': dropped the {} parked event(s) of aggregate '{}' (global \
-         positions {}) without applying them, by database user '{}' (OS user '{}') at {at} \
-         (server clock); the aggregate is released",
-        dropped.positions.len(),
-        aggregate_id.escape_debug(),
-        describe_positions(&dropped.positions),
-        dropped.database_user,
-        dropped.os_user.as_deref().unwrap_or("unknown")
-    );
-    Ok(dropped)
 }
 
 /// `5`, `5, 9` or `5, 9, ... 40 (7 events)`.

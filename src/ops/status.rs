@@ -191,28 +191,17 @@ struct Lock {
 }
 
 /// Clears `projection`'s checkpoints (of every layout, with any re-partitioning in progress)
-/// and, through [`Projection::reset`], its read model, in one transaction: its next start
-/// rebuilds it from the first event. Returns how many checkpoints were deleted.
+/// and parked events and, through [`Projection::reset`], its read model, in one transaction:
+/// its next start rebuilds it from the first event. Returns how many checkpoints were deleted.
 ///
-/// Refused with [`Error::ProjectionRunning`] while a live process holds one of its partitions;
-/// a process that was only standing by finds its checkpoint gone and stops
-/// ([`Error::Fenced`]).
+/// Fails with [`Error::ProjectionRunning`] while a live process holds one of its partitions.
 pub fn reset<P: Projection>(client: &mut Client, projection: &mut P) -> Result<u64, Error> {
     crate::store::check_tables_here(client)?;
     let name = projection.name().to_owned();
     let mut tx = client
         .transaction()
         .map_err(Error::database("starting the reset"))?;
-    lock_layout(&mut tx, &name)?;
-    let held = held_partitions(&mut tx, &name).map_err(Error::database(
-        "reading which partitions live processes hold",
-    ))?;
-    if !held.is_empty() {
-        return Err(Error::ProjectionRunning {
-            projection: name,
-            held: held.iter().map(|h| (h.total, h.key, h.pid)).collect(),
-        });
-    }
+    refuse_while_held(&mut tx, &name)?;
     // The hook may clear tables the projection has not created yet.
     lock_setup(&mut tx, &name).map_err(Error::database("waiting for other processes' setup"))?;
     let read_model = |action: &str| {
@@ -226,7 +215,73 @@ pub fn reset<P: Projection>(client: &mut Client, projection: &mut P) -> Result<u
     projection
         .setup(&mut tx)
         .map_err(read_model("setting up its read model"))?;
-    let deleted = tx
+    let cleared = delete_bookkeeping(&mut tx, &name)?;
+    projection
+        .reset(&mut tx)
+        .map_err(read_model("clearing its read model"))?;
+    tx.commit()
+        .map_err(Error::database("committing the reset"))?;
+    info!(
+        "projection '{name}': deleted {} checkpoint(s) and {} parked event(s), and cleared its \
+         read model; its next start rebuilds it from the first event",
+        cleared.checkpoints, cleared.parked_events
+    );
+    Ok(cleared.checkpoints)
+}
+
+/// What [`reset_checkpoints`] deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Cleared {
+    /// Checkpoints deleted, of every layout.
+    pub checkpoints: u64,
+    /// Parked events deleted.
+    pub parked_events: u64,
+}
+
+/// Deletes the checkpoints (of every layout, with any re-partitioning in progress) and the
+/// parked events of the projection named `name`, in one transaction, and leaves its read model
+/// as it is: for a projection whose code is not at hand (a service's, reset from the command
+/// line). Its next start applies every event again on top of the read model, so clear that
+/// first; [`reset`] does both, given the projection.
+///
+/// Fails with [`Error::ProjectionRunning`] while a live process holds one of its partitions.
+pub fn reset_checkpoints(client: &mut Client, name: &str) -> Result<Cleared, Error> {
+    crate::store::check_tables_here(client)?;
+    let mut tx = client
+        .transaction()
+        .map_err(Error::database("starting the reset"))?;
+    refuse_while_held(&mut tx, name)?;
+    let cleared = delete_bookkeeping(&mut tx, name)?;
+    tx.commit()
+        .map_err(Error::database("committing the reset"))?;
+    info!(
+        "projection '{name}': deleted {} checkpoint(s) and {} parked event(s); its read model \
+         was left as it is",
+        cleared.checkpoints, cleared.parked_events
+    );
+    Ok(cleared)
+}
+
+/// Locks the projection's layout, and fails with [`Error::ProjectionRunning`] while a live
+/// process holds one of its partitions.
+fn refuse_while_held(tx: &mut postgres::Transaction<'_>, name: &str) -> Result<(), Error> {
+    lock_layout(tx, name)?;
+    let held = held_partitions(tx, name).map_err(Error::database(
+        "reading which partitions live processes hold",
+    ))?;
+    if held.is_empty() {
+        return Ok(());
+    }
+    Err(Error::ProjectionRunning {
+        projection: name.to_owned(),
+        held: held.iter().map(|h| (h.total, h.key, h.pid)).collect(),
+    })
+}
+
+/// Deletes the projection's checkpoints, earlier layouts and parked events.
+fn delete_bookkeeping(tx: &mut postgres::Transaction<'_>, name: &str) -> Result<Cleared, Error> {
+    let checkpoints = tx
         .execute(
             "DELETE FROM projector_checkpoints WHERE projection = $1",
             &[&name],
@@ -237,20 +292,14 @@ pub fn reset<P: Projection>(client: &mut Client, projection: &mut P) -> Result<u
         &[&name],
     )
     .map_err(Error::database("deleting the earlier layouts"))?;
-    let dropped = tx
+    let parked_events = tx
         .execute(
             "DELETE FROM projection_dead_letters WHERE projection = $1",
             &[&name],
         )
         .map_err(Error::database("deleting the parked events"))?;
-    projection
-        .reset(&mut tx)
-        .map_err(read_model("clearing its read model"))?;
-    tx.commit()
-        .map_err(Error::database("committing the reset"))?;
-    info!(
-        "projection '{name}': deleted {deleted} checkpoint(s) and {dropped} parked event(s), and \
-         cleared its read model; its next start rebuilds it from the first event"
-    );
-    Ok(deleted)
+    Ok(Cleared {
+        checkpoints,
+        parked_events,
+    })
 }

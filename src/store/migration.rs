@@ -98,7 +98,27 @@ const DEAD_LETTERS: Table = Table {
     ],
 };
 
-/// Every table the projector needs, in the order they are created.
+/// The record of dropped dead letters (see `dead_letter.rs`). `migrate` creates it, but only
+/// `projector dead-letters drop` needs it: a process that runs projections starts without it,
+/// so that an upgrade whose `migrate` has not run yet keeps running.
+pub(crate) const DEAD_LETTER_DROPS: Table = Table {
+    name: "projection_dead_letter_drops",
+    create: include_str!("../../sql/projection_dead_letter_drops.sql"),
+    columns: &[
+        ("projection", TEXT),
+        ("aggregate_id", TEXT),
+        ("event_count", INTEGER),
+        ("positions", &["bigint[]"]),
+        ("dead_letters", &["jsonb"]),
+        ("database_user", TEXT),
+        ("client_address", TEXT),
+        ("application_name", TEXT),
+        ("os_user", TEXT),
+        ("dropped_at", TIMESTAMP),
+    ],
+};
+
+/// Every table the projector needs to run, in the order they are created.
 pub(crate) const TABLES: [&Table; 5] = [
     &EVENTS,
     &AGGREGATE_HEADS,
@@ -144,7 +164,7 @@ pub fn migrate(database: &Database) -> Result<(), Error> {
             .map_err(Error::database(format!("creating schema '{schema}'")))?;
     }
     let mut created = Vec::new();
-    for table in TABLES {
+    for table in TABLES.into_iter().chain([&DEAD_LETTER_DROPS]) {
         if columns_of(&mut tx, schema, table.name)?.is_empty() {
             tx.batch_execute(table.create)
                 .map_err(Error::database(format!("creating table {}", table.name)))?;
@@ -193,6 +213,22 @@ pub(crate) fn check_columns(
             columns,
         })
     }
+}
+
+/// Fails with [`Error::MissingTables`] (run `projector migrate`) when `table` is not in
+/// `schema`, and as [`check_columns`] when it is there with other columns.
+pub(crate) fn check_table(
+    client: &mut impl GenericClient,
+    schema: &str,
+    table: &Table,
+) -> Result<(), Error> {
+    if columns_of(client, schema, table.name)?.is_empty() {
+        return Err(Error::MissingTables {
+            schema: schema.to_owned(),
+            tables: vec![table.name.to_owned()],
+        });
+    }
+    check_columns(client, schema, table)
 }
 
 /// The columns of `schema.table` with their types; none when there is no such table.

@@ -21,12 +21,12 @@ const POISON: &str = "thing-7";
 /// Records per aggregate how many events it applied and whether in version order; fails on
 /// `thing-7` version 3 while the shared flag is set.
 #[derive(Clone)]
-struct Flaky {
-    poisoned: Arc<AtomicBool>,
+pub struct Flaky {
+    pub poisoned: Arc<AtomicBool>,
 }
 
 impl Flaky {
-    fn new() -> Flaky {
+    pub fn new() -> Flaky {
         Flaky {
             poisoned: Arc::new(AtomicBool::new(true)),
         }
@@ -79,7 +79,7 @@ impl Projection for Flaky {
     }
 }
 
-fn quick_retries() -> Settings {
+pub fn quick_retries() -> Settings {
     let mut settings = Settings::default();
     settings.retry_delay = Duration::from_millis(20);
     settings.max_retry_delay = Duration::from_millis(50);
@@ -127,7 +127,7 @@ fn poison_positions_from(schema: &TestSchema, from: i64) -> Vec<i64> {
 }
 
 /// The parked positions of `projection`, in order, with (attempts, error) of each.
-fn parked(schema: &TestSchema, projection: &str) -> Vec<(i64, String, i32, String)> {
+pub fn parked(schema: &TestSchema, projection: &str) -> Vec<(i64, String, i32, String)> {
     schema
         .client()
         .query(

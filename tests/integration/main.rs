@@ -4,6 +4,7 @@
 
 #![allow(unreachable_pub)]
 
+mod append_command;
 mod backlog;
 mod cli;
 mod cluster;
@@ -16,6 +17,7 @@ mod hostile;
 mod locks;
 mod newcomer;
 mod operations;
+mod operator;
 mod outages;
 mod partition;
 mod poison;

@@ -94,7 +94,7 @@ fn rust_log_trace_shows_every_applied_event() {
 }
 
 /// Runs the binary with `args` in `schema`, expecting `code`; returns stdout and stderr.
-fn run_expecting(schema: &TestSchema, args: &[&str], code: i32) -> (String, String) {
+pub fn run_expecting(schema: &TestSchema, args: &[&str], code: i32) -> (String, String) {
     let output = run_within(schema.projector(args), LIMIT);
     let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
     assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");

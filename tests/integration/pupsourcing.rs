@@ -181,6 +181,7 @@ fn migrate_leaves_a_pupsourcing_store_as_it_was() {
             "aggregate_heads",
             "events",
             "projection_checkpoints",
+            "projection_dead_letter_drops",
             "projection_dead_letters",
             "projector_checkpoints",
             "projector_prior_layouts"
@@ -481,7 +482,7 @@ fn a_role_that_is_not_superuser_migrates_and_runs_the_projector() {
             "SELECT COUNT(*) FROM pg_tables WHERE schemaname = '{}' AND tableowner = '{}'",
             schema.name, role.name
         )),
-        4,
-        "the role owns the projector's tables and the read model"
+        5,
+        "the role owns the projector's tables (with the record of drops) and the read model"
     );
 }

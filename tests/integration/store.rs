@@ -172,9 +172,53 @@ fn migrate_runs_twice_and_from_several_processes_at_once() {
         [
             "aggregate_heads",
             "events",
+            "projection_dead_letter_drops",
             "projection_dead_letters",
             "projector_checkpoints",
             "projector_prior_layouts"
         ]
+    );
+}
+
+#[test]
+fn an_appender_appends_in_the_callers_transaction_which_commits_or_rolls_back_them_all() {
+    let schema = TestSchema::migrated("appender");
+    let mut client = schema.client();
+    let appender = projector::Appender::prepare(&mut client).expect("prepare");
+
+    let mut tx = client.transaction().expect("begin");
+    appender
+        .append(
+            &mut tx,
+            ExpectedVersion::NoStream,
+            &[event("o-1", "Placed")],
+        )
+        .expect("o-1");
+    let conflict = appender.append(&mut tx, ExpectedVersion::Exact(5), &[event("o-1", "Paid")]);
+    assert!(matches!(conflict, Err(Error::VersionConflict { .. })));
+    drop(tx);
+    assert_eq!(
+        schema.count("SELECT COUNT(*) FROM events"),
+        0,
+        "rolled back"
+    );
+
+    let mut tx = client.transaction().expect("begin");
+    for id in ["o-1", "o-2"] {
+        appender
+            .append(&mut tx, ExpectedVersion::NoStream, &[event(id, "Placed")])
+            .expect("append");
+    }
+    appender
+        .append(&mut tx, ExpectedVersion::Exact(1), &[event("o-1", "Paid")])
+        .expect("o-1 again");
+    tx.commit().expect("commit");
+    assert_eq!(
+        schema.count("SELECT COUNT(DISTINCT xmin::text) FROM events"),
+        1
+    );
+    assert_eq!(
+        schema.count("SELECT SUM(aggregate_version)::bigint FROM aggregate_heads"),
+        3
     );
 }
