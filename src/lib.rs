@@ -136,6 +136,7 @@ pub use dead_letters::{
     DeadLetter, Dropped, Retried, dead_letters, dead_letters_of, drop_parked, retry,
 };
 pub use engine::builder::{Builder, MAX_BATCH_SIZE};
+pub use engine::notice::ProjectionStopped;
 pub use engine::runner::{ProjectionSummary, Runner, Summary};
 pub use engine::settings::{Settings, Stopper};
 pub use engine::worker::PartitionSummary;
@@ -154,6 +155,7 @@ pub use store::append::{Appender, append};
 pub use store::database::{Database, Pool};
 pub use store::migration::migrate;
 pub use store::read_stream;
+pub use store::state::{ProjectionState, StateKind, pause, projection_states, resume};
 pub use wait::{Applied, Until, Waiter, wait_for};
 
 /// An error and all its causes, as one line: `outer: cause: root cause`.

@@ -106,6 +106,8 @@ pub(crate) enum Command {
     Reset(Reset),
     Repartition(Repartition),
     Wait(Wait),
+    Pause(Pause),
+    Resume(Resume),
     DeadLetters(super::dead_letters::DeadLetters),
 }
 
@@ -245,6 +247,35 @@ pub(crate) struct Wait {
     pub(crate) timeout: Option<String>,
 }
 
+/// Pause a projection: its running processes finish the transaction in progress, then hold
+/// their partitions without applying (within about a second) until `projector resume`; a
+/// process started meanwhile holds them too. Pausing twice is harmless.
+#[derive(FromArgs, Debug)]
+#[argh(
+    subcommand,
+    name = "pause",
+    note = "The connection flags --database-url, --schema, --keepalive-timeout-secs and --session-timeout-secs may also come after the subcommand (there they win)."
+)]
+pub(crate) struct Pause {
+    /// the projection, by its name: a built-in one or any with checkpoints in this schema
+    #[argh(option)]
+    pub(crate) projection: String,
+}
+
+/// Resume a paused projection: its running processes apply again within about a second,
+/// reading what was appended meanwhile.
+#[derive(FromArgs, Debug)]
+#[argh(
+    subcommand,
+    name = "resume",
+    note = "The connection flags --database-url, --schema, --keepalive-timeout-secs and --session-timeout-secs may also come after the subcommand (there they win)."
+)]
+pub(crate) struct Resume {
+    /// the projection, by its name: a built-in one or any with checkpoints in this schema
+    #[argh(option)]
+    pub(crate) projection: String,
+}
+
 /// How parsing the command line ended, when it did not give a command to run.
 pub(crate) enum Parsed {
     /// `--help`: print this and exit 0.
@@ -278,7 +309,7 @@ fn with_watch_seconds(args: &[String]) -> Vec<String> {
 }
 
 /// The subcommands, as typed.
-const SUBCOMMANDS: [&str; 8] = [
+const SUBCOMMANDS: [&str; 10] = [
     "migrate",
     "seed",
     "append",
@@ -286,6 +317,8 @@ const SUBCOMMANDS: [&str; 8] = [
     "reset",
     "repartition",
     "wait",
+    "pause",
+    "resume",
     "dead-letters",
 ];
 
@@ -313,7 +346,15 @@ const RUN_FLAGS: [&str; 10] = [
 ];
 
 /// Subcommands that take `--projection` themselves.
-const WITH_PROJECTION: [&str; 5] = ["status", "reset", "repartition", "wait", "dead-letters"];
+const WITH_PROJECTION: [&str; 7] = [
+    "status",
+    "reset",
+    "repartition",
+    "wait",
+    "pause",
+    "resume",
+    "dead-letters",
+];
 
 /// Subcommands that take `--projection-file` themselves.
 const WITH_PROJECTION_FILE: [&str; 3] = ["reset", "repartition", "dead-letters"];
@@ -341,7 +382,10 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
                     | "--expected-version"
                     | "--file"
             )
-            | ("status" | "reset" | "repartition" | "wait", "--projection")
+            | (
+                "status" | "reset" | "repartition" | "wait" | "pause" | "resume",
+                "--projection"
+            )
             | ("reset" | "repartition", "--projection-file")
             | ("repartition", "--to")
             | ("status", "--watch")

@@ -232,7 +232,7 @@ fn printable(payload: Option<&[u8]>) -> String {
 }
 
 /// How long ago, as `12s ago`.
-fn ago(at: SystemTime) -> String {
+pub(super) fn ago(at: SystemTime) -> String {
     let seconds = SystemTime::now()
         .duration_since(at)
         .map(|d| d.as_secs())

@@ -145,10 +145,12 @@ fn in_flags(error: &Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         Error::NotAppliedInTime {
             projection,
             held_by_pid,
+            paused,
             ..
         } => {
             let status = format!("`projector status --projection {}`", shell_word(projection));
             match held_by_pid {
+                _ if *paused => write!(f, "{error}"),
                 Some(_) => write!(f, "{error}: see how far it is with {status}"),
                 None => write!(f, "{error} ({status})"),
             }

@@ -76,12 +76,45 @@ pub(crate) fn run(args: Args) -> Result<(), CliError> {
         }
         Some(Command::Repartition(ref change)) => Ok(repartition(&database, change)?),
         Some(Command::Wait(ref wait)) => wait::wait(&database, wait),
+        Some(Command::Pause(ref pause)) => {
+            let mut client = connect_to_schema(&database, &schema_setting(&args))?;
+            known_here(&mut client, &pause.projection)?;
+            Ok(pause_projection(&database, &pause.projection)?)
+        }
+        Some(Command::Resume(ref resume)) => {
+            let mut client = connect_to_schema(&database, &schema_setting(&args))?;
+            known_here(&mut client, &resume.projection)?;
+            Ok(resume_projection(&database, &resume.projection)?)
+        }
         Some(Command::DeadLetters(ref command)) => {
             connect_to_schema(&database, &schema_setting(&args))?;
             dead_letters::run(&database, command)
         }
         None => run::run_projections(&args, database),
     }
+}
+
+/// `projector pause`: stores the pause and says what it does.
+fn pause_projection(database: &Database, name: &str) -> Result<(), Error> {
+    let word = projector::shell_word(name);
+    if projector::pause(database, name)? {
+        say!(
+            "paused '{name}': its running processes finish the transaction in progress and hold              their partitions without applying (within about a second) until `projector resume              --projection {word}`"
+        );
+    } else {
+        say!("'{name}' was paused already: `projector resume --projection {word}` resumes it");
+    }
+    Ok(())
+}
+
+/// `projector resume`: clears the pause and says so.
+fn resume_projection(database: &Database, name: &str) -> Result<(), Error> {
+    if projector::resume(database, name)? {
+        say!("resumed '{name}': its running processes apply again within about a second");
+    } else {
+        say!("'{name}' was not paused: nothing to do");
+    }
+    Ok(())
 }
 
 fn unknown_projection(name: &str) -> Error {

@@ -1,7 +1,7 @@
 //! `projector status`: each projection's partitions, checkpoints, lag, holders and parked
 //! events, as a table or one JSON document.
 
-use projector::{CheckpointStatus, Error};
+use projector::{CheckpointStatus, Error, ProjectionState, StateKind};
 use serde_json::{Value, json};
 
 use super::output::say;
@@ -12,6 +12,7 @@ pub(super) fn print_status(
     json: bool,
 ) -> Result<(), Error> {
     let rows = rows_of(client, projection)?;
+    let states = projector::projection_states(client, projection)?;
     if json {
         let head = match rows.first() {
             Some(row) => row.head_position,
@@ -23,11 +24,71 @@ pub(super) fn print_status(
                 })?
                 .get(0),
         };
-        say!("{}", status_json(head, &rows));
+        say!("{}", status_json(head, &rows, &states));
         return Ok(());
     }
-    say!("{}", table(&rows, projection, None).trim_end());
+    let mut text = table(&rows, projection, None);
+    text.push_str(&state_lines(&states));
+    say!("{}", text.trim_end());
     Ok(())
+}
+
+/// A line per stored state: `users: FAILED 12s ago on partition 1/4 before global position
+/// 4711 (pid 1234 on host): the error`, `users: PAUSED 3s ago (...): ...`.
+pub(super) fn state_lines(states: &[ProjectionState]) -> String {
+    let mut text = String::new();
+    for state in states {
+        let name = &state.projection;
+        let ago = super::dead_letters::ago(state.changed_at);
+        let process = state
+            .process
+            .as_deref()
+            .map(|process| format!(" ({process})"))
+            .unwrap_or_default();
+        let line = match state.state {
+            StateKind::Paused => format!(
+                "{name}: PAUSED {ago}{process}: its partitions are held and nothing is applied \
+                 until `projector resume --projection {}`",
+                projector::shell_word(name)
+            ),
+            _ => {
+                let partition = match (state.partition, state.total_partitions) {
+                    (Some(key), Some(total)) => format!(" on partition {key}/{total}"),
+                    _ => String::new(),
+                };
+                let position = state
+                    .position
+                    .map(|p| format!(" before global position {p}"))
+                    .unwrap_or_default();
+                format!(
+                    "{name}: FAILED {ago}{partition}{position}{process}: {}; it stays stopped \
+                     until a process of it starts again",
+                    state.error.as_deref().unwrap_or("no error stored")
+                )
+            }
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text
+}
+
+/// A stored state in `status --json`.
+fn state_json(state: &ProjectionState) -> Value {
+    let changed_at = state
+        .changed_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default();
+    json!({
+        "state": state.state.name(),
+        "error": state.error,
+        "partition": state.partition,
+        "total_partitions": state.total_partitions,
+        "position": state.position,
+        "process": state.process,
+        "changed_at_unix": changed_at,
+    })
 }
 
 /// The checkpoints `status` shows: every projection's, or those of one that is known here
@@ -176,8 +237,20 @@ pub(super) fn layouts(rows: &[CheckpointStatus]) -> Vec<&[CheckpointStatus]> {
 }
 
 /// `projector status --json`: one document, one entry per projection and layout.
-fn status_json(head: i64, rows: &[CheckpointStatus]) -> Value {
-    let projections: Vec<Value> = layouts(rows)
+fn status_json(head: i64, rows: &[CheckpointStatus], states: &[ProjectionState]) -> Value {
+    // The failure first: a paused projection that failed is first of all failed.
+    let state_of = |name: &str| {
+        let mut of: Vec<&ProjectionState> =
+            states.iter().filter(|s| s.projection == name).collect();
+        of.sort_by_key(|s| s.state != StateKind::Failed);
+        of.first().map(|s| state_json(s))
+    };
+    let is_paused = |name: &str| {
+        states
+            .iter()
+            .any(|s| s.projection == name && s.state == StateKind::Paused)
+    };
+    let mut projections: Vec<Value> = layouts(rows)
         .into_iter()
         .map(|layout| {
             let first = &layout[0];
@@ -216,9 +289,29 @@ fn status_json(head: i64, rows: &[CheckpointStatus]) -> Value {
                 "partitions": partitions,
                 "repartitioning": repartitioning,
                 "parked": {"aggregates": parked(layout).0, "events": parked(layout).1},
+                "state": state_of(&first.projection),
+                "paused": is_paused(&first.projection),
             })
         })
         .collect();
+    // A projection with a stored state and no checkpoints (paused before it first ran).
+    let mut without_checkpoints: Vec<&str> = states
+        .iter()
+        .map(|s| s.projection.as_str())
+        .filter(|name| !rows.iter().any(|row| row.projection == *name))
+        .collect();
+    without_checkpoints.dedup();
+    for name in without_checkpoints {
+        projections.push(json!({
+            "projection": name,
+            "total_partitions": null,
+            "partitions": [],
+            "repartitioning": null,
+            "parked": {"aggregates": 0, "events": 0},
+            "state": state_of(name),
+            "paused": is_paused(name),
+        }));
+    }
     json!({ "head_position": head, "projections": projections })
 }
 

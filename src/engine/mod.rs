@@ -11,6 +11,7 @@
 //!   events until it has caught up.
 //! - [`worker`]: one thread per owned partition; applies events and commits them with the
 //!   checkpoint in one transaction (its parts: commit, retry, ownership, parking).
+//! - [`notice`]: a projection that stops is told to an embedder, and stored when it failed.
 //! - [`outage`]: a lost database, retried with capped back-off and logged once.
 //! - [`progress`]: what each lane has done, read by the progress log and by
 //!   [`crate::ops`] for metrics and health.
@@ -19,6 +20,7 @@
 pub(crate) mod builder;
 pub(crate) mod fetcher;
 pub(crate) mod lane;
+pub(crate) mod notice;
 pub(crate) mod outage;
 pub(crate) mod progress;
 pub(crate) mod router;

@@ -7,13 +7,14 @@ use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use log::error;
 use postgres::Client;
 use prometheus::HistogramVec;
 
 use crate::engine::fetcher::Fetcher;
 use crate::engine::lane::{CommitTimers, LaneProgress, Progress};
+use crate::engine::notice::{ProjectionEnd, ProjectionStopped, states_at_start};
 use crate::engine::outage::{Attempts, Outage};
 use crate::engine::progress::Monitor;
 use crate::engine::router::{FetchProgress, Lane};
@@ -21,6 +22,7 @@ use crate::engine::settings::{Settings, Stopper};
 use crate::engine::straggler::Stragglers;
 use crate::engine::worker::ownership::Role;
 use crate::engine::worker::parking::{Parking, StormBreaker};
+use crate::engine::worker::pause::PauseWatch;
 use crate::engine::worker::retry::Held;
 use crate::engine::worker::{PartitionSummary, Worker};
 use crate::layout::Layout;
@@ -63,6 +65,10 @@ pub(crate) struct Threads {
     stragglers: Arc<Stragglers>,
     /// Projections that have failed: once all have, the runner stops.
     stopped_projections: Arc<AtomicUsize>,
+    /// The schema stores projection states (failed, paused).
+    stores_states: bool,
+    /// Where each projection's end is told.
+    notices: Sender<ProjectionStopped>,
 }
 
 impl Threads {
@@ -95,13 +101,19 @@ impl Threads {
             outage: Arc::new(Outage::default()),
             stragglers: Arc::new(Stragglers::new(&behind, start)),
             stopped_projections: Arc::new(AtomicUsize::new(0)),
+            stores_states: false,
+            notices: unbounded().0,
         })
     }
 
     /// Spawns every projection's workers, the fetcher (reading through `reader`) and the
     /// progress monitor.
-    pub(crate) fn spawn(mut self, reader: Client) -> Result<Runner, Error> {
+    pub(crate) fn spawn(mut self, mut reader: Client) -> Result<Runner, Error> {
         let started = Instant::now();
+        self.stores_states = states_at_start(&mut reader, &self.database, &self.prepared)?;
+        let (notices, stopped) = unbounded();
+        self.notices = notices;
+        let mut pauses = Vec::new();
         let (done_tx, done) = bounded::<()>(0);
         let mut lanes = Vec::new();
         let mut progress = Vec::new();
@@ -113,6 +125,7 @@ impl Threads {
                 progress: &mut progress,
                 timers: &timers,
                 done: &done_tx,
+                pauses: &mut pauses,
             };
             projections.push(self.spawn_workers(index, prepared, sinks)?);
         }
@@ -124,6 +137,7 @@ impl Threads {
             lanes: progress.clone(),
             fetch: Arc::clone(&fetch_progress),
             commit_seconds: timers.0,
+            pauses,
         };
         let fetcher = Fetcher {
             database: self.database.clone(),
@@ -172,6 +186,7 @@ impl Threads {
             started,
             figures,
             metrics: OnceLock::new(),
+            stopped,
         })
     }
 
@@ -188,6 +203,7 @@ impl Threads {
             progress,
             timers,
             done,
+            pauses,
         } = sinks;
         let Prepared {
             plan,
@@ -200,6 +216,15 @@ impl Threads {
         let failed = Arc::new(AtomicBool::new(false));
         let scope = plan.projection.scope();
         let breaker = Arc::new(StormBreaker::new(&self.settings));
+        let pause = Arc::new(PauseWatch::new(&name, self.stores_states));
+        pauses.push(Arc::clone(&pause));
+        let end = Arc::new(ProjectionEnd::new(
+            &name,
+            plan.keys.len(),
+            &self.database,
+            self.stores_states,
+            &self.notices,
+        ));
         let mut workers = Vec::new();
         for (&partition, &checkpoint) in plan.keys.iter().zip(&checkpoints) {
             let (queue, batches) = bounded(self.settings.queue_depth.max(1));
@@ -251,12 +276,14 @@ impl Threads {
                 parking: Parking::new(plan.policy, Arc::clone(&breaker)),
                 held: Held::default(),
                 checkpoint_lock_failures: 0,
+                pause: Arc::clone(&pause),
             };
             let done = done.clone();
             let everything = self.stopper.clone();
             let (failed, name) = (Arc::clone(&failed), name.clone());
             let stopped = Arc::clone(&self.stopped_projections);
             let count = self.projection_stops.len();
+            let end = Arc::clone(&end);
             let handle = spawn(format!("projector-p{partition}"), move || {
                 let result = stop_all_on_panic(&everything, || worker.run());
                 if let Err(error) = &result {
@@ -274,6 +301,7 @@ impl Threads {
                         }
                     }
                 }
+                end.worker_ended(&result);
                 drop(done);
                 result
             })?;
@@ -324,6 +352,7 @@ struct Sinks<'a> {
     progress: &'a mut Vec<LaneProgress>,
     timers: &'a CommitTimers,
     done: &'a Sender<()>,
+    pauses: &'a mut Vec<Arc<PauseWatch>>,
 }
 
 /// The workers of one projection of a runner.
@@ -343,6 +372,8 @@ pub(crate) struct Figures {
     pub(crate) lanes: Vec<LaneProgress>,
     pub(crate) fetch: Arc<FetchProgress>,
     pub(crate) commit_seconds: HistogramVec,
+    /// Per projection: whether it is paused.
+    pub(crate) pauses: Vec<Arc<PauseWatch>>,
 }
 
 impl std::fmt::Debug for Figures {
@@ -370,6 +401,8 @@ pub struct Runner {
     /// first call of [`Runner::metrics`] (held as `Any` so that the engine needs nothing of
     /// operations).
     pub(crate) metrics: OnceLock<Box<dyn Any + Send + Sync>>,
+    /// Where each projection's end is told, for [`Runner::stopped_projections`].
+    pub(crate) stopped: Receiver<ProjectionStopped>,
 }
 
 /// What a runner did, from [`Runner::join`].
@@ -433,6 +466,26 @@ impl Runner {
     /// A handle that stops this runner from another thread.
     pub fn stopper(&self) -> Stopper {
         self.stopper.clone()
+    }
+
+    /// True once every thread of the runner has ended (it does not wait): [`join`](Runner::join)
+    /// then returns at once.
+    pub fn is_finished(&self) -> bool {
+        self.projections
+            .iter()
+            .flat_map(|projection| &projection.workers)
+            .all(|(_, worker)| worker.is_finished())
+            && self.fetcher.as_ref().is_none_or(JoinHandle::is_finished)
+            && self.monitor.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// A channel that receives a [`ProjectionStopped`] when a projection of this runner stops
+    /// (all its workers have ended), once per projection: on a failure (while the other
+    /// projections go on), and at the end of the run. Receiving blocks until one does; it
+    /// fails once the runner is dropped and every notice has been taken. Every call returns a
+    /// handle on the same channel: one notice reaches one receiver.
+    pub fn stopped_projections(&self) -> Receiver<ProjectionStopped> {
+        self.stopped.clone()
     }
 
     /// Waits for every thread to end. Returns the figures, or the first error a thread met (a

@@ -24,6 +24,7 @@ use crate::Runner;
 use crate::engine::lane::{LANE, LaneProgress, STATES};
 use crate::engine::runner::Figures;
 use crate::lock;
+use crate::ops::projection_gauges::ProjectionGauges;
 
 /// Up to this many positions behind the head, a partition's lag is counted exactly.
 const COUNTED_LAG: i64 = 10_000;
@@ -97,6 +98,7 @@ struct Families {
     notifications_held: IntGauge,
     parked_aggregates: IntGaugeVec,
     parked_events: IntGaugeVec,
+    projections: ProjectionGauges,
 }
 
 impl Families {
@@ -186,6 +188,7 @@ impl Families {
                 ),
                 &["projection"],
             )?,
+            projections: ProjectionGauges::new(&registry)?,
             registry,
         };
         let r = &families.registry;
@@ -362,6 +365,7 @@ impl Metrics {
         });
         f.notifications_held
             .set(fetch.notifications_held.load(Ordering::Relaxed) as i64);
+        f.projections.set(&self.shared.figures);
     }
 
     /// Sets the parked gauges of every projection of the runner (0 when none is parked); left

@@ -4,10 +4,12 @@
 //!   [`reset`](crate::reset) to rebuild a projection.
 //! - [`metrics`]: a runner's figures in the Prometheus text format, read from the engine's
 //!   lane figures ([`crate::engine::progress`]) and the database.
+//! - [`projection_gauges`]: the gauges of a projection that failed here, or is paused.
 //! - [`health`]: liveness and readiness of a runner, for probes.
 //!
 //! Operations read the engine's state; the engine never reads them.
 
 pub(crate) mod health;
 pub(crate) mod metrics;
+pub(crate) mod projection_gauges;
 pub(crate) mod status;

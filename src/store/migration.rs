@@ -118,7 +118,24 @@ pub(crate) const DEAD_LETTER_DROPS: Table = Table {
     ],
 };
 
-/// Every table the projector needs to run, in the order they are created.
+/// What a projection is when it is not simply running: failed, or paused (see
+/// `crate::store::state`).
+pub(crate) const PROJECTION_STATES: Table = Table {
+    name: "projector_projection_states",
+    create: include_str!("../../sql/projector_projection_states.sql"),
+    columns: &[
+        ("projection", TEXT),
+        ("state", TEXT),
+        ("error", TEXT),
+        ("partition_key", INTEGER),
+        ("total_partitions", INTEGER),
+        ("position", BIGINT),
+        ("process", TEXT),
+        ("changed_at", TIMESTAMP),
+    ],
+};
+
+/// Every table the projector needs, in the order they are created.
 pub(crate) const TABLES: [&Table; 5] = [
     &EVENTS,
     &AGGREGATE_HEADS,
@@ -126,6 +143,10 @@ pub(crate) const TABLES: [&Table; 5] = [
     &PRIOR_LAYOUTS,
     &DEAD_LETTERS,
 ];
+
+/// Tables a later version added, which `migrate` creates like the others but a run does not
+/// require: without one, the feature it holds is off and a log line says to run `migrate`.
+pub(crate) const LATER_TABLES: [&Table; 2] = [&DEAD_LETTER_DROPS, &PROJECTION_STATES];
 
 /// The tables of the version before the rename, which the projector no longer uses.
 const EARLIER_CHECKPOINTS: &str = "projection_checkpoints";
@@ -164,7 +185,7 @@ pub fn migrate(database: &Database) -> Result<(), Error> {
             .map_err(Error::database(format!("creating schema '{schema}'")))?;
     }
     let mut created = Vec::new();
-    for table in TABLES.into_iter().chain([&DEAD_LETTER_DROPS]) {
+    for table in TABLES.into_iter().chain(LATER_TABLES) {
         if columns_of(&mut tx, schema, table.name)?.is_empty() {
             tx.batch_execute(table.create)
                 .map_err(Error::database(format!("creating table {}", table.name)))?;

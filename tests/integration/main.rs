@@ -22,6 +22,7 @@ mod outages;
 mod partition;
 mod poison;
 mod probes;
+mod projection_state;
 mod proxy;
 mod pupsourcing;
 mod repartition;

@@ -3,6 +3,7 @@
 pub(crate) mod commit;
 pub(crate) mod ownership;
 pub(crate) mod parking;
+pub(crate) mod pause;
 pub(crate) mod retry;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use crate::engine::settings::{Settings, Stopper};
 use crate::engine::straggler::{OwnEvents, Stragglers, read_own_events};
 use crate::engine::worker::ownership::Role;
 use crate::engine::worker::parking::Parking;
+use crate::engine::worker::pause::PauseWatch;
 use crate::engine::worker::retry::Held;
 use crate::error::BoxError;
 use crate::event::{Event, Scope};
@@ -93,6 +95,8 @@ pub(crate) struct Worker<P> {
     pub(crate) held: Held,
     /// Attempts in a row that found the checkpoint row held by another session.
     pub(crate) checkpoint_lock_failures: u32,
+    /// Whether the projection is paused (`projector pause`), shared by its workers.
+    pub(crate) pause: Arc<PauseWatch>,
 }
 
 /// A pooled connection with the partition's statements prepared on it.

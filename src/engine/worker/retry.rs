@@ -28,6 +28,9 @@ impl<P: Projection> Worker<P> {
         upto: i64,
         summary: &mut PartitionSummary,
     ) -> Result<bool, Error> {
+        if self.hold_while_paused(connection, summary)? {
+            return Ok(false);
+        }
         let mut failed = FailedAttempts::default();
         // The whole batch at once first; after a failure, event by event, to find the event.
         let mut whole = true;
