@@ -33,10 +33,11 @@ pub(crate) fn watch(
     }
     loop {
         let rows = rows_of(client, projection)?;
+        let states = projector::projection_states(client, projection)?;
         let now = Instant::now();
         let mut columns = |row: &CheckpointStatus| rate_and_eta(row, &mut seen, now);
         let table = format!(
-            "{}\n{}",
+            "{}\n{}{}",
             time_of_day(),
             table(
                 &rows,
@@ -45,7 +46,8 @@ pub(crate) fn watch(
                     headers: ["RATE", "ETA"],
                     values: &mut columns,
                 })
-            )
+            ),
+            super::status::state_lines(&states)
         );
         let drawn = if terminal {
             // Home, draw, then clear what an earlier, longer table left below.

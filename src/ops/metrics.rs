@@ -300,6 +300,9 @@ impl Metrics {
         }
         if let Some(client) = client.as_mut() {
             self.count_parked(client);
+            if let Ok(states) = crate::store::state::projection_states(client, None) {
+                f.projections.set(&self.shared.figures, &states);
+            }
         }
         last = lock(&self.shared.last);
         *last = DatabaseFigures {
@@ -365,7 +368,6 @@ impl Metrics {
         });
         f.notifications_held
             .set(fetch.notifications_held.load(Ordering::Relaxed) as i64);
-        f.projections.set(&self.shared.figures);
     }
 
     /// Sets the parked gauges of every projection of the runner (0 when none is parked); left

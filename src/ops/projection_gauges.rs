@@ -1,10 +1,12 @@
 //! The projection-wide state gauges of `/metrics`: whether a projection of the runner failed
-//! here, and whether it is paused (as its workers last read it).
+//! (here, or as stored by any process) and whether it is paused, as a scrape reads them from
+//! `projector_projection_states` (see [`crate::store::state`]).
 
 use prometheus::{IntGaugeVec, Opts, Registry};
 
 use crate::engine::lane::LaneState;
 use crate::engine::runner::Figures;
+use crate::store::state::{ProjectionState, StateKind};
 
 pub(crate) struct ProjectionGauges {
     failed: IntGaugeVec,
@@ -19,11 +21,11 @@ impl ProjectionGauges {
         let gauges = ProjectionGauges {
             failed: gauge(
                 "projector_projection_failed",
-                "1 once a partition of the projection stopped on an error in this process (an event that kept failing, a park storm, a fencing, the database given up on); `projector status` shows it as FAILED.",
+                "1 while the projection is stored as failed (`projector status` shows FAILED: it stopped on an event, a park storm, a fencing or the database given up on, until a successful start), or once a partition of it failed in this process.",
             )?,
             paused: gauge(
                 "projector_projection_paused",
-                "1 while the projection is paused (`projector pause`), as its workers last read it (at most a second old while they run).",
+                "1 while the projection is paused (`projector pause`): its processes hold their partitions and apply nothing until `projector resume`.",
             )?,
         };
         registry.register(Box::new(gauges.failed.clone()))?;
@@ -31,20 +33,27 @@ impl ProjectionGauges {
         Ok(gauges)
     }
 
-    /// Sets both gauges of every projection of the runner from its figures.
-    pub(crate) fn set(&self, figures: &Figures) {
+    /// Sets both gauges of every projection of the runner from the stored `states` and the
+    /// lanes' figures.
+    pub(crate) fn set(&self, figures: &Figures, states: &[ProjectionState]) {
+        let stored = |name: &str, kind: StateKind| {
+            states
+                .iter()
+                .any(|state| state.projection == name && state.state == kind)
+        };
         for pause in &figures.pauses {
             let name = pause.projection();
-            let failed = figures.lanes.iter().any(|lane| {
-                lane.projection == name
-                    && matches!(lane.state(), LaneState::Failed | LaneState::Fenced)
-            });
+            let failed = stored(name, StateKind::Failed)
+                || figures.lanes.iter().any(|lane| {
+                    lane.projection == name
+                        && matches!(lane.state(), LaneState::Failed | LaneState::Fenced)
+                });
             self.failed
                 .with_label_values(&[name])
                 .set(i64::from(failed));
             self.paused
                 .with_label_values(&[name])
-                .set(i64::from(pause.paused()));
+                .set(i64::from(stored(name, StateKind::Paused)));
         }
     }
 }

@@ -167,6 +167,27 @@ fn pausing_a_projection_that_is_not_known_exits_2_naming_it() {
 }
 
 #[test]
+fn a_schema_of_an_earlier_version_runs_without_the_states_and_says_to_migrate() {
+    let schema = TestSchema::migrated("state_earlier_schema");
+    schema
+        .client()
+        .batch_execute("DROP TABLE projector_projection_states")
+        .expect("drop the table");
+    schema.seed(4, 2);
+    let (code, stderr) = catch_up(&schema);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("no table projector_projection_states")
+            && stderr.contains("run `projector migrate`"),
+        "{stderr}"
+    );
+    assert_eq!(run(&schema, &["status"]).0, Some(0));
+    let (code, _, stderr) = run(&schema, &["pause", "--projection", "aggregate-stats"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("projector migrate"), "{stderr}");
+}
+
+#[test]
 fn an_embedder_is_told_when_each_projection_stops_and_when_the_runner_is_finished() {
     let schema = TestSchema::migrated("state_embedder");
     schema.seed(4, 2);
@@ -208,6 +229,18 @@ fn an_embedder_is_told_when_each_projection_stops_and_when_the_runner_is_finishe
     std::thread::sleep(Duration::from_millis(300));
     assert!(!runner.is_finished());
     assert!(stopped.try_recv().is_err());
+    // Metrics say so too, and show a pause.
+    assert!(projector::pause(&schema.database, "fine").expect("pause"));
+    let metrics = runner.metrics().render();
+    for line in [
+        "projector_projection_failed{projection=\"fails\"} 1",
+        "projector_projection_failed{projection=\"fine\"} 0",
+        "projector_projection_paused{projection=\"fails\"} 0",
+        "projector_projection_paused{projection=\"fine\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line} in:\n{metrics}");
+    }
+    assert!(projector::resume(&schema.database, "fine").expect("resume"));
 
     runner.shutdown();
     let second = stopped.recv_timeout(LIMIT).expect("told of the stop");

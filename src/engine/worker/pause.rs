@@ -9,12 +9,12 @@
 //! projections of the process go on, and reads what it missed itself once resumed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, TryLockError};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
 
-use crate::Error;
+use crate::{Error, lock};
 use crate::engine::worker::{Connection, PartitionSummary, Worker};
 use crate::projections::projection::Projection;
 use crate::store::state;
@@ -54,17 +54,14 @@ impl PauseWatch {
     }
 
     /// Whether the projection is paused: read again through `client` when the last read is
-    /// older than [`CHECK_EVERY`] and no other worker is reading it; as last read otherwise
-    /// (also when the read fails: a lost connection is the worker's to find).
+    /// older than [`CHECK_EVERY`]; as last read otherwise (also when the read fails: a lost
+    /// connection is the worker's to find). A worker that finds another one reading waits for
+    /// its answer: going on with the older one could apply a batch after a pause.
     fn is_paused(&self, client: Option<&mut postgres::Client>) -> bool {
         if !self.available {
             return false;
         }
-        let mut checked = match self.checked.try_lock() {
-            Ok(checked) => checked,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => return self.paused(),
-        };
+        let mut checked = lock(&self.checked);
         let due = checked.is_none_or(|at| at.elapsed() >= CHECK_EVERY);
         if let (true, Some(client)) = (due, client) {
             match state::is_paused(client, &self.projection) {
@@ -106,6 +103,12 @@ impl<P: Projection> Worker<P> {
         summary: &mut PartitionSummary,
     ) -> Result<bool, Error> {
         let pause = std::sync::Arc::clone(&self.pause);
+        if connection.is_none() {
+            // The state is read on the worker's connection; the commit would make one anyway.
+            if let Ok(made) = self.connect() {
+                *connection = Some(made);
+            }
+        }
         if !pause.is_paused(connection.as_mut().map(|c| &mut *c.client)) {
             return Ok(false);
         }

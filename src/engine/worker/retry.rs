@@ -19,6 +19,8 @@ impl<P: Projection> Worker<P> {
     /// Commits `events` (those above the checkpoint) and the checkpoint `upto`, retrying lost
     /// connections (up to the give-up limit) and projection failures a few times. As a standby,
     /// waits until the process holding the partition has applied the batch, or has gone.
+    /// While the projection is paused, holds the partition first, applying nothing (see
+    /// [`crate::engine::worker::pause`]).
     /// False when asked to stop before the batch was done: the caller must then stop at once,
     /// committing nothing more (a later checkpoint would pass the events of this batch).
     pub(crate) fn commit_with_retries(
