@@ -238,7 +238,10 @@ fn an_embedder_is_told_when_each_projection_stops_and_when_the_runner_is_finishe
         "projector_projection_paused{projection=\"fails\"} 0",
         "projector_projection_paused{projection=\"fine\"} 1",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "no {line} in:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line} in:\n{metrics}"
+        );
     }
     assert!(projector::resume(&schema.database, "fine").expect("resume"));
 

@@ -184,7 +184,8 @@ fn migrate_leaves_a_pupsourcing_store_as_it_was() {
             "projection_dead_letter_drops",
             "projection_dead_letters",
             "projector_checkpoints",
-            "projector_prior_layouts"
+            "projector_prior_layouts",
+            "projector_projection_states"
         ]
     );
 }
@@ -482,7 +483,7 @@ fn a_role_that_is_not_superuser_migrates_and_runs_the_projector() {
             "SELECT COUNT(*) FROM pg_tables WHERE schemaname = '{}' AND tableowner = '{}'",
             schema.name, role.name
         )),
-        5,
-        "the role owns the projector's tables (with the record of drops) and the read model"
+        6,
+        "the role owns the projector's tables (with the record of drops and the states) and the read model"
     );
 }

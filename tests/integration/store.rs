@@ -175,7 +175,8 @@ fn migrate_runs_twice_and_from_several_processes_at_once() {
             "projection_dead_letter_drops",
             "projection_dead_letters",
             "projector_checkpoints",
-            "projector_prior_layouts"
+            "projector_prior_layouts",
+            "projector_projection_states"
         ]
     );
 }

@@ -8,16 +8,16 @@
 //! shared read (as a straggler does, see [`crate::engine::straggler`]), so that the other
 //! projections of the process go on, and reads what it missed itself once resumed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use log::{debug, info};
 
-use crate::{Error, lock};
 use crate::engine::worker::{Connection, PartitionSummary, Worker};
 use crate::projections::projection::Projection;
 use crate::store::state;
+use crate::{Error, lock};
 
 /// How often the workers of a projection read whether it is paused, at most.
 pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(1);
