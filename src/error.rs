@@ -227,8 +227,6 @@ pub enum Error {
         /// The server process id of the connection through which a live process holds that
         /// partition; `None` when no live process does.
         held_by_pid: Option<i32>,
-        /// The projection is paused (`projector pause`): it applies nothing until resumed.
-        paused: bool,
         /// How long it waited.
         waited: std::time::Duration,
     },
@@ -574,7 +572,6 @@ impl fmt::Display for Error {
                 behind,
                 behind_counted_at_most,
                 held_by_pid,
-                paused,
                 waited,
             } => {
                 write!(
@@ -583,14 +580,6 @@ impl fmt::Display for Error {
                      {:.1} s: ",
                     waited.as_secs_f64()
                 )?;
-                if *paused {
-                    return write!(
-                        f,
-                        "it is paused, and applies nothing until `projector resume --projection \
-                         {}` (partition {partition}/{total} is at checkpoint {checkpoint})",
-                        crate::shell_word(projection)
-                    );
-                }
                 match aggregate_id {
                     Some(id) => write!(
                         f,

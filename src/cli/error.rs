@@ -40,6 +40,13 @@ pub(crate) enum CliError {
         /// Why it would be refused (such as [`Error::ProjectionRunning`]).
         because: Box<Error>,
     },
+    /// `wait` timed out on a projection that is paused (`projector pause`).
+    WaitedWhilePaused {
+        /// The projection.
+        projection: String,
+        /// The time-out ([`Error::NotAppliedInTime`]).
+        because: Box<Error>,
+    },
 }
 
 impl CliError {
@@ -49,6 +56,7 @@ impl CliError {
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
             CliError::Library(Error::EventParked { .. }) => EXIT_PARKED,
+            CliError::WaitedWhilePaused { .. } => 1,
             CliError::Library(error) if !error.is_configuration() => 1,
             _ => 2,
         }
@@ -71,6 +79,15 @@ impl fmt::Display for CliError {
             CliError::WouldBeRefused { action, .. } => {
                 write!(f, "{action}; --yes would be refused for now")
             }
+            CliError::WaitedWhilePaused {
+                projection,
+                because,
+            } => write!(
+                f,
+                "{because}: the projection is paused, and applies nothing until `projector \
+                 resume --projection {}`",
+                shell_word(projection)
+            ),
         }
     }
 }
@@ -145,12 +162,10 @@ fn in_flags(error: &Error, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         Error::NotAppliedInTime {
             projection,
             held_by_pid,
-            paused,
             ..
         } => {
             let status = format!("`projector status --projection {}`", shell_word(projection));
             match held_by_pid {
-                _ if *paused => write!(f, "{error}"),
                 Some(_) => write!(f, "{error}: see how far it is with {status}"),
                 None => write!(f, "{error} ({status})"),
             }

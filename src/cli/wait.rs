@@ -38,7 +38,16 @@ pub(super) fn wait(database: &Database, wait: &Wait) -> Result<(), CliError> {
         Some(text) => super::duration("--timeout", text)?,
         None => DEFAULT_TIMEOUT,
     };
-    let applied = projector::wait_for(database, &wait.projection, until, timeout)?;
+    let applied = match projector::wait_for(database, &wait.projection, until, timeout) {
+        Ok(applied) => applied,
+        Err(error @ Error::NotAppliedInTime { .. }) if is_paused(database, &wait.projection) => {
+            return Err(CliError::WaitedWhilePaused {
+                projection: wait.projection.clone(),
+                because: Box::new(error),
+            });
+        }
+        Err(error) => return Err(error.into()),
+    };
     let (name, total, checkpoint) = (
         &applied.projection,
         applied.total_partitions,
@@ -63,6 +72,18 @@ pub(super) fn wait(database: &Database, wait: &Wait) -> Result<(), CliError> {
         ),
     }
     Ok(())
+}
+
+/// Whether `projection` is paused, as stored (false when that cannot be read).
+fn is_paused(database: &Database, projection: &str) -> bool {
+    let states = database
+        .connect()
+        .and_then(|mut client| projector::projection_states(&mut client, Some(projection)));
+    states.is_ok_and(|states| {
+        states
+            .iter()
+            .any(|state| state.state == projector::StateKind::Paused)
+    })
 }
 
 /// A global position: a whole number of at least 1.

@@ -3,8 +3,8 @@
 //! when it failed, a row in `projector_projection_states` for `projector status` (see
 //! [`crate::store::state`]), cleared by the next successful start.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::Sender;
 use postgres::Client;
@@ -56,20 +56,29 @@ impl ProjectionEnd {
         }
     }
 
-    /// One of the projection's workers ended with `result`. The first failure is stored; once
-    /// the last worker has ended, the projection's end is told.
-    pub(crate) fn worker_ended(&self, result: &Result<PartitionSummary, Error>) {
-        if let Err(error) = result {
-            let first = {
-                let mut first_error = lock(&self.first_error);
-                let first = first_error.is_none();
-                first_error.get_or_insert_with(|| error_chain(error));
-                first
-            };
-            if first && self.stores_states {
-                state::record_failure(&self.database, &self.name, error);
-            }
+    /// Taken by a worker thread as it starts: counts the worker down when dropped, however
+    /// the thread ends (a panic included).
+    pub(crate) fn worker_starts(self: &Arc<Self>) -> WorkerEnding {
+        WorkerEnding {
+            end: Arc::clone(self),
         }
+    }
+
+    /// The first failure of the projection's workers is kept, and stored.
+    fn failed(&self, error: &Error) {
+        let first = {
+            let mut first_error = lock(&self.first_error);
+            let first = first_error.is_none();
+            first_error.get_or_insert_with(|| error_chain(error));
+            first
+        };
+        if first && self.stores_states {
+            state::record_failure(&self.database, &self.name, error);
+        }
+    }
+
+    /// One worker fewer; once none is left, the projection's end is told.
+    fn count_down(&self) {
         if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
             // Nobody listening is fine: the notice is for those who want it.
             let _ = self.notices.send(ProjectionStopped {
@@ -77,6 +86,30 @@ impl ProjectionEnd {
                 error: lock(&self.first_error).clone(),
             });
         }
+    }
+}
+
+/// A worker of a projection, until its thread ends.
+pub(crate) struct WorkerEnding {
+    end: Arc<ProjectionEnd>,
+}
+
+impl WorkerEnding {
+    /// The worker ended with `result`.
+    pub(crate) fn ended(self, result: &Result<PartitionSummary, Error>) {
+        if let Err(error) = result {
+            self.end.failed(error);
+        }
+    }
+}
+
+impl Drop for WorkerEnding {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let thread = std::thread::current().name().unwrap_or("worker").to_owned();
+            self.end.failed(&Error::ThreadPanicked { thread });
+        }
+        self.end.count_down();
     }
 }
 

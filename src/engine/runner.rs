@@ -285,6 +285,7 @@ impl Threads {
             let count = self.projection_stops.len();
             let end = Arc::clone(&end);
             let handle = spawn(format!("projector-p{partition}"), move || {
+                let ending = end.worker_starts();
                 let result = stop_all_on_panic(&everything, || worker.run());
                 if let Err(error) = &result {
                     if !failed.swap(true, Ordering::AcqRel) {
@@ -301,7 +302,7 @@ impl Threads {
                         }
                     }
                 }
-                end.worker_ended(&result);
+                ending.ended(&result);
                 drop(done);
                 result
             })?;

@@ -466,7 +466,6 @@ impl Waiter {
             behind,
             behind_counted_at_most: BEHIND_COUNTED_AT_MOST,
             held_by_pid,
-            paused: crate::store::state::is_paused(&mut self.client, projection).unwrap_or(false),
             waited,
         }
     }
