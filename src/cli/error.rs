@@ -79,13 +79,10 @@ impl fmt::Display for CliError {
             CliError::WouldBeRefused { action, .. } => {
                 write!(f, "{action}; --yes would be refused for now")
             }
-            CliError::WaitedWhilePaused {
-                projection,
-                because,
-            } => write!(
+            CliError::WaitedWhilePaused { projection, .. } => write!(
                 f,
-                "{because}: the projection is paused, and applies nothing until `projector \
-                 resume --projection {}`",
+                "projection '{projection}' is paused, and applies nothing until `projector resume \
+                 --projection {}`",
                 shell_word(projection)
             ),
         }
@@ -97,7 +94,8 @@ impl std::error::Error for CliError {
         match self {
             // The library error's own text is this one's first part: its causes come next.
             CliError::Library(error) => std::error::Error::source(error),
-            CliError::WouldBeRefused { because, .. } => Some(because.as_ref()),
+            CliError::WouldBeRefused { because, .. }
+            | CliError::WaitedWhilePaused { because, .. } => Some(because.as_ref()),
             _ => None,
         }
     }

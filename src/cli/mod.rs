@@ -99,7 +99,9 @@ fn pause_projection(database: &Database, name: &str) -> Result<(), Error> {
     let word = projector::shell_word(name);
     if projector::pause(database, name)? {
         say!(
-            "paused '{name}': its running processes finish the transaction in progress and hold              their partitions without applying (within about a second) until `projector resume              --projection {word}`"
+            "paused '{name}': its running processes finish the transaction in progress and hold \
+             their partitions without applying (within about a second) until `projector resume \
+             --projection {word}`"
         );
     } else {
         say!("'{name}' was paused already: `projector resume --projection {word}` resumes it");

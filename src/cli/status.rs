@@ -34,7 +34,8 @@ pub(super) fn print_status(
 }
 
 /// A line per stored state: `users: FAILED 12s ago on partition 1/4 before global position
-/// 4711 (pid 1234 on host): the error`, `users: PAUSED 3s ago (...): ...`.
+/// 4711 (pid 1234 on host), until a process of it starts again: the error`, `users: PAUSED 3s
+/// ago (...): ...`.
 pub(super) fn state_lines(states: &[ProjectionState]) -> String {
     let mut text = String::new();
     for state in states {
@@ -60,10 +61,13 @@ pub(super) fn state_lines(states: &[ProjectionState]) -> String {
                     .position
                     .map(|p| format!(" before global position {p}"))
                     .unwrap_or_default();
+                // On one line (the JSON keeps the error as it was).
+                let error = state.error.as_deref().unwrap_or("no error stored");
+                let error: Vec<&str> = error.split_whitespace().collect();
                 format!(
-                    "{name}: FAILED {ago}{partition}{position}{process}: {}; it stays stopped \
-                     until a process of it starts again",
-                    state.error.as_deref().unwrap_or("no error stored")
+                    "{name}: FAILED {ago}{partition}{position}{process}, until a process of it \
+                     starts again: {}",
+                    error.join(" ")
                 )
             }
         };

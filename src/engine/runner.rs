@@ -101,6 +101,7 @@ impl Threads {
             outage: Arc::new(Outage::default()),
             stragglers: Arc::new(Stragglers::new(&behind, start)),
             stopped_projections: Arc::new(AtomicUsize::new(0)),
+            // Both set by `spawn`, which reads the schema first.
             stores_states: false,
             notices: unbounded().0,
         })
@@ -482,8 +483,9 @@ impl Runner {
 
     /// A channel that receives a [`ProjectionStopped`] when a projection of this runner stops
     /// (all its workers have ended), once per projection: on a failure (while the other
-    /// projections go on), and at the end of the run. Receiving blocks until one does; it
-    /// fails once the runner is dropped and every notice has been taken. Every call returns a
+    /// projections go on), and at the end of the run. Receiving blocks until one does; once
+    /// every projection has stopped and its notice was taken, the channel is disconnected (so
+    /// `for notice in runner.stopped_projections()` ends with the run). Every call returns a
     /// handle on the same channel: one notice reaches one receiver.
     pub fn stopped_projections(&self) -> Receiver<ProjectionStopped> {
         self.stopped.clone()

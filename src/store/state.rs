@@ -195,6 +195,10 @@ pub(crate) fn is_paused(
 pub(crate) fn record_failure(database: &Database, projection: &str, error: &Error) {
     let (partition, total, position) = where_it_failed(error);
     let stored = database.connect().and_then(|mut client| {
+        // The database may be what failed: this must not hold the runner's end for long.
+        client
+            .batch_execute("SET statement_timeout = '5s'")
+            .map_err(Error::database("storing the failure"))?;
         client
             .execute(
                 &format!(

@@ -250,6 +250,7 @@ fn an_embedder_is_told_when_each_projection_stops_and_when_the_runner_is_finishe
     assert_eq!(second.projection, "fine");
     assert_eq!(second.error, None);
     eventually("the runner finished", LIMIT, || runner.is_finished());
+    assert!(stopped.recv().is_err(), "the channel ends with the run");
     assert!(runner.join().is_err(), "join returns the failure");
 }
 
