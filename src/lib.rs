@@ -57,7 +57,10 @@
 //! # Operations
 //! [`Runner::metrics`] renders the runner's figures in the Prometheus text format (events
 //! applied, checkpoints, lag, commit durations, retries, partition states, gaps) and answers
-//! liveness and readiness checks ([`Metrics::live`], [`Metrics::ready`]).
+//! liveness and readiness checks ([`Metrics::live`], [`Metrics::ready`]). A projection that
+//! stopped on an error is stored as failed, which `projector status` shows until its next
+//! successful start; [`pause`] and [`resume`] hold a projection's partitions without applying
+//! and let it go on; [`projection_states`] reads both.
 //!
 //! # Poison events
 //! An event that still fails after the last attempt stops its projection by default
@@ -75,6 +78,8 @@
 //! [`Runner::shutdown`] (or a [`Stopper`] from another thread) disconnects a channel every
 //! thread watches: the fetcher stops reading, each worker finishes the transaction it is in,
 //! and [`Runner::join`] returns per-partition figures or the first error.
+//! [`Runner::stopped_projections`] tells of each projection that stops (and why), and
+//! [`Runner::is_finished`] whether every thread has ended, without waiting.
 //!
 //! # Example
 //! ```no_run

@@ -114,7 +114,6 @@ impl Threads {
         self.stores_states = states_at_start(&mut reader, &self.database, &self.prepared)?;
         let (notices, stopped) = unbounded();
         self.notices = notices;
-        let mut pauses = Vec::new();
         let (done_tx, done) = bounded::<()>(0);
         let mut lanes = Vec::new();
         let mut progress = Vec::new();
@@ -126,7 +125,6 @@ impl Threads {
                 progress: &mut progress,
                 timers: &timers,
                 done: &done_tx,
-                pauses: &mut pauses,
             };
             projections.push(self.spawn_workers(index, prepared, sinks)?);
         }
@@ -138,7 +136,6 @@ impl Threads {
             lanes: progress.clone(),
             fetch: Arc::clone(&fetch_progress),
             commit_seconds: timers.0,
-            pauses,
         };
         let fetcher = Fetcher {
             database: self.database.clone(),
@@ -204,7 +201,6 @@ impl Threads {
             progress,
             timers,
             done,
-            pauses,
         } = sinks;
         let Prepared {
             plan,
@@ -218,7 +214,6 @@ impl Threads {
         let scope = plan.projection.scope();
         let breaker = Arc::new(StormBreaker::new(&self.settings));
         let pause = Arc::new(PauseWatch::new(&name, self.stores_states));
-        pauses.push(Arc::clone(&pause));
         let end = Arc::new(ProjectionEnd::new(
             &name,
             plan.keys.len(),
@@ -354,7 +349,6 @@ struct Sinks<'a> {
     progress: &'a mut Vec<LaneProgress>,
     timers: &'a CommitTimers,
     done: &'a Sender<()>,
-    pauses: &'a mut Vec<Arc<PauseWatch>>,
 }
 
 /// The workers of one projection of a runner.
@@ -374,8 +368,6 @@ pub(crate) struct Figures {
     pub(crate) lanes: Vec<LaneProgress>,
     pub(crate) fetch: Arc<FetchProgress>,
     pub(crate) commit_seconds: HistogramVec,
-    /// Per projection: whether it is paused.
-    pub(crate) pauses: Vec<Arc<PauseWatch>>,
 }
 
 impl std::fmt::Debug for Figures {

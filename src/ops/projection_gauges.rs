@@ -41,8 +41,13 @@ impl ProjectionGauges {
                 .iter()
                 .any(|state| state.projection == name && state.state == kind)
         };
-        for pause in &figures.pauses {
-            let name = pause.projection();
+        let mut names: Vec<&str> = figures
+            .lanes
+            .iter()
+            .map(|lane| lane.projection.as_str())
+            .collect();
+        names.dedup();
+        for name in names {
             let failed = stored(name, StateKind::Failed)
                 || figures.lanes.iter().any(|lane| {
                     lane.projection == name

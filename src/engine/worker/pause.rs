@@ -43,14 +43,9 @@ impl PauseWatch {
         }
     }
 
-    /// Paused, as last read (for metrics).
-    pub(crate) fn paused(&self) -> bool {
+    /// Paused, as last read.
+    fn paused(&self) -> bool {
         self.paused.load(Ordering::Acquire)
-    }
-
-    /// The projection the watch is of.
-    pub(crate) fn projection(&self) -> &str {
-        &self.projection
     }
 
     /// Whether the projection is paused: read again through `client` when the last read is
