@@ -3,6 +3,8 @@
 //! `resume`; and an embedder is told when a projection stops, and whether the runner is done.
 
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use projector::{BoxError, Builder, Event, Settings};
@@ -252,6 +254,48 @@ fn an_embedder_is_told_when_each_projection_stops_and_when_the_runner_is_finishe
     eventually("the runner finished", LIMIT, || runner.is_finished());
     assert!(stopped.recv().is_err(), "the channel ends with the run");
     assert!(runner.join().is_err(), "join returns the failure");
+}
+
+#[test]
+fn a_paused_projection_holds_alone_while_the_other_projections_of_its_process_go_on() {
+    let schema = TestSchema::migrated("state_paused_beside");
+    schema.seed(10, 2);
+    let counter = |name: &'static str, count: &Arc<AtomicI64>| {
+        let count = Arc::clone(count);
+        EachEvent {
+            name,
+            apply: move |_: &Event| -> Result<(), BoxError> {
+                count.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            },
+        }
+    };
+    let (paused, going) = (Arc::new(AtomicI64::new(0)), Arc::new(AtomicI64::new(0)));
+    let runner = Builder::new(schema.database.clone(), counter("paused", &paused))
+        .projection(counter("going", &going))
+        .partitions(0..2)
+        .total_partitions(2)
+        .start()
+        .expect("start");
+    eventually("both caught up", LIMIT, || {
+        paused.load(Ordering::SeqCst) == 20 && going.load(Ordering::SeqCst) == 20
+    });
+    assert!(projector::pause(&schema.database, "paused").expect("pause"));
+    std::thread::sleep(Duration::from_millis(1500));
+    schema.seed(10, 3);
+    eventually("the other projection applied the new events", LIMIT, || {
+        going.load(Ordering::SeqCst) == 50
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(paused.load(Ordering::SeqCst), 20, "applied while paused");
+    assert!(projector::resume(&schema.database, "paused").expect("resume"));
+    eventually("the paused projection caught up", LIMIT, || {
+        paused.load(Ordering::SeqCst) == 50
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(paused.load(Ordering::SeqCst), 50, "each event once");
+    runner.shutdown();
+    assert!(runner.join().is_ok());
 }
 
 /// Stops the child (TERM, then waits) when dropped, even when the test fails.
