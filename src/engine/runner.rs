@@ -462,27 +462,6 @@ impl Runner {
         self.stopper.clone()
     }
 
-    /// True once every thread of the runner has ended (it does not wait): [`join`](Runner::join)
-    /// then returns at once.
-    pub fn is_finished(&self) -> bool {
-        self.projections
-            .iter()
-            .flat_map(|projection| &projection.workers)
-            .all(|(_, worker)| worker.is_finished())
-            && self.fetcher.as_ref().is_none_or(JoinHandle::is_finished)
-            && self.monitor.as_ref().is_none_or(JoinHandle::is_finished)
-    }
-
-    /// A channel that receives a [`ProjectionStopped`] when a projection of this runner stops
-    /// (all its workers have ended), once per projection: on a failure (while the other
-    /// projections go on), and at the end of the run. Receiving blocks until one does; once
-    /// every projection has stopped and its notice was taken, the channel is disconnected (so
-    /// `for notice in runner.stopped_projections()` ends with the run). Every call returns a
-    /// handle on the same channel: one notice reaches one receiver.
-    pub fn stopped_projections(&self) -> Receiver<ProjectionStopped> {
-        self.stopped.clone()
-    }
-
     /// Waits for every thread to end. Returns the figures, or the first error a thread met (a
     /// worker's before the fetcher's).
     ///
