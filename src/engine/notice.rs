@@ -2,20 +2,17 @@
 //! [`Runner::stopped_projections`](crate::Runner::stopped_projections) for an embedder, and,
 //! when it failed, a row in `projector_projection_states` for `projector status` (see
 //! [`crate::store::state`]), cleared by the next successful start. And
-//! [`Runner::is_finished`]: whether every thread has ended, without waiting.
+//! [`Runner::is_finished`](crate::Runner::is_finished): whether every thread has ended, without waiting.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use std::thread::JoinHandle;
-
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use postgres::Client;
 
-use crate::engine::runner::Prepared;
 use crate::engine::worker::PartitionSummary;
 use crate::store::state;
-use crate::{Database, Error, Runner, error_chain, lock};
+use crate::{Database, Error, error_chain, lock};
 
 /// A projection of a runner has stopped: every worker of it has ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,29 +24,6 @@ pub struct ProjectionStopped {
     /// comes from [`Runner::join`](crate::Runner::join)); `None` when it stopped because it was
     /// asked to, or was done (`exit_when_caught_up`).
     pub error: Option<String>,
-}
-
-impl Runner {
-    /// True once every thread of the runner has ended (it does not wait): [`join`](Runner::join)
-    /// then returns at once.
-    pub fn is_finished(&self) -> bool {
-        self.projections
-            .iter()
-            .flat_map(|projection| &projection.workers)
-            .all(|(_, worker)| worker.is_finished())
-            && self.fetcher.as_ref().is_none_or(JoinHandle::is_finished)
-            && self.monitor.as_ref().is_none_or(JoinHandle::is_finished)
-    }
-
-    /// A channel that receives a [`ProjectionStopped`] when a projection of this runner stops
-    /// (all its workers have ended), once per projection: on a failure (while the other
-    /// projections go on), and at the end of the run. Receiving blocks until one does; once
-    /// every projection has stopped and its notice was taken, the channel is disconnected (so
-    /// `for notice in runner.stopped_projections()` ends with the run). Every call returns a
-    /// handle on the same channel: one notice reaches one receiver.
-    pub fn stopped_projections(&self) -> Receiver<ProjectionStopped> {
-        self.stopped.clone()
-    }
 }
 
 /// The end of one projection's workers: counts them down, stores its failure, and tells.
@@ -142,21 +116,16 @@ impl Drop for WorkerEnding {
 /// At start, before any worker runs: whether the schema stores projection states (saying to
 /// run `migrate` when it does not), and, if it does, the failures of the partitions about to
 /// start cleared.
-pub(crate) fn states_at_start(
+pub(crate) fn states_at_start<'a>(
     client: &mut Client,
     database: &Database,
-    prepared: &[Prepared],
+    starting: impl IntoIterator<Item = (&'a str, &'a [u32], u32)>,
 ) -> Result<bool, Error> {
     if !state::available(client, database.schema_name())? {
         return Ok(false);
     }
-    for projection in prepared {
-        state::clear_failure(
-            client,
-            &projection.name,
-            &projection.plan.keys,
-            projection.plan.total,
-        )?;
+    for (name, keys, total) in starting {
+        state::clear_failure(client, name, keys, total)?;
     }
     Ok(true)
 }

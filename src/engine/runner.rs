@@ -111,7 +111,11 @@ impl Threads {
     /// progress monitor.
     pub(crate) fn spawn(mut self, mut reader: Client) -> Result<Runner, Error> {
         let started = Instant::now();
-        self.stores_states = states_at_start(&mut reader, &self.database, &self.prepared)?;
+        let starting = self
+            .prepared
+            .iter()
+            .map(|p| (p.name.as_str(), p.plan.keys.as_slice(), p.plan.total));
+        self.stores_states = states_at_start(&mut reader, &self.database, starting)?;
         let (notices, stopped) = unbounded();
         self.notices = notices;
         let (done_tx, done) = bounded::<()>(0);
@@ -448,6 +452,29 @@ impl ProjectionSummary {
     /// Events parked instead of applied (park policy), all partitions together.
     pub fn parked(&self) -> u64 {
         self.partitions.iter().map(|p| p.parked).sum()
+    }
+}
+
+impl Runner {
+    /// True once every thread of the runner has ended (it does not wait): [`join`](Runner::join)
+    /// then returns at once.
+    pub fn is_finished(&self) -> bool {
+        self.projections
+            .iter()
+            .flat_map(|projection| &projection.workers)
+            .all(|(_, worker)| worker.is_finished())
+            && self.fetcher.as_ref().is_none_or(JoinHandle::is_finished)
+            && self.monitor.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// A channel that receives a [`ProjectionStopped`] when a projection of this runner stops
+    /// (all its workers have ended), once per projection: on a failure (while the other
+    /// projections go on), and at the end of the run. Receiving blocks until one does; once
+    /// every projection has stopped and its notice was taken, the channel is disconnected (so
+    /// `for notice in runner.stopped_projections()` ends with the run). Every call returns a
+    /// handle on the same channel: one notice reaches one receiver.
+    pub fn stopped_projections(&self) -> Receiver<ProjectionStopped> {
+        self.stopped.clone()
     }
 }
 
