@@ -2,10 +2,12 @@
 # shellcheck source-path=SCRIPTDIR disable=SC2317 # functions run from traps
 # Chaos run: the projector under kills, stops and PostgreSQL restarts, then an exactness check.
 #
-# Usage: scripts/chaos.sh [-n EVENTS] [-d MINUTES] [--layout-changes] [-h]
+# Usage: scripts/chaos.sh [-n EVENTS] [-d MINUTES] [--layout-changes] [--auto] [-h]
 #   -n EVENTS         events seeded before the run (default 1000000)
 #   -d MINUTES        how long the chaos lasts (default 5)
-#   --layout-changes  also change the layout 4 -> 3 -> 5 -> 4 (needs `projector repartition`)
+#   --layout-changes  also change the layout (4 -> 3 -> 5 -> 4; with --auto 12 -> 8 -> 10 -> 12)
+#   --auto            processes share 12 partitions (--partition-key auto): 3 start, and members
+#                     join and leave (cleanly or killed) besides the other faults
 #   -h, --help        this help
 #
 # Starts a throw-away PostgreSQL server of its own, seeds EVENTS events, runs one
@@ -18,12 +20,13 @@
 set -euo pipefail
 
 usage() {
-    sed -n '5,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '5,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 events=1000000
 minutes=5
 layout_changes=0
+auto=0
 while [[ $# -gt 0 ]]; do
     case $1 in
     -n | -d)
@@ -37,6 +40,10 @@ while [[ $# -gt 0 ]]; do
         ;;
     --layout-changes)
         layout_changes=1
+        shift
+        ;;
+    --auto)
+        auto=1
         shift
         ;;
     -h | --help)
@@ -69,7 +76,10 @@ pids=() # projector process per partition slot
 waited=
 r=0
 writer_pids=()
-kills=0 stops=0 restarts_fast=0 restarts_immediate=0 layouts=0 exits=0
+kills=0 stops=0 restarts_fast=0 restarts_immediate=0 layouts=0 exits=0 joins=0 leaves=0
+if ((auto)); then
+    total=12
+fi
 recoveries=()
 
 # Sets `r` to a random whole number below $1. Not $RANDOM: its low bits repeat in short
@@ -155,12 +165,37 @@ sql -c "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, aggre
 
 # --- projector processes ---------------------------------------------------------------------
 
-# Starts the process of partition $1 of $total into slot $1, its output appended to a log.
+# Starts the process of partition $1 of $total into slot $1, its output appended to a log;
+# with --auto, a process that shares the partitions into slot $1.
 start_process() {
-    local key=$1
-    "$bin" --partition-key "$key" --total-partitions "$total" --projection "$projection" \
+    local key=$1 keys=$1
+    ((auto)) && keys=auto
+    "$bin" --partition-key "$keys" --total-partitions "$total" --projection "$projection" \
         >>"$work/p$key.log" 2>&1 &
     pids[key]=$!
+}
+
+# --auto: a new member joins, in the first free slot (at most 5 members).
+join_member() {
+    local slot=0
+    while [[ -n ${pids[slot]:-} ]]; do slot=$((slot + 1)); done
+    ((slot < 5)) || return 0
+    say "member joins (slot $slot)"
+    start_process "$slot"
+    joins=$((joins + 1))
+}
+
+# --auto: member $1 leaves, cleanly (TERM) or killed (KILL) as $2 says; the last one stays.
+leave_member() {
+    local slot=$1 how=$2
+    ((${#pids[@]} > 1)) || return 0
+    say "member in slot $slot leaves (SIG$how, pid ${pids[slot]})"
+    kill "-$how" "${pids[slot]}" 2>/dev/null || true
+    wait "${pids[slot]}" 2>/dev/null || true
+    unset "pids[slot]"
+    leaves=$((leaves + 1))
+    [[ $how == KILL ]] && kills=$((kills + 1))
+    return 0
 }
 
 # Restarts any process that has exited by itself, counting it.
@@ -189,9 +224,15 @@ stop_all_processes() {
     pids=()
 }
 
-for ((k = 0; k < total; k++)); do
-    start_process "$k"
-done
+if ((auto)); then
+    for ((k = 0; k < 3; k++)); do
+        start_process "$k"
+    done
+else
+    for ((k = 0; k < total; k++)); do
+        start_process "$k"
+    done
+fi
 
 # --- writers ---------------------------------------------------------------------------------
 
@@ -323,6 +364,7 @@ restart_pg() {
 }
 
 layout_sequence=(3 5 4)
+((auto)) && layout_sequence=(8 10 12)
 layout_next=0
 repartition_available=0
 if ((layout_changes)); then
@@ -337,6 +379,16 @@ change_layout() {
     local to=${layout_sequence[layout_next]}
     layout_next=$(((layout_next + 1) % ${#layout_sequence[@]}))
     say "changing the layout $total -> $to"
+    if ((auto)); then
+        # Sharing processes follow the new layout while they run.
+        if "$bin" repartition --projection "$projection" --to "$to" >>"$work/repartition.log" 2>&1; then
+            total=$to
+            layouts=$((layouts + 1))
+        else
+            say "projector repartition --to $to failed (see $work/repartition.log)"
+        fi
+        return 0
+    fi
     stop_all_processes
     if "$bin" repartition --projection "$projection" --to "$to" >>"$work/repartition.log" 2>&1; then
         total=$to
@@ -359,6 +411,28 @@ while ((SECONDS < deadline)); do
     if ((repartition_available && SECONDS >= next_layout)); then
         change_layout
         next_layout=$((SECONDS + 30))
+        continue
+    fi
+    if ((auto)); then
+        slots=("${!pids[@]}")
+        roll "${#slots[@]}"
+        key=${slots[r]}
+        roll 6
+        case $r in
+        0) leave_member "$key" KILL ;;
+        1)
+            say "SIGSTOP member in slot $key (pid ${pids[key]})"
+            kill -STOP "${pids[key]}" 2>/dev/null || true
+            roll 3
+            sleep "$((r + 2))"
+            kill -CONT "${pids[key]}" 2>/dev/null || true
+            stops=$((stops + 1))
+            ;;
+        2) restart_pg fast ;;
+        3) restart_pg immediate ;;
+        4) join_member ;;
+        5) leave_member "$key" TERM ;;
+        esac
         continue
     fi
     roll "$total"
@@ -457,6 +531,7 @@ printf '%-44s %s\n' \
     "PostgreSQL restarts -m fast" "$restarts_fast" \
     "PostgreSQL restarts -m immediate" "$restarts_immediate" \
     "layout changes" "$layout_row" \
+    "members joined / left (--auto)" "$joins / $leaves" \
     "processes that exited by themselves" "$exits" \
     "recovery after a restart (p50 / max)" "$(percentiles "${recoveries[@]}")" \
     "log lines WARN / ERROR" "$warnings / $errors"

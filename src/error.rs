@@ -277,6 +277,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// The projection now runs with another partition count than this process started with
+    /// (a re-partitioning): starting again runs on the new layout.
+    pub fn is_layout_change(&self) -> bool {
+        matches!(self, Error::Fenced { total, current, .. } if current.len() == 1 && current[0] != *total)
+    }
+
     /// True when the error comes from how the projector was configured or invoked (bad
     /// setting or connection string, a login refused, no such database, missing tables, tables
     /// of another shape, partition layout mismatch, a layout replaced under a running

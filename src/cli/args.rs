@@ -6,7 +6,8 @@ use argh::FromArgs;
 /// With no subcommand, runs a projection for the partitions given.
 #[derive(FromArgs, Debug)]
 pub(crate) struct Args {
-    /// partition key(s) this process owns: 2, a list 0,2 or a range 0-3 (env PARTITION_KEY)
+    /// partition key(s) this process owns: 2, a list 0,2, a range 0-3, or auto to share the
+    /// partitions with the other live processes of the projection (env PARTITION_KEY)
     #[argh(option)]
     pub(crate) partition_key: Option<String>,
 

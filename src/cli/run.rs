@@ -41,16 +41,75 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Cli
             setting: "--partition-key".into(),
             hint: format!(
                 "it is required to run a projection: give the partition(s) this process owns, \
-                 from 0 to {}, as 2, 0,2 or 0-3 (or set PARTITION_KEY)",
+                 from 0 to {}, as 2, 0,2 or 0-3, or auto to share them with the other live \
+                 processes (or set PARTITION_KEY)",
                 total - 1
             ),
         });
     };
-    let keys = projector::parse_partition_keys(&key_flag, &key_text, total)?;
+    // `auto`: share the partitions with the other live processes of each projection.
+    let sharing = key_text.trim() == "auto";
+    let keys = if sharing {
+        None
+    } else {
+        Some(projector::parse_partition_keys(&key_flag, &key_text, total)?)
+    };
+    let metrics_address = flag_or_env(
+        "--metrics-addr",
+        args.metrics_addr.clone(),
+        "PROJECTOR_METRICS_ADDR",
+    );
+    let listen = || match &metrics_address {
+        Some((flag, address)) => serve::listen(flag, address).map(Some),
+        None => Ok(None),
+    };
+    let mut listener = listen()?;
+    let ready_max_lag = match &args.ready_max_lag {
+        Some(text) => i64::from(positive("--ready-max-lag", text)?),
+        None => 1_000,
+    };
+    loop {
+        let builder = configured(args, database.clone(), keys.clone(), total)?;
+        let runner = builder.start()?;
+        *lock(&signals) = Signals::Running(runner.stopper());
+        let server = match listener.take() {
+            Some(listener) => Some(serve::serve(listener, runner.metrics(), ready_max_lag)?),
+            None => None,
+        };
+        let outcome = runner.join();
+        drop(server);
+        match outcome {
+            Err(error) if sharing && error.is_layout_change() && !stopping(&signals) => {
+                // A re-partitioning: sharing processes carry on with the new layout.
+                info!(
+                    "{}; starting again on the new layout",
+                    projector::error_chain(&error)
+                );
+                *lock(&signals) = Signals::Starting;
+                listener = listen()?;
+            }
+            outcome => {
+                log_summary(&outcome?);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The runner the flags describe: its projections, partitions (`None`: shared) and settings.
+fn configured(
+    args: &Args,
+    database: Database,
+    keys: Option<Vec<u32>>,
+    total: u32,
+) -> Result<Builder, Error> {
     let mut builder = builder_of(args, database)?
-        .partitions(keys)
         .total_partitions(total)
         .exit_when_caught_up(args.exit_when_caught_up);
+    builder = match keys {
+        Some(keys) => builder.partitions(keys),
+        None => builder.share_partitions(true),
+    };
     if let Some(text) = &args.on_poison {
         builder = with_poison_policies(builder, text)?;
     }
@@ -73,30 +132,7 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Cli
     ) {
         builder = builder.give_up_after(duration(&flag, &text)?);
     }
-    let metrics_address = flag_or_env(
-        "--metrics-addr",
-        args.metrics_addr.clone(),
-        "PROJECTOR_METRICS_ADDR",
-    );
-    let listener = match &metrics_address {
-        Some((flag, address)) => Some(serve::listen(flag, address)?),
-        None => None,
-    };
-    let ready_max_lag = match &args.ready_max_lag {
-        Some(text) => i64::from(positive("--ready-max-lag", text)?),
-        None => 1_000,
-    };
-    let runner = builder.start()?;
-    *lock(&signals) = Signals::Running(runner.stopper());
-    let server = match listener {
-        Some(listener) => Some(serve::serve(listener, runner.metrics(), ready_max_lag)?),
-        None => None,
-    };
-    let outcome = runner.join();
-    drop(server);
-    let summary = outcome?;
-    log_summary(&summary);
-    Ok(())
+    Ok(builder)
 }
 
 /// A runner of the projections named in `--projection` (a comma-separated list; `users` when
@@ -226,6 +262,11 @@ fn on_signal(signals: &Mutex<Signals>) {
             std::process::exit(130);
         }
     }
+}
+
+/// A signal has asked the process to stop.
+fn stopping(signals: &Mutex<Signals>) -> bool {
+    matches!(*lock(signals), Signals::Stopping)
 }
 
 fn log_summary(summary: &Summary) {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use log::{info, warn};
 use postgres::Client;
 
+use crate::engine::balancer::Balancer;
 use crate::engine::runner::{Plan, Prepared, Runner, Threads};
 use crate::engine::settings::Settings;
 use crate::error::BoxError;
@@ -47,6 +48,8 @@ pub struct Builder {
     on_poison: Option<PoisonPolicy>,
     /// Policies given per projection name, which win over `on_poison`.
     on_poison_of: Vec<(String, PoisonPolicy)>,
+    /// Share the partitions with the other live processes instead of owning `partitions`.
+    share: bool,
 }
 
 /// A projection of the runner, with its own partitions when it has them.
@@ -72,6 +75,7 @@ impl Builder {
             settings: Settings::default(),
             on_poison: None,
             on_poison_of: Vec::new(),
+            share: false,
         }
     }
 
@@ -104,6 +108,16 @@ impl Builder {
     /// The partition keys this process owns, each below [`total_partitions`](Self::total_partitions).
     pub fn partitions(mut self, keys: impl IntoIterator<Item = u32>) -> Self {
         self.partitions = keys.into_iter().collect();
+        self
+    }
+
+    /// Shares the partitions with the other live processes of each projection instead of
+    /// owning [`partitions`](Self::partitions): with `P` such processes, each holds
+    /// `floor(N/P)` or `ceil(N/P)` of the `N` partitions, and the shares move when a process
+    /// starts, stops or dies (see the crate docs' *Sharing partitions*). Projections added
+    /// with [`projection_on`](Self::projection_on) keep their own partitions.
+    pub fn share_partitions(mut self, share: bool) -> Self {
+        self.share = share;
         self
     }
 
@@ -187,25 +201,25 @@ impl Builder {
     pub fn start(self) -> Result<Runner, Error> {
         let planned = self.plan()?;
         let lanes: usize = planned.iter().map(|p| p.keys.len()).sum();
-        let pool = self.pool_for(lanes)?;
+        let mut pool = self.pool_for(lanes)?;
         let mut reader = connect_to_checked_store(&self.database)?;
         let prepared = planned
             .into_iter()
             .map(|plan| prepare(&mut reader, plan))
             .collect::<Result<Vec<_>, _>>()?;
+        let shared_lanes: usize = prepared.iter().map(|p| p.plan.keys.len()).sum();
+        if shared_lanes != lanes {
+            // Sharing the partitions of a projection kept in another count than given.
+            pool = self.pool_for(shared_lanes)?;
+        }
         warn_of_missing_scope_indexes(&mut reader, &prepared)?;
+        let settings = Arc::new(self.settings);
+        let (prepared, balancer) = take_first_shares(&self.database, &settings, prepared)?;
         let head = store::head_position(&mut reader)?;
-        let start = shared_start(&prepared, self.settings.catch_up_alone_beyond);
-        log_start(&prepared, start, head, &self.settings, &self.database);
-        Threads::start(
-            self.database,
-            pool,
-            Arc::new(self.settings),
-            prepared,
-            start,
-            head,
-        )
-        .and_then(|threads| threads.spawn(reader))
+        let start = shared_start(&prepared, settings.catch_up_alone_beyond).unwrap_or(head);
+        log_start(&prepared, start, head, &settings, &self.database);
+        Threads::start(self.database, pool, settings, prepared, start, head)
+            .and_then(|threads| threads.spawn(reader, balancer))
     }
 
     /// Checks the settings, and each projection's name and partitions.
@@ -239,15 +253,18 @@ impl Builder {
                         "each projection may be given once: it is named twice",
                     ));
                 }
-                let (keys, total) = member
-                    .own_layout
-                    .clone()
-                    .unwrap_or_else(|| (self.partitions.clone(), self.total_partitions));
+                let shared = self.share && member.own_layout.is_none();
+                let (keys, total) = match &member.own_layout {
+                    Some(layout) => layout.clone(),
+                    None if shared => ((0..self.total_partitions).collect(), self.total_partitions),
+                    None => (self.partitions.clone(), self.total_partitions),
+                };
                 Ok(Plan {
                     projection: member.projection.clone(),
                     keys: checked_keys(keys, total)?,
                     total,
                     policy: self.poison_policy_of(&member.projection),
+                    shared,
                 })
             })
             .collect::<Result<Vec<Plan>, Error>>()
@@ -350,16 +367,40 @@ fn connect_to_checked_store(database: &Database) -> Result<Client, Error> {
 /// Claims the projection's layout, sets its read model up and reads its checkpoints.
 fn prepare(client: &mut Client, mut plan: Plan) -> Result<Prepared, Error> {
     let name = plan.projection.name().to_owned();
+    if plan.shared {
+        follow_stored_layout(client, &mut plan)?;
+    }
     let layout = layout::claim_layout(client, &name, plan.total, false)?;
     set_up_read_model(client, &mut plan)?;
     let checkpoints = checkpoint::load(client, &name, plan.total, &plan.keys)?;
     warn_of_parked_aggregates(client, &name, plan.policy)?;
+    let wanted = vec![!plan.shared; plan.keys.len()];
     Ok(Prepared {
         plan,
         name,
         layout,
         checkpoints,
+        wanted,
     })
+}
+
+/// Sharing partitions: a projection that already has a layout runs on its partition count
+/// (the one a re-partitioning set), whatever count this process was given for a new one.
+fn follow_stored_layout(client: &mut Client, plan: &mut Plan) -> Result<(), Error> {
+    let name = plan.projection.name();
+    let stored = layout::stored_totals(client, name)?;
+    if let [total] = stored[..] {
+        if total != plan.total {
+            info!(
+                "'{name}' is kept in {total} partitions: sharing them (not the {} given for a \
+                 new projection)",
+                plan.total
+            );
+            plan.total = total;
+            plan.keys = (0..total).collect();
+        }
+    }
+    Ok(())
 }
 
 /// Says at start when the projection has parked aggregates: their later events are parked
@@ -430,13 +471,46 @@ fn warn_of_missing_scope_indexes(client: &mut Client, prepared: &[Prepared]) -> 
 
 /// Where the shared read starts: the lowest checkpoint within `alone_beyond` positions of the
 /// highest. Partitions further behind read their own events until they catch up.
-fn shared_start(prepared: &[Prepared], alone_beyond: i64) -> i64 {
-    let checkpoints = || prepared.iter().flat_map(|p| p.checkpoints.iter().copied());
-    let highest = checkpoints().max().unwrap_or(0);
+fn shared_start(prepared: &[Prepared], alone_beyond: i64) -> Option<i64> {
+    let checkpoints = || {
+        prepared.iter().flat_map(|p| {
+            p.checkpoints
+                .iter()
+                .zip(&p.wanted)
+                .filter(|(_, wanted)| **wanted)
+                .map(|(&c, _)| c)
+        })
+    };
+    let highest = checkpoints().max()?;
     checkpoints()
         .filter(|&c| c >= highest.saturating_sub(alone_beyond.max(0)))
         .min()
-        .unwrap_or(0)
+}
+
+/// For the projections that share their partitions: joins the other live processes and takes
+/// this process's first share (the partitions of the others' shares start out of the shared
+/// read, as stragglers do, and are read from their checkpoints if they come to this process).
+fn take_first_shares(
+    database: &Database,
+    settings: &Arc<Settings>,
+    mut prepared: Vec<Prepared>,
+) -> Result<(Vec<Prepared>, Option<Balancer>), Error> {
+    let sharing: Vec<(String, u32)> = prepared
+        .iter()
+        .filter(|p| p.plan.shared)
+        .map(|p| (p.name.clone(), p.plan.total))
+        .collect();
+    if sharing.is_empty() {
+        return Ok((prepared, None));
+    }
+    let (balancer, wants) = Balancer::join(database, Arc::clone(settings), &sharing)?;
+    let mut wants = wants.into_iter();
+    for p in prepared.iter_mut().filter(|p| p.plan.shared) {
+        if let Some(wanted) = wants.next() {
+            p.wanted = wanted;
+        }
+    }
+    Ok((prepared, Some(balancer)))
 }
 
 fn log_start(prepared: &[Prepared], start: i64, head: i64, settings: &Settings, db: &Database) {

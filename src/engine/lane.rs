@@ -3,7 +3,7 @@
 //! through [`LaneProgress`], never the other way round.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
 
 use prometheus::{Histogram, HistogramOpts, HistogramVec};
 
@@ -76,10 +76,15 @@ pub(crate) struct Progress {
     pub(crate) state: AtomicU8,
     /// How long each transaction took.
     pub(crate) commit_seconds: Histogram,
+    /// The process is to hold the partition: always, unless it shares partitions with other
+    /// processes ([`crate::engine::balancer`]), whose balancer sets it.
+    pub(crate) wanted: AtomicBool,
+    /// The worker's connection holds the partition's session lock.
+    pub(crate) holds: AtomicBool,
 }
 
 impl Progress {
-    pub(crate) fn new(checkpoint: i64, commit_seconds: Histogram) -> Progress {
+    pub(crate) fn new(checkpoint: i64, commit_seconds: Histogram, wanted: bool) -> Progress {
         Progress {
             applied: AtomicU64::new(0),
             checkpoint: AtomicI64::new(checkpoint),
@@ -88,7 +93,14 @@ impl Progress {
             failures: AtomicU64::new(0),
             state: AtomicU8::new(LaneState::Starting as u8),
             commit_seconds,
+            wanted: AtomicBool::new(wanted),
+            holds: AtomicBool::new(false),
         }
+    }
+
+    /// The process is to hold the partition now.
+    pub(crate) fn is_wanted(&self) -> bool {
+        self.wanted.load(Ordering::Acquire)
     }
 
     pub(crate) fn set_state(&self, state: LaneState) {

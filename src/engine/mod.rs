@@ -17,6 +17,7 @@
 //!   [`crate::ops`] for metrics and health.
 //! - [`settings`]: every tunable, with its default ([`Settings`](crate::Settings)).
 
+pub(crate) mod balancer;
 pub(crate) mod builder;
 pub(crate) mod fetcher;
 pub(crate) mod lane;

@@ -12,6 +12,7 @@ use log::error;
 use postgres::Client;
 use prometheus::HistogramVec;
 
+use crate::engine::balancer::Balancer;
 use crate::engine::fetcher::Fetcher;
 use crate::engine::lane::{CommitTimers, LaneProgress, Progress};
 use crate::engine::notice::{ProjectionEnd, ProjectionStopped, states_at_start};
@@ -38,6 +39,8 @@ pub(crate) struct Plan {
     pub(crate) total: u32,
     /// What the projection does with an event that keeps failing.
     pub(crate) policy: PoisonPolicy,
+    /// Shares its partitions with the other live processes (`keys` are all of them).
+    pub(crate) shared: bool,
 }
 
 /// A projection ready to run: its layout claimed, its read model set up, its checkpoints read.
@@ -46,6 +49,8 @@ pub(crate) struct Prepared {
     pub(crate) name: String,
     pub(crate) layout: Layout,
     pub(crate) checkpoints: Vec<i64>,
+    /// Per key: this process is to hold it at start (always, unless the partitions are shared).
+    pub(crate) wanted: Vec<bool>,
 }
 
 /// What the threads of a runner share, before they are spawned.
@@ -86,7 +91,12 @@ impl Threads {
             Stopper::over(projection_stops.iter().map(|(s, _)| s.clone()).collect());
         let behind: Vec<bool> = prepared
             .iter()
-            .flat_map(|p| p.checkpoints.iter().map(|&c| c < start))
+            .flat_map(|p| {
+                p.checkpoints
+                    .iter()
+                    .zip(&p.wanted)
+                    .map(|(&c, &wanted)| c < start || !wanted)
+            })
             .collect();
         Ok(Threads {
             database,
@@ -109,7 +119,11 @@ impl Threads {
 
     /// Spawns every projection's workers, the fetcher (reading through `reader`) and the
     /// progress monitor.
-    pub(crate) fn spawn(mut self, mut reader: Client) -> Result<Runner, Error> {
+    pub(crate) fn spawn(
+        mut self,
+        mut reader: Client,
+        balancer: Option<Balancer>,
+    ) -> Result<Runner, Error> {
         let started = Instant::now();
         let starting = self
             .prepared
@@ -168,6 +182,17 @@ impl Threads {
             result
         })?;
         drop(done_tx);
+        let balancer = match balancer {
+            Some(mut balancer) => {
+                balancer.watch(&progress);
+                let stop = self.stop.clone();
+                Some(spawn("projector-balance".into(), move || {
+                    balancer.run(&stop);
+                    Ok(())
+                })?)
+            }
+            None => None,
+        };
         let monitor = Monitor {
             database: self.database,
             progress,
@@ -185,6 +210,7 @@ impl Threads {
             fetcher: Some(fetcher),
             projections,
             monitor: Some(monitor),
+            balancer,
             started,
             figures,
             metrics: OnceLock::new(),
@@ -211,6 +237,7 @@ impl Threads {
             name,
             layout,
             checkpoints,
+            wanted,
         } = prepared;
         let (projection_stopper, projection_stop) = self.projection_stops[index].clone();
         let several = self.projection_stops.len() > 1;
@@ -226,7 +253,8 @@ impl Threads {
             &self.notices,
         ));
         let mut workers = Vec::new();
-        for (&partition, &checkpoint) in plan.keys.iter().zip(&checkpoints) {
+        for ((&partition, &checkpoint), &wanted) in plan.keys.iter().zip(&checkpoints).zip(&wanted)
+        {
             let (queue, batches) = bounded(self.settings.queue_depth.max(1));
             lanes.push(Lane {
                 projection: name.clone(),
@@ -245,6 +273,7 @@ impl Threads {
             let shared = Arc::new(Progress::new(
                 checkpoint,
                 timers.for_lane(&name, partition, plan.total),
+                wanted,
             ));
             progress.push(LaneProgress {
                 projection: name.clone(),
@@ -277,6 +306,7 @@ impl Threads {
                 held: Held::default(),
                 checkpoint_lock_failures: 0,
                 pause: Arc::clone(&pause),
+                must_sit_out: false,
             };
             let done = done.clone();
             let everything = self.stopper.clone();
@@ -284,9 +314,15 @@ impl Threads {
             let stopped = Arc::clone(&self.stopped_projections);
             let count = self.projection_stops.len();
             let end = Arc::clone(&end);
+            let shared = plan.shared;
             let handle = spawn(format!("projector-p{partition}"), move || {
                 let ending = end.worker_starts();
                 let result = stop_all_on_panic(&everything, || worker.run());
+                if shared && result.as_ref().is_err_and(Error::is_layout_change) {
+                    // Sharing processes follow a new layout: the runner stops for its caller
+                    // to start again on it (see `Runner::join`).
+                    everything.stop();
+                }
                 if let Err(error) = &result {
                     if !failed.swap(true, Ordering::AcqRel) {
                         // The first failure of this projection (its other workers stop too).
@@ -392,6 +428,8 @@ pub struct Runner {
     pub(crate) fetcher: Option<JoinHandle<Result<u64, Error>>>,
     pub(crate) projections: Vec<RunningProjection>,
     pub(crate) monitor: Option<JoinHandle<Result<(), Error>>>,
+    /// Shares the partitions with other processes, when they are shared.
+    pub(crate) balancer: Option<JoinHandle<Result<(), Error>>>,
     pub(crate) started: Instant,
     /// What the runner shows of itself, for [`Runner::metrics`].
     pub(crate) figures: Figures,
@@ -525,6 +563,9 @@ impl Runner {
         self.stopper.stop();
         if let Some(monitor) = self.monitor.take() {
             let _ = join(monitor, "projector-progress");
+        }
+        if let Some(balancer) = self.balancer.take() {
+            let _ = join(balancer, "projector-balance");
         }
         match first_error {
             Some(error) => Err(error),

@@ -83,6 +83,12 @@ pub struct Settings {
     /// processes of the old one; also the longest a worker waits at a time for its checkpoint
     /// row while another session holds it, so that a stop is seen meanwhile. Default 1 s.
     pub liveness_interval: Duration,
+    /// Sharing partitions ([`Builder::share_partitions`](crate::Builder::share_partitions)):
+    /// how often a process compares what it holds with its share. Default 500 ms.
+    pub balance_interval: Duration,
+    /// Sharing partitions: how long the set of live processes must stay the same before the
+    /// shares move, so that a process that comes and goes moves nothing. Default 1 s.
+    pub settle_after: Duration,
 }
 
 impl Default for Settings {
@@ -109,6 +115,8 @@ impl Default for Settings {
             straggler_after: Duration::from_secs(5),
             max_events_held_while_retrying: 100_000,
             catch_up_alone_beyond: 100_000,
+            balance_interval: Duration::from_millis(500),
+            settle_after: Duration::from_secs(1),
         }
     }
 }

@@ -82,7 +82,7 @@ pub(crate) fn held_partitions_sql() -> String {
     format!(
         "SELECT (l.objid::bigint / 65536)::int, (l.objid::bigint % 65536)::int, l.pid \
          FROM pg_locks l \
-         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.objid >= 65536 \
              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
              AND l.classid = {}::oid \
          ORDER BY 1, 2",
@@ -245,7 +245,7 @@ impl PartitionStatements {
         let peek = prepare(format!(
             "SELECT c.last_position, ( \
                  SELECT l.pid FROM pg_locks l \
-                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.objid >= 65536 \
                      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                      AND l.classid = {}::oid AND l.objid = ($2 * 65536 + $3)::oid \
                  LIMIT 1) \

@@ -157,6 +157,21 @@ pub fn repartition(
 /// unless `repartition` is set; with it, replaces that layout (see the module docs): locks its
 /// rows, which waits for its transactions in flight, records its checkpoints as an earlier
 /// layout, deletes its rows and creates the new layout's, all in one transaction.
+/// The partition counts `projection`'s checkpoints are kept under (two while a
+/// re-partitioning is under way, none before its first start).
+pub(crate) fn stored_totals(client: &mut Client, projection: &str) -> Result<Vec<u32>, Error> {
+    Ok(client
+        .query(
+            "SELECT DISTINCT total_partitions FROM projector_checkpoints WHERE projection = $1 \
+             ORDER BY 1",
+            &[&projection],
+        )
+        .map_err(Error::database("reading the partition layout"))?
+        .iter()
+        .map(|row| row.get::<_, i32>(0).unsigned_abs())
+        .collect())
+}
+
 pub(crate) fn claim_layout(
     client: &mut Client,
     projection: &str,

@@ -31,6 +31,7 @@ mod run_all;
 mod runtime;
 mod several_projections;
 mod shape;
+mod sharing;
 mod sql_projection;
 mod status;
 mod stopping;

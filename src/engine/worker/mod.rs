@@ -5,6 +5,7 @@ pub(crate) mod ownership;
 pub(crate) mod parking;
 pub(crate) mod pause;
 pub(crate) mod retry;
+pub(crate) mod sharing;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -97,6 +98,9 @@ pub(crate) struct Worker<P> {
     pub(crate) checkpoint_lock_failures: u32,
     /// Whether the projection is paused (`projector pause`), shared by its workers.
     pub(crate) pause: Arc<PauseWatch>,
+    /// Sharing partitions: this worker dropped a batch because its partition goes to another
+    /// process, so it must sit out before it applies anything again (see `sharing`).
+    pub(crate) must_sit_out: bool,
 }
 
 /// A pooled connection with the partition's statements prepared on it.
@@ -133,7 +137,7 @@ impl<P: Projection> Worker<P> {
         let mut connection = None;
         let result = self.run_until_stopped(&mut connection);
         // Give the partition back at once, rather than when the pool closes the connection.
-        discard(&mut connection);
+        self.let_go(&mut connection);
         // The router finds the lane gone at its next hand-out, even when it had stepped aside.
         self.batches = crossbeam_channel::never();
         self.stragglers.gone(self.lane);
@@ -174,6 +178,17 @@ impl<P: Projection> Worker<P> {
         // A batch taken off the queue but not merged into the transaction before it.
         let mut carried: Option<Batch> = None;
         loop {
+            if self.sitting_out() {
+                // Sharing partitions: this one goes to another process (for now).
+                idle_upto = None;
+                carried = None;
+                match self.sit_out(connection, &mut summary)? {
+                    Some(checkpoint) => received = checkpoint,
+                    None => return Ok(summary),
+                }
+                last_write = Instant::now();
+                last_contact = last_write;
+            }
             if carried.is_none()
                 && self.held.is_empty()
                 && self.stragglers.is_straggler(self.lane)
@@ -339,6 +354,11 @@ impl<P: Projection> Worker<P> {
                     if covered > *received {
                         if !self.commit_with_retries(slot, &events, covered, summary)? {
                             return Ok(true);
+                        }
+                        if self.must_sit_out {
+                            // The partition went to another process: back to the loop, which
+                            // sits out.
+                            return Ok(false);
                         }
                         *received = covered;
                     }

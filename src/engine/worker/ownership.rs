@@ -7,7 +7,7 @@ use log::{info, warn};
 
 use crate::Error;
 use crate::engine::lane::LaneState;
-use crate::engine::worker::{Connection, Failure, PartitionSummary, Worker, discard};
+use crate::engine::worker::{Connection, Failure, PartitionSummary, Worker};
 use crate::layout::checkpoint::{Holder, Peek, strangers_among};
 use crate::projections::projection::Projection;
 
@@ -86,7 +86,7 @@ impl<P: Projection> Worker<P> {
                 Ok(())
             }
             Err(Failure::Connection(error)) => {
-                discard(slot);
+                self.let_go(slot);
                 let delay = self.settings.liveness_interval;
                 self.outage.lost(
                     &self.thread,
@@ -108,6 +108,11 @@ impl<P: Projection> Worker<P> {
         }
         let (partition, total) = (self.context.partition, self.context.total_partitions);
         if !connection.holds {
+            if self.sitting_out() {
+                // Sharing partitions: another process is to take it; the worker sits out at
+                // its next turn.
+                return Err(Failure::Waiting);
+            }
             let held = connection
                 .statements
                 .try_hold(&mut connection.client)
@@ -131,6 +136,7 @@ impl<P: Projection> Worker<P> {
             }
             connection.holds = true;
             connection.clear = false;
+            self.progress.holds.store(true, Ordering::Release);
             if self.role == Role::Standby {
                 info!(
                     "partition {partition}/{total} of '{}': the process holding it is gone; \

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::select;
 use log::{debug, error, info, warn};
 
-use crate::engine::worker::{Batch, Connection, Failure, PartitionSummary, Worker, discard};
+use crate::engine::worker::{Batch, Connection, Failure, PartitionSummary, Worker};
 use crate::error::BoxError;
 use crate::event::Event;
 use crate::projections::projection::Projection;
@@ -40,6 +40,12 @@ impl<P: Projection> Worker<P> {
             match self.commit(connection, events, upto, whole, summary) {
                 Ok(()) => {
                     self.outage.back(&self.thread, &mut self.attempts);
+                    return Ok(true);
+                }
+                Err(Failure::Standby(_) | Failure::Waiting) if self.sitting_out() => {
+                    // Sharing partitions: the partition goes to another process, which applies
+                    // these events; this worker sits out before it applies anything again.
+                    self.must_sit_out = true;
                     return Ok(true);
                 }
                 Err(Failure::Standby(peek)) => {
@@ -258,7 +264,7 @@ impl<P: Projection> Worker<P> {
         connection: &mut Option<Connection>,
         error: Error,
     ) -> Result<bool, Error> {
-        discard(connection);
+        self.let_go(connection);
         let delay = self.outage.lost_with_backoff(
             &self.thread,
             &mut self.attempts,

@@ -1,0 +1,230 @@
+//! Processes started with `--partition-key auto` share the partitions among themselves: fair
+//! shares, moving when a process comes, goes, dies or freezes, every event applied once, in
+//! order, while writers append. Who holds what is read from `pg_locks`, not from logs.
+
+use std::collections::BTreeMap;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::util::{TestSchema, eventually, signal, wait_within};
+
+const PARTITIONS: &str = "12";
+const SETTLE: Duration = Duration::from_secs(45);
+
+/// One sharing process of `aggregate-stats`.
+fn start_member(schema: &TestSchema) -> Child {
+    schema
+        .projector(&[
+            "--partition-key",
+            "auto",
+            "--total-partitions",
+            PARTITIONS,
+            "--projection",
+            "aggregate-stats",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the projector binary")
+}
+
+/// Per process (by OS pid, from its application name), how many partitions of the projection
+/// it holds; and whether any partition is held twice.
+fn holdings(schema: &TestSchema) -> (BTreeMap<u32, usize>, bool) {
+    let rows = schema
+        .client()
+        .query(
+            "SELECT l.objid::bigint, a.application_name \
+             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                 AND l.objid >= 65536 \
+                 AND l.classid = hashtext('projector ' || current_schema() || ' aggregate-stats')::oid",
+            &[],
+        )
+        .expect("read the partition locks");
+    let mut per_process = BTreeMap::new();
+    let mut partitions = BTreeMap::new();
+    for row in rows {
+        let object: i64 = row.get(0);
+        let application: Option<String> = row.get(1);
+        let pid = application
+            .as_deref()
+            .and_then(|a| a.strip_prefix("projector pid "))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        *per_process.entry(pid).or_insert(0) += 1;
+        *partitions.entry(object).or_insert(0) += 1;
+    }
+    let twice = partitions.values().any(|&n| n > 1);
+    (per_process, twice)
+}
+
+/// The shares of `members`' processes once they hold exactly `expected` (sorted), with every
+/// partition held by one of them.
+fn settle_at(schema: &TestSchema, members: &[&Child], expected: &[usize]) {
+    let pids: Vec<u32> = members.iter().map(|child| child.id()).collect();
+    let started = Instant::now();
+    loop {
+        let (held, twice) = holdings(schema);
+        assert!(!twice, "a partition is held twice: {held:?}");
+        let mut shares: Vec<usize> = pids
+            .iter()
+            .map(|pid| held.get(pid).copied().unwrap_or(0))
+            .collect();
+        shares.sort_unstable();
+        let others: usize = held
+            .iter()
+            .filter(|(pid, _)| !pids.contains(pid))
+            .map(|(_, n)| n)
+            .sum();
+        if shares == expected && others == 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < SETTLE,
+            "the shares did not settle at {expected:?} within {SETTLE:?}: {held:?} (pids {pids:?})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Four writers appending to aggregates of their own, one event per transaction, until
+/// `stop`; `written` counts them.
+fn writers(
+    schema: &TestSchema,
+    stop: &Arc<AtomicBool>,
+    written: &Arc<AtomicI64>,
+) -> Vec<JoinHandle<()>> {
+    (0..4)
+        .map(|writer| {
+            let database = schema.database.clone();
+            let (stop, written) = (Arc::clone(stop), Arc::clone(written));
+            std::thread::spawn(move || {
+                let mut client = database.connect().expect("a writer connects");
+                let mut n = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    let (aggregate, version) = (format!("w{writer}-{}", n % 25), n / 25 + 1);
+                    client
+                        .execute(
+                            "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, \
+                                 aggregate_version, event_id, event_type, payload) \
+                             VALUES ('test', 'Thing', $1, $2, gen_random_uuid(), 'Happened', '\\x7b7d')",
+                            &[&aggregate, &version],
+                        )
+                        .expect("a writer appends");
+                    written.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        })
+        .collect()
+}
+
+/// Every event applied exactly once, in order per aggregate.
+fn assert_exact(schema: &TestSchema) {
+    eventually("every event applied", Duration::from_secs(60), || {
+        schema.stats_applied() == schema.count("SELECT COUNT(*) FROM events")
+    });
+    assert_eq!(
+        schema.stats_mismatches(),
+        0,
+        "the read model differs from the events"
+    );
+}
+
+fn stop(child: Child) {
+    signal(&child, "TERM");
+    let output = wait_within(child, Duration::from_secs(30));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "a sharing process stopped badly: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn processes_share_partitions_fairly_and_hand_them_over_as_they_come_and_go() {
+    let schema = TestSchema::migrated("sharing");
+    schema.seed(300, 10);
+    let (halt, written) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicI64::new(0)),
+    );
+    let writing = writers(&schema, &halt, &written);
+
+    let (a, b, c) = (
+        start_member(&schema),
+        start_member(&schema),
+        start_member(&schema),
+    );
+    settle_at(&schema, &[&a, &b, &c], &[4, 4, 4]);
+
+    let d = start_member(&schema);
+    settle_at(&schema, &[&a, &b, &c, &d], &[3, 3, 3, 3]);
+
+    // Frozen, then back: it keeps its partitions (its sessions live) and repeats nothing.
+    signal(&b, "STOP");
+    std::thread::sleep(Duration::from_secs(2));
+    signal(&b, "CONT");
+
+    // Killed: its partitions go to the others.
+    signal(&c, "KILL");
+    let _ = wait_within(c, Duration::from_secs(10));
+    settle_at(&schema, &[&a, &b, &d], &[4, 4, 4]);
+
+    // Leaving cleanly: the same.
+    stop(d);
+    settle_at(&schema, &[&a, &b], &[6, 6]);
+
+    halt.store(true, Ordering::Relaxed);
+    for writer in writing {
+        writer.join().expect("a writer ends");
+    }
+    assert!(
+        written.load(Ordering::Relaxed) > 0,
+        "the writers appended nothing"
+    );
+    assert_exact(&schema);
+    stop(a);
+    stop(b);
+}
+
+#[test]
+fn sharing_processes_follow_a_repartitioning_without_a_restart() {
+    let schema = TestSchema::migrated("sharing_repartition");
+    schema.seed(300, 10);
+    let (halt, written) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicI64::new(0)));
+    let writing = writers(&schema, &halt, &written);
+    let (a, b) = (start_member(&schema), start_member(&schema));
+    settle_at(&schema, &[&a, &b], &[6, 6]);
+
+    let output = crate::util::run_within(
+        schema.projector(&["repartition", "--projection", "aggregate-stats", "--to", "8"]),
+        Duration::from_secs(60),
+    );
+    assert!(
+        output.status.success(),
+        "repartition failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    settle_at(&schema, &[&a, &b], &[4, 4]);
+    let totals = schema.count(
+        "SELECT COUNT(DISTINCT total_partitions) FROM projector_checkpoints \
+         WHERE projection = 'aggregate-stats' AND total_partitions = 8",
+    );
+    assert_eq!(totals, 1, "the checkpoints are not kept in 8 partitions");
+
+    halt.store(true, Ordering::Relaxed);
+    for writer in writing {
+        writer.join().expect("a writer ends");
+    }
+    assert_exact(&schema);
+    stop(a);
+    stop(b);
+}
