@@ -149,6 +149,7 @@ pub use error::{BoxError, Error};
 pub use event::{Event, ExpectedVersion, NewEvent, Scope};
 pub use layout::{EarlierLayout, LayoutChange, repartition};
 pub use ops::health::{Health, READY_GAP_LIMIT};
+pub use ops::members::{Member, members};
 pub use ops::metrics::{Metrics, SCRAPE_TIMEOUT};
 pub use ops::status::{CheckpointStatus, Cleared, reset, reset_checkpoints, status};
 pub use partition::{

@@ -52,7 +52,9 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Cli
     let keys = if sharing {
         None
     } else {
-        Some(projector::parse_partition_keys(&key_flag, &key_text, total)?)
+        Some(projector::parse_partition_keys(
+            &key_flag, &key_text, total,
+        )?)
     };
     let metrics_address = flag_or_env(
         "--metrics-addr",

@@ -13,6 +13,7 @@ pub(super) fn print_status(
 ) -> Result<(), Error> {
     let rows = rows_of(client, projection)?;
     let states = projector::projection_states(client, projection)?;
+    let members = projector::members(client, projection)?;
     if json {
         let head = match rows.first() {
             Some(row) => row.head_position,
@@ -24,11 +25,12 @@ pub(super) fn print_status(
                 })?
                 .get(0),
         };
-        say!("{}", status_json(head, &rows, &states));
+        say!("{}", status_json(head, &rows, &states, &members));
         return Ok(());
     }
     let mut text = table(&rows, projection, None);
     text.push_str(&state_lines(&states));
+    text.push_str(&members_lines(&members));
     say!("{}", text.trim_end());
     Ok(())
 }
@@ -227,6 +229,45 @@ fn held_by(row: &CheckpointStatus) -> String {
     text
 }
 
+/// A line per projection whose partitions processes share (`--partition-key auto`): how many,
+/// and each one's holder-style identity, when it joined and when it was last seen.
+pub(super) fn members_lines(members: &[projector::Member]) -> String {
+    let mut text = String::new();
+    for group in members.chunk_by(|a, b| a.projection == b.projection) {
+        let each: Vec<String> = group
+            .iter()
+            .map(|member| {
+                let mut one = format!("pid={}", member.pid);
+                if let Some(process) = member
+                    .application
+                    .as_deref()
+                    .and_then(|name| name.strip_prefix("projector pid "))
+                {
+                    one.push_str(&format!(" process={process}"));
+                }
+                if let Some(client) = &member.client {
+                    one.push_str(&format!(" client={client}"));
+                }
+                if let (Some(joined), Some(seen)) = (member.joined, member.last_seen) {
+                    one.push_str(&format!(
+                        " (joined {} ago, seen {} ago)",
+                        projector::readable_duration(joined),
+                        projector::readable_duration(seen)
+                    ));
+                }
+                one
+            })
+            .collect();
+        text.push_str(&format!(
+            "{}: shared by {} process(es): {}\n",
+            group[0].projection,
+            group.len(),
+            each.join("; ")
+        ));
+    }
+    text
+}
+
 /// Parked aggregates and events of a layout's partitions.
 fn parked(layout: &[CheckpointStatus]) -> (u64, u64) {
     layout.iter().fold((0, 0), |(a, e), row| {
@@ -241,7 +282,12 @@ pub(super) fn layouts(rows: &[CheckpointStatus]) -> Vec<&[CheckpointStatus]> {
 }
 
 /// `projector status --json`: one document, one entry per projection and layout.
-fn status_json(head: i64, rows: &[CheckpointStatus], states: &[ProjectionState]) -> Value {
+fn status_json(
+    head: i64,
+    rows: &[CheckpointStatus],
+    states: &[ProjectionState],
+    members: &[projector::Member],
+) -> Value {
     // The failure first: a paused projection that failed is first of all failed.
     let state_of = |name: &str| {
         let mut of: Vec<&ProjectionState> =
@@ -287,9 +333,23 @@ fn status_json(head: i64, rows: &[CheckpointStatus], states: &[ProjectionState])
                     })
                 })
                 .collect();
+            let sharing: Vec<Value> = members
+                .iter()
+                .filter(|member| member.projection == first.projection)
+                .map(|member| {
+                    json!({
+                        "pid": member.pid,
+                        "application": member.application,
+                        "client": member.client,
+                        "joined_seconds_ago": member.joined.map(|d| d.as_secs_f64()),
+                        "last_seen_seconds_ago": member.last_seen.map(|d| d.as_secs_f64()),
+                    })
+                })
+                .collect();
             json!({
                 "projection": first.projection,
                 "total_partitions": first.total_partitions,
+                "members": sharing,
                 "partitions": partitions,
                 "repartitioning": repartitioning,
                 "parked": {"aggregates": parked(layout).0, "events": parked(layout).1},

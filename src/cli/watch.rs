@@ -12,7 +12,7 @@ use projector::postgres::Client;
 use projector::{CheckpointStatus, Error};
 
 use super::output::{complain, draw};
-use super::status::{MoreColumns, rows_of, table};
+use super::status::{MoreColumns, members_lines, rows_of, table};
 
 /// Where a partition stood at the last refresh.
 type Seen = HashMap<(String, u32, u32), (i64, Instant)>;
@@ -36,8 +36,9 @@ pub(crate) fn watch(
         let states = projector::projection_states(client, projection)?;
         let now = Instant::now();
         let mut columns = |row: &CheckpointStatus| rate_and_eta(row, &mut seen, now);
+        let members = projector::members(client, projection)?;
         let table = format!(
-            "{}\n{}{}",
+            "{}\n{}{}{}",
             time_of_day(),
             table(
                 &rows,
@@ -47,7 +48,8 @@ pub(crate) fn watch(
                     values: &mut columns,
                 })
             ),
-            super::status::state_lines(&states)
+            super::status::state_lines(&states),
+            members_lines(&members)
         );
         let drawn = if terminal {
             // Home, draw, then clear what an earlier, longer table left below.

@@ -2,7 +2,7 @@
 
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -154,6 +154,9 @@ impl Threads {
             lanes: progress.clone(),
             fetch: Arc::clone(&fetch_progress),
             commit_seconds: timers.0,
+            rebalances: balancer
+                .as_ref()
+                .map_or_else(Arc::default, |b| Arc::clone(&b.rebalances)),
         };
         let fetcher = Fetcher {
             database: self.database.clone(),
@@ -408,6 +411,8 @@ pub(crate) struct Figures {
     pub(crate) lanes: Vec<LaneProgress>,
     pub(crate) fetch: Arc<FetchProgress>,
     pub(crate) commit_seconds: HistogramVec,
+    /// Sharing partitions: how often the partitions this process wants changed.
+    pub(crate) rebalances: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Figures {

@@ -43,8 +43,8 @@ impl Metrics {
     }
 
     /// Readiness: live, no gap held for longer than [`READY_GAP_LIMIT`], and every owned
-    /// partition (standbys included) within `max_lag` events of the head, none fenced, failed
-    /// or stopped. A partition's lag is what it still has to apply: the events stored after
+    /// partition (standbys included; with shared partitions, those this process is to hold)
+    /// within `max_lag` events of the head, none fenced, failed or stopped. A partition's lag is what it still has to apply: the events stored after
     /// the position up to which every event of it is applied in this process (past its
     /// checkpoint while it receives nothing of its own). The database is asked as
     /// [`Metrics::render`] asks it: when another scrape is asking, its last answer counts.
@@ -79,7 +79,11 @@ impl Metrics {
                 "partition {}/{} of '{}'",
                 lane.partition, lane.total, lane.projection
             );
+            // Sharing partitions: one another process is to hold is not this process's to
+            // keep up with.
+            let here = lane.progress.is_wanted();
             match state {
+                _ if !here && !state.is_done() => {}
                 LaneState::Fenced | LaneState::Failed | LaneState::Stopped => {
                     reasons.push(format!("{name} is {}", state.name()));
                 }
@@ -98,6 +102,7 @@ impl Metrics {
                 "checkpoint": lane.checkpoint(),
                 "applied_through": lane.applied_through(),
                 "lag_events": lag,
+                "held_here": lane.progress.holds.load(Ordering::Relaxed),
             }));
         }
         health(

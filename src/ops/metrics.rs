@@ -10,6 +10,7 @@
 //! comes meanwhile, or whose queries time out, shows the figures the database last gave, and
 //! `projector_database_figures_age_seconds` says how old they are.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
@@ -65,6 +66,7 @@ struct Counted {
     failures: Vec<u64>,
     rows_read: u64,
     gap_wait: f64,
+    rebalances: u64,
 }
 
 /// What the last scrape that asked the database found.
@@ -99,6 +101,8 @@ struct Families {
     parked_aggregates: IntGaugeVec,
     parked_events: IntGaugeVec,
     projections: ProjectionGauges,
+    owned: IntGaugeVec,
+    rebalances: IntCounter,
 }
 
 impl Families {
@@ -189,9 +193,22 @@ impl Families {
                 &["projection"],
             )?,
             projections: ProjectionGauges::new(&registry)?,
+            owned: IntGaugeVec::new(
+                Opts::new(
+                    "projector_partitions_owned",
+                    "Partitions this process holds (applies), per projection and layout.",
+                ),
+                &["projection", "total_partitions"],
+            )?,
+            rebalances: IntCounter::new(
+                "projector_rebalances_total",
+                "Times the partitions this process is to hold changed (--partition-key auto).",
+            )?,
             registry,
         };
         let r = &families.registry;
+        r.register(Box::new(families.owned.clone()))?;
+        r.register(Box::new(families.rebalances.clone()))?;
         r.register(Box::new(families.parked_aggregates.clone()))?;
         r.register(Box::new(families.parked_events.clone()))?;
         r.register(Box::new(families.applied.clone()))?;
@@ -368,6 +385,28 @@ impl Metrics {
         });
         f.notifications_held
             .set(fetch.notifications_held.load(Ordering::Relaxed) as i64);
+        self.count_owned(scrape);
+    }
+
+    /// Sets how many partitions each projection holds here, and counts rebalances.
+    fn count_owned(&self, scrape: &mut Counted) {
+        let f = &self.shared.families;
+        let mut owned: BTreeMap<(&str, u32), i64> = BTreeMap::new();
+        for lane in &self.shared.figures.lanes {
+            *owned
+                .entry((lane.projection.as_str(), lane.total))
+                .or_default() += i64::from(lane.progress.holds.load(Ordering::Relaxed));
+        }
+        for ((projection, total), count) in owned {
+            f.owned
+                .with_label_values(&[projection, &total.to_string()])
+                .set(count);
+        }
+        let rebalances = self.shared.figures.rebalances.load(Ordering::Relaxed);
+        if rebalances > scrape.rebalances {
+            f.rebalances.inc_by(rebalances - scrape.rebalances);
+            scrape.rebalances = rebalances;
+        }
     }
 
     /// Sets the parked gauges of every projection of the runner (0 when none is parked); left

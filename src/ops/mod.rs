@@ -6,10 +6,12 @@
 //!   lane figures ([`crate::engine::progress`]) and the database.
 //! - [`projection_gauges`]: the gauges of a projection that failed here, or is paused.
 //! - [`health`]: liveness and readiness of a runner, for probes.
+//! - [`members`]: the processes that share a projection's partitions, for `status`.
 //!
 //! Operations read the engine's state; the engine never reads them.
 
 pub(crate) mod health;
+pub(crate) mod members;
 pub(crate) mod metrics;
 pub(crate) mod projection_gauges;
 pub(crate) mod status;

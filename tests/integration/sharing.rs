@@ -9,22 +9,30 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::util::{TestSchema, eventually, signal, wait_within};
+use crate::operations::{free_port, get, samples};
+use crate::util::{TestSchema, eventually, signal, text, wait_within};
 
 const PARTITIONS: &str = "12";
 const SETTLE: Duration = Duration::from_secs(45);
 
 /// One sharing process of `aggregate-stats`.
 fn start_member(schema: &TestSchema) -> Child {
+    start_member_with(schema, &[])
+}
+
+/// One sharing process of `aggregate-stats`, with `extra` flags.
+fn start_member_with(schema: &TestSchema, extra: &[&str]) -> Child {
+    let mut args = vec![
+        "--partition-key",
+        "auto",
+        "--total-partitions",
+        PARTITIONS,
+        "--projection",
+        "aggregate-stats",
+    ];
+    args.extend_from_slice(extra);
     schema
-        .projector(&[
-            "--partition-key",
-            "auto",
-            "--total-partitions",
-            PARTITIONS,
-            "--projection",
-            "aggregate-stats",
-        ])
+        .projector(&args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -125,6 +133,29 @@ fn writers(
         .collect()
 }
 
+/// `projector status` lists `count` processes sharing the partitions.
+fn assert_members_shown(schema: &TestSchema, count: usize) {
+    let output = crate::util::run_within(
+        schema.projector(&["status", "--projection", "aggregate-stats", "--json"]),
+        Duration::from_secs(30),
+    );
+    let document: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("status --json prints JSON");
+    let members = document["projections"][0]["members"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(members, count, "status --json: {document}");
+    let table = crate::util::run_within(
+        schema.projector(&["status", "--projection", "aggregate-stats"]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        text(&table.stdout).contains(&format!("aggregate-stats: shared by {count} process(es)")),
+        "status: {}",
+        text(&table.stdout)
+    );
+}
+
 /// Every event applied exactly once, in order per aggregate.
 fn assert_exact(schema: &TestSchema) {
     eventually("every event applied", Duration::from_secs(60), || {
@@ -158,12 +189,19 @@ fn processes_share_partitions_fairly_and_hand_them_over_as_they_come_and_go() {
     );
     let writing = writers(&schema, &halt, &written);
 
-    let (a, b, c) = (
-        start_member(&schema),
-        start_member(&schema),
-        start_member(&schema),
-    );
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let a = start_member_with(&schema, &["--metrics-addr", &address]);
+    let (b, c) = (start_member(&schema), start_member(&schema));
     settle_at(&schema, &[&a, &b, &c], &[4, 4, 4]);
+    assert_members_shown(&schema, 3);
+    eventually("the owned gauge to say 4", Duration::from_secs(10), || {
+        get(&format!("http://{address}/metrics")).is_some_and(|(_, body)| {
+            samples(&body, "projector_partitions_owned")
+                .iter()
+                .any(|(_, value)| *value == 4.0)
+        })
+    });
 
     let d = start_member(&schema);
     settle_at(&schema, &[&a, &b, &c, &d], &[3, 3, 3, 3]);
@@ -199,13 +237,22 @@ fn processes_share_partitions_fairly_and_hand_them_over_as_they_come_and_go() {
 fn sharing_processes_follow_a_repartitioning_without_a_restart() {
     let schema = TestSchema::migrated("sharing_repartition");
     schema.seed(300, 10);
-    let (halt, written) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicI64::new(0)));
+    let (halt, written) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicI64::new(0)),
+    );
     let writing = writers(&schema, &halt, &written);
     let (a, b) = (start_member(&schema), start_member(&schema));
     settle_at(&schema, &[&a, &b], &[6, 6]);
 
     let output = crate::util::run_within(
-        schema.projector(&["repartition", "--projection", "aggregate-stats", "--to", "8"]),
+        schema.projector(&[
+            "repartition",
+            "--projection",
+            "aggregate-stats",
+            "--to",
+            "8",
+        ]),
         Duration::from_secs(60),
     );
     assert!(
