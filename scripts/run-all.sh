@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR disable=SC2317 # functions run from traps
-# Runs one projector process per partition against PostgreSQL.
+# Runs one projector process per partition against PostgreSQL; or, with --auto, K processes
+# that share the partitions among themselves.
 #
 # Usage: scripts/run-all.sh [N] [PROJECTOR_ARGS...]
+#        scripts/run-all.sh --auto K [PROJECTOR_ARGS...]
+#        scripts/run-all.sh --add | --remove
 #   N               number of partitions / processes (default 4)
+#   --auto K        K processes started with --partition-key auto share the partitions
+#                   (12, or --total-partitions among PROJECTOR_ARGS) and rebalance as
+#                   processes come and go
+#   --add           (while an --auto run goes on, from another terminal) one more process
+#   --remove        (likewise) the newest process stops; its partitions go to the others
 #   PROJECTOR_ARGS  passed to every process (e.g. --projection aggregate-stats)
 #
 # Without DATABASE_URL, a local server is run from .pgdata/ at the repository
@@ -27,14 +35,37 @@ set -euo pipefail
 
 usage() {
     echo "usage: $(basename "$0") [N] [PROJECTOR_ARGS...]   (N: positive integer, default 4)"
+    echo "       $(basename "$0") --auto K [PROJECTOR_ARGS...]   (K processes share the partitions)"
+    echo "       $(basename "$0") --add | --remove   (one process more or less in a running --auto run)"
 }
 
 n=4
+auto=0
 if [[ $# -gt 0 ]]; then
     case $1 in
     -h | --help)
         usage
         exit 0
+        ;;
+    --add | --remove)
+        # Asks the running --auto run (the first pid in its pid file) for a process more or less.
+        here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+        pidfile=${RUN_ALL_PIDFILE:-$(cd "$here/.." && pwd)/.run-all.pids}
+        runner=$(head -n 1 "$pidfile" 2>/dev/null || true)
+        if [[ ! $runner =~ ^[0-9]+$ ]] || ! ps -o args= -p "$runner" 2>/dev/null | grep -q 'run-all.sh'; then
+            echo "run-all: no run is going on (no live script in ${pidfile})" >&2
+            exit 1
+        fi
+        if [[ $1 == --add ]]; then kill -USR1 "$runner"; else kill -USR2 "$runner"; fi
+        exit 0
+        ;;
+    --auto)
+        if [[ $# -lt 2 || ! $2 =~ ^[1-9][0-9]{0,2}$ ]]; then
+            usage >&2
+            exit 2
+        fi
+        auto=$2
+        shift 2
         ;;
     --*) ;; # no N given: everything is projector arguments
     *)
@@ -48,6 +79,20 @@ if [[ $# -gt 0 ]]; then
     esac
 fi
 extra=("$@")
+if ((auto)); then
+    # The partitions the processes share: --total-partitions among the arguments, else 12.
+    n=12
+    rest=()
+    for ((i = 0; i < ${#extra[@]}; i++)); do
+        if [[ ${extra[i]} == --total-partitions && $((i + 1)) -lt ${#extra[@]} ]]; then
+            n=${extra[i + 1]}
+            i=$((i + 1))
+        else
+            rest+=("${extra[i]}")
+        fi
+    done
+    extra=("${rest[@]}")
+fi
 # The processes start from the repository's root: a projection file's path
 # given relative to here is made absolute.
 for ((i = 0; i + 1 < ${#extra[@]}; i++)); do
@@ -224,8 +269,23 @@ if [[ -z ${DATABASE_URL:-} ]]; then
     log "PostgreSQL at $DATABASE_URL (data in .pgdata/, URL in .pgdata/url)"
 fi
 
-"$bin" migrate
-"$bin" seed --if-empty
+# The projection flags and the connection flags among the extra arguments: migrate
+# and seed use the connection, and changing N goes through `projector repartition`
+# of every projection the processes run (the earlier run's are stopped by now).
+projections=()
+connection=()
+for ((i = 0; i < ${#extra[@]}; i++)); do
+    case ${extra[i]} in
+    --projection | --projection-file)
+        projections+=("${extra[i]}" "${extra[i + 1]:-}")
+        ;;
+    --schema | --database-url | --keepalive-timeout-secs | --session-timeout-secs | --log-format)
+        connection+=("${extra[i]}" "${extra[i + 1]:-}")
+        ;;
+    esac
+done
+"$bin" "${connection[@]}" migrate
+"$bin" "${connection[@]}" seed --if-empty
 
 # Each process runs in its own session when possible, so a terminal Ctrl-C
 # reaches only this script, which then sends a single SIGTERM to each.
@@ -247,21 +307,6 @@ if sed -u '' </dev/null >/dev/null 2>&1; then
     sed_unbuffered=1
 fi
 
-# The earlier run's processes are stopped by now. Changing N goes through
-# `projector repartition`, given the projection flags and the connection flags
-# among the extra arguments: every projection the processes run is moved.
-projections=()
-connection=()
-for ((i = 0; i < ${#extra[@]}; i++)); do
-    case ${extra[i]} in
-    --projection | --projection-file)
-        projections+=("${extra[i]}" "${extra[i + 1]:-}")
-        ;;
-    --schema | --database-url | --keepalive-timeout-secs | --session-timeout-secs | --log-format)
-        connection+=("${extra[i]}" "${extra[i + 1]:-}")
-        ;;
-    esac
-done
 if ((${#projections[@]} == 0)); then
     projections=(--projection users) # a run's default
 fi
@@ -271,23 +316,73 @@ fi
 # the prefixers too (they share this script's process group): they ignore it
 # and end when their process's output closes, after its stop summary.
 fifodir=$(mktemp -d "${TMPDIR:-/tmp}/run-all.XXXXXX")
-for ((k = 0; k < n; k++)); do
+
+# Starts process number $1, with `--partition-key` $2, labelled $3.
+start_process() {
+    local k=$1 keys=$2 label=$3
     mkfifo "$fifodir/p$k"
     (
         trap '' INT
-        prefix_lines "[p$k/$n] " <"$fifodir/p$k"
+        prefix_lines "[$label] " <"$fifodir/p$k"
     ) &
     prefixers+=("$!")
-    "${launcher[@]}" "$bin" --partition-key "$k" --total-partitions "$n" "${extra[@]}" \
+    "${launcher[@]}" "$bin" --partition-key "$keys" --total-partitions "$n" "${extra[@]}" \
         >"$fifodir/p$k" 2>&1 &
     pids+=("$!")
-done
+}
+
+if ((auto)); then
+    for ((k = 0; k < auto; k++)); do
+        start_process "$k" auto "a$k"
+    done
+else
+    for ((k = 0; k < n; k++)); do
+        start_process "$k" "$k" "p$k/$n"
+    done
+fi
 printf '%s\n' "$$" "${pids[@]}" >"$pidfile"
 log "started ${#pids[@]} projector process(es): ${pids[*]}"
 if [[ -n $pgdir ]]; then
     log "from another terminal: DATABASE_URL=$DATABASE_URL $bin status"
 else
     log "from another terminal, with the same DATABASE_URL: $bin status"
+fi
+
+if ((auto)); then
+    log "they share $n partitions; from another terminal, $0 --add starts one more and" \
+        "$0 --remove stops the newest"
+    # --add and --remove reach this script as SIGUSR1 and SIGUSR2.
+    adding=0 removing=0 started=$auto
+    trap 'adding=$((adding + 1))' USR1
+    trap 'removing=$((removing + 1))' USR2
+    while true; do
+        live=()
+        for pid in "${pids[@]}"; do
+            if kill -0 "$pid" 2>/dev/null; then live+=("$pid"); fi
+        done
+        ((${#live[@]} > 0 || adding > 0)) || break
+        while ((adding > 0)); do
+            adding=$((adding - 1))
+            start_process "$started" auto "a$started"
+            log "process a$started joins (pid ${pids[-1]})"
+            started=$((started + 1))
+        done
+        while ((removing > 0)); do
+            removing=$((removing - 1))
+            if ((${#live[@]} > 1)); then
+                log "stopping the newest process (pid ${live[-1]}); its partitions go to the others"
+                kill -TERM "${live[-1]}" 2>/dev/null || true
+                unset 'live[-1]'
+            else
+                log "one process left: --remove keeps it (Ctrl-C stops the run)"
+            fi
+        done
+        printf '%s\n' "$$" "${live[@]}" >"$pidfile"
+        wait -n 2>/dev/null || sleep 0.2
+    done
+    children_done=1
+    wait_prefixers
+    exit 0
 fi
 
 # Exit with the first non-zero status among the processes (in partition order).
