@@ -83,7 +83,11 @@ fn run(options: &Options) -> Result<()> {
         };
         let (mut explicit, mut shared) = (Vec::new(), Vec::new());
         for round in 0..options.rounds {
-            let kinds = if round % 2 == 0 { [false, true] } else { [true, false] };
+            let kinds = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
             for sharing in kinds {
                 let wall = runs.catch_up(database, sharing)?;
                 println!(
@@ -167,7 +171,11 @@ impl Runs<'_> {
         let started = Instant::now();
         let children = (0..4)
             .map(|key| {
-                let key = if sharing { "auto".to_owned() } else { key.to_string() };
+                let key = if sharing {
+                    "auto".to_owned()
+                } else {
+                    key.to_string()
+                };
                 self.projector(&[
                     "--partition-key",
                     &key,
@@ -244,7 +252,10 @@ impl Runs<'_> {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 walls.push(killed.elapsed());
-                println!("take-over after SIGKILL: {:.2} s", killed.elapsed().as_secs_f64());
+                println!(
+                    "take-over after SIGKILL: {:.2} s",
+                    killed.elapsed().as_secs_f64()
+                );
                 members.push(self.member()?);
             }
             Ok(())

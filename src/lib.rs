@@ -44,6 +44,17 @@
 //! at its next transaction and stops with [`Error::Fenced`]. [`reset`] clears a projection's
 //! checkpoints and, through [`Projection::reset`], its read model, so that it rebuilds.
 //!
+//! # Sharing partitions
+//! Instead of owning given keys, the processes of a projection may share its partitions:
+//! [`Builder::share_partitions`] (`--partition-key auto`). With `P` such processes live, each
+//! holds `floor(N/P)` or `ceil(N/P)` of the `N` partitions; when one starts, stops or dies, the
+//! others hand partitions over (each finishing its transaction first), moving only those that
+//! must, once the membership has settled for [`Settings::settle_after`]. Membership is a
+//! session advisory lock each process holds in shared mode, so PostgreSQL is the only
+//! coordinator, and the partition locks and checkpoint rows keep every event applied once
+//! whoever holds a partition. A re-partitioning is followed without a restart by the CLI.
+//! [`members`] lists the processes sharing a projection.
+//!
 //! # Faults
 //! A lost connection is retried with capped back-off, and logged once per outage; a thread
 //! that cannot reach the database for [`Settings::give_up_after`] stops the runner with

@@ -1,4 +1,4 @@
-//! Sharing partitions among live processes ([`Builder::share_partitions`], `--partition-key
+//! Sharing partitions among live processes ([`Builder::share_partitions`](crate::Builder::share_partitions), `--partition-key
 //! auto`): each process of a projection takes a fair share of its `N` partitions, and the
 //! shares move when a process comes or goes. PostgreSQL is the only coordinator.
 //!
@@ -344,5 +344,78 @@ impl Share {
             );
         }
         changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(total: u32, members: &[i32]) -> Share {
+        Share {
+            name: "p".into(),
+            total,
+            wanted: vec![false; total as usize],
+            lanes: Vec::new(),
+            members: members.to_vec(),
+            members_since: Instant::now(),
+            held_elsewhere: vec![0; total as usize],
+            settled: true,
+        }
+    }
+
+    fn wanted(share: &Share) -> Vec<usize> {
+        (0..share.wanted.len())
+            .filter(|&k| share.wanted[k])
+            .collect()
+    }
+
+    #[test]
+    fn shares_are_floor_or_ceil_and_add_up_to_every_partition() {
+        let members = [10, 20, 30, 40, 50];
+        let shares: Vec<usize> = members
+            .iter()
+            .map(|&me| share(12, &members).target(me))
+            .collect();
+        assert_eq!(shares, [3, 3, 2, 2, 2]);
+        assert_eq!(share(3, &members).target(50), 0);
+        assert_eq!(share(12, &[7]).target(7), 12);
+    }
+
+    #[test]
+    fn members_starting_together_ask_for_disjoint_partitions_covering_all() {
+        let members = [10, 20, 30, 40, 50];
+        let mut seen = Vec::new();
+        for &me in &members {
+            let mut mine = share(12, &members);
+            mine.rebalance(me, &BTreeMap::new());
+            seen.extend(wanted(&mine));
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..12).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_member_above_its_share_gives_up_the_highest_and_asks_for_nothing_held() {
+        let mut mine = share(12, &[10, 20]);
+        mine.wanted = vec![true; 12];
+        assert!(mine.rebalance(10, &BTreeMap::new()));
+        assert_eq!(wanted(&mine), [0, 1, 2, 3, 4, 5]);
+        // Below its share, it asks only for partitions nobody holds.
+        let mut other = share(12, &[10, 20]);
+        let holders: BTreeMap<u32, i32> = (0..6).map(|k| (k, 99)).collect();
+        other.rebalance(20, &holders);
+        assert_eq!(wanted(&other), [6, 7, 8, 9, 10, 11]);
+    }
+
+    #[test]
+    fn a_partition_another_process_took_first_is_let_go_after_two_rounds() {
+        let mut mine = share(4, &[10, 20]);
+        mine.wanted = vec![true, true, false, false];
+        let holders: BTreeMap<u32, i32> = [(1, 99), (2, 98), (3, 97)].into_iter().collect();
+        mine.rebalance(10, &holders);
+        assert_eq!(wanted(&mine), [0, 1], "one round is not enough");
+        mine.rebalance(10, &holders);
+        assert_eq!(wanted(&mine), [0], "let go, and nothing free to ask for");
     }
 }
