@@ -159,7 +159,9 @@ impl Balancer {
 
     /// Connects and takes the member lock of every projection.
     fn register(&mut self) -> Result<(), Error> {
-        let mut client = self.database.connect()?;
+        // Ended by the server like a worker's session when the process freezes, so that a
+        // frozen process stops counting as a member when it stops holding partitions.
+        let mut client = self.database.connect_watched()?;
         self.pid = client
             .query_one("SELECT pg_backend_pid()", &[])
             .map_err(Error::database("reading the balancer's server pid"))?

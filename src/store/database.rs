@@ -206,7 +206,31 @@ impl Database {
 
     /// Opens one connection.
     pub fn connect(&self) -> Result<Client, Error> {
-        self.config.connect(NoTls).map_err(|source| {
+        self.connect_with(&self.config)
+    }
+
+    /// Opens one connection that the server ends as it ends a worker's (see
+    /// [`pool`](Self::pool)): for a connection whose session must not outlive a frozen process,
+    /// such as the one holding a process's membership among those sharing partitions.
+    pub(crate) fn connect_watched(&self) -> Result<Client, Error> {
+        self.connect_with(&self.watched_config())
+    }
+
+    /// The connection settings with the session timeout and the client check.
+    fn watched_config(&self) -> postgres::Config {
+        let timeout = self.session_timeout_secs;
+        let mut config = self.config.clone();
+        config.options(&format!(
+            "-c idle_session_timeout={timeout}s -c idle_in_transaction_session_timeout={timeout}s \
+             -c client_connection_check_interval={}s {}",
+            timeout.min(5),
+            self.config.get_options().unwrap_or_default()
+        ));
+        config
+    }
+
+    fn connect_with(&self, config: &postgres::Config) -> Result<Client, Error> {
+        config.connect(NoTls).map_err(|source| {
             let target = self.target.clone();
             let setting = self.setting.clone();
             match source.code().map(|code| code.code()) {
@@ -232,15 +256,7 @@ impl Database {
     /// their sessions once idle for the [session timeout](Self::session_timeout_secs), and
     /// looks for a vanished client every few seconds while a statement runs.
     pub fn pool(&self, size: u32) -> Pool {
-        let timeout = self.session_timeout_secs;
-        let mut config = self.config.clone();
-        config.options(&format!(
-            "-c idle_session_timeout={timeout}s -c idle_in_transaction_session_timeout={timeout}s \
-             -c client_connection_check_interval={}s {}",
-            timeout.min(5),
-            self.config.get_options().unwrap_or_default()
-        ));
-        let manager = PostgresConnectionManager::new(config, NoTls);
+        let manager = PostgresConnectionManager::new(self.watched_config(), NoTls);
         r2d2::Pool::builder()
             // The workers report a failed connection themselves, once per outage (see
             // `outage`); r2d2's default handler would log every attempt at error level.

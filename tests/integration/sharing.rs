@@ -275,3 +275,33 @@ fn sharing_processes_follow_a_repartitioning_without_a_restart() {
     stop(a);
     stop(b);
 }
+
+#[test]
+fn a_process_frozen_past_the_session_timeout_loses_its_share_and_repeats_nothing() {
+    let schema = TestSchema::migrated("sharing_frozen");
+    schema.seed(300, 10);
+    let (halt, written) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicI64::new(0)),
+    );
+    let writing = writers(&schema, &halt, &written);
+    let a = start_member_with(&schema, &["--session-timeout-secs", "5"]);
+    let b = start_member_with(&schema, &["--session-timeout-secs", "5"]);
+    settle_at(&schema, &[&a, &b], &[6, 6]);
+
+    // Frozen: the server ends its idle sessions after 5 s, and the other takes everything.
+    signal(&a, "STOP");
+    settle_at(&schema, &[&b], &[12]);
+    // Back: its connections are gone; it finds the partitions held, joins again, and the
+    // shares move back, with nothing applied twice.
+    signal(&a, "CONT");
+    settle_at(&schema, &[&a, &b], &[6, 6]);
+
+    halt.store(true, Ordering::Relaxed);
+    for writer in writing {
+        writer.join().expect("a writer ends");
+    }
+    assert_exact(&schema);
+    stop(a);
+    stop(b);
+}
