@@ -216,7 +216,7 @@ impl Builder {
         let settings = Arc::new(self.settings);
         let (prepared, balancer) = take_first_shares(&self.database, &settings, prepared)?;
         let head = store::head_position(&mut reader)?;
-        let start = shared_start(&prepared, settings.catch_up_alone_beyond).unwrap_or(head);
+        let start = shared_start(&prepared, settings.catch_up_alone_beyond);
         log_start(&prepared, start, head, &settings, &self.database);
         Threads::start(self.database, pool, settings, prepared, start, head)
             .and_then(|threads| threads.spawn(reader, balancer))
@@ -471,20 +471,17 @@ fn warn_of_missing_scope_indexes(client: &mut Client, prepared: &[Prepared]) -> 
 
 /// Where the shared read starts: the lowest checkpoint within `alone_beyond` positions of the
 /// highest. Partitions further behind read their own events until they catch up.
-fn shared_start(prepared: &[Prepared], alone_beyond: i64) -> Option<i64> {
-    let checkpoints = || {
-        prepared.iter().flat_map(|p| {
-            p.checkpoints
-                .iter()
-                .zip(&p.wanted)
-                .filter(|(_, wanted)| **wanted)
-                .map(|(&c, _)| c)
-        })
-    };
-    let highest = checkpoints().max()?;
+fn shared_start(prepared: &[Prepared], alone_beyond: i64) -> i64 {
+    // Every lane counts, those this process is not to hold at start too: a checkpoint is a
+    // position the stream was complete up to, and the read must start at one (a lane taken
+    // over later reads its own events up to where the shared read has been, which must never
+    // pass a position that may still commit).
+    let checkpoints = || prepared.iter().flat_map(|p| p.checkpoints.iter().copied());
+    let highest = checkpoints().max().unwrap_or(0);
     checkpoints()
         .filter(|&c| c >= highest.saturating_sub(alone_beyond.max(0)))
         .min()
+        .unwrap_or(0)
 }
 
 /// For the projections that share their partitions: joins the other live processes and takes

@@ -305,3 +305,63 @@ fn a_process_frozen_past_the_session_timeout_loses_its_share_and_repeats_nothing
     stop(a);
     stop(b);
 }
+
+#[test]
+fn a_process_that_starts_with_no_share_takes_a_partition_over_without_passing_a_gap() {
+    let schema = TestSchema::migrated("sharing_gap");
+    schema.seed(50, 4);
+    let two = |extra: &[&str]| {
+        let mut args = vec![
+            "--partition-key",
+            "auto",
+            "--total-partitions",
+            "2",
+            "--projection",
+            "aggregate-stats",
+        ];
+        args.extend_from_slice(extra);
+        schema
+            .projector(&args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the projector binary")
+    };
+    let (a, b) = (two(&[]), two(&[]));
+    settle_at(&schema, &[&a, &b], &[1, 1]);
+    assert_exact(&schema);
+
+    // A transaction holds a position in each partition open while later events commit.
+    let mut holder = schema.client();
+    let mut open = holder.transaction().expect("begin");
+    for partition in 0..2 {
+        let id = (0..)
+            .map(|n| format!("gap-{n}"))
+            .find(|id| projector::partition_of(id, 2) == partition)
+            .expect("an id in each partition");
+        crate::util::insert_event(&mut open, &id, 1);
+    }
+    let mut later = schema.client();
+    for n in 0..20 {
+        crate::util::insert_event(&mut later, &format!("later-{n}"), 1);
+    }
+
+    // A third process has no share (2 partitions, 3 processes) until one of them dies.
+    let c = two(&[]);
+    eventually("the third process to join", Duration::from_secs(30), || {
+        schema.count(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND objsubid = 2 AND objid = 0",
+        ) >= 3
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    signal(&a, "KILL");
+    let _ = wait_within(a, Duration::from_secs(10));
+    settle_at(&schema, &[&b, &c], &[1, 1]);
+    std::thread::sleep(Duration::from_secs(1));
+    open.commit().expect("commit the held transaction");
+    assert_exact(&schema);
+    stop(b);
+    stop(c);
+}
