@@ -367,10 +367,11 @@ fn connect_to_checked_store(database: &Database) -> Result<Client, Error> {
 /// Claims the projection's layout, sets its read model up and reads its checkpoints.
 fn prepare(client: &mut Client, mut plan: Plan) -> Result<Prepared, Error> {
     let name = plan.projection.name().to_owned();
-    if plan.shared {
-        follow_stored_layout(client, &mut plan)?;
-    }
-    let layout = layout::claim_layout(client, &name, plan.total, false)?;
+    let layout = if plan.shared {
+        claim_stored_layout(client, &mut plan)?
+    } else {
+        layout::claim_layout(client, &name, plan.total, false)?
+    };
     set_up_read_model(client, &mut plan)?;
     let checkpoints = checkpoint::load(client, &name, plan.total, &plan.keys)?;
     warn_of_parked_aggregates(client, &name, plan.policy)?;
@@ -382,6 +383,20 @@ fn prepare(client: &mut Client, mut plan: Plan) -> Result<Prepared, Error> {
         checkpoints,
         wanted,
     })
+}
+
+/// Sharing partitions: the stored layout, followed (a re-partitioning that lands between
+/// reading it and claiming it is followed too: one more try).
+fn claim_stored_layout(client: &mut Client, plan: &mut Plan) -> Result<layout::Layout, Error> {
+    let name = plan.projection.name().to_owned();
+    follow_stored_layout(client, plan)?;
+    match layout::claim_layout(client, &name, plan.total, false) {
+        Err(Error::LayoutMismatch { .. }) => {
+            follow_stored_layout(client, plan)?;
+            layout::claim_layout(client, &name, plan.total, false)
+        }
+        claimed => claimed,
+    }
 }
 
 /// Sharing partitions: a projection that already has a layout runs on its partition count
