@@ -184,7 +184,14 @@ impl Balancer {
     fn settle_at_start(&mut self) -> Result<(), Error> {
         let limit = Instant::now() + self.settings.settle_after * 4;
         loop {
-            self.round()?;
+            if let Err(error) = self.round() {
+                // A server restart while the processes settle is ridden out like any outage
+                // of a running process, up to the limit.
+                if Instant::now() >= limit {
+                    return Err(error);
+                }
+                self.client = None;
+            }
             let settled = self.projections.iter().all(|share| share.settled);
             if settled || Instant::now() >= limit {
                 return Ok(());
