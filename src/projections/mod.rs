@@ -1,5 +1,25 @@
 //! The projections the command-line tool offers: `users`, `aggregate-stats`,
 //! `aggregate-stats-batch` and `noop`; and [`SqlProjection`], a projection written in SQL.
+//!
+//! Each is a [`Projection`](crate::Projection) a service can run too, alone or beside its own,
+//! on one read of the stream:
+//!
+//! ```no_run
+//! use projector::projections::{AggregateStats, SqlProjection};
+//! use projector::{Builder, Database};
+//!
+//! # fn main() -> Result<(), projector::Error> {
+//! let database = Database::new("postgres://app@localhost/app")?;
+//! let totals = SqlProjection::from_file("examples/sql/running_totals.sql")?;
+//! let runner = Builder::new(database, AggregateStats)
+//!     .projection(totals)
+//!     .share_partitions(true) // with the other live processes running these projections
+//!     .total_partitions(12)
+//!     .start()?;
+//! runner.join()?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod aggregate_stats;
 mod noop;
