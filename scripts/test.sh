@@ -35,5 +35,6 @@ step cargo clippy --all-targets --all-features -- -D warnings
 step cargo build --no-default-features
 step cargo test --lib --bins --tests --examples "$@"
 step cargo test --doc
+step env RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --document-private-items
 
 printf '\n==> All checks passed\n'

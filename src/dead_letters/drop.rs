@@ -33,7 +33,7 @@ pub struct Dropped {
 /// when in `projection_dead_letter_drops`, in the same transaction (the deleted rows, the
 /// database role, the client's address and `application_name`, and the OS user), and logs it
 /// at warn. Safe while the projection runs (it locks the aggregate's checkpoint row, as
-/// [`retry`] does). Fails with [`Error::InvalidSetting`] when nothing of it is parked, and
+/// [`retry`](crate::retry) does). Fails with [`Error::InvalidSetting`] when nothing of it is parked, and
 /// with [`Error::MissingTables`], dropping nothing, until `migrate` has created the record.
 pub fn drop_parked(
     client: &mut Client,

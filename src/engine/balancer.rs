@@ -46,8 +46,11 @@ use log::{info, warn};
 use postgres::Client;
 
 use crate::engine::lane::LaneProgress;
+use crate::engine::plan::{Plan, Prepared};
 use crate::engine::settings::Settings;
+use crate::layout;
 use crate::layout::checkpoint::{held_partitions, lock_class};
+use crate::projections::projection::Projection;
 use crate::{Database, Error, error_chain};
 
 /// The balancer of one process: its membership of each sharing projection, and the share of
@@ -354,6 +357,68 @@ impl Share {
         }
         changed
     }
+}
+
+/// For the projections that share their partitions: joins the other live processes and takes
+/// this process's first share (the partitions of the others' shares start out of the shared
+/// read, as stragglers do, and are read from their checkpoints if they come to this process).
+pub(crate) fn take_first_shares(
+    database: &Database,
+    settings: &Arc<Settings>,
+    mut prepared: Vec<Prepared>,
+) -> Result<(Vec<Prepared>, Option<Balancer>), Error> {
+    let sharing: Vec<(String, u32)> = prepared
+        .iter()
+        .filter(|p| p.plan.shared)
+        .map(|p| (p.name.clone(), p.plan.total))
+        .collect();
+    if sharing.is_empty() {
+        return Ok((prepared, None));
+    }
+    let (balancer, wants) = Balancer::join(database, Arc::clone(settings), &sharing)?;
+    let mut wants = wants.into_iter();
+    for p in prepared.iter_mut().filter(|p| p.plan.shared) {
+        if let Some(wanted) = wants.next() {
+            p.wanted = wanted;
+        }
+    }
+    Ok((prepared, Some(balancer)))
+}
+
+/// Sharing partitions: the stored layout, followed (a re-partitioning that lands between
+/// reading it and claiming it is followed too: one more try).
+pub(crate) fn claim_stored_layout(
+    client: &mut Client,
+    plan: &mut Plan,
+) -> Result<layout::Layout, Error> {
+    let name = plan.projection.name().to_owned();
+    follow_stored_layout(client, plan)?;
+    match layout::claim_layout(client, &name, plan.total, false) {
+        Err(Error::LayoutMismatch { .. }) => {
+            follow_stored_layout(client, plan)?;
+            layout::claim_layout(client, &name, plan.total, false)
+        }
+        claimed => claimed,
+    }
+}
+
+/// Sharing partitions: a projection that already has a layout runs on its partition count
+/// (the one a re-partitioning set), whatever count this process was given for a new one.
+fn follow_stored_layout(client: &mut Client, plan: &mut Plan) -> Result<(), Error> {
+    let name = plan.projection.name();
+    let stored = layout::stored_totals(client, name)?;
+    if let [total] = stored[..] {
+        if total != plan.total {
+            info!(
+                "'{name}' is kept in {total} partitions: sharing them (not the {} given for a \
+                 new projection)",
+                plan.total
+            );
+            plan.total = total;
+            plan.keys = (0..total).collect();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ use std::time::Duration;
 use log::{info, warn};
 use postgres::Client;
 
-use crate::engine::balancer::Balancer;
-use crate::engine::runner::{Plan, Prepared, Runner, Threads};
+use crate::engine::balancer::{claim_stored_layout, take_first_shares};
+use crate::engine::plan::{Plan, Prepared};
+use crate::engine::runner::{Runner, Threads};
 use crate::engine::settings::Settings;
 use crate::error::BoxError;
 use crate::partition::{MAX_PARTITIONS, describe_keys};
@@ -385,39 +386,6 @@ fn prepare(client: &mut Client, mut plan: Plan) -> Result<Prepared, Error> {
     })
 }
 
-/// Sharing partitions: the stored layout, followed (a re-partitioning that lands between
-/// reading it and claiming it is followed too: one more try).
-fn claim_stored_layout(client: &mut Client, plan: &mut Plan) -> Result<layout::Layout, Error> {
-    let name = plan.projection.name().to_owned();
-    follow_stored_layout(client, plan)?;
-    match layout::claim_layout(client, &name, plan.total, false) {
-        Err(Error::LayoutMismatch { .. }) => {
-            follow_stored_layout(client, plan)?;
-            layout::claim_layout(client, &name, plan.total, false)
-        }
-        claimed => claimed,
-    }
-}
-
-/// Sharing partitions: a projection that already has a layout runs on its partition count
-/// (the one a re-partitioning set), whatever count this process was given for a new one.
-fn follow_stored_layout(client: &mut Client, plan: &mut Plan) -> Result<(), Error> {
-    let name = plan.projection.name();
-    let stored = layout::stored_totals(client, name)?;
-    if let [total] = stored[..] {
-        if total != plan.total {
-            info!(
-                "'{name}' is kept in {total} partitions: sharing them (not the {} given for a \
-                 new projection)",
-                plan.total
-            );
-            plan.total = total;
-            plan.keys = (0..total).collect();
-        }
-    }
-    Ok(())
-}
-
 /// Says at start when the projection has parked aggregates: their later events are parked
 /// behind them whatever the policy (see [`crate::engine::worker::parking`]).
 fn warn_of_parked_aggregates(
@@ -497,32 +465,6 @@ fn shared_start(prepared: &[Prepared], alone_beyond: i64) -> i64 {
         .filter(|&c| c >= highest.saturating_sub(alone_beyond.max(0)))
         .min()
         .unwrap_or(0)
-}
-
-/// For the projections that share their partitions: joins the other live processes and takes
-/// this process's first share (the partitions of the others' shares start out of the shared
-/// read, as stragglers do, and are read from their checkpoints if they come to this process).
-fn take_first_shares(
-    database: &Database,
-    settings: &Arc<Settings>,
-    mut prepared: Vec<Prepared>,
-) -> Result<(Vec<Prepared>, Option<Balancer>), Error> {
-    let sharing: Vec<(String, u32)> = prepared
-        .iter()
-        .filter(|p| p.plan.shared)
-        .map(|p| (p.name.clone(), p.plan.total))
-        .collect();
-    if sharing.is_empty() {
-        return Ok((prepared, None));
-    }
-    let (balancer, wants) = Balancer::join(database, Arc::clone(settings), &sharing)?;
-    let mut wants = wants.into_iter();
-    for p in prepared.iter_mut().filter(|p| p.plan.shared) {
-        if let Some(wanted) = wants.next() {
-            p.wanted = wanted;
-        }
-    }
-    Ok((prepared, Some(balancer)))
 }
 
 fn log_start(prepared: &[Prepared], start: i64, head: i64, settings: &Settings, db: &Database) {

@@ -2,7 +2,10 @@
 //!
 //! - [`builder`]: checks a run's settings and prepares each projection's layout and
 //!   checkpoints before any thread starts ([`Builder`](crate::Builder)).
+//! - [`plan`]: each projection's partitions, layout and checkpoints, as prepared for a run.
 //! - [`runner`]: starts the threads and joins them ([`Runner`](crate::Runner)).
+//! - [`balancer`]: shares the partitions with the other live processes
+//!   (`--partition-key auto`).
 //! - [`fetcher`]: the one thread that reads the stream, in position order, never past a
 //!   position that may still commit (see [`crate::store::gap`]).
 //! - [`router`]: hands each event over a bounded channel to the worker of its partition, for
@@ -23,6 +26,7 @@ pub(crate) mod fetcher;
 pub(crate) mod lane;
 pub(crate) mod notice;
 pub(crate) mod outage;
+pub(crate) mod plan;
 pub(crate) mod progress;
 pub(crate) mod router;
 pub(crate) mod runner;

@@ -260,7 +260,8 @@ fn a_missing_partition_key_says_it_is_required() {
     assert_eq!(
         stderr,
         "error: --partition-key is not set: it is required to run a projection: give the \
-         partition(s) this process owns, from 0 to 3, as 2, 0,2 or 0-3 (or set PARTITION_KEY)\n"
+         partition(s) this process owns, from 0 to 3, as 2, 0,2 or 0-3, or auto to share them \
+         with the other live processes (or set PARTITION_KEY)\n"
     );
 }
 
