@@ -42,7 +42,7 @@ fn start_member_with(schema: &TestSchema, extra: &[&str]) -> Child {
 
 /// Per process (by OS pid, from its application name), how many partitions of the projection
 /// it holds; and whether any partition is held twice.
-fn holdings(schema: &TestSchema) -> (BTreeMap<u32, usize>, bool) {
+fn holdings_of(schema: &TestSchema, projection: &str) -> (BTreeMap<u32, usize>, bool) {
     let rows = schema
         .client()
         .query(
@@ -50,8 +50,8 @@ fn holdings(schema: &TestSchema) -> (BTreeMap<u32, usize>, bool) {
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
                  AND l.objid >= 65536 \
-                 AND l.classid = hashtext('projector ' || current_schema() || ' aggregate-stats')::oid",
-            &[],
+                 AND l.classid = hashtext('projector ' || current_schema() || ' ' || $1)::oid",
+            &[&projection],
         )
         .expect("read the partition locks");
     let mut per_process = BTreeMap::new();
@@ -74,10 +74,15 @@ fn holdings(schema: &TestSchema) -> (BTreeMap<u32, usize>, bool) {
 /// The shares of `members`' processes once they hold exactly `expected` (sorted), with every
 /// partition held by one of them.
 fn settle_at(schema: &TestSchema, members: &[&Child], expected: &[usize]) {
+    settle_of(schema, "aggregate-stats", members, expected);
+}
+
+/// As [`settle_at`], for `projection`.
+fn settle_of(schema: &TestSchema, projection: &str, members: &[&Child], expected: &[usize]) {
     let pids: Vec<u32> = members.iter().map(|child| child.id()).collect();
     let started = Instant::now();
     loop {
-        let (held, twice) = holdings(schema);
+        let (held, twice) = holdings_of(schema, projection);
         assert!(!twice, "a partition is held twice: {held:?}");
         let mut shares: Vec<usize> = pids
             .iter()
@@ -364,4 +369,37 @@ fn a_process_that_starts_with_no_share_takes_a_partition_over_without_passing_a_
     assert_exact(&schema);
     stop(b);
     stop(c);
+}
+
+#[test]
+fn several_projections_of_one_process_each_share_their_own_partitions() {
+    let schema = TestSchema::migrated("sharing_several");
+    schema.seed(100, 5);
+    // noop is kept in 6 partitions, aggregate-stats will be in 12.
+    let output = crate::util::run_within(
+        schema.projector(&["repartition", "--projection", "noop", "--to", "6"]),
+        Duration::from_secs(60),
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let both = || {
+        schema
+            .projector(&[
+                "--partition-key",
+                "auto",
+                "--total-partitions",
+                PARTITIONS,
+                "--projection",
+                "aggregate-stats,noop",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the projector binary")
+    };
+    let (a, b) = (both(), both());
+    settle_of(&schema, "aggregate-stats", &[&a, &b], &[6, 6]);
+    settle_of(&schema, "noop", &[&a, &b], &[3, 3]);
+    assert_exact(&schema);
+    stop(a);
+    stop(b);
 }
