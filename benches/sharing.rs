@@ -242,8 +242,14 @@ impl Runs<'_> {
                 let killing = victim.kill();
                 victim.wait()?;
                 killing?;
+                let survivors: Vec<u32> = members.iter().map(Child::id).collect();
                 loop {
-                    if held(&mut client)?.values().sum::<usize>() == SHARED {
+                    let held = held(&mut client)?;
+                    let by_survivors: usize = survivors
+                        .iter()
+                        .map(|pid| held.get(pid).copied().unwrap_or(0))
+                        .sum();
+                    if by_survivors == SHARED {
                         break;
                     }
                     if killed.elapsed() > Duration::from_secs(120) {

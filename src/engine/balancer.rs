@@ -23,7 +23,9 @@
 //! # Settling
 //! A change in membership is acted on only once the membership has stayed the same for
 //! [`Settings::settle_after`](crate::Settings::settle_after): a member that comes and goes
-//! within that time moves nothing. (A member that leaves frees its partitions at once; the
+//! within that time moves nothing. At start a process waits for 200 ms of the same membership
+//! only, so that processes started together split the partitions at once without holding the
+//! start back. (A member that leaves frees its partitions at once; the
 //! others take them at the first round after settling.)
 //!
 //! # Why no partition is worked twice
@@ -65,7 +67,17 @@ pub(crate) struct Balancer {
     projections: Vec<Share>,
     /// Changes of the partitions this process wants, all projections together.
     pub(crate) rebalances: Arc<AtomicU64>,
+    /// Still starting: the membership need stay the same for [`SETTLE_AT_START`] only.
+    starting: bool,
 }
+
+/// At start, how long the membership must stay the same before the first share is taken
+/// (at most [`Settings::settle_after`](crate::Settings::settle_after)): processes started
+/// together have all joined by then, and a start is not held back longer than that.
+const SETTLE_AT_START: Duration = Duration::from_millis(200);
+
+/// At start, how often the balancer looks at the members until the first share is taken.
+const LOOK_AT_START: Duration = Duration::from_millis(25);
 
 /// One sharing projection as the balancer sees it.
 struct Share {
@@ -115,9 +127,11 @@ impl Balancer {
                 })
                 .collect(),
             rebalances: Arc::new(AtomicU64::new(0)),
+            starting: true,
         };
         balancer.register()?;
         balancer.settle_at_start()?;
+        balancer.starting = false;
         let wanted = balancer
             .projections
             .iter()
@@ -199,11 +213,7 @@ impl Balancer {
             if settled || Instant::now() >= limit {
                 return Ok(());
             }
-            std::thread::sleep(
-                self.settings
-                    .balance_interval
-                    .min(Duration::from_millis(200)),
-            );
+            std::thread::sleep(self.settings.balance_interval.min(LOOK_AT_START));
         }
     }
 
@@ -237,7 +247,12 @@ impl Balancer {
                 share.members_since = Instant::now();
                 share.settled = false;
             }
-            if share.members_since.elapsed() < self.settings.settle_after {
+            let settle = if self.starting {
+                SETTLE_AT_START.min(self.settings.settle_after)
+            } else {
+                self.settings.settle_after
+            };
+            if share.members_since.elapsed() < settle {
                 continue;
             }
             let holders: BTreeMap<u32, i32> = held_partitions(client, &share.name)

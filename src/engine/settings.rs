@@ -84,10 +84,10 @@ pub struct Settings {
     /// row while another session holds it, so that a stop is seen meanwhile. Default 1 s.
     pub liveness_interval: Duration,
     /// Sharing partitions ([`Builder::share_partitions`](crate::Builder::share_partitions)):
-    /// how often a process compares what it holds with its share. Default 500 ms.
+    /// how often a process compares what it holds with its share. Default 200 ms.
     pub balance_interval: Duration,
     /// Sharing partitions: how long the set of live processes must stay the same before the
-    /// shares move, so that a process that comes and goes moves nothing. Default 1 s.
+    /// shares move, so that a process that comes and goes moves nothing. Default 500 ms.
     pub settle_after: Duration,
 }
 
@@ -115,8 +115,8 @@ impl Default for Settings {
             straggler_after: Duration::from_secs(5),
             max_events_held_while_retrying: 100_000,
             catch_up_alone_beyond: 100_000,
-            balance_interval: Duration::from_millis(500),
-            settle_after: Duration::from_secs(1),
+            balance_interval: Duration::from_millis(200),
+            settle_after: Duration::from_millis(500),
         }
     }
 }
