@@ -2,15 +2,16 @@
 # shellcheck source-path=SCRIPTDIR disable=SC2317 # cleanup runs from a trap
 # The benchmarks against a database of their own: catch-up (benches/catch_up.rs), several
 # projections (benches/projections.rs), latency (benches/latency.rs: from append to read
-# model, and read-your-writes waits) and the park policy (benches/park.rs: one poison
-# aggregate among 10,000).
+# model, and read-your-writes waits), the park policy (benches/park.rs: one poison
+# aggregate among 10,000) and sharing partitions (benches/sharing.rs: 4 processes with
+# --partition-key auto against 4 with explicit keys, and the take-over after a SIGKILL).
 #
 # Usage: scripts/bench.sh [--events N] [--big-events N] [--quick] [--only BENCH]
 #   --events N      events in the main runs (default 1000000)
 #   --big-events N  events for the second peak-memory run (default 5000000, 0 skips it)
 #   --quick         smoke run: 100000 events, no big run, scaling at 1, 4 and 16 partitions,
 #                   latency for 3 s per mode instead of 10, park 3 rounds instead of 7
-#   --only BENCH    run one benchmark: catch_up, projections, latency or park
+#   --only BENCH    run one benchmark: catch_up, projections, latency, park or sharing
 #
 # Without DATABASE_URL, a throw-away PostgreSQL server is started for the run. Either way a
 # database projector_bench_<pid>_<time> is created on the server and dropped at the end.
@@ -18,7 +19,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '8,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '9,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 events=1000000
@@ -30,6 +31,7 @@ quick=0
 only=
 latency_seconds=10
 park_rounds=7
+sharing_rounds=5
 while [[ $# -gt 0 ]]; do
     case $1 in
     --events | --big-events)
@@ -50,8 +52,8 @@ while [[ $# -gt 0 ]]; do
         shift
         ;;
     --only)
-        if [[ $# -lt 2 || ! $2 =~ ^(catch_up|projections|latency|park)$ ]]; then
-            printf '%s needs catch_up, projections, latency or park\n' "$1" >&2
+        if [[ $# -lt 2 || ! $2 =~ ^(catch_up|projections|latency|park|sharing)$ ]]; then
+            printf '%s needs catch_up, projections, latency, park or sharing\n' "$1" >&2
             usage >&2
             exit 2
         fi
@@ -75,6 +77,7 @@ if ((quick)); then
     scale=1,4,16
     latency_seconds=3
     park_rounds=3
+    sharing_rounds=1
 fi
 if ((events < 1)) || ((big_events != 0 && big_events <= events)); then
     printf 'need --events >= 1 and --big-events 0 or above --events (got %s and %s)\n' \
@@ -152,7 +155,8 @@ psql=$(psql_bin)
 
 run nproc
 run cargo build --release
-run cargo bench --no-run --bench catch_up --bench projections --bench latency --bench park
+run cargo bench --no-run --bench catch_up --bench projections --bench latency --bench park \
+    --bench sharing
 
 bench_db=projector_bench_$$_$(date +%s)
 run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 -c "CREATE DATABASE $bench_db"
@@ -174,4 +178,9 @@ if [[ -z $only || $only == park ]]; then
     run cargo bench --bench park -- \
         --database-url "$(with_database "$admin_url" "$bench_db")" --events "$events" \
         --rounds "$park_rounds"
+fi
+if [[ -z $only || $only == sharing ]]; then
+    run cargo bench --bench sharing -- \
+        --database-url "$(with_database "$admin_url" "$bench_db")" --events "$events" \
+        --rounds "$sharing_rounds" --kills 5
 fi
