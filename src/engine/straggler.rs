@@ -105,6 +105,13 @@ impl Stragglers {
         self.held.load(Ordering::Relaxed)
     }
 
+    /// Waits until the router is between two hand-outs. A lane that has stepped aside and
+    /// then waited for this gets no more batches: a hand-out that began before it stepped
+    /// aside (and may still put a batch on its queue) has ended, and later ones leave it out.
+    pub(crate) fn wait_between_hand_outs(&self) {
+        drop(lock(&self.handed_through));
+    }
+
     /// Taken by the router for the whole hand-out of one chunk.
     pub(crate) fn hand_out(&self) -> HandOut<'_> {
         HandOut {

@@ -403,3 +403,47 @@ fn several_projections_of_one_process_each_share_their_own_partitions() {
     stop(a);
     stop(b);
 }
+
+#[test]
+fn a_process_with_no_share_follows_a_repartitioning_too() {
+    let schema = TestSchema::migrated("sharing_no_share_layout");
+    schema.seed(50, 4);
+    let two = || {
+        schema
+            .projector(&[
+                "--partition-key",
+                "auto",
+                "--total-partitions",
+                "2",
+                "--projection",
+                "aggregate-stats",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the projector binary")
+    };
+    let (a, b) = (two(), two());
+    settle_at(&schema, &[&a, &b], &[1, 1]);
+    // A third process: 3 processes, 2 partitions, so it holds none.
+    let c = two();
+    std::thread::sleep(Duration::from_secs(2));
+    settle_at(&schema, &[&a, &b, &c], &[0, 1, 1]);
+    let output = crate::util::run_within(
+        schema.projector(&[
+            "repartition",
+            "--projection",
+            "aggregate-stats",
+            "--to",
+            "6",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    // Every process, the one that held nothing too, runs on the new layout.
+    settle_at(&schema, &[&a, &b, &c], &[2, 2, 2]);
+    assert_exact(&schema);
+    stop(a);
+    stop(b);
+    stop(c);
+}

@@ -323,6 +323,10 @@ impl<P: Projection> Worker<P> {
             if self.sleep_or_stop(Duration::ZERO) {
                 return Ok(true);
             }
+            if self.sitting_out() {
+                // Sharing partitions: the partition goes to another process; the loop sits out.
+                return Ok(false);
+            }
             let Some(through) = self.stragglers.rejoin_or_read_to(self.lane, *received) else {
                 info!(
                     "partition {partition}/{total} of '{}' caught up at global position \

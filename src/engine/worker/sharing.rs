@@ -3,7 +3,7 @@
 //! checkpoint when it is handed back.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{TryRecvError, select};
 use log::info;
@@ -54,12 +54,23 @@ impl<P: Projection> Worker<P> {
         self.role = Role::Starting;
         self.progress.set_state(LaneState::Standby);
         self.stragglers.step_aside(self.lane);
+        // A hand-out the router began before this lane stepped aside may still put a batch on
+        // its queue: once it has ended, what is dropped below is all there will be (a batch
+        // arriving after the checkpoint is read would skip what lies before it).
+        self.stragglers.wait_between_hand_outs();
+        let mut looked = Instant::now();
         loop {
             if !self.drop_queued() {
                 return Ok(None);
             }
             if self.progress.is_wanted() {
                 break;
+            }
+            if looked.elapsed() >= self.settings.liveness_interval {
+                // Without a lock or a batch, only a look at the checkpoint finds out that a
+                // re-partitioning replaced this layout (fenced: the runner starts again on it).
+                self.check_still_current(slot)?;
+                looked = Instant::now();
             }
             select! {
                 recv(self.stop) -> _ => return Ok(None),
@@ -115,6 +126,19 @@ impl<P: Projection> Worker<P> {
             )?;
             if self.sleep_or_stop(delay) {
                 return Ok(None);
+            }
+        }
+    }
+
+    /// Fails with the fenced error when this layout's checkpoint row is gone; a lost connection
+    /// is let go (looked at again later).
+    fn check_still_current(&mut self, slot: &mut Option<Connection>) -> Result<(), Error> {
+        match self.peek_checkpoint(slot) {
+            Err(Failure::Fatal(error)) => Err(error),
+            Ok(_) => Ok(()),
+            Err(_) => {
+                self.let_go(slot);
+                Ok(())
             }
         }
     }
