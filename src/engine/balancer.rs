@@ -167,7 +167,11 @@ impl Balancer {
                             error_chain(&error),
                             self.settings.balance_interval.as_millis()
                         );
-                        self.client = None;
+                        // Joined again (under a new pid, so a new rank) only when the
+                        // connection is gone: a query that failed on a live one is just retried.
+                        if self.client.as_ref().is_none_or(Client::is_closed) {
+                            self.client = None;
+                        }
                     }
                 }
             }

@@ -113,6 +113,12 @@ impl<P: Projection> Worker<P> {
             if self.sleep_or_stop(CHECK_EVERY.min(self.settings.liveness_interval)) {
                 return Ok(true);
             }
+            if self.sitting_out() {
+                // Sharing partitions: the partition goes to another process even while paused
+                // (the batch is dropped, and the worker sits out before anything else).
+                self.must_sit_out = true;
+                return Ok(false);
+            }
             // Keeps the partition's lock and the session alive, and sees a fencing.
             self.keep_watch(connection, summary)?;
             if !pause.is_paused(connection.as_mut().map(|c| &mut *c.client)) {

@@ -33,6 +33,11 @@ impl<P: Projection> Worker<P> {
         if self.hold_while_paused(connection, summary)? {
             return Ok(false);
         }
+        if self.must_sit_out {
+            // Paused, and the partition went to another process meanwhile: the batch is that
+            // process's to apply.
+            return Ok(true);
+        }
         let mut failed = FailedAttempts::default();
         // The whole batch at once first; after a failure, event by event, to find the event.
         let mut whole = true;
