@@ -94,6 +94,8 @@ struct Share {
     held_elsewhere: Vec<u8>,
     /// The wants were worked out since the membership last changed.
     settled: bool,
+    /// Every lane of the projection has stopped: no longer a member.
+    left: bool,
 }
 
 /// The partitions of one projection a process wants to hold at start.
@@ -124,6 +126,7 @@ impl Balancer {
                     members_since: Instant::now(),
                     held_elsewhere: vec![0; *total as usize],
                     settled: false,
+                    left: false,
                 })
                 .collect(),
             rebalances: Arc::new(AtomicU64::new(0)),
@@ -188,7 +191,7 @@ impl Balancer {
             .map_err(Error::database("reading the balancer's server pid"))?
             .get(0);
         let sql = format!("SELECT pg_advisory_lock_shared({}, 0)", lock_class("$1"));
-        for share in &mut self.projections {
+        for share in self.projections.iter_mut().filter(|share| !share.left) {
             client
                 .execute(&sql, &[&share.name])
                 .map_err(Error::database(
@@ -237,7 +240,22 @@ impl Balancer {
              ORDER BY l.pid",
             lock_class("$1")
         );
+        let leave_sql = format!("SELECT pg_advisory_unlock_shared({}, 0)", lock_class("$1"));
         for share in &mut self.projections {
+            if share.left {
+                continue;
+            }
+            if !share.lanes.is_empty() && share.lanes.iter().all(|lane| lane.state().is_done()) {
+                // The projection stopped here (failed, fenced) while the process goes on with
+                // others: it stops counting as a member, so the others take its share.
+                client
+                    .execute(&leave_sql, &[&share.name])
+                    .map_err(Error::database(
+                        "leaving the processes that share the partitions",
+                    ))?;
+                share.left = true;
+                continue;
+            }
             let members: Vec<i32> = client
                 .query(&members_sql, &[&share.name])
                 .map_err(Error::database(
@@ -454,6 +472,7 @@ mod tests {
             members_since: Instant::now(),
             held_elsewhere: vec![0; total as usize],
             settled: true,
+            left: false,
         }
     }
 

@@ -447,3 +447,58 @@ fn a_process_with_no_share_follows_a_repartitioning_too() {
     stop(b);
     stop(c);
 }
+
+#[test]
+fn a_projection_that_stops_in_a_process_that_goes_on_no_longer_counts_it_as_a_member() {
+    let schema = TestSchema::migrated("sharing_left");
+    schema.seed(20, 3);
+    let file = std::env::temp_dir().join(format!("sharing-left-{}.sql", std::process::id()));
+    std::fs::write(
+        &file,
+        "-- projection: always-fails\n-- apply\nSELECT 1 / (CASE WHEN COUNT(*) > 0 THEN 0 ELSE 1 END) FROM batch;\n",
+    )
+    .expect("write the projection file");
+    let path = file.to_string_lossy().into_owned();
+    let process = schema
+        .projector(&[
+            "--partition-key",
+            "auto",
+            "--total-partitions",
+            "4",
+            "--projection",
+            "aggregate-stats",
+            "--projection-file",
+            &path,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the projector binary");
+    let members_of = |name: &str| {
+        schema.count(&format!(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND objsubid = 2 AND objid = 0 \
+             AND classid = hashtext('projector ' || current_schema() || ' {name}')::oid"
+        ))
+    };
+    eventually(
+        "aggregate-stats to be applied",
+        Duration::from_secs(30),
+        || schema.stats_applied() == 60,
+    );
+    // The failing projection stopped (after its attempts); the process goes on with the other.
+    eventually(
+        "the stopped projection to leave the members",
+        Duration::from_secs(30),
+        || members_of("always-fails") == 0,
+    );
+    assert_eq!(members_of("aggregate-stats"), 1);
+    let _ = std::fs::remove_file(&file);
+    stop_whatever(process);
+}
+
+/// Stops a process whose exit status does not matter to the test.
+fn stop_whatever(child: Child) {
+    signal(&child, "TERM");
+    let _ = wait_within(child, Duration::from_secs(30));
+}
