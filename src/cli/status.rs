@@ -212,18 +212,25 @@ fn repartitioning(layout: &[CheckpointStatus]) -> Option<String> {
 /// process's own pid when its `application_name` gives it, and, where the server shows it, the
 /// connection's client end (`pid=4711 process=1234 client=127.0.0.1:40122`).
 fn held_by(row: &CheckpointStatus) -> String {
-    let Some(pid) = row.held_by_pid else {
-        return "-".to_owned();
-    };
+    match row.held_by_pid {
+        Some(pid) => session(
+            pid,
+            row.held_by_application.as_deref(),
+            row.held_by_client.as_deref(),
+        ),
+        None => "-".to_owned(),
+    }
+}
+
+/// A server session as `status` names it: its server pid, the projector process's own pid when
+/// its `application_name` gives it, and its client end where the server shows it
+/// (`pid=4711 process=1234 client=127.0.0.1:40122`).
+fn session(pid: i32, application: Option<&str>, client: Option<&str>) -> String {
     let mut text = format!("pid={pid}");
-    if let Some(process) = row
-        .held_by_application
-        .as_deref()
-        .and_then(|name| name.strip_prefix("projector pid "))
-    {
+    if let Some(process) = application.and_then(|name| name.strip_prefix("projector pid ")) {
         text.push_str(&format!(" process={process}"));
     }
-    if let Some(client) = &row.held_by_client {
+    if let Some(client) = client {
         text.push_str(&format!(" client={client}"));
     }
     text
@@ -237,17 +244,11 @@ pub(super) fn members_lines(members: &[projector::Member]) -> String {
         let each: Vec<String> = group
             .iter()
             .map(|member| {
-                let mut one = format!("pid={}", member.pid);
-                if let Some(process) = member
-                    .application
-                    .as_deref()
-                    .and_then(|name| name.strip_prefix("projector pid "))
-                {
-                    one.push_str(&format!(" process={process}"));
-                }
-                if let Some(client) = &member.client {
-                    one.push_str(&format!(" client={client}"));
-                }
+                let mut one = session(
+                    member.pid,
+                    member.application.as_deref(),
+                    member.client.as_deref(),
+                );
                 if let (Some(joined), Some(seen)) = (member.joined, member.last_seen) {
                     one.push_str(&format!(
                         " (joined {} ago, seen {} ago)",
