@@ -32,11 +32,6 @@ const USAGE: &str = "usage: park [--database-url URL] [--events N] [--rounds R]
                   the 3rd), default the library's (100): 0 shows what parking costs without it";
 
 const AGGREGATES: i64 = 10_000;
-const SEED_SQL: &str = "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, \
-        aggregate_version, event_id, event_type, payload) \
-    SELECT 'bench', 'Account', 'agg-' || g % $3::int8, g / $3::int8 + 1, gen_random_uuid(), \
-        'Happened', convert_to(json_build_object('n', g, 'ref', md5(g::text))::text, 'UTF8') \
-    FROM generate_series($1::int8, $2::int8) AS g ORDER BY g";
 
 /// Applies nothing, and fails on every event of the poison aggregate, if any.
 #[derive(Clone)]
@@ -116,7 +111,12 @@ const KINDS: [(&str, PoisonPolicy, Option<&str>); 3] = [
 
 fn measure_all(options: &Options, database: &Database) -> Result<()> {
     projector::migrate(database)?;
-    common::seed(database, SEED_SQL, options.events, AGGREGATES)?;
+    common::seed(
+        database,
+        common::SMALL_EVENTS_SQL,
+        options.events,
+        AGGREGATES,
+    )?;
     let (copy, _) = common::copy_all_events(&mut database.connect()?)?;
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); KINDS.len()];
     for round in 0..options.rounds.max(1) {

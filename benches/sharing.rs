@@ -32,11 +32,6 @@ const USAGE: &str = "usage: sharing [--database-url URL] [--events N] [--rounds 
   --kills         SIGKILLs of a sharing process, default 5";
 
 const AGGREGATES: i64 = 10_000;
-const SEED_SQL: &str = "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, \
-        aggregate_version, event_id, event_type, payload) \
-    SELECT 'bench', 'Account', 'agg-' || g % $3::int8, g / $3::int8 + 1, gen_random_uuid(), \
-        'Happened', convert_to(json_build_object('n', g, 'ref', md5(g::text))::text, 'UTF8') \
-    FROM generate_series($1::int8, $2::int8) AS g ORDER BY g";
 /// The partitions the take-over runs share.
 const SHARED: usize = 12;
 
@@ -73,7 +68,12 @@ fn options() -> Result<Option<Options>> {
 fn run(options: &Options) -> Result<()> {
     common::in_own_schema(&options.url, "sharing", |database| {
         projector::migrate(database)?;
-        common::seed(database, SEED_SQL, options.events, AGGREGATES)?;
+        common::seed(
+            database,
+            common::SMALL_EVENTS_SQL,
+            options.events,
+            AGGREGATES,
+        )?;
         let mut client = database.connect()?;
         let (copy, _) = common::copy_all_events(&mut client)?;
         let schema = database.schema_name().to_owned();

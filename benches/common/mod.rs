@@ -107,6 +107,14 @@ pub(crate) fn seed(
     Ok(())
 }
 
+/// Event `g` (from 0) as version `g / $3 + 1` of aggregate `agg-<g % $3>`, with a small JSON
+/// payload: the stream of the park and sharing benchmarks, for [`seed`].
+pub(crate) const SMALL_EVENTS_SQL: &str = "INSERT INTO events (bounded_context, aggregate_type, aggregate_id, \
+        aggregate_version, event_id, event_type, payload) \
+    SELECT 'bench', 'Account', 'agg-' || g % $3::int8, g / $3::int8 + 1, gen_random_uuid(), \
+        'Happened', convert_to(json_build_object('n', g, 'ref', md5(g::text))::text, 'UTF8') \
+    FROM generate_series($1::int8, $2::int8) AS g ORDER BY g";
+
 /// The median of `walls` (sorted in place).
 pub(crate) fn median(walls: &mut [Duration]) -> Duration {
     walls.sort_unstable();
