@@ -22,13 +22,19 @@ fn start_member(schema: &TestSchema) -> Child {
 
 /// One sharing process of `aggregate-stats`, with `extra` flags.
 fn start_member_with(schema: &TestSchema, extra: &[&str]) -> Child {
+    sharing_process(schema, PARTITIONS, "aggregate-stats", extra)
+}
+
+/// A process sharing the `total` partitions of `projections`, with `extra` flags; its stderr
+/// piped.
+fn sharing_process(schema: &TestSchema, total: &str, projections: &str, extra: &[&str]) -> Child {
     let mut args = vec![
         "--partition-key",
         "auto",
         "--total-partitions",
-        PARTITIONS,
+        total,
         "--projection",
-        "aggregate-stats",
+        projections,
     ];
     args.extend_from_slice(extra);
     schema
@@ -315,25 +321,8 @@ fn a_process_frozen_past_the_session_timeout_loses_its_share_and_repeats_nothing
 fn a_process_that_starts_with_no_share_takes_a_partition_over_without_passing_a_gap() {
     let schema = TestSchema::migrated("sharing_gap");
     schema.seed(50, 4);
-    let two = |extra: &[&str]| {
-        let mut args = vec![
-            "--partition-key",
-            "auto",
-            "--total-partitions",
-            "2",
-            "--projection",
-            "aggregate-stats",
-        ];
-        args.extend_from_slice(extra);
-        schema
-            .projector(&args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the projector binary")
-    };
-    let (a, b) = (two(&[]), two(&[]));
+    let two = || sharing_process(&schema, "2", "aggregate-stats", &[]);
+    let (a, b) = (two(), two());
     settle_at(&schema, &[&a, &b], &[1, 1]);
     assert_exact(&schema);
 
@@ -353,7 +342,7 @@ fn a_process_that_starts_with_no_share_takes_a_partition_over_without_passing_a_
     }
 
     // A third process has no share (2 partitions, 3 processes) until one of them dies.
-    let c = two(&[]);
+    let c = two();
     eventually("the third process to join", Duration::from_secs(30), || {
         schema.count(
             "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
@@ -381,21 +370,7 @@ fn several_projections_of_one_process_each_share_their_own_partitions() {
         Duration::from_secs(60),
     );
     assert!(output.status.success(), "{}", text(&output.stderr));
-    let both = || {
-        schema
-            .projector(&[
-                "--partition-key",
-                "auto",
-                "--total-partitions",
-                PARTITIONS,
-                "--projection",
-                "aggregate-stats,noop",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the projector binary")
-    };
+    let both = || sharing_process(&schema, PARTITIONS, "aggregate-stats,noop", &[]);
     let (a, b) = (both(), both());
     settle_of(&schema, "aggregate-stats", &[&a, &b], &[6, 6]);
     settle_of(&schema, "noop", &[&a, &b], &[3, 3]);
@@ -408,21 +383,7 @@ fn several_projections_of_one_process_each_share_their_own_partitions() {
 fn a_process_with_no_share_follows_a_repartitioning_too() {
     let schema = TestSchema::migrated("sharing_no_share_layout");
     schema.seed(50, 4);
-    let two = || {
-        schema
-            .projector(&[
-                "--partition-key",
-                "auto",
-                "--total-partitions",
-                "2",
-                "--projection",
-                "aggregate-stats",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the projector binary")
-    };
+    let two = || sharing_process(&schema, "2", "aggregate-stats", &[]);
     let (a, b) = (two(), two());
     settle_at(&schema, &[&a, &b], &[1, 1]);
     // A third process: 3 processes, 2 partitions, so it holds none.
@@ -459,21 +420,12 @@ fn a_projection_that_stops_in_a_process_that_goes_on_no_longer_counts_it_as_a_me
     )
     .expect("write the projection file");
     let path = file.to_string_lossy().into_owned();
-    let process = schema
-        .projector(&[
-            "--partition-key",
-            "auto",
-            "--total-partitions",
-            "4",
-            "--projection",
-            "aggregate-stats",
-            "--projection-file",
-            &path,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the projector binary");
+    let process = sharing_process(
+        &schema,
+        "4",
+        "aggregate-stats",
+        &["--projection-file", &path],
+    );
     let members_of = |name: &str| {
         schema.count(&format!(
             "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
