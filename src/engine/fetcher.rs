@@ -16,6 +16,7 @@ use crate::engine::outage::{Attempts, Outage};
 use crate::engine::router::{Chunk, FetchProgress, Lane, Router, Routes};
 use crate::engine::settings::{Settings, Stopper};
 use crate::engine::straggler::Stragglers;
+use crate::engine::wanted::Wanted;
 use crate::event::Scope;
 use crate::store::gap::{Before, Gaps, Held, Writers, holes};
 use crate::store::{EVENT_COLUMNS, ScopeFilter, scope_filter};
@@ -46,8 +47,6 @@ pub(crate) struct Fetcher {
 /// A connection that reads events, listens for appends, and knows the writers' relations.
 struct Reader {
     client: Client,
-    /// The first step of a read: positions (and what `shape` needs) after `$1`, `$2` at most.
-    next: Statement,
     /// Whether one position has committed: looked at while a gap holds the fetcher back,
     /// instead of reading the batch above it again.
     filled: Statement,
@@ -55,16 +54,21 @@ struct Reader {
     shape: Shape,
 }
 
-/// How a read gets its rows once the complete prefix of the stream is known.
+/// How a read gets its rows. Each statement's first step reads after `$1`, `$2` events at
+/// most; the complete prefix of the stream is known from it.
 enum Shape {
-    /// Whole rows in one step.
-    Whole,
-    /// For a process that owns few partitions of each projection: the position and aggregate
-    /// of every event (cheap for the server to send), then whole rows for the owned ones only.
-    KeysFirst { at_positions: Statement },
+    /// Per read, as [`Wanted`] finds best for the lanes read for: whole rows in one step
+    /// (`whole`), or, when they hold few partitions, the position and aggregate of every event
+    /// (`keys`, cheap for the server to send), then whole rows of theirs only (`at_positions`).
+    Rows {
+        whole: Statement,
+        keys: Statement,
+        at_positions: Statement,
+    },
     /// When every projection has a scope: positions (to find gaps), then whole rows of the
     /// events in some projection's scope only, the filter applied by the server.
     Scoped {
+        positions: Statement,
         in_scope: Statement,
         filter: ScopeFilter,
     },
@@ -72,8 +76,10 @@ enum Shape {
 
 /// One read of the stream, cut before the first position that may still commit.
 struct Read {
-    /// The rows, in position order, up to `upto` (only the wanted ones, unless `Whole`).
+    /// The rows, in position order, up to `upto` (only the wanted ones, unless whole).
     rows: Vec<Row>,
+    /// Per lane, whether `rows` has its events; `None` when it has every lane's.
+    covered: Option<Vec<bool>>,
     /// Events read, of all partitions.
     seen: usize,
     /// The stream is complete up to here (no position at or below may still appear).
@@ -93,8 +99,8 @@ impl Reader {
         };
         let scopes: Option<Vec<&Scope>> = routes.scopes().into_iter().collect();
         let filter = scopes.and_then(|scopes| scope_filter(&scopes, 3));
-        let (next, shape) = if let Some(filter) = filter {
-            let next = prepare(
+        let shape = if let Some(filter) = filter {
+            let positions = prepare(
                 &mut client,
                 "SELECT global_position FROM events WHERE global_position > $1 \
                  ORDER BY global_position LIMIT $2",
@@ -108,30 +114,33 @@ impl Reader {
                     filter.condition
                 ),
             )?;
-            (next, Shape::Scoped { in_scope, filter })
-        } else if routes.owns_at_most_half() {
-            let next = prepare(
-                &mut client,
-                "SELECT global_position, aggregate_id FROM events \
-                 WHERE global_position > $1 ORDER BY global_position LIMIT $2",
-            )?;
-            let at_positions = prepare(
-                &mut client,
-                &format!(
-                    "SELECT {EVENT_COLUMNS} FROM events WHERE global_position = ANY($1) \
-                     ORDER BY global_position"
-                ),
-            )?;
-            (next, Shape::KeysFirst { at_positions })
+            Shape::Scoped {
+                positions,
+                in_scope,
+                filter,
+            }
         } else {
-            let next = prepare(
-                &mut client,
-                &format!(
-                    "SELECT {EVENT_COLUMNS} FROM events WHERE global_position > $1 \
-                     ORDER BY global_position LIMIT $2"
-                ),
-            )?;
-            (next, Shape::Whole)
+            Shape::Rows {
+                whole: prepare(
+                    &mut client,
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE global_position > $1 \
+                         ORDER BY global_position LIMIT $2"
+                    ),
+                )?,
+                keys: prepare(
+                    &mut client,
+                    "SELECT global_position, aggregate_id FROM events \
+                     WHERE global_position > $1 ORDER BY global_position LIMIT $2",
+                )?,
+                at_positions: prepare(
+                    &mut client,
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE global_position = ANY($1) \
+                         ORDER BY global_position"
+                    ),
+                )?,
+            }
         };
         let filled = prepare(
             &mut client,
@@ -143,22 +152,24 @@ impl Reader {
             .map_err(Error::database("listening for appends"))?;
         Ok(Reader {
             client,
-            next,
             filled,
             writers,
             shape,
         })
     }
 
-    /// Reads up to `limit` events after `position`, keeping only the complete prefix.
+    /// Reads up to `limit` events after `position`, keeping only the complete prefix, with
+    /// whole rows of the events of the `lanes` that `stragglers` says to read for.
     fn read(
         &mut self,
         position: i64,
         limit: i64,
         gaps: &mut Gaps,
         settings: &Settings,
-        routes: &Routes,
+        (lanes, stragglers): (&[Lane], &Stragglers),
     ) -> Result<Read, postgres::Error> {
+        // Before the first statement: a straggler that asked is read for from this read on.
+        let to_read = stragglers.lanes_to_read(position);
         let dead_through =
             match gaps.before_read(&mut self.client, &self.writers, settings.gap_warn_after)? {
                 Before::Read { dead_through } => dead_through.unwrap_or(position),
@@ -174,7 +185,18 @@ impl Reader {
                     position
                 }
             };
-        let mut rows = self.client.query(&self.next, &[&position, &limit])?;
+        let (first, wanted) = match &self.shape {
+            Shape::Scoped { positions, .. } => (positions, None),
+            Shape::Rows { whole, keys, .. } => {
+                let wanted = Wanted::new(lanes, &to_read);
+                if wanted.is_at_most_half() {
+                    (keys, Some(wanted))
+                } else {
+                    (whole, None)
+                }
+            }
+        };
+        let mut rows = self.client.query(first, &[&position, &limit])?;
         let mut full = rows.len() as i64 == limit;
         let Some(last) = rows.last().map(|row| row.get::<_, i64>(0)) else {
             return Ok(Read::nothing_at(position, false));
@@ -193,35 +215,51 @@ impl Reader {
         };
         rows.retain(|row| row.get::<_, i64>(0) <= upto);
         let seen = rows.len();
-        let rows = match &self.shape {
-            Shape::Whole => rows,
-            _ if rows.is_empty() => rows,
-            Shape::KeysFirst { at_positions } => {
-                let wanted: Vec<i64> = rows
-                    .iter()
-                    .filter(|row| routes.wants_aggregate(row.get(1)))
-                    .map(|row| row.get(0))
-                    .collect();
-                if wanted.is_empty() {
-                    Vec::new()
-                } else {
-                    self.client.query(at_positions, &[&wanted])?
-                }
+        let (rows, covered) = match (&self.shape, wanted) {
+            (Shape::Rows { .. }, None) => (rows, None),
+            (Shape::Rows { at_positions, .. }, Some(wanted)) => {
+                let rows = rows_of(&mut self.client, at_positions, &rows, &wanted)?;
+                (rows, Some(wanted.covered_lanes()))
             }
-            Shape::Scoped { in_scope, filter } => {
+            (Shape::Scoped { .. }, _) if rows.is_empty() => (rows, None),
+            (
+                Shape::Scoped {
+                    in_scope, filter, ..
+                },
+                _,
+            ) => {
                 let mut params: Vec<&(dyn ToSql + Sync)> = vec![&position, &upto];
                 params.extend(filter.params());
-                self.client.query(in_scope, &params)?
+                (self.client.query(in_scope, &params)?, None)
             }
         };
         Ok(Read {
             rows,
+            covered,
             seen,
             upto,
             full,
             held,
         })
     }
+}
+
+/// Whole rows of the events among `keys` (positions and aggregate ids) that `wanted` takes.
+fn rows_of(
+    client: &mut Client,
+    at_positions: &Statement,
+    keys: &[Row],
+    wanted: &Wanted,
+) -> Result<Vec<Row>, postgres::Error> {
+    let positions: Vec<i64> = keys
+        .iter()
+        .filter(|row| wanted.takes(row.get(1)))
+        .map(|row| row.get(0))
+        .collect();
+    if positions.is_empty() {
+        return Ok(Vec::new());
+    }
+    client.query(at_positions, &[&positions])
 }
 
 impl Reader {
@@ -246,6 +284,7 @@ impl Read {
     fn nothing_at(position: i64, held: bool) -> Read {
         Read {
             rows: Vec::new(),
+            covered: None,
             seen: 0,
             upto: position,
             full: false,
@@ -328,7 +367,8 @@ impl Fetcher {
                 }
                 continue;
             };
-            let batch = match current.read(position, limit, &mut gaps, &self.settings, routes) {
+            let lanes = (self.lanes.as_slice(), &*self.stragglers);
+            let batch = match current.read(position, limit, &mut gaps, &self.settings, lanes) {
                 Ok(batch) => batch,
                 Err(source) => {
                     let error = Error::Database {
@@ -362,6 +402,7 @@ impl Fetcher {
                 select! {
                     send(reads, Chunk {
                         rows: batch.rows,
+                        covered: batch.covered,
                         seen: batch.seen,
                         upto: batch.upto.max(position),
                         more_waiting: !caught_up,
@@ -415,6 +456,10 @@ impl Fetcher {
                 return Ok(true);
             }
             let now = Instant::now();
+            if self.stragglers.read_asked() {
+                // A straggler that has caught up waits for a read with its events.
+                return Ok(false);
+            }
             if now >= deadline {
                 return Ok(false);
             }

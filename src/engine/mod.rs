@@ -32,4 +32,5 @@ pub(crate) mod router;
 pub(crate) mod runner;
 pub(crate) mod settings;
 pub(crate) mod straggler;
+pub(crate) mod wanted;
 pub(crate) mod worker;

@@ -11,7 +11,7 @@ use log::{debug, info};
 use postgres::Row;
 
 use crate::engine::settings::{Settings, Stopper};
-use crate::engine::straggler::Stragglers;
+use crate::engine::straggler::{HandOut, Stragglers};
 use crate::engine::worker::Batch;
 use crate::event::{Event, Scope};
 use crate::now_millis;
@@ -87,6 +87,10 @@ pub(crate) struct Lane {
 pub(crate) struct Chunk {
     /// Rows in position order: every wanted event up to `upto` not sent before.
     pub(crate) rows: Vec<Row>,
+    /// Per lane, whether `rows` has its events; `None` when it has every lane's. A lane on the
+    /// shared read always is covered (see `crate::engine::straggler`): one handed a chunk
+    /// without is stepped aside, and reads its events itself.
+    pub(crate) covered: Option<Vec<bool>>,
     /// Events read, of all partitions.
     pub(crate) seen: usize,
     pub(crate) upto: i64,
@@ -167,21 +171,6 @@ impl Routes {
     /// The scopes of the projections, `None` for one that takes every event.
     pub(crate) fn scopes(&self) -> Vec<Option<&Scope>> {
         self.projections.iter().map(|p| p.scope.as_ref()).collect()
-    }
-
-    /// True when every projection owns at most half of its partitions here: reading positions
-    /// and aggregate ids first, then only the wanted rows, sends the server less.
-    pub(crate) fn owns_at_most_half(&self) -> bool {
-        self.projections
-            .iter()
-            .all(|p| p.streams.len() * 2 <= p.total as usize)
-    }
-
-    /// True when some owned partition takes events of `aggregate_id` (whatever their type).
-    pub(crate) fn wants_aggregate(&self, aggregate_id: &str) -> bool {
-        self.projections
-            .iter()
-            .any(|p| p.streams.contains_key(&partition_of(aggregate_id, p.total)))
     }
 
     /// Adds `event` to every stream that takes it; `targets` is scratch space.
@@ -282,7 +271,7 @@ impl Router<'_> {
                 &mut held,
                 &since,
                 &mut alive,
-                chunk.upto,
+                (chunk.upto, chunk.covered.as_deref()),
                 chunk.more_waiting,
             );
             for (events, since) in held.iter().zip(&mut since) {
@@ -299,6 +288,8 @@ impl Router<'_> {
             }
             self.progress.read.store(read, Ordering::Relaxed);
         }
+        // Stragglers waiting for a read with their events have all there will be.
+        self.stragglers.close();
         read
     }
 
@@ -313,10 +304,13 @@ impl Router<'_> {
         held: &mut [Vec<Event>],
         since: &[Option<Instant>],
         alive: &mut [bool],
-        upto: i64,
+        (upto, covered): (i64, Option<&[bool]>),
         hold_small: bool,
     ) -> bool {
         let mut hand_out = self.stragglers.hand_out();
+        if let Some(covered) = covered {
+            self.step_aside_uncovered(&mut hand_out, covered, alive, upto);
+        }
         for (stream, lanes) in self.routes.streams.iter().enumerate() {
             let events = held[stream].len();
             let waited_enough =
@@ -374,6 +368,33 @@ impl Router<'_> {
         }
         hand_out.done(upto);
         !alive.contains(&true)
+    }
+
+    /// Leaves out of the shared read every live lane on it that a chunk up to `upto` does not
+    /// cover (read while it was a straggler, see `crate::engine::straggler`): it reads its
+    /// events itself.
+    fn step_aside_uncovered(
+        &self,
+        hand_out: &mut HandOut<'_>,
+        covered: &[bool],
+        alive: &[bool],
+        upto: i64,
+    ) {
+        if upto <= hand_out.handed_through() {
+            // Nothing new in this chunk.
+            return;
+        }
+        for (index, lane) in self.lanes.iter().enumerate() {
+            let uncovered = !covered.get(index).copied().unwrap_or(true);
+            if uncovered && alive[index] && !self.stragglers.is_straggler(index) {
+                debug!(
+                    "partition {}/{} of '{}': a read without its events reached it; it reads \
+                     them itself",
+                    lane.partition, lane.total, lane.projection
+                );
+                hand_out.mark(index);
+            }
+        }
     }
 
     /// Puts `batch` on `lane`'s queue (lane number `index`), waiting while the queue is full:

@@ -19,6 +19,16 @@
 //! and a straggler rejoins under the same lock only when it has everything up to the recorded
 //! position, so every later chunk reaches it and no earlier one is missed. (An event handed
 //! out twice would be harmless anyway: a worker applies only events above its checkpoint.)
+//!
+//! The fetcher reads whole rows only of the partitions of lanes on the shared read (see
+//! `crate::engine::fetcher`), so a chunk read while a lane was a straggler lacks its events;
+//! such a chunk may still be on its way to the router when the lane has caught up. So a
+//! straggler that has caught up first *asks* to be read for ([`Rejoin::WaitForRead`]); the
+//! fetcher's next read includes its partition and records where it began
+//! ([`Stragglers::lanes_to_read`]); and the lane rejoins only once the router has handed out
+//! the stream up to there, when every chunk still to come was read with its events. The
+//! router steps aside, besides, any lane handed a chunk read without its events (it never
+//! happens by the rule above; the check costs nothing).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -46,6 +56,36 @@ pub(crate) struct Stragglers {
     gone: Vec<AtomicBool>,
     /// Events the runner's workers hold while they wait to retry (see `crate::engine::worker::retry`).
     held: AtomicUsize,
+    /// Per lane, while it is a straggler: whether the fetcher reads its events (see the module).
+    reads: Mutex<Vec<ReadFor>>,
+    /// Some straggler asks to be read for: the fetcher reads at once rather than wait for an
+    /// append.
+    asked: AtomicBool,
+    /// The router has handed out its last chunk (the runner is stopping, or has read all it
+    /// was to read): a straggler that has everything up to `handed_through` is done.
+    closed: AtomicBool,
+}
+
+/// Whether the fetcher reads a straggler's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadFor {
+    /// Not while it is a straggler: it reads its own events.
+    No,
+    /// It has caught up and asks to be read for, from the fetcher's next read on.
+    Asked,
+    /// Every read of the fetcher that began at or after this position has its events.
+    From(i64),
+}
+
+/// What a straggler that has everything up to some position does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejoin {
+    /// It is back on the shared read.
+    Rejoined,
+    /// It reads its own events up to this position.
+    ReadTo(i64),
+    /// It has caught up, and waits until the chunks still to come have its events.
+    WaitForRead,
 }
 
 impl Stragglers {
@@ -58,6 +98,9 @@ impl Stragglers {
             flags: behind.iter().map(|&b| AtomicBool::new(b)).collect(),
             gone: behind.iter().map(|_| AtomicBool::new(false)).collect(),
             held: AtomicUsize::new(0),
+            reads: Mutex::new(vec![ReadFor::No; behind.len()]),
+            asked: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -74,9 +117,45 @@ impl Stragglers {
     /// the router's lock: a chunk the router hands out meanwhile either reaches the queue or
     /// is read by the worker later (or both: harmless, see the module).
     pub(crate) fn step_aside(&self, lane: usize) -> bool {
-        self.flags
+        let stepped = self
+            .flags
             .get(lane)
-            .is_some_and(|flag| !flag.swap(true, Ordering::AcqRel))
+            .is_some_and(|flag| !flag.swap(true, Ordering::AcqRel));
+        self.stop_reading_for(lane);
+        stepped
+    }
+
+    /// `lane` is a straggler again: the fetcher need not read its events.
+    fn stop_reading_for(&self, lane: usize) {
+        if let Some(read_for) = lock(&self.reads).get_mut(lane) {
+            *read_for = ReadFor::No;
+        }
+    }
+
+    /// For the fetcher, about to read after `position`: which lanes' events to read (those on
+    /// the shared read, and stragglers that asked; not those whose worker has stopped), by
+    /// lane. From this read on, the stragglers
+    /// that asked are read for.
+    pub(crate) fn lanes_to_read(&self, position: i64) -> Vec<bool> {
+        let mut reads = lock(&self.reads);
+        self.asked.store(false, Ordering::Relaxed);
+        self.flags
+            .iter()
+            .zip(&self.gone)
+            .zip(reads.iter_mut())
+            .map(|((flag, gone), read_for)| {
+                if *read_for == ReadFor::Asked {
+                    *read_for = ReadFor::From(position);
+                }
+                let on_shared_read = !flag.load(Ordering::Acquire) || *read_for != ReadFor::No;
+                on_shared_read && !gone.load(Ordering::Acquire)
+            })
+            .collect()
+    }
+
+    /// Some straggler waits for the fetcher's next read.
+    pub(crate) fn read_asked(&self) -> bool {
+        self.asked.load(Ordering::Relaxed)
     }
 
     /// For `lane`'s worker, stopping, once it has dropped its queue: back among the lanes the
@@ -112,6 +191,12 @@ impl Stragglers {
         drop(lock(&self.handed_through));
     }
 
+    /// For the router, after its last hand-out: no chunk will come any more.
+    pub(crate) fn close(&self) {
+        let _between_hand_outs = lock(&self.handed_through);
+        self.closed.store(true, Ordering::Release);
+    }
+
     /// Taken by the router for the whole hand-out of one chunk.
     pub(crate) fn hand_out(&self) -> HandOut<'_> {
         HandOut {
@@ -120,23 +205,46 @@ impl Stragglers {
         }
     }
 
-    /// For `lane`'s worker, which has everything up to `received`: rejoins the shared read and
-    /// returns `None` when that is as far as the router has handed out; otherwise returns the
-    /// position to read up to by itself.
-    pub(crate) fn rejoin_or_read_to(&self, lane: usize, received: i64) -> Option<i64> {
+    /// For `lane`'s worker, a straggler which has everything up to `received`: whether it
+    /// rejoins the shared read now, reads on by itself, or waits for the fetcher to read for it
+    /// (see the module).
+    pub(crate) fn rejoin_or_read_to(&self, lane: usize, received: i64) -> Rejoin {
         // Reading on needs no lock: only rejoining waits for the router to be between chunks.
         let handed = self.handed.load(Ordering::Acquire);
         if received < handed {
-            return Some(handed);
+            return Rejoin::ReadTo(handed);
         }
         let handed_through = lock(&self.handed_through);
-        if received >= *handed_through {
-            if let Some(flag) = self.flags.get(lane) {
-                flag.store(false, Ordering::Release);
+        if received < *handed_through {
+            return Rejoin::ReadTo(*handed_through);
+        }
+        let mut reads = lock(&self.reads);
+        let Some(read_for) = reads.get_mut(lane) else {
+            return Rejoin::Rejoined;
+        };
+        let closed = self.closed.load(Ordering::Acquire);
+        match *read_for {
+            _ if closed => {
+                // No chunk will come: the lane has all there is to hand out.
+                *read_for = ReadFor::No;
+                if let Some(flag) = self.flags.get(lane) {
+                    flag.store(false, Ordering::Release);
+                }
+                Rejoin::Rejoined
             }
-            None
-        } else {
-            Some(*handed_through)
+            ReadFor::From(from) if from <= *handed_through => {
+                *read_for = ReadFor::No;
+                if let Some(flag) = self.flags.get(lane) {
+                    flag.store(false, Ordering::Release);
+                }
+                Rejoin::Rejoined
+            }
+            ReadFor::No => {
+                *read_for = ReadFor::Asked;
+                self.asked.store(true, Ordering::Relaxed);
+                Rejoin::WaitForRead
+            }
+            ReadFor::Asked | ReadFor::From(_) => Rejoin::WaitForRead,
         }
     }
 }
@@ -153,12 +261,18 @@ impl HandOut<'_> {
         let stragglers = self.stragglers;
         if let (Some(flag), Some(gone)) = (stragglers.flags.get(lane), stragglers.gone.get(lane)) {
             flag.store(true, Ordering::SeqCst);
+            stragglers.stop_reading_for(lane);
             // A worker that stopped meanwhile stays out of the stragglers: the next hand-out
             // finds its queue gone (otherwise the router would skip it for ever).
             if gone.load(Ordering::SeqCst) {
                 flag.store(false, Ordering::SeqCst);
             }
         }
+    }
+
+    /// How far the stream was handed out before this hand-out.
+    pub(crate) fn handed_through(&self) -> i64 {
+        *self.handed_through
     }
 
     /// The chunk up to `upto` is handed out.
@@ -233,4 +347,58 @@ pub(crate) fn read_own_events(
         &[&wanted],
     )?;
     Ok((rows.iter().map(event_from_row).collect(), covered))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_straggler_rejoins_only_once_every_chunk_still_to_come_was_read_with_its_events() {
+        let stragglers = Stragglers::new(&[true, false], 0);
+        // The fetcher reads a chunk (0, 10] while lane 0 is a straggler: without its events.
+        assert_eq!(stragglers.lanes_to_read(0), vec![false, true]);
+        // Lane 0 has everything the router handed out (up to 0): it asks, and waits.
+        assert_eq!(stragglers.rejoin_or_read_to(0, 0), Rejoin::WaitForRead);
+        assert!(stragglers.read_asked());
+        // The next read, (10, 20], has its events.
+        assert_eq!(stragglers.lanes_to_read(10), vec![true, true]);
+        assert!(!stragglers.read_asked());
+        // The chunk (0, 10] is not handed out yet: rejoining now would miss its events.
+        assert_eq!(stragglers.rejoin_or_read_to(0, 0), Rejoin::WaitForRead);
+        stragglers.hand_out().done(10);
+        assert_eq!(stragglers.rejoin_or_read_to(0, 0), Rejoin::ReadTo(10));
+        assert_eq!(stragglers.rejoin_or_read_to(0, 10), Rejoin::Rejoined);
+        assert!(!stragglers.is_straggler(0));
+    }
+
+    #[test]
+    fn a_straggler_that_steps_aside_again_asks_again() {
+        let stragglers = Stragglers::new(&[true], 0);
+        assert_eq!(stragglers.rejoin_or_read_to(0, 0), Rejoin::WaitForRead);
+        assert_eq!(stragglers.lanes_to_read(0), vec![true]);
+        stragglers.step_aside(0);
+        // A read from before it stepped aside counts no more.
+        assert_eq!(stragglers.lanes_to_read(5), vec![false]);
+        stragglers.hand_out().done(5);
+        assert_eq!(stragglers.rejoin_or_read_to(0, 5), Rejoin::WaitForRead);
+        assert_eq!(stragglers.lanes_to_read(5), vec![true]);
+        assert_eq!(stragglers.rejoin_or_read_to(0, 5), Rejoin::Rejoined);
+    }
+
+    #[test]
+    fn a_straggler_that_has_everything_handed_out_rejoins_once_the_router_has_closed() {
+        let stragglers = Stragglers::new(&[true], 0);
+        stragglers.hand_out().done(7);
+        assert_eq!(stragglers.rejoin_or_read_to(0, 7), Rejoin::WaitForRead);
+        stragglers.close();
+        assert_eq!(stragglers.rejoin_or_read_to(0, 7), Rejoin::Rejoined);
+    }
+
+    #[test]
+    fn a_lane_whose_worker_stopped_is_not_read_for() {
+        let stragglers = Stragglers::new(&[false, false], 0);
+        stragglers.gone(1);
+        assert_eq!(stragglers.lanes_to_read(0), vec![true, false]);
+    }
 }

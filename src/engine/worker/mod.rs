@@ -18,7 +18,7 @@ use crate::Error;
 use crate::engine::lane::{LaneState, Progress};
 use crate::engine::outage::{Attempts, Outage};
 use crate::engine::settings::{Settings, Stopper};
-use crate::engine::straggler::{OwnEvents, Stragglers, read_own_events};
+use crate::engine::straggler::{OwnEvents, Rejoin, Stragglers, read_own_events};
 use crate::engine::worker::ownership::Role;
 use crate::engine::worker::parking::Parking;
 use crate::engine::worker::pause::PauseWatch;
@@ -29,6 +29,10 @@ use crate::layout::EarlierLayout;
 use crate::layout::checkpoint::{PartitionStatements, Peek};
 use crate::projections::projection::{Context, Projection};
 use crate::store::database::Pool;
+
+/// How long a straggler that has caught up waits between looks whether it may rejoin (the
+/// fetcher reads for it within about one read).
+const WAIT_FOR_READ: Duration = Duration::from_millis(5);
 
 /// What the fetcher hands a worker: the partition's events from one read of the stream, and
 /// the position up to which that read saw the whole stream.
@@ -327,13 +331,22 @@ impl<P: Projection> Worker<P> {
                 // Sharing partitions: the partition goes to another process; the loop sits out.
                 return Ok(false);
             }
-            let Some(through) = self.stragglers.rejoin_or_read_to(self.lane, *received) else {
-                info!(
-                    "partition {partition}/{total} of '{}' caught up at global position \
-                     {received}: back on the shared read",
-                    self.projection.name()
-                );
-                return Ok(false);
+            let through = match self.stragglers.rejoin_or_read_to(self.lane, *received) {
+                Rejoin::ReadTo(through) => through,
+                Rejoin::WaitForRead => {
+                    if self.sleep_or_stop(WAIT_FOR_READ) {
+                        return Ok(true);
+                    }
+                    continue;
+                }
+                Rejoin::Rejoined => {
+                    info!(
+                        "partition {partition}/{total} of '{}' caught up at global position \
+                         {received}: back on the shared read",
+                        self.projection.name()
+                    );
+                    return Ok(false);
+                }
             };
             let read = match slot {
                 Some(connection) => read_own_events(
