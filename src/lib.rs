@@ -42,7 +42,9 @@
 //! count)]`, until it passes `max(C)`; chains of changes keep the list of earlier vectors
 //! still needed ([`EarlierLayout`]). A runner of a replaced layout finds its checkpoint row gone
 //! at its next transaction and stops with [`Error::Fenced`]. [`reset`] clears a projection's
-//! checkpoints and, through [`Projection::reset`], its read model, so that it rebuilds.
+//! checkpoints and, through [`Projection::reset`], its read model, so that it rebuilds;
+//! [`rewind`] moves its checkpoints back to a position or a time, leaving its read model as it
+//! is, so that it applies every later event again.
 //!
 //! # Sharing partitions
 //! Instead of owning given keys, the processes of a projection may share its partitions:
@@ -162,6 +164,7 @@ pub use layout::{EarlierLayout, LayoutChange, repartition};
 pub use ops::health::{Health, READY_GAP_LIMIT};
 pub use ops::members::{Member, members};
 pub use ops::metrics::{Metrics, SCRAPE_TIMEOUT};
+pub use ops::rewind::{PartitionRewind, Rewind, RewindTo, plan_rewind, rewind};
 pub use ops::status::{CheckpointStatus, Cleared, reset, reset_checkpoints, status};
 pub use partition::{
     MAX_PARTITIONS, fnv1a32, parse_partition_keys, parse_total_partitions, partition_of,

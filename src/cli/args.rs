@@ -106,6 +106,7 @@ pub(crate) enum Command {
     Status(Status),
     Reset(Reset),
     Repartition(Repartition),
+    Rewind(super::rewind::Rewind),
     Wait(Wait),
     Pause(Pause),
     Resume(Resume),
@@ -310,13 +311,14 @@ fn with_watch_seconds(args: &[String]) -> Vec<String> {
 }
 
 /// The subcommands, as typed.
-const SUBCOMMANDS: [&str; 10] = [
+const SUBCOMMANDS: [&str; 11] = [
     "migrate",
     "seed",
     "append",
     "status",
     "reset",
     "repartition",
+    "rewind",
     "wait",
     "pause",
     "resume",
@@ -347,10 +349,11 @@ const RUN_FLAGS: [&str; 10] = [
 ];
 
 /// Subcommands that take `--projection` themselves.
-const WITH_PROJECTION: [&str; 7] = [
+const WITH_PROJECTION: [&str; 8] = [
     "status",
     "reset",
     "repartition",
+    "rewind",
     "wait",
     "pause",
     "resume",
@@ -384,9 +387,10 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
                     | "--file"
             )
             | (
-                "status" | "reset" | "repartition" | "wait" | "pause" | "resume",
+                "status" | "reset" | "repartition" | "rewind" | "wait" | "pause" | "resume",
                 "--projection"
             )
+            | ("rewind", "--to-position" | "--to-time")
             | ("reset" | "repartition", "--projection-file")
             | ("repartition", "--to")
             | ("status", "--watch")

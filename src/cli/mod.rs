@@ -9,6 +9,7 @@ pub(crate) mod error;
 pub(crate) mod logs;
 pub(crate) mod output;
 mod reset;
+mod rewind;
 mod run;
 mod seed;
 mod serve;
@@ -75,6 +76,10 @@ pub(crate) fn run(args: Args) -> Result<(), CliError> {
             reset::reset(client, reset)
         }
         Some(Command::Repartition(ref change)) => Ok(repartition(&database, change)?),
+        Some(Command::Rewind(ref rewind)) => {
+            let client = connect_to_schema(&database, &schema_setting(&args))?;
+            rewind::rewind(client, rewind)
+        }
         Some(Command::Wait(ref wait)) => wait::wait(&database, wait),
         Some(Command::Pause(ref pause)) => {
             let mut client = connect_to_schema(&database, &schema_setting(&args))?;

@@ -124,7 +124,7 @@ fn bookkeeping(name: &str, rows: &[CheckpointStatus]) -> String {
 }
 
 /// The dry run's error: not confirmed, or, while live processes hold partitions, refused.
-fn not_confirmed(action: String, projection: String, rows: &[CheckpointStatus]) -> CliError {
+pub(super) fn not_confirmed(action: String, projection: String, rows: &[CheckpointStatus]) -> CliError {
     let held: Vec<(u32, u32, i32)> = rows
         .iter()
         .filter_map(|row| {

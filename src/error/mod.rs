@@ -163,8 +163,8 @@ pub enum Error {
         /// The projection's error for it.
         source: BoxError,
     },
-    /// This process's layout was replaced (re-partitioned, or the projection reset) after it
-    /// started: its checkpoint row is gone, so it stops before applying anything more.
+    /// This process's layout was replaced (re-partitioned, or the projection reset or rewound)
+    /// after it started: its checkpoint row is gone, so it stops before applying anything more.
     Fenced {
         /// The projection.
         projection: String,
@@ -173,7 +173,7 @@ pub enum Error {
         /// The partition counts now stored (empty after a reset).
         current: Vec<u32>,
     },
-    /// A reset was refused because live processes hold partitions of the projection.
+    /// A reset or a rewind was refused because live processes hold partitions of the projection.
     ProjectionRunning {
         /// The projection.
         projection: String,

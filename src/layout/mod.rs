@@ -244,7 +244,7 @@ pub(crate) fn lock_layout(tx: &mut Transaction<'_>, projection: &str) -> Result<
 }
 
 /// A generation no earlier claim used: the claiming transaction's id.
-fn new_generation(tx: &mut Transaction<'_>) -> Result<i64, Error> {
+pub(crate) fn new_generation(tx: &mut Transaction<'_>) -> Result<i64, Error> {
     tx.query_one("SELECT txid_current()", &[])
         .map(|row| row.get(0))
         .map_err(Error::database("numbering the partition layout"))

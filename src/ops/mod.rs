@@ -7,6 +7,8 @@
 //! - [`projection_gauges`]: the gauges of a projection that failed here, or is paused.
 //! - [`health`]: liveness and readiness of a runner, for probes.
 //! - [`members`]: the processes that share a projection's partitions, for `status`.
+//! - [`rewind`]: a projection's checkpoints moved back to a position or a time, its read model
+//!   left as it is.
 //!
 //! Operations read the engine's state; the engine never reads them.
 
@@ -14,4 +16,5 @@ pub(crate) mod health;
 pub(crate) mod members;
 pub(crate) mod metrics;
 pub(crate) mod projection_gauges;
+pub(crate) mod rewind;
 pub(crate) mod status;

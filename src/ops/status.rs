@@ -265,7 +265,7 @@ pub fn reset_checkpoints(client: &mut Client, name: &str) -> Result<Cleared, Err
 
 /// Locks the projection's layout, and fails with [`Error::ProjectionRunning`] while a live
 /// process holds one of its partitions.
-fn refuse_while_held(tx: &mut postgres::Transaction<'_>, name: &str) -> Result<(), Error> {
+pub(crate) fn refuse_while_held(tx: &mut postgres::Transaction<'_>, name: &str) -> Result<(), Error> {
     lock_layout(tx, name)?;
     let held = held_partitions(tx, name).map_err(Error::database(
         "reading which partitions live processes hold",

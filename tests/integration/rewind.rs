@@ -1,7 +1,9 @@
 //! `projector rewind`: a projection's checkpoints moved back to a position or a time, so that
 //! it applies every later event once more and none before, refused while it runs.
 
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use projector::{Builder, partition_of};
@@ -172,6 +174,23 @@ fn rewind_to_a_time_goes_back_to_the_last_event_stored_before_it() {
     }
 }
 
+/// A live process of the counting projection on partitions `keys` of 4.
+fn spawn_live(schema: &TestSchema, keys: &str) -> Child {
+    schema
+        .projector(&[
+            "--projection-file",
+            FILE,
+            "--partition-key",
+            keys,
+            "--total-partitions",
+            "4",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a projector")
+}
+
 /// A live process of the counting projection holding partition 2 of 4.
 fn spawn_holder(schema: &TestSchema) -> Child {
     let child = schema
@@ -224,6 +243,56 @@ fn rewind_is_refused_while_a_process_holds_a_partition() {
 }
 
 #[test]
+fn a_standby_that_takes_over_after_a_rewind_stops_fenced_instead_of_skipping_events() {
+    let schema = TestSchema::migrated("rewind_standby");
+    schema.seed(10, 4);
+    let holder = spawn_live(&schema, "0-3");
+    eventually("the holder to catch up", LIMIT, || {
+        checkpoints(&schema, "applications") == [40, 40, 40, 40]
+    });
+    // The standby follows the holder's checkpoints (40) and would take over from there.
+    let mut standby = spawn_live(&schema, "0-3");
+    let lines = Arc::new(Mutex::new(String::new()));
+    let stderr = standby.stderr.take().expect("piped stderr");
+    let collector = {
+        let lines = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut lines = lines.lock().expect("the log");
+                lines.push_str(&line);
+                lines.push('\n');
+            }
+        })
+    };
+    eventually("the second process to stand by", LIMIT, || {
+        lines.lock().expect("the log").matches("standing by").count() == 4
+    });
+    // Frozen, it holds nothing while the holder stops and the rewind runs; then it goes on.
+    signal(&standby, "STOP");
+    signal(&holder, "TERM");
+    let stopped = wait_within(holder, LIMIT);
+    assert_eq!(stopped.status.code(), Some(0), "{}", text(&stopped.stderr));
+    rewind(&schema, &["--to-position", "10", "--yes"], 0);
+    signal(&standby, "CONT");
+    let fenced = wait_within(standby, LIMIT);
+    collector.join().expect("the log collector");
+    let log = lines.lock().expect("the log").clone();
+    assert_eq!(fenced.status.code(), Some(2), "{log}");
+    assert!(
+        log.contains(
+            "fenced: projection 'applications' was reset, rewound or re-partitioned after this \
+             process started"
+        ),
+        "{log}"
+    );
+
+    catch_up(&schema, "0-3");
+    for (position, _, times) in times_applied(&schema) {
+        assert_eq!(times, if position > 10 { 2 } else { 1 }, "event at {position}");
+    }
+}
+
+#[test]
 fn rewind_refuses_bad_flags_naming_them() {
     let schema = TestSchema::migrated("rewind_flags");
     schema.seed(4, 2);
@@ -237,12 +306,17 @@ fn rewind_refuses_bad_flags_naming_them() {
                 "2026-01-01T00:00:00Z",
                 "--yes",
             ],
-            "error: give --to-position or --to-time, not both\n",
+            "error: invalid value '2026-01-01T00:00:00Z' for --to-time: --to-position is given \
+             too: give exactly one of --to-position N (to apply again every event after global \
+             position N) and --to-time TIME (every event after the last one stored before TIME, \
+             an RFC 3339 time such as 2026-01-31T09:30:00Z)\n",
         ),
         (
             vec!["--yes"],
-            "error: --to-position or --to-time is not set: give where to rewind to, a global \
-             position (--to-position 1200) or a time (--to-time 2026-01-31T09:30:00Z)\n",
+            "error: --to-position or --to-time is not set: give exactly one of --to-position N \
+             (to apply again every event after global position N) and --to-time TIME (every \
+             event after the last one stored before TIME, an RFC 3339 time such as \
+             2026-01-31T09:30:00Z)\n",
         ),
         (
             vec!["--to-position", "-5", "--yes"],
