@@ -63,7 +63,7 @@ pub(super) fn rewind(mut client: Client, args: &Rewind) -> Result<(), CliError> 
         .into());
     }
     let plan = projector::plan_rewind(&mut client, name, to)?;
-    if plan.moved().next().is_none() {
+    if !plan.moves_anything() {
         say!(
             "projection '{name}' ({} partitions): every partition is already at or below global \
              position {}{}: nothing to rewind",
@@ -169,10 +169,11 @@ fn target_event(plan: &projector::Rewind) -> String {
     }
 }
 
-/// The partitions that move and those that stay: `partition 0/4 from 50, partition 1/4 from
-/// 50; partitions 2/4, 3/4 stay where they are (at or below 20)`.
+/// The partitions that move, those that stay and the earlier layouts that move: `partition
+/// 0/4 from 50, partition 1/4 from 50; partitions 2/4, 3/4 stay where they are (at or below
+/// 20)`.
 fn partitions(plan: &projector::Rewind) -> String {
-    let total = plan.total_partitions;
+    let (total, position) = (plan.total_partitions, plan.position);
     let moved: Vec<String> = plan
         .moved()
         .map(|p| format!("partition {}/{total} from {}", p.partition_key, p.from))
@@ -181,20 +182,28 @@ fn partitions(plan: &projector::Rewind) -> String {
         .stayed()
         .map(|p| format!("{}/{total}", p.partition_key))
         .collect();
-    let mut text = moved.join(", ");
-    match stayed.len() {
-        0 => {}
-        1 => text.push_str(&format!(
-            "; partition {} stays where it is (at or below {})",
-            stayed[0], plan.position
+    let mut parts = Vec::new();
+    if !moved.is_empty() {
+        parts.push(moved.join(", "));
+    }
+    match stayed[..] {
+        [] => {}
+        [ref one] => parts.push(format!(
+            "partition {one} stays where it is (at or below {position})"
         )),
-        _ => text.push_str(&format!(
-            "; partitions {} stay where they are (at or below {})",
-            stayed.join(", "),
-            plan.position
+        _ => parts.push(format!(
+            "partitions {} stay where they are (at or below {position})",
+            stayed.join(", ")
         )),
     }
-    text
+    for layout in plan.earlier_moved() {
+        parts.push(format!(
+            "the earlier layout of {} partitions (a re-partitioning is in progress) moves back \
+             too: what it applied after {position} is applied again",
+            layout.total_partitions
+        ));
+    }
+    parts.join("; ")
 }
 
 /// What the next start does, and for which projections that is right.

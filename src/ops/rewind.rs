@@ -51,9 +51,9 @@ use std::time::SystemTime;
 use log::info;
 use postgres::{Client, GenericClient, Transaction};
 
-use crate::Error;
 use crate::layout::checkpoint::to_i32;
-use crate::layout::{new_generation, retire_earlier};
+use crate::layout::{earlier_layouts, new_generation, retire_earlier};
+use crate::{EarlierLayout, Error};
 use crate::ops::status::refuse_while_held;
 
 /// Where [`rewind`] moves a projection's checkpoints back to.
@@ -83,6 +83,9 @@ pub struct Rewind {
     pub stored_at: Option<SystemTime>,
     /// Each partition of the layout, by key.
     pub partitions: Vec<PartitionRewind>,
+    /// While a re-partitioning is in progress, the earlier layouts whose applied events the
+    /// partitions still skip, as they were: the rewind caps their entries at the position.
+    pub earlier_layouts: Vec<EarlierLayout>,
     /// Aggregates of the projection that are parked: they stay parked.
     pub parked_aggregates: u64,
     /// Their parked events.
@@ -98,6 +101,20 @@ impl Rewind {
     /// The partitions already at or below the position, which stay where they are.
     pub fn stayed(&self) -> impl Iterator<Item = &PartitionRewind> {
         self.partitions.iter().filter(|p| p.to == p.from)
+    }
+
+    /// The earlier layouts that applied events after the position: those events are applied
+    /// again too.
+    pub fn earlier_moved(&self) -> impl Iterator<Item = &EarlierLayout> {
+        self.earlier_layouts
+            .iter()
+            .filter(|layout| layout.applied_at_most() > self.position)
+    }
+
+    /// True unless every partition, and every earlier layout, is at or below the position
+    /// already: then the rewind changes nothing.
+    pub fn moves_anything(&self) -> bool {
+        self.moved().next().is_some() || self.earlier_moved().next().is_some()
     }
 }
 
@@ -143,7 +160,7 @@ pub fn rewind(client: &mut Client, projection: &str, to: RewindTo) -> Result<Rew
         .map_err(Error::database("starting the rewind"))?;
     refuse_while_held(&mut tx, projection)?;
     let rewind = plan(&mut tx, &schema, projection, to, true)?;
-    if rewind.moved().next().is_some() {
+    if rewind.moves_anything() {
         move_checkpoints(&mut tx, &rewind)?;
     }
     tx.commit()
@@ -224,6 +241,7 @@ fn plan(
             }
         })
         .collect();
+    let earlier_layouts = earlier_layouts(client, projection, total)?;
     let parked = client
         .query_one(
             "SELECT COUNT(DISTINCT aggregate_id), COUNT(*) FROM projection_dead_letters \
@@ -238,6 +256,7 @@ fn plan(
         position,
         stored_at,
         partitions,
+        earlier_layouts,
         parked_aggregates: parked.get::<_, i64>(0).unsigned_abs(),
         parked_events: parked.get::<_, i64>(1).unsigned_abs(),
     })

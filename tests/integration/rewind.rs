@@ -20,6 +20,11 @@ const FILE: &str = concat!(
 
 /// Runs the counting projection (`applications`) on partitions `keys` of 4 until caught up.
 fn catch_up(schema: &TestSchema, keys: &str) {
+    catch_up_of(schema, keys, "4");
+}
+
+/// Runs the counting projection on partitions `keys` of `total` until caught up.
+fn catch_up_of(schema: &TestSchema, keys: &str, total: &str) {
     run_expecting(
         schema,
         &[
@@ -28,7 +33,7 @@ fn catch_up(schema: &TestSchema, keys: &str) {
             "--partition-key",
             keys,
             "--total-partitions",
-            "4",
+            total,
             "--exit-when-caught-up",
         ],
         0,
@@ -124,6 +129,46 @@ fn rewind_to_a_position_applies_every_later_event_once_more_and_none_before_it()
             "event at {position} ({aggregate}, partition {})",
             partition_of(&aggregate, 4)
         );
+    }
+}
+
+#[test]
+fn rewind_during_a_repartitioning_moves_the_earlier_layouts_back_too() {
+    let schema = TestSchema::migrated("rewind_repartitioning");
+    schema.seed(10, 5);
+    // Under 4 partitions, 0 and 1 applied everything and 2 and 3 nothing; the 2 partitions
+    // that replace them start at 0 and skip what 0 and 1 of 4 applied, up to 50.
+    catch_up(&schema, "0-1");
+    run_expecting(
+        &schema,
+        &["repartition", "--projection", "applications", "--to", "2"],
+        0,
+    );
+    assert_eq!(checkpoints(&schema, "applications"), [0, 0]);
+
+    let (stdout, _) = rewind(&schema, &["--to-position", "20", "--yes"], 0);
+    assert!(
+        stdout.starts_with(
+            "projection 'applications' (2 partitions) rewound to global position 20: \
+             partitions 0/2, 1/2 stay where they are (at or below 20); the earlier layout of 4 \
+             partitions (a re-partitioning is in progress) moves back too: what it applied \
+             after 20 is applied again\n"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(
+        schema.count(
+            "SELECT MAX(x) FROM projector_prior_layouts, unnest(prior_positions) AS x \
+             WHERE projection = 'applications'"
+        ),
+        20
+    );
+
+    catch_up_of(&schema, "0-1", "2");
+    for (position, aggregate, times) in times_applied(&schema) {
+        let applied_before = partition_of(&aggregate, 4) < 2;
+        let expected = if applied_before && position > 20 { 2 } else { 1 };
+        assert_eq!(times, expected, "event at {position} ({aggregate})");
     }
 }
 
