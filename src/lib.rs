@@ -158,7 +158,7 @@ pub use engine::notice::ProjectionStopped;
 pub use engine::runner::{ProjectionSummary, Runner, Summary};
 pub use engine::settings::{Settings, Stopper};
 pub use engine::worker::PartitionSummary;
-pub use error::{BoxError, Error};
+pub use error::{BoxError, Error, HeldPartition};
 pub use event::{Event, ExpectedVersion, NewEvent, Scope};
 pub use layout::{EarlierLayout, LayoutChange, repartition};
 pub use ops::health::{Health, READY_GAP_LIMIT};

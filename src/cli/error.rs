@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use projector::{Error, shell_word};
+use projector::{CheckpointStatus, Error, HeldPartition, shell_word};
 
 /// Exit code of a `projector wait` for an event the projection parked instead of applying.
 pub(crate) const EXIT_PARKED: u8 = 3;
@@ -59,6 +59,38 @@ impl CliError {
             CliError::WaitedWhilePaused { .. } => 1,
             CliError::Library(error) if !error.is_configuration() => 1,
             _ => 2,
+        }
+    }
+}
+
+impl CliError {
+    /// A destructive command's dry run: [`CliError::NotConfirmed`], or, while live processes
+    /// hold partitions of the projection (as `rows`, its `status`, show), [`CliError::WouldBeRefused`]
+    /// naming them.
+    pub(crate) fn not_confirmed(
+        action: String,
+        projection: String,
+        rows: &[CheckpointStatus],
+    ) -> CliError {
+        let held: Vec<HeldPartition> = rows
+            .iter()
+            .filter_map(|row| {
+                row.held_by_pid.map(|pid| {
+                    HeldPartition::new(
+                        row.total_partitions,
+                        row.partition_key,
+                        pid,
+                        row.held_by_application.as_deref(),
+                    )
+                })
+            })
+            .collect();
+        if held.is_empty() {
+            return CliError::NotConfirmed { action };
+        }
+        CliError::WouldBeRefused {
+            action,
+            because: Box::new(Error::ProjectionRunning { projection, held }),
         }
     }
 }

@@ -58,7 +58,7 @@ fn reset_projection<P: Projection>(
              event",
             bookkeeping(&name, &rows)
         );
-        return Err(not_confirmed(action, name, &rows));
+        return Err(CliError::not_confirmed(action, name, &rows));
     }
     projector::reset(&mut client, &mut projection)?;
     Ok(())
@@ -87,7 +87,7 @@ fn reset_checkpoints(mut client: Client, name: &str, yes: bool) -> Result<(), Cl
              service's projector::reset does both)",
             bookkeeping(name, &rows)
         );
-        return Err(not_confirmed(action, name.to_owned(), &rows));
+        return Err(CliError::not_confirmed(action, name.to_owned(), &rows));
     }
     let cleared = projector::reset_checkpoints(&mut client, name)?;
     say!(
@@ -121,22 +121,4 @@ fn bookkeeping(name: &str, rows: &[CheckpointStatus]) -> String {
         n => format!(", delete its {n} parked event(s) (`projector dead-letters list`)"),
     };
     format!("{checkpoints}{parked}")
-}
-
-/// The dry run's error: not confirmed, or, while live processes hold partitions, refused.
-pub(super) fn not_confirmed(action: String, projection: String, rows: &[CheckpointStatus]) -> CliError {
-    let held: Vec<(u32, u32, i32)> = rows
-        .iter()
-        .filter_map(|row| {
-            row.held_by_pid
-                .map(|pid| (row.total_partitions, row.partition_key, pid))
-        })
-        .collect();
-    if held.is_empty() {
-        return CliError::NotConfirmed { action };
-    }
-    CliError::WouldBeRefused {
-        action,
-        because: Box::new(Error::ProjectionRunning { projection, held }),
-    }
 }

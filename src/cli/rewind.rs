@@ -46,7 +46,6 @@ pub(crate) struct Rewind {
     pub(crate) yes: bool,
 }
 
-
 /// Rewinds the projection, or says what a rewind would move (exit 2) without `--yes`.
 pub(super) fn rewind(mut client: Client, args: &Rewind) -> Result<(), CliError> {
     let to = target(args)?;
@@ -84,7 +83,7 @@ pub(super) fn rewind(mut client: Client, args: &Rewind) -> Result<(), CliError> 
             replay(&plan),
             parked(&plan)
         );
-        return Err(super::reset::not_confirmed(action, name.to_owned(), &rows));
+        return Err(CliError::not_confirmed(action, name.to_owned(), &rows));
     }
     let done = projector::rewind(&mut client, name, to)?;
     say!(

@@ -169,7 +169,15 @@ impl fmt::Display for Error {
             Error::ProjectionRunning { projection, held } => {
                 let held: Vec<String> = held
                     .iter()
-                    .map(|(total, key, pid)| format!("{key}/{total} (server pid {pid})"))
+                    .map(|h| {
+                        let (key, total, pid) = (h.partition_key, h.total_partitions, h.server_pid);
+                        match h.process {
+                            Some(process) => {
+                                format!("{key}/{total} (server pid {pid}, process {process})")
+                            }
+                            None => format!("{key}/{total} (server pid {pid})"),
+                        }
+                    })
                     .collect();
                 write!(
                     f,

@@ -177,8 +177,8 @@ pub enum Error {
     ProjectionRunning {
         /// The projection.
         projection: String,
-        /// Each held partition as `(total_partitions, partition_key, server process id)`.
-        held: Vec<(u32, u32, i32)>,
+        /// Each held partition, with who holds it.
+        held: Vec<HeldPartition>,
     },
     /// A projection's `setup` or `reset` hook failed.
     ReadModel {
@@ -276,6 +276,42 @@ pub enum Error {
         /// The thread's name.
         thread: String,
     },
+}
+
+/// A partition a live process holds, as [`Error::ProjectionRunning`] names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeldPartition {
+    /// The partition count of its layout.
+    pub total_partitions: u32,
+    /// The partition key.
+    pub partition_key: u32,
+    /// The server process id (`pg_stat_activity.pid`) of the connection holding it.
+    pub server_pid: i32,
+    /// The projector process's own OS pid, when its connection's `application_name` gives it
+    /// (`projector pid P`, set unless the connection string names another).
+    pub process: Option<u32>,
+}
+
+impl HeldPartition {
+    /// A partition held through the connection of server pid `server_pid`, whose
+    /// `application_name` is `application` (if the server shows it), as
+    /// [`CheckpointStatus`](crate::CheckpointStatus) gives them.
+    pub fn new(
+        total_partitions: u32,
+        partition_key: u32,
+        server_pid: i32,
+        application: Option<&str>,
+    ) -> HeldPartition {
+        HeldPartition {
+            total_partitions,
+            partition_key,
+            server_pid,
+            process: application
+                .and_then(|name| name.strip_prefix("projector pid "))
+                .and_then(|pid| pid.parse().ok()),
+        }
+    }
 }
 
 impl Error {

@@ -53,8 +53,8 @@ use postgres::{Client, GenericClient, Transaction};
 
 use crate::layout::checkpoint::to_i32;
 use crate::layout::{earlier_layouts, new_generation, retire_earlier};
-use crate::{EarlierLayout, Error};
 use crate::ops::status::refuse_while_held;
+use crate::{EarlierLayout, Error};
 
 /// Where [`rewind`] moves a projection's checkpoints back to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,7 +283,9 @@ fn position_of(
                  ORDER BY global_position DESC LIMIT 1",
                 &[&time],
             )
-            .map_err(Error::database("finding the last event stored before the time"))?,
+            .map_err(Error::database(
+                "finding the last event stored before the time",
+            ))?,
     };
     Ok(row.map_or((0, None), |row| (row.get(0), Some(row.get(1)))))
 }

@@ -8,7 +8,7 @@ use postgres::{Client, GenericClient};
 use crate::layout::checkpoint::{held_partitions, lock_class};
 use crate::layout::{EarlierLayout, lock_layout};
 use crate::projections::projection::{Projection, lock_setup};
-use crate::{BoxError, Error};
+use crate::{BoxError, Error, HeldPartition};
 
 /// One stored checkpoint, as `projector status` shows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -265,7 +265,10 @@ pub fn reset_checkpoints(client: &mut Client, name: &str) -> Result<Cleared, Err
 
 /// Locks the projection's layout, and fails with [`Error::ProjectionRunning`] while a live
 /// process holds one of its partitions.
-pub(crate) fn refuse_while_held(tx: &mut postgres::Transaction<'_>, name: &str) -> Result<(), Error> {
+pub(crate) fn refuse_while_held(
+    tx: &mut postgres::Transaction<'_>,
+    name: &str,
+) -> Result<(), Error> {
     lock_layout(tx, name)?;
     let held = held_partitions(tx, name).map_err(Error::database(
         "reading which partitions live processes hold",
@@ -273,9 +276,27 @@ pub(crate) fn refuse_while_held(tx: &mut postgres::Transaction<'_>, name: &str) 
     if held.is_empty() {
         return Ok(());
     }
+    let mut named = Vec::with_capacity(held.len());
+    for holder in held {
+        let application: Option<String> = tx
+            .query_opt(
+                "SELECT application_name FROM pg_stat_activity WHERE pid = $1",
+                &[&holder.pid],
+            )
+            .map_err(Error::database(
+                "reading which processes hold the partitions",
+            ))?
+            .and_then(|row| row.get(0));
+        named.push(HeldPartition::new(
+            holder.total,
+            holder.key,
+            holder.pid,
+            application.as_deref(),
+        ));
+    }
     Err(Error::ProjectionRunning {
         projection: name.to_owned(),
-        held: held.iter().map(|h| (h.total, h.key, h.pid)).collect(),
+        held: named,
     })
 }
 
