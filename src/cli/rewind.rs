@@ -231,3 +231,35 @@ fn parked(plan: &projector::Rewind) -> String {
         shell_word(&plan.projection)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn a_time_is_taken_in_rfc_3339_with_its_offset_only() {
+        let utc = time("--to-time", "2026-01-31T09:30:00Z").expect("UTC");
+        assert_eq!(utc, UNIX_EPOCH + Duration::from_secs(1_769_851_800));
+        assert_eq!(
+            time("--to-time", "2026-01-31T10:30:00+01:00").expect("an offset"),
+            utc
+        );
+        assert_eq!(
+            time("--to-time", "2026-01-31T09:30:00.250Z").expect("a fraction"),
+            utc + Duration::from_millis(250)
+        );
+        for text in ["2026-01-31T09:30:00", "2026-01-31", "yesterday", ""] {
+            let error = time("--to-time", text).expect_err(text).to_string();
+            assert!(
+                error.ends_with(
+                    "expected an RFC 3339 time with its offset, such as 2026-01-31T09:30:00Z or \
+                     2026-01-31T10:30:00+01:00"
+                ),
+                "{error}"
+            );
+        }
+        assert_eq!(rfc3339(utc), "2026-01-31T09:30:00Z");
+    }
+}

@@ -14,7 +14,9 @@
 //! (`created_at < T`), or to 0 (the first event) when none was: every event after that position
 //! was stored at or after `T`. Positions and `created_at` need not grow together (two appends
 //! in flight at once), so an event stored at or after `T` with a lower position than one
-//! stored before it is not applied again. Finding the position reads the events table
+//! stored before it is not applied again. A `created_at` without a time zone (which the
+//! pupsourcing layout allows) is read in the session's time zone, as it was written by
+//! `DEFAULT NOW()`. Finding the position reads the events table
 //! backwards from the head until it meets an event stored before `T`: quick for a recent time,
 //! a scan of the table for one before most events.
 //!
@@ -271,7 +273,7 @@ fn position_of(
         RewindTo::Position(position) => {
             let row = client
                 .query_opt(
-                    "SELECT created_at FROM events WHERE global_position = $1",
+                    "SELECT created_at::timestamptz FROM events WHERE global_position = $1",
                     &[&position],
                 )
                 .map_err(Error::database("reading the event rewound to"))?;
@@ -279,8 +281,8 @@ fn position_of(
         }
         RewindTo::Time(time) => client
             .query_opt(
-                "SELECT global_position, created_at FROM events WHERE created_at < $1 \
-                 ORDER BY global_position DESC LIMIT 1",
+                "SELECT global_position, created_at::timestamptz FROM events \
+                 WHERE created_at::timestamptz < $1 ORDER BY global_position DESC LIMIT 1",
                 &[&time],
             )
             .map_err(Error::database(
