@@ -1,52 +1,7 @@
 //! [`rewind`]: a projection's checkpoints moved back to a global position or a time, so that
 //! its next start applies again every event after it, with its read model left as it is.
-//!
-//! # What is applied again
-//! Rewinding to position `N` sets the checkpoint `c` of every partition of the projection's
-//! current layout to `min(c, N)`, in one transaction: a partition already at or below `N`
-//! stays where it is (a rewind never moves a checkpoint forward). Since a partition applied
-//! exactly its events at or below its checkpoint, the projection then stands as if it had
-//! applied exactly its events at or below `N` (of those it had applied): its next start applies
-//! every event after `N` once more (or for the first time, on a partition that had not reached
-//! it) and none at or below `N`.
-//!
-//! Rewinding to a time `T` rewinds to the position of the last event stored before `T`
-//! (`created_at < T`), or to 0 (the first event) when none was: every event after that position
-//! was stored at or after `T`. Positions and `created_at` need not grow together (two appends
-//! in flight at once), so an event stored at or after `T` with a lower position than one
-//! stored before it is not applied again. A `created_at` without a time zone (which the
-//! pupsourcing layout allows) is read in the session's time zone, as it was written by
-//! `DEFAULT NOW()`. Finding the position reads the events table
-//! backwards from the head until it meets an event stored before `T`: quick for a recent time,
-//! a scan of the table for one before most events.
-//!
-//! # The read model is not cleared
-//! Nothing but checkpoints moves: the events after `N` are applied on top of the read model as
-//! it is. That is right only for a projection whose `apply` is idempotent (an upsert of the
-//! event's values) or that rebuilds the rows it touches; a projection that counts or appends
-//! counts or appends twice. To rebuild from nothing, use [`reset`](crate::reset).
-//!
-//! # Earlier layouts
-//! While a re-partitioning is under way, the current layout also skips the events covered by
-//! the vectors of the layouts it replaced (see [`crate::layout`]). Each entry of those vectors
-//! is capped at `N` in the same transaction, so an event is then "applied" iff it is at or
-//! below `N` and was applied before: exactly the rule above. Vectors that no longer cover
-//! anything above every partition's checkpoint are deleted.
-//!
-//! # Running processes, standbys
-//! A rewind is refused ([`Error::ProjectionRunning`]) while a live process holds a partition of
-//! the projection, checked under the layout lock that a start also takes. A process that holds
-//! none (a standby waiting for a partition, a process sharing partitions that has none for
-//! now) still follows the old checkpoints in memory: the rewound rows get a new generation, so
-//! such a process stops with [`Error::Fenced`] at its next look at its partition, as after a
-//! re-partitioning, and starting it again carries on from the rewound checkpoints.
-//!
-//! # What stays as it was
-//! Parked events stay parked (a rewind deletes nothing): an aggregate with parked events
-//! stays set aside, so the replay records its events after `N` among its parked ones (those it
-//! had applied before it parked included) instead of applying them; `dead-letters retry`
-//! applies them all, in position order, once the cause is fixed. A failure stored for the
-//! projection stays until its next successful start (as after any fix), and a pause stays.
+//! Exactly which events are applied again, and what a rewind leaves as it was, is told on
+//! [`rewind`] itself (the public item).
 
 use std::time::SystemTime;
 
@@ -149,12 +104,59 @@ pub fn plan_rewind(
 /// Moves every partition checkpoint of `projection`'s current layout back to the position
 /// `to` names (never forward), in one transaction, and returns what it did: the projection's
 /// next start applies every event after that position again, on top of its read model, which
-/// is **not** cleared (see the module docs for exactly which events, and why this suits only a
-/// projection whose `apply` is idempotent or rebuilds its rows).
+/// is **not** cleared.
 ///
 /// Fails with [`Error::ProjectionRunning`] while a live process holds one of its partitions,
 /// and with [`Error::NotStarted`] when it has no checkpoints. Processes of the projection that
 /// hold no partition (standbys) stop with [`Error::Fenced`] at their next check.
+///
+/// # What is applied again
+/// Rewinding to position `N` sets the checkpoint `c` of every partition of the projection's
+/// current layout to `min(c, N)`, in one transaction: a partition already at or below `N`
+/// stays where it is (a rewind never moves a checkpoint forward). Since a partition applied
+/// exactly its events at or below its checkpoint, the projection then stands as if it had
+/// applied exactly its events at or below `N` (of those it had applied): its next start applies
+/// every event after `N` once more (or for the first time, on a partition that had not reached
+/// it) and none at or below `N`.
+///
+/// Rewinding to a time `T` rewinds to the position of the last event stored before `T`
+/// (`created_at < T`), or to 0 (the first event) when none was: every event after that position
+/// was stored at or after `T`. Positions and `created_at` need not grow together (two appends
+/// in flight at once), so an event stored at or after `T` with a lower position than one
+/// stored before it is not applied again. A `created_at` without a time zone (which the
+/// pupsourcing layout allows) is read in the session's time zone, as it was written by
+/// `DEFAULT NOW()`. Finding the position reads the events table backwards from the head until
+/// it meets an event stored before `T`: quick for a recent time, a scan of the table for one
+/// before most events.
+///
+/// # The read model is not cleared
+/// Nothing but checkpoints moves: the events after `N` are applied on top of the read model as
+/// it is. That is right only for a projection whose `apply` is idempotent (an upsert of the
+/// event's values) or that rebuilds the rows it touches; a projection that counts or appends
+/// counts or appends twice. To rebuild from nothing, use [`reset`](crate::reset).
+///
+/// # Earlier layouts
+/// While a re-partitioning is under way, the current layout also skips the events covered by
+/// the checkpoint vectors of the layouts it replaced (see "Changing the number of partitions"
+/// in the crate docs). Each entry of those vectors is capped at `N` in the same transaction, so
+/// an event is then "applied" iff it is at or below `N` and was applied before: exactly the
+/// rule above. Vectors that no longer cover anything above every partition's checkpoint are
+/// deleted.
+///
+/// # Running processes, standbys
+/// A rewind is refused ([`Error::ProjectionRunning`]) while a live process holds a partition of
+/// the projection, checked under the layout lock that a start also takes. A process that holds
+/// none (a standby waiting for a partition, a process sharing partitions that has none for
+/// now) still follows the old checkpoints in memory: the rewound rows get a new generation, so
+/// such a process stops with [`Error::Fenced`] at its next look at its partition, as after a
+/// re-partitioning, and starting it again carries on from the rewound checkpoints.
+///
+/// # What stays as it was
+/// Parked events stay parked (a rewind deletes nothing): an aggregate with parked events
+/// stays set aside, so the replay records its events after `N` among its parked ones (those it
+/// had applied before it parked included) instead of applying them; `dead-letters retry`
+/// applies them all, in position order, once the cause is fixed. A failure stored for the
+/// projection stays until its next successful start (as after any fix), and a pause stays.
 pub fn rewind(client: &mut Client, projection: &str, to: RewindTo) -> Result<Rewind, Error> {
     let schema = crate::store::check_tables_here(client)?;
     let mut tx = client
