@@ -65,8 +65,8 @@ impl CliError {
 
 impl CliError {
     /// A destructive command's dry run: [`CliError::NotConfirmed`], or, while live processes
-    /// hold partitions of the projection (as `rows`, its `status`, show), [`CliError::WouldBeRefused`]
-    /// naming them.
+    /// hold partitions of the projection (as `rows`, its `status`, show),
+    /// [`CliError::WouldBeRefused`] naming them.
     pub(crate) fn not_confirmed(
         action: String,
         projection: String,
