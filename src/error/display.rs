@@ -162,8 +162,8 @@ impl fmt::Display for Error {
                 _ => write!(
                     f,
                     "fenced: projection '{projection}' was reset, rewound or re-partitioned after \
-                     this process started; this process ({total} partitions) stops: start it again to \
-                     carry on from the current checkpoints"
+                     this process started; this process ({total} partitions) stops: start it \
+                     again to carry on from the current checkpoints"
                 ),
             },
             Error::ProjectionRunning { projection, held } => {

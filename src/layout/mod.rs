@@ -243,7 +243,7 @@ pub(crate) fn lock_layout(tx: &mut Transaction<'_>, projection: &str) -> Result<
     .map_err(Error::database("locking the partition layout"))
 }
 
-/// A generation no earlier claim used: the claiming transaction's id.
+/// A generation no earlier claim used: the claiming (or rewinding) transaction's id.
 pub(crate) fn new_generation(tx: &mut Transaction<'_>) -> Result<i64, Error> {
     tx.query_one("SELECT txid_current()", &[])
         .map(|row| row.get(0))
