@@ -81,10 +81,11 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Cli
         let outcome = runner.join();
         drop(server);
         match outcome {
-            Err(error) if sharing && error.is_layout_change() && !stopping(&signals) => {
-                // A re-partitioning: sharing processes carry on with the new layout.
+            Err(error) if sharing && error.is_layout_replaced() && !stopping(&signals) => {
+                // A re-partitioning or a rewind: sharing processes carry on with the layout
+                // now stored.
                 info!(
-                    "{}; starting again on the new layout",
+                    "{}; starting again on the layout now stored",
                     projector::error_chain(&error)
                 );
                 *lock(&signals) = Signals::Starting;

@@ -321,6 +321,13 @@ impl Error {
         matches!(self, Error::Fenced { total, current, .. } if current.len() == 1 && current[0] != *total)
     }
 
+    /// True when this process's layout was replaced by another stored one (a re-partitioning,
+    /// or a rewind of the checkpoints), rather than removed by a reset: starting again runs
+    /// on it. Processes that share partitions do so by themselves.
+    pub fn is_layout_replaced(&self) -> bool {
+        matches!(self, Error::Fenced { current, .. } if current.len() == 1)
+    }
+
     /// True when the error comes from how the projector was configured or invoked (bad
     /// setting or connection string, a login refused, no such database, missing tables, tables
     /// of another shape, partition layout mismatch, a layout replaced under a running

@@ -410,6 +410,70 @@ fn a_process_with_no_share_follows_a_repartitioning_too() {
 }
 
 #[test]
+fn a_process_with_no_share_follows_a_rewind_and_applies_again_what_it_must() {
+    let schema = TestSchema::migrated("sharing_no_share_rewind");
+    let events = schema.seed(50, 4);
+    // A projection that counts each event's applications (replaying it is harmless).
+    let two = || {
+        schema
+            .projector(&[
+                "--partition-key",
+                "auto",
+                "--total-partitions",
+                "2",
+                "--projection-file",
+                "tests/data/count_applications.sql",
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the projector binary")
+    };
+    let applied_times = |times: i64| {
+        schema.count(&format!(
+            "SELECT COUNT(*) FROM applications WHERE times = {times}"
+        ))
+    };
+    let (a, b) = (two(), two());
+    settle_of(&schema, "applications", &[&a, &b], &[1, 1]);
+    let c = two();
+    std::thread::sleep(Duration::from_secs(2));
+    settle_of(&schema, "applications", &[&a, &b, &c], &[0, 1, 1]);
+    eventually("every event", Duration::from_secs(30), || {
+        applied_times(1) == events
+    });
+    // The process with no share is frozen while the others stop and the rewind runs.
+    signal(&c, "STOP");
+    stop(a);
+    stop(b);
+    let output = crate::util::run_within(
+        schema.projector(&[
+            "rewind",
+            "--projection",
+            "applications",
+            "--to-position",
+            "0",
+            "--yes",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    signal(&c, "CONT");
+    // It runs on the rewound checkpoints, and applies every event once more.
+    settle_of(&schema, "applications", &[&c], &[2]);
+    let again = Instant::now();
+    while applied_times(2) != events && again.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let twice = applied_times(2);
+    signal(&c, "TERM");
+    let output = wait_within(c, Duration::from_secs(30));
+    assert_eq!(twice, events, "{}", text(&output.stderr));
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+}
+
+#[test]
 fn a_projection_that_stops_in_a_process_that_goes_on_no_longer_counts_it_as_a_member() {
     let schema = TestSchema::migrated("sharing_left");
     schema.seed(20, 3);

@@ -303,7 +303,7 @@ impl Threads {
             let handle = spawn(format!("projector-p{partition}"), move || {
                 let ending = end.worker_starts();
                 let result = stop_all_on_panic(&everything, || worker.run());
-                if shared && result.as_ref().is_err_and(Error::is_layout_change) {
+                if shared && result.as_ref().is_err_and(Error::is_layout_replaced) {
                     // Sharing processes follow a new layout: the runner stops for its caller
                     // to start again on it (see `Runner::join`).
                     everything.stop();
