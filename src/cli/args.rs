@@ -62,6 +62,12 @@ pub(crate) struct Args {
     #[argh(option)]
     pub(crate) database_url: Option<String>,
 
+    /// a physical streaming replica of the database to read the stream from far from its
+    /// head, taking that load off the primary; near the head, or while the replica lags or is
+    /// down, the primary is read (env READ_REPLICA_URL)
+    #[argh(option)]
+    pub(crate) read_replica_url: Option<String>,
+
     /// schema holding the tables, default public (env PROJECTOR_SCHEMA)
     #[argh(option)]
     pub(crate) schema: Option<String>,
