@@ -234,7 +234,14 @@ impl Builder {
         let head = store::head_position(&mut reader)?;
         let start = shared_start(&prepared, settings.catch_up_alone_beyond);
         log_start(&prepared, start, head, &settings, &self.database);
+        if let Some(replica) = &self.read_replica {
+            info!(
+                "reading the stream far from its head from the read replica {}",
+                replica.target()
+            );
+        }
         Threads::start(self.database, pool, settings, prepared, start, head)
+            .and_then(|threads| threads.read_replica(self.read_replica))
             .and_then(|threads| threads.spawn(reader, balancer))
     }
 

@@ -5,6 +5,7 @@
 //! - [`metrics`]: a runner's figures in the Prometheus text format, read from the engine's
 //!   lane figures ([`crate::engine::progress`]) and the database.
 //! - [`projection_gauges`]: the gauges of a projection that failed here, or is paused.
+//! - [`replica_gauges`]: what the read replica served, and how far behind it was.
 //! - [`health`]: liveness and readiness of a runner, for probes.
 //! - [`members`]: the processes that share a projection's partitions, for `status`.
 //!
@@ -14,4 +15,5 @@ pub(crate) mod health;
 pub(crate) mod members;
 pub(crate) mod metrics;
 pub(crate) mod projection_gauges;
+pub(crate) mod replica_gauges;
 pub(crate) mod status;
