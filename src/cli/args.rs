@@ -339,7 +339,7 @@ const CONNECTION_FLAGS: [&str; 5] = [
 ];
 
 /// Flags only running a projection (no subcommand) uses.
-const RUN_FLAGS: [&str; 10] = [
+const RUN_FLAGS: [&str; 11] = [
     "--on-poison",
     "--park-storm-limit",
     "--partition-key",
@@ -350,6 +350,7 @@ const RUN_FLAGS: [&str; 10] = [
     "--exit-when-caught-up",
     "--metrics-addr",
     "--ready-max-lag",
+    "--read-replica-url",
 ];
 
 /// Subcommands that take `--projection` themselves.

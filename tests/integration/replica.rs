@@ -277,3 +277,25 @@ fn a_hole_held_open_on_the_primary_is_never_passed_through_the_replica() {
     join_within(runner, WAIT).expect("the runner stops cleanly");
     assert_eq!(pair.schema.stats_mismatches(), 0, "every event once, in order");
 }
+
+#[test]
+fn a_bad_read_replica_url_exits_2_naming_its_setting_without_the_password() {
+    let schema = TestSchema::migrated("replica_bad_url");
+    let bad = "postgres://reader:pa@s3cr3t@replica.example/app";
+    let by_flag = run_within(
+        schema.aggregate_stats("0", "1", &["--read-replica-url", bad]),
+        WAIT,
+    );
+    let mut by_env = schema.aggregate_stats("0", "1", &[]);
+    by_env.env("READ_REPLICA_URL", bad);
+    let by_env = run_within(by_env, WAIT);
+    for (output, setting) in [(by_flag, "--read-replica-url"), (by_env, "READ_REPLICA_URL")] {
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "stderr:\n{stderr}");
+        assert!(
+            stderr.contains(setting) && stderr.contains("is not a valid connection string"),
+            "names {setting}; stderr:\n{stderr}"
+        );
+        assert!(!stderr.contains("s3cr3t"), "no part of the password; stderr:\n{stderr}");
+    }
+}
