@@ -6,7 +6,8 @@
 //! in the reverse order), and the medians are reported. A server's CPU time is read from
 //! `/proc`: its postmaster's own time and that of the children it has reaped (`cutime`,
 //! `cstime`: backends that have ended), plus every live child's (backends, WAL writer and
-//! sender, checkpointer, autovacuum); so the servers must run on this machine. The primary's
+//! sender, checkpointer, autovacuum), read 300 ms after the runner has stopped so that its
+//! connections' processes have ended; so the servers must run on this machine. The primary's
 //! figure includes what it spends streaming WAL to the replica and writing checkpoints.
 //!
 //! ```text
@@ -25,13 +26,17 @@ mod common;
 
 use common::Result;
 
-const USAGE: &str = "usage: replica [--database-url URL] --replica-url URL [--events N] [--rounds R]
+const USAGE: &str =
+    "usage: replica [--database-url URL] --replica-url URL [--events N] [--rounds R]
   --database-url  the primary (env DATABASE_URL); a schema of its own is used
   --replica-url   a physical streaming replica of it, on this machine
   --events        events in the stream, default 1000000 (10,000 aggregates)
   --rounds        runs of each kind, alternating; the medians are reported, default 3";
 
 const AGGREGATES: i64 = 10_000;
+
+/// The pause after each run before the servers' CPU time is read again.
+const REAP_PAUSE: Duration = Duration::from_millis(300);
 
 /// Applies nothing: the read is what is measured.
 #[derive(Clone)]
@@ -129,6 +134,9 @@ fn measure_all(options: &Options, database: &Database) -> Result<()> {
             let metrics = runner.metrics();
             runner.join()?;
             let wall = started.elapsed();
+            // The runner's connections have closed: let their server processes end and be
+            // reaped (their time then counts in the postmaster's `cutime`).
+            std::thread::sleep(REAP_PAUSE);
             let primary_cpu = primary.cpu()?.saturating_sub(primary_before);
             let replica_cpu = replica.cpu()?.saturating_sub(replica_before);
             let from_replica = read_from_replica(&metrics.render());

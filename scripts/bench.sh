@@ -18,7 +18,7 @@
 #
 # Without DATABASE_URL, a throw-away PostgreSQL server is started for the run. Either way a
 # database projector_bench_<pid>_<time> is created on the server and dropped at the end. The
-# replica benchmark always runs on a throw-away primary and replica of its own (fsync off),
+# replica benchmark always runs on a throw-away primary and replica of its own (fsync on),
 # both on this machine, since it reads their processes' CPU time from /proc.
 # Numbers are reported, not asserted: the script exits 0 unless something fails to run.
 set -euo pipefail
@@ -161,13 +161,19 @@ start_replica_pair() {
     if [[ ${EUID} -eq 0 ]]; then
         chown postgres: "$primary_dir" "$replica_dir"
     fi
-    PG_FAST=1 pg_start "$primary_dir"
+    # Durable settings (fsync and synchronous_commit on, as in production): with
+    # synchronous_commit off, commits reach the replica only at the WAL writer's next flush.
+    PG_FAST=0 pg_start "$primary_dir"
     pair_primary_url=$DATABASE_URL
-    run pg_as_owner "$(pg_bindir)/pg_basebackup" -h 127.0.0.1 -p "$(cat "$primary_dir/port")" \
+    # Beside the server binaries (a symlinked pg_ctl points at them), else on PATH.
+    local basebackup
+    basebackup=$(dirname "$(readlink -f "$(pg_bindir)/pg_ctl")")/pg_basebackup
+    [[ -x $basebackup ]] || basebackup=$(command -v pg_basebackup)
+    run pg_as_owner "$basebackup" -h 127.0.0.1 -p "$(cat "$primary_dir/port")" \
         -U postgres -D "$replica_dir" -R -X stream --no-sync
     # The copy holds the primary's port and URL files: the replica picks a port of its own.
     rm -f "$replica_dir/port" "$replica_dir/url" "$replica_dir/server.log"
-    PG_FAST=1 pg_start "$replica_dir"
+    PG_FAST=0 pg_start "$replica_dir"
     pair_replica_url=$DATABASE_URL
     DATABASE_URL=$saved
 }

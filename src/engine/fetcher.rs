@@ -380,6 +380,7 @@ impl Fetcher {
             if let Some(read) = replica.as_mut().and_then(|r| r.read(position, limit)) {
                 // Settled below `read.upto`: what the primary knew of gaps below it is spent.
                 gaps.reset();
+                self.progress.note_gap(None);
                 current.forget_notifications();
                 let chunk = Chunk {
                     seen: read.rows.len(),

@@ -126,7 +126,7 @@ impl Replica {
         let wanted = position.saturating_add(limit);
         if self.readable < wanted && Instant::now() >= self.next_look {
             match self.look(wanted) {
-                Ok(()) if self.readable >= wanted => self.failures = 0,
+                Ok(()) if self.readable >= wanted => {}
                 Ok(()) => {
                     let after = match self.settled {
                         Some(_) => REPLAY_LOOK_AGAIN_AFTER,
@@ -148,9 +148,7 @@ impl Replica {
         } else {
             None
         };
-        self.figures
-            .in_use
-            .store(read.is_some(), Ordering::Relaxed);
+        self.figures.in_use.store(read.is_some(), Ordering::Relaxed);
         read
     }
 
@@ -169,14 +167,21 @@ impl Replica {
         self.figures
             .events_read
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        self.answered();
+        Ok(ReplicaRead { rows, upto })
+    }
+
+    /// The replica answered: a failure, if any, is over.
+    fn answered(&mut self) {
+        self.failures = 0;
         if self.warned {
             self.warned = false;
             info!(
-                "fetcher: reading the stream from the read replica {} again",
+                "fetcher: the read replica {} answers again: far from the head, the stream is \
+                 read from it",
                 self.database.target()
             );
         }
-        Ok(ReplicaRead { rows, upto })
     }
 
     /// Moves the readable bound as far as the primary and the replica prove: a bound settled
@@ -218,7 +223,9 @@ impl Replica {
             let head: i64 = primary
                 .client
                 .query_one("SELECT COALESCE(MAX(global_position), 0) FROM events", &[])
-                .map_err(Error::database("reading the head of the stream on the primary"))?
+                .map_err(Error::database(
+                    "reading the head of the stream on the primary",
+                ))?
                 .get(0);
             if head < wanted {
                 // Near the head: the primary serves it.
@@ -264,8 +271,13 @@ impl Replica {
                      (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
                 &[],
             )
-            .map_err(Error::database("reading the read replica's replay position"))?;
+            .map_err(Error::database(
+                "reading the read replica's replay position",
+            ))?;
         let (recovering, replayed): (bool, Option<i64>) = (row.get(0), row.get(1));
+        if recovering {
+            self.answered();
+        }
         let Some(replayed) = replayed.filter(|_| recovering) else {
             return Err(Error::invalid_setting(
                 "the read replica",
@@ -368,7 +380,9 @@ impl Replica {
                  WHERE global_position > $1 AND global_position <= $2 \
                  ORDER BY global_position LIMIT $3"
             ))
-            .map_err(Error::database("preparing the event query on the read replica"))?;
+            .map_err(Error::database(
+                "preparing the event query on the read replica",
+            ))?;
         Ok(Standby { client, events })
     }
 }

@@ -106,7 +106,11 @@ fn a_catch_up_reads_from_the_replica_every_event_once_in_order() {
     let metrics = runner.metrics();
     join_within(runner, WAIT).expect("the runner catches up");
     assert_eq!(pair.schema.stats_applied(), events);
-    assert_eq!(pair.schema.stats_mismatches(), 0, "every event once, in order");
+    assert_eq!(
+        pair.schema.stats_mismatches(),
+        0,
+        "every event once, in order"
+    );
     let replica_events = read_from_replica(&metrics);
     assert!(
         replica_events >= 40_000,
@@ -196,7 +200,11 @@ fn a_replica_that_stops_replaying_is_left_for_the_primary_until_it_replays_again
     });
     runner.shutdown();
     join_within(runner, WAIT).expect("the runner stops cleanly");
-    assert_eq!(pair.schema.stats_mismatches(), 0, "every event once, in order");
+    assert_eq!(
+        pair.schema.stats_mismatches(),
+        0,
+        "every event once, in order"
+    );
     let replica_events = read_from_replica(&metrics);
     assert!(
         replica_events >= 20_000,
@@ -231,19 +239,66 @@ fn a_replica_that_is_down_is_left_for_the_primary_with_one_warning() {
     let stderr = text(&output.stderr);
     assert!(output.status.success(), "exits 0; stderr:\n{stderr}");
     assert_eq!(pair.schema.stats_applied(), events);
-    assert_eq!(pair.schema.stats_mismatches(), 0, "every event once, in order");
+    assert_eq!(
+        pair.schema.stats_mismatches(),
+        0,
+        "every event once, in order"
+    );
     let warnings = stderr
         .lines()
         .filter(|line| line.contains("read replica") && line.contains("WARN"))
         .count();
     assert_eq!(warnings, 1, "one warning for the outage; stderr:\n{stderr}");
     assert!(
-        stderr.contains(&format!("postgres@127.0.0.1:{}/postgres", pair.replica.port())),
+        stderr.contains(&format!(
+            "postgres@127.0.0.1:{}/postgres",
+            pair.replica.port()
+        )),
         "the warning names the replica; stderr:\n{stderr}"
     );
     assert!(
         !stderr.contains("s3cret"),
         "the password is never printed; stderr:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_replica_that_goes_down_while_read_is_left_for_the_primary_nothing_skipped() {
+    let pair = Pair::start("replica_goes_down");
+    let events = pair.schema.seed(600, 100);
+    pair.replica_replays_all();
+    let gate = Arc::new(AtomicBool::new(false));
+    let mut settings = small_batches();
+    settings.straggler_after = Duration::from_secs(120);
+    settings.queue_depth = 1;
+    settings.max_events_per_transaction = 1_000;
+    let gated = Gated {
+        gate: Arc::clone(&gate),
+        from: 10_000,
+    };
+    let runner = builder(&pair, gated, settings)
+        .start()
+        .expect("start the runner");
+    let metrics = runner.metrics();
+    eventually("the fetcher to read from the replica", WAIT, || {
+        read_from_replica(&metrics) > 0
+    });
+    pair.replica.stop();
+    gate.store(true, Ordering::Release);
+    eventually("every event to be applied", WAIT, || {
+        pair.schema.stats_applied() == events
+    });
+    runner.shutdown();
+    join_within(runner, WAIT).expect("the runner stops cleanly");
+    assert_eq!(
+        pair.schema.stats_mismatches(),
+        0,
+        "every event once, in order"
+    );
+    let replica_events = read_from_replica(&metrics);
+    assert!(
+        (replica_events as i64) < events,
+        "the rest is read from the primary; read {replica_events} of {events} from the replica"
     );
 }
 
@@ -275,7 +330,11 @@ fn a_hole_held_open_on_the_primary_is_never_passed_through_the_replica() {
     });
     runner.shutdown();
     join_within(runner, WAIT).expect("the runner stops cleanly");
-    assert_eq!(pair.schema.stats_mismatches(), 0, "every event once, in order");
+    assert_eq!(
+        pair.schema.stats_mismatches(),
+        0,
+        "every event once, in order"
+    );
 }
 
 #[test]
@@ -289,13 +348,19 @@ fn a_bad_read_replica_url_exits_2_naming_its_setting_without_the_password() {
     let mut by_env = schema.aggregate_stats("0", "1", &[]);
     by_env.env("READ_REPLICA_URL", bad);
     let by_env = run_within(by_env, WAIT);
-    for (output, setting) in [(by_flag, "--read-replica-url"), (by_env, "READ_REPLICA_URL")] {
+    for (output, setting) in [
+        (by_flag, "--read-replica-url"),
+        (by_env, "READ_REPLICA_URL"),
+    ] {
         let stderr = text(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "stderr:\n{stderr}");
         assert!(
             stderr.contains(setting) && stderr.contains("is not a valid connection string"),
             "names {setting}; stderr:\n{stderr}"
         );
-        assert!(!stderr.contains("s3cr3t"), "no part of the password; stderr:\n{stderr}");
+        assert!(
+            !stderr.contains("s3cr3t"),
+            "no part of the password; stderr:\n{stderr}"
+        );
     }
 }

@@ -169,9 +169,10 @@ impl Threads {
             outage: Arc::clone(&self.outage),
             stragglers: Arc::clone(&self.stragglers),
             stopper: self.stopper.clone(),
-            replica: self.read_replica.take().map(|replica| {
-                Replica::new(self.database.clone(), replica, replica_figures)
-            }),
+            replica: self
+                .read_replica
+                .take()
+                .map(|replica| Replica::new(self.database.clone(), replica, replica_figures)),
         };
         let fetcher_done = done_tx.clone();
         let fetcher_stopper = self.stopper.clone();
