@@ -3,23 +3,28 @@
 # The benchmarks against a database of their own: catch-up (benches/catch_up.rs), several
 # projections (benches/projections.rs), latency (benches/latency.rs: from append to read
 # model, and read-your-writes waits), the park policy (benches/park.rs: one poison
-# aggregate among 10,000) and sharing partitions (benches/sharing.rs: 4 processes with
-# --partition-key auto against 4 with explicit keys, and the take-over after a SIGKILL).
+# aggregate among 10,000), sharing partitions (benches/sharing.rs: 4 processes with
+# --partition-key auto against 4 with explicit keys, and the take-over after a SIGKILL) and
+# the read replica (benches/replica.rs: the primary's CPU time during a catch-up without and
+# with --read-replica-url, on a primary and a pg_basebackup -R replica started for it).
 #
 # Usage: scripts/bench.sh [--events N] [--big-events N] [--quick] [--only BENCH]
 #   --events N      events in the main runs (default 1000000)
 #   --big-events N  events for the second peak-memory run (default 5000000, 0 skips it)
 #   --quick         smoke run: 100000 events, no big run, scaling at 1, 4 and 16 partitions,
 #                   latency for 3 s per mode instead of 10, park 3 rounds instead of 7
-#   --only BENCH    run one benchmark: catch_up, projections, latency, park or sharing
+#   --only BENCH    run one benchmark: catch_up, projections, latency, park, sharing or
+#                   replica
 #
 # Without DATABASE_URL, a throw-away PostgreSQL server is started for the run. Either way a
-# database projector_bench_<pid>_<time> is created on the server and dropped at the end.
+# database projector_bench_<pid>_<time> is created on the server and dropped at the end. The
+# replica benchmark always runs on a throw-away primary and replica of its own (fsync on),
+# both on this machine, since it reads their processes' CPU time from /proc.
 # Numbers are reported, not asserted: the script exits 0 unless something fails to run.
 set -euo pipefail
 
 usage() {
-    sed -n '9,15s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '11,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 events=1000000
@@ -52,8 +57,8 @@ while [[ $# -gt 0 ]]; do
         shift
         ;;
     --only)
-        if [[ $# -lt 2 || ! $2 =~ ^(catch_up|projections|latency|park|sharing)$ ]]; then
-            printf '%s needs catch_up, projections, latency, park or sharing\n' "$1" >&2
+        if [[ $# -lt 2 || ! $2 =~ ^(catch_up|projections|latency|park|sharing|replica)$ ]]; then
+            printf '%s needs catch_up, projections, latency, park, sharing or replica\n' "$1" >&2
             usage >&2
             exit 2
         fi
@@ -131,35 +136,74 @@ psql_bin() {
 
 admin_url=
 bench_db=
+pair_dirs=()
 cleanup() {
     if [[ -n $bench_db ]]; then
         run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 \
             -c "DROP DATABASE IF EXISTS $bench_db WITH (FORCE)" || true
     fi
+    local dir
+    for dir in "${pair_dirs[@]}"; do
+        pg_stop "$dir" || true
+        rm -rf -- "$dir"
+    done
     pg_stop_temp
+}
+
+# Starts a throw-away primary and a streaming replica of it (pg_basebackup -R), each in a new
+# temporary directory, and sets pair_primary_url and pair_replica_url.
+start_replica_pair() {
+    local primary_dir replica_dir saved=${DATABASE_URL-}
+    primary_dir=$(mktemp -d "${TMPDIR:-/tmp}/projector-bench-primary.XXXXXX")
+    replica_dir=$(mktemp -d "${TMPDIR:-/tmp}/projector-bench-replica.XXXXXX")
+    # The replica is stopped first.
+    pair_dirs=("$replica_dir" "$primary_dir")
+    if [[ ${EUID} -eq 0 ]]; then
+        chown postgres: "$primary_dir" "$replica_dir"
+    fi
+    # Durable settings (fsync and synchronous_commit on, as in production): with
+    # synchronous_commit off, commits reach the replica only at the WAL writer's next flush.
+    PG_FAST=0 pg_start "$primary_dir"
+    pair_primary_url=$DATABASE_URL
+    # Beside the server binaries (a symlinked pg_ctl points at them), else on PATH.
+    local basebackup
+    basebackup=$(dirname "$(readlink -f "$(pg_bindir)/pg_ctl")")/pg_basebackup
+    [[ -x $basebackup ]] || basebackup=$(command -v pg_basebackup)
+    run pg_as_owner "$basebackup" -h 127.0.0.1 -p "$(cat "$primary_dir/port")" \
+        -U postgres -D "$replica_dir" -R -X stream --no-sync
+    # The copy holds the primary's port and URL files: the replica picks a port of its own.
+    rm -f "$replica_dir/port" "$replica_dir/url" "$replica_dir/server.log"
+    PG_FAST=0 pg_start "$replica_dir"
+    pair_replica_url=$DATABASE_URL
+    DATABASE_URL=$saved
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-if [[ -z ${DATABASE_URL:-} ]]; then
+# The replica benchmark alone needs no server but the pair it starts.
+shared_server=1
+[[ $only == replica ]] && shared_server=0
+if ((shared_server)) && [[ -z ${DATABASE_URL:-} ]]; then
     pg_start_temp projector-bench-pg
 fi
-if [[ $DATABASE_URL != *://* ]]; then
+if ((shared_server)) && [[ $DATABASE_URL != *://* ]]; then
     printf 'DATABASE_URL must be a URL (postgres://user@host:port/db), got: %s\n' \
         "$(redact "$DATABASE_URL")" >&2
     exit 2
 fi
-admin_url=$DATABASE_URL
+admin_url=${DATABASE_URL-}
 psql=$(psql_bin)
 
 run nproc
 run cargo build --release
 run cargo bench --no-run --bench catch_up --bench projections --bench latency --bench park \
-    --bench sharing
+    --bench sharing --bench replica
 
-bench_db=projector_bench_$$_$(date +%s)
-run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 -c "CREATE DATABASE $bench_db"
+if ((shared_server)); then
+    bench_db=projector_bench_$$_$(date +%s)
+    run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 -c "CREATE DATABASE $bench_db"
+fi
 
 if [[ -z $only || $only == catch_up ]]; then
     run cargo bench --bench catch_up -- \
@@ -183,4 +227,9 @@ if [[ -z $only || $only == sharing ]]; then
     run cargo bench --bench sharing -- \
         --database-url "$(with_database "$admin_url" "$bench_db")" --events "$events" \
         --rounds "$sharing_rounds" --kills 5
+fi
+if [[ -z $only || $only == replica ]]; then
+    start_replica_pair
+    run cargo bench --bench replica -- --database-url "$pair_primary_url" \
+        --replica-url "$pair_replica_url" --events "$events"
 fi

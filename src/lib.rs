@@ -75,6 +75,12 @@
 //! successful start; [`pause`] and [`resume`] hold a projection's partitions without applying
 //! and let it go on; [`projection_states`] reads both.
 //!
+//! # Reading from a replica
+//! [`Builder::read_replica`] moves the reads of a long catch-up to a physical streaming replica:
+//! far from the head, the fetcher reads there below positions settled on the primary (the gap
+//! rule) and replayed on the replica; near the head, and while the replica lags or fails, it
+//! reads from the primary. Checkpoints and read models are always written on the primary.
+//!
 //! # Poison events
 //! An event that still fails after the last attempt stops its projection by default
 //! ([`PoisonPolicy::Stop`]). With [`PoisonPolicy::Park`] ([`Projection::poison_policy`], or

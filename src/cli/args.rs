@@ -62,6 +62,12 @@ pub(crate) struct Args {
     #[argh(option)]
     pub(crate) database_url: Option<String>,
 
+    /// a physical streaming replica of the database to read the stream from far from its
+    /// head, taking that load off the primary; near the head, or while the replica lags or is
+    /// down, the primary is read (env READ_REPLICA_URL)
+    #[argh(option)]
+    pub(crate) read_replica_url: Option<String>,
+
     /// schema holding the tables, default public (env PROJECTOR_SCHEMA)
     #[argh(option)]
     pub(crate) schema: Option<String>,
@@ -335,7 +341,7 @@ const CONNECTION_FLAGS: [&str; 5] = [
 ];
 
 /// Flags only running a projection (no subcommand) uses.
-const RUN_FLAGS: [&str; 10] = [
+const RUN_FLAGS: [&str; 11] = [
     "--on-poison",
     "--park-storm-limit",
     "--partition-key",
@@ -346,6 +352,7 @@ const RUN_FLAGS: [&str; 10] = [
     "--exit-when-caught-up",
     "--metrics-addr",
     "--ready-max-lag",
+    "--read-replica-url",
 ];
 
 /// Subcommands that take `--projection` themselves.

@@ -119,6 +119,13 @@ fn configured(
     if let Some(text) = &args.park_storm_limit {
         builder = builder.park_storm_limit(whole_number("--park-storm-limit", text)?);
     }
+    if let Some((flag, url)) = flag_or_env(
+        "--read-replica-url",
+        args.read_replica_url.clone(),
+        "READ_REPLICA_URL",
+    ) {
+        builder = builder.read_replica(Database::from_setting(&flag, &url)?);
+    }
     if let Some(text) = &args.batch_size {
         builder = builder.batch_size(positive("--batch-size", text)?);
     }

@@ -51,6 +51,8 @@ pub struct Builder {
     on_poison_of: Vec<(String, PoisonPolicy)>,
     /// Share the partitions with the other live processes instead of owning `partitions`.
     share: bool,
+    /// A streaming replica of `database` that catch-up reads may be served from.
+    read_replica: Option<Database>,
 }
 
 /// A projection of the runner, with its own partitions when it has them.
@@ -77,6 +79,7 @@ impl Builder {
             on_poison: None,
             on_poison_of: Vec::new(),
             share: false,
+            read_replica: None,
         }
     }
 
@@ -119,6 +122,18 @@ impl Builder {
     /// with [`projection_on`](Self::projection_on) keep their own partitions.
     pub fn share_partitions(mut self, share: bool) -> Self {
         self.share = share;
+        self
+    }
+
+    /// Reads the stream far from its head from `replica`, a physical streaming replica of the
+    /// database (`--read-replica-url`), to take that load off the primary: only positions
+    /// settled on the primary (no transaction that could still commit at or below them is
+    /// left) and replayed on the replica are read there. Near the head, and while the replica
+    /// lags, stops replaying or cannot be reached, the stream is read from the primary, so
+    /// nothing is skipped or repeated; checkpoints and read models are always written on the
+    /// primary. The replica's tables are looked for in the database's schema.
+    pub fn read_replica(mut self, replica: Database) -> Self {
+        self.read_replica = Some(replica);
         self
     }
 
@@ -219,7 +234,14 @@ impl Builder {
         let head = store::head_position(&mut reader)?;
         let start = shared_start(&prepared, settings.catch_up_alone_beyond);
         log_start(&prepared, start, head, &settings, &self.database);
+        if let Some(replica) = &self.read_replica {
+            info!(
+                "reading the stream far from its head from the read replica {}",
+                replica.target()
+            );
+        }
         Threads::start(self.database, pool, settings, prepared, start, head)
+            .and_then(|threads| threads.read_replica(self.read_replica))
             .and_then(|threads| threads.spawn(reader, balancer))
     }
 

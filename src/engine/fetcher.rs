@@ -19,6 +19,7 @@ use crate::engine::straggler::Stragglers;
 use crate::engine::wanted::Wanted;
 use crate::event::Scope;
 use crate::store::gap::{Before, Gaps, Held, Writers, holes};
+use crate::store::replica::Replica;
 use crate::store::{EVENT_COLUMNS, ScopeFilter, scope_filter};
 use crate::{Database, Error, backoff};
 
@@ -42,6 +43,8 @@ pub(crate) struct Fetcher {
     pub(crate) stragglers: Arc<Stragglers>,
     /// Stops every thread of the runner.
     pub(crate) stopper: Stopper,
+    /// A streaming replica that serves the reads far from the head.
+    pub(crate) replica: Option<Replica>,
 }
 
 /// A connection that reads events, listens for appends, and knows the writers' relations.
@@ -300,7 +303,8 @@ impl Fetcher {
     /// Two threads share the work, so that the database produces the next batch while the
     /// current one is decoded: this one reads (and waits at gaps), `projector-route` decodes
     /// the rows and hands each lane its events (see [`Router`]).
-    pub(crate) fn run(self, client: Client) -> Result<u64, Error> {
+    pub(crate) fn run(mut self, client: Client) -> Result<u64, Error> {
+        let replica = self.replica.take();
         let routes = Routes::new(&self.lanes);
         let reader = Reader::open(client, &self.database, &routes)?;
         let (reads_tx, reads) = bounded::<Chunk>(2);
@@ -329,7 +333,7 @@ impl Fetcher {
                 .map_err(|_| Error::ThreadPanicked {
                     thread: "projector-route".into(),
                 })?;
-            let outcome = self.read(reader, &routes, reads_tx);
+            let outcome = self.read(reader, replica, &routes, reads_tx);
             let read = routing.join().map_err(|_| Error::ThreadPanicked {
                 thread: "projector-route".into(),
             })?;
@@ -338,7 +342,13 @@ impl Fetcher {
     }
 
     /// Reads the stream in order until stopped, sending each complete prefix to the router.
-    fn read(&self, reader: Reader, routes: &Routes, reads: Sender<Chunk>) -> Result<(), Error> {
+    fn read(
+        &self,
+        reader: Reader,
+        mut replica: Option<Replica>,
+        routes: &Routes,
+        reads: Sender<Chunk>,
+    ) -> Result<(), Error> {
         let mut reader = Some(reader);
         let mut gaps = Gaps::default();
         let mut position = self.start;
@@ -367,6 +377,29 @@ impl Fetcher {
                 }
                 continue;
             };
+            if let Some(read) = replica.as_mut().and_then(|r| r.read(position, limit)) {
+                // Settled below `read.upto`: what the primary knew of gaps below it is spent.
+                gaps.reset();
+                self.progress.note_gap(None);
+                current.forget_notifications();
+                let chunk = Chunk {
+                    seen: read.rows.len(),
+                    rows: read.rows,
+                    // Every event, of every partition.
+                    covered: None,
+                    upto: read.upto,
+                    more_waiting: true,
+                };
+                select! {
+                    send(reads, chunk) -> sent => if sent.is_err() { break },
+                    recv(self.stop) -> _ => break,
+                }
+                router_holds = true;
+                position = read.upto;
+                self.progress.position.store(position, Ordering::Relaxed);
+                quiet = 0;
+                continue;
+            }
             let lanes = (self.lanes.as_slice(), &*self.stragglers);
             let batch = match current.read(position, limit, &mut gaps, &self.settings, lanes) {
                 Ok(batch) => batch,

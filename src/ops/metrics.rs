@@ -26,6 +26,7 @@ use crate::engine::lane::{LANE, LaneProgress, STATES};
 use crate::engine::runner::Figures;
 use crate::lock;
 use crate::ops::projection_gauges::ProjectionGauges;
+use crate::ops::replica_gauges::ReplicaGauges;
 
 /// Up to this many positions behind the head, a partition's lag is counted exactly.
 const COUNTED_LAG: i64 = 10_000;
@@ -65,6 +66,7 @@ struct Counted {
     retries: Vec<u64>,
     failures: Vec<u64>,
     rows_read: u64,
+    replica_read: u64,
     gap_wait: f64,
     rebalances: u64,
 }
@@ -101,12 +103,16 @@ struct Families {
     parked_aggregates: IntGaugeVec,
     parked_events: IntGaugeVec,
     projections: ProjectionGauges,
+    replica: Option<ReplicaGauges>,
     owned: IntGaugeVec,
     rebalances: IntCounter,
 }
 
 impl Families {
-    fn new(commit_seconds: HistogramVec) -> Result<Families, prometheus::Error> {
+    fn new(
+        commit_seconds: HistogramVec,
+        with_replica: bool,
+    ) -> Result<Families, prometheus::Error> {
         let registry = Registry::new();
         let lane = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &LANE);
         let count = |name: &str, help: &str| IntCounterVec::new(Opts::new(name, help), &LANE);
@@ -193,6 +199,10 @@ impl Families {
                 &["projection"],
             )?,
             projections: ProjectionGauges::new(&registry)?,
+            replica: match with_replica {
+                true => Some(ReplicaGauges::new(&registry)?),
+                false => None,
+            },
             owned: IntGaugeVec::new(
                 Opts::new(
                     "projector_partitions_owned",
@@ -246,7 +256,7 @@ impl Runner {
 
 impl Metrics {
     fn new(figures: Figures) -> Metrics {
-        let families = Families::new(figures.commit_seconds.clone())
+        let families = Families::new(figures.commit_seconds.clone(), figures.replica.is_some())
             .expect("the metric families have fixed, valid and distinct names");
         let n = figures.lanes.len();
         Metrics {
@@ -385,6 +395,9 @@ impl Metrics {
         });
         f.notifications_held
             .set(fetch.notifications_held.load(Ordering::Relaxed) as i64);
+        if let (Some(gauges), Some(figures)) = (&f.replica, &self.shared.figures.replica) {
+            gauges.set(figures, &mut scrape.replica_read);
+        }
         self.count_owned(scrape);
     }
 

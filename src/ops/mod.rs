@@ -5,6 +5,7 @@
 //! - [`metrics`]: a runner's figures in the Prometheus text format, read from the engine's
 //!   lane figures ([`crate::engine::progress`]) and the database.
 //! - [`projection_gauges`]: the gauges of a projection that failed here, or is paused.
+//! - [`replica_gauges`]: what the read replica served, and how far behind it was.
 //! - [`health`]: liveness and readiness of a runner, for probes.
 //! - [`members`]: the processes that share a projection's partitions, for `status`.
 //! - [`rewind`]: a projection's checkpoints moved back to a position or a time, its read model
@@ -16,5 +17,6 @@ pub(crate) mod health;
 pub(crate) mod members;
 pub(crate) mod metrics;
 pub(crate) mod projection_gauges;
+pub(crate) mod replica_gauges;
 pub(crate) mod rewind;
 pub(crate) mod status;

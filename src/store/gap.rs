@@ -242,6 +242,58 @@ impl Gaps {
     }
 }
 
+/// A position being proven settled for reads elsewhere (a replica): every transaction that
+/// could still commit at or below it has ended. The same argument as a gap's: the writers live
+/// once `through` is known to be a committed row include the owner of every position drawn
+/// at or below it that has not ended yet.
+#[derive(Debug)]
+pub(crate) struct Settling {
+    watch: Watch,
+}
+
+impl Settling {
+    /// Starts proving `through` settled, `through` being a position read as committed before
+    /// this call; `None` when no writer is live, so that it is settled already.
+    pub(crate) fn begin(
+        client: &mut Client,
+        writers: &Writers,
+        through: i64,
+    ) -> Result<Option<Settling>, postgres::Error> {
+        let read_at: SystemTime = client
+            .query_one("SELECT statement_timestamp()", &[])?
+            .get(0);
+        let blockers = writers.holders(client)?;
+        if blockers.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Settling {
+            watch: Watch {
+                blockers,
+                through,
+                read_at,
+                since: Instant::now(),
+                warned: None,
+            },
+        }))
+    }
+
+    /// The position being proven settled.
+    pub(crate) fn through(&self) -> i64 {
+        self.watch.through
+    }
+
+    /// True once every writer that was live at the start has ended: no transaction can commit
+    /// a position at or below [`through`](Self::through) any more.
+    pub(crate) fn settled(
+        &mut self,
+        client: &mut Client,
+        writers: &Writers,
+    ) -> Result<bool, postgres::Error> {
+        self.watch.forget_ended(client, writers)?;
+        Ok(self.watch.blockers.is_empty())
+    }
+}
+
 /// What to do with the holes of a read.
 pub(crate) enum Held {
     /// There are none.

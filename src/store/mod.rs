@@ -5,6 +5,7 @@ pub(crate) mod append;
 pub(crate) mod database;
 pub(crate) mod gap;
 pub(crate) mod migration;
+pub(crate) mod replica;
 pub(crate) mod state;
 
 use postgres::types::Oid;

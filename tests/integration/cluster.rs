@@ -27,29 +27,7 @@ pub struct Cluster {
 impl Cluster {
     /// Initialises and starts a new cluster; `name` is part of its directory's name.
     pub fn start(name: &str) -> Cluster {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "projector-cluster-{name}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("data")).expect("create the cluster's directory");
-        let as_postgres = running_as_root();
-        if as_postgres {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:"])
-                .arg(&dir)
-                .status()
-                .expect("run chown");
-            assert!(status.success(), "chown the cluster directory to postgres");
-        }
-        let mut cluster = Cluster {
-            bindir: server_bindir(),
-            dir,
-            port: 0,
-            as_postgres,
-        };
+        let cluster = Cluster::empty_dir(name);
         let data = cluster.data();
         cluster.run_checked(
             "initdb",
@@ -66,21 +44,79 @@ impl Cluster {
                 "--no-sync",
             ],
         );
+        cluster.start_on_a_free_port()
+    }
+
+    /// A physical streaming replica of `primary` (`pg_basebackup -R`), started on a port of
+    /// its own: read-only, replaying the primary's WAL as it streams in.
+    pub fn replica_of(primary: &Cluster, name: &str) -> Cluster {
+        let cluster = Cluster::empty_dir(&format!("{name}-replica"));
+        let data = cluster.data();
+        let port = primary.port.to_string();
+        cluster.run_checked(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-D",
+                &data,
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        );
+        cluster.start_on_a_free_port()
+    }
+
+    /// The cluster's directory, created empty (and owned by `postgres` when running as root).
+    fn empty_dir(name: &str) -> Cluster {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "projector-cluster-{name}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the cluster's directory");
+        let as_postgres = running_as_root();
+        if as_postgres {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(&dir)
+                .status()
+                .expect("run chown");
+            assert!(status.success(), "chown the cluster directory to postgres");
+        }
+        Cluster {
+            bindir: server_bindir(),
+            dir,
+            port: 0,
+            as_postgres,
+        }
+    }
+
+    /// Starts the initialised cluster on a port nothing listens on.
+    fn start_on_a_free_port(mut self) -> Cluster {
         // A port is picked by binding to port 0 and letting it go; another process may take it
         // in between, so a start that fails is tried again with another port.
         for attempt in 1..=3 {
-            cluster.port = free_port();
-            cluster.write_settings();
-            let output = cluster.pg_ctl(&["start", "-w", "-t", PG_CTL_TIMEOUT_SECONDS]);
+            self.port = free_port();
+            self.write_settings();
+            let output = self.pg_ctl(&["start", "-w", "-t", PG_CTL_TIMEOUT_SECONDS]);
             if output.status.success() {
-                return cluster;
+                return self;
             }
             assert!(
-                attempt < 3 && cluster.log().contains("Address already in use"),
+                attempt < 3 && self.log().contains("Address already in use"),
                 "could not start PostgreSQL in {}: {}\n{}",
-                cluster.dir.display(),
+                self.dir.display(),
                 crate::util::text(&output.stderr),
-                cluster.log()
+                self.log()
             );
         }
         unreachable!("the loop above returns or fails")
@@ -230,7 +266,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The directory holding `initdb` and `pg_ctl`.
+/// The directory holding `initdb`, `pg_ctl` and `pg_basebackup`.
 fn server_bindir() -> PathBuf {
     let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     let mut candidates = Vec::new();
@@ -259,9 +295,18 @@ fn server_bindir() -> PathBuf {
         std::cmp::Reverse(version)
     });
     candidates.extend(versioned);
+    // A symlinked pg_ctl (in /usr/local/bin, say) points into the real directory, which also
+    // holds pg_basebackup.
+    let real = |dir: PathBuf| {
+        std::fs::canonicalize(dir.join("pg_ctl"))
+            .ok()
+            .and_then(|pg_ctl| pg_ctl.parent().map(Path::to_path_buf))
+            .unwrap_or(dir)
+    };
     candidates
         .into_iter()
         .find(|dir| has_server(dir))
+        .map(real)
         .expect("PostgreSQL server binaries (initdb, pg_ctl) not found: install postgresql")
 }
 

@@ -27,6 +27,7 @@ mod proxy;
 mod pupsourcing;
 mod repartition;
 mod repartition_command;
+mod replica;
 mod rewind;
 mod run_all;
 mod runtime;

@@ -33,6 +33,7 @@ use crate::engine::worker::retry::Held;
 use crate::engine::worker::{PartitionSummary, Worker};
 use crate::projections::projection::{Context, Projection};
 use crate::store::database::Pool;
+use crate::store::replica::{Replica, ReplicaFigures};
 use crate::{Database, Error, error_chain};
 
 /// What the threads of a runner share, before they are spawned.
@@ -56,6 +57,8 @@ pub(crate) struct Threads {
     stores_states: bool,
     /// Where each projection's end is told.
     notices: Sender<ProjectionStopped>,
+    /// A streaming replica the fetcher reads from far from the head.
+    read_replica: Option<Database>,
 }
 
 impl Threads {
@@ -96,7 +99,17 @@ impl Threads {
             // Both set by `spawn`, which reads the schema first.
             stores_states: false,
             notices: unbounded().0,
+            read_replica: None,
         })
+    }
+
+    /// Reads far from the head from `replica` (its tables in the database's schema).
+    pub(crate) fn read_replica(mut self, replica: Option<Database>) -> Result<Threads, Error> {
+        self.read_replica = match replica {
+            Some(replica) => Some(replica.schema(self.database.schema_name())?),
+            None => None,
+        };
+        Ok(self)
     }
 
     /// Spawns every projection's workers, the fetcher (reading through `reader`) and the
@@ -131,8 +144,13 @@ impl Threads {
         let fetch_progress = Arc::new(FetchProgress::default());
         fetch_progress.position.store(self.start, Ordering::Relaxed);
         fetch_progress.running.store(true, Ordering::Release);
+        let replica_figures = Arc::new(ReplicaFigures::default());
         let figures = Figures {
             database: self.database.clone(),
+            replica: self
+                .read_replica
+                .is_some()
+                .then(|| Arc::clone(&replica_figures)),
             lanes: progress.clone(),
             fetch: Arc::clone(&fetch_progress),
             commit_seconds: timers.0,
@@ -151,6 +169,10 @@ impl Threads {
             outage: Arc::clone(&self.outage),
             stragglers: Arc::clone(&self.stragglers),
             stopper: self.stopper.clone(),
+            replica: self
+                .read_replica
+                .take()
+                .map(|replica| Replica::new(self.database.clone(), replica, replica_figures)),
         };
         let fetcher_done = done_tx.clone();
         let fetcher_stopper = self.stopper.clone();
@@ -395,6 +417,8 @@ pub(crate) struct Figures {
     pub(crate) commit_seconds: HistogramVec,
     /// Sharing partitions: how often the partitions this process wants changed.
     pub(crate) rebalances: Arc<AtomicU64>,
+    /// With a read replica: what it served.
+    pub(crate) replica: Option<Arc<ReplicaFigures>>,
 }
 
 impl std::fmt::Debug for Figures {
