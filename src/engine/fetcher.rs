@@ -378,6 +378,8 @@ impl Fetcher {
                 continue;
             };
             if let Some(read) = replica.as_mut().and_then(|r| r.read(position, limit)) {
+                // Every lane's events are in it: stragglers that asked are read for from here.
+                self.stragglers.lanes_to_read(position);
                 // Settled below `read.upto`: what the primary knew of gaps below it is spent.
                 gaps.reset();
                 self.progress.note_gap(None);

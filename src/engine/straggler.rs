@@ -134,8 +134,7 @@ impl Stragglers {
 
     /// For the fetcher, about to read after `position`: which lanes' events to read (those on
     /// the shared read, and stragglers that asked; not those whose worker has stopped), by
-    /// lane. From this read on, the stragglers
-    /// that asked are read for.
+    /// lane. From this read on, the stragglers that asked are read for.
     pub(crate) fn lanes_to_read(&self, position: i64) -> Vec<bool> {
         let mut reads = lock(&self.reads);
         self.asked.store(false, Ordering::Relaxed);

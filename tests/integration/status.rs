@@ -123,6 +123,14 @@ fn status_watch_shows_the_status_table_with_rate_and_eta_and_ends_0_on_ctrl_c() 
     schema.seed(4, 2);
     catch_up(&schema);
     let live = crate::newcomer::spawn_holder(&schema, "noop");
+    // Caught up, so that both tables show the same checkpoints (a partition with nothing to
+    // apply writes its checkpoint within a second).
+    eventually("the live process to catch up", LIMIT, || {
+        schema.count(
+            "SELECT COUNT(*) FROM projector_checkpoints \
+             WHERE projection = 'noop' AND last_position = 8",
+        ) == 2
+    });
     let (_, table, stderr) = run(&schema, &["status"]);
     let (watched, output) = watch_then_interrupt(&schema);
     signal(&live, "TERM");
