@@ -172,6 +172,7 @@ pub use ops::members::{Member, members};
 pub use ops::metrics::{Metrics, SCRAPE_TIMEOUT};
 pub use ops::rewind::{PartitionRewind, Rewind, RewindTo, plan_rewind, rewind};
 pub use ops::status::{CheckpointStatus, Cleared, reset, reset_checkpoints, status};
+pub use ops::version::{ProjectionVersion, Promoted, Retired, promote, retire, versions};
 pub use partition::{
     MAX_PARTITIONS, fnv1a32, parse_partition_keys, parse_total_partitions, partition_of,
 };
@@ -181,6 +182,9 @@ pub use store::append::{Appender, append};
 pub use store::database::{Database, Pool};
 pub use store::migration::migrate;
 pub use store::read_stream;
+pub use store::registry::{
+    VersionState, read_model_schema, readers_schema, split_stored_name, stored_name,
+};
 pub use store::state::{ProjectionState, StateKind, pause, projection_states, resume};
 pub use wait::{Applied, Until, Waiter, wait_for};
 

@@ -54,6 +54,11 @@ pub(crate) struct Args {
     #[argh(switch)]
     pub(crate) exit_when_caught_up: bool,
 
+    /// build a new version of a projection with side effects from the first event, doing its
+    /// effects again, instead of from where the live version is
+    #[argh(switch)]
+    pub(crate) replay_side_effects: bool,
+
     /// removed: exits 2 saying to run `projector repartition` instead
     #[argh(switch, hidden_help)]
     pub(crate) repartition: bool,
@@ -117,6 +122,8 @@ pub(crate) enum Command {
     Pause(Pause),
     Resume(Resume),
     DeadLetters(super::dead_letters::DeadLetters),
+    Promote(super::version::Promote),
+    Retire(super::version::Retire),
 }
 
 /// Create the event store and checkpoint tables (safe to run again).
@@ -317,7 +324,7 @@ fn with_watch_seconds(args: &[String]) -> Vec<String> {
 }
 
 /// The subcommands, as typed.
-const SUBCOMMANDS: [&str; 11] = [
+const SUBCOMMANDS: [&str; 13] = [
     "migrate",
     "seed",
     "append",
@@ -329,6 +336,8 @@ const SUBCOMMANDS: [&str; 11] = [
     "pause",
     "resume",
     "dead-letters",
+    "promote",
+    "retire",
 ];
 
 /// Flags of the whole command that may come before or after a subcommand.
@@ -341,7 +350,7 @@ const CONNECTION_FLAGS: [&str; 5] = [
 ];
 
 /// Flags only running a projection (no subcommand) uses.
-const RUN_FLAGS: [&str; 11] = [
+const RUN_FLAGS: [&str; 12] = [
     "--on-poison",
     "--park-storm-limit",
     "--partition-key",
@@ -353,10 +362,11 @@ const RUN_FLAGS: [&str; 11] = [
     "--metrics-addr",
     "--ready-max-lag",
     "--read-replica-url",
+    "--replay-side-effects",
 ];
 
 /// Subcommands that take `--projection` themselves.
-const WITH_PROJECTION: [&str; 8] = [
+const WITH_PROJECTION: [&str; 10] = [
     "status",
     "reset",
     "repartition",
@@ -365,6 +375,8 @@ const WITH_PROJECTION: [&str; 8] = [
     "pause",
     "resume",
     "dead-letters",
+    "promote",
+    "retire",
 ];
 
 /// Subcommands that take `--projection-file` themselves.
@@ -374,7 +386,7 @@ const WITH_PROJECTION_FILE: [&str; 3] = ["reset", "repartition", "dead-letters"]
 fn takes_value(flag: &str) -> bool {
     !matches!(
         flag,
-        "--exit-when-caught-up" | "--repartition" | "--help" | "-h"
+        "--exit-when-caught-up" | "--replay-side-effects" | "--repartition" | "--help" | "-h"
     )
 }
 
@@ -401,6 +413,8 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
             | ("reset" | "repartition", "--projection-file")
             | ("repartition", "--to")
             | ("status", "--watch")
+            | ("promote", "--projection" | "--version" | "--timeout")
+            | ("retire", "--projection" | "--version")
             | ("wait", "--position" | "--aggregate" | "--timeout")
             | (
                 "dead-letters",

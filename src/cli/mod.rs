@@ -15,6 +15,7 @@ mod seed;
 mod serve;
 mod sql_files;
 mod status;
+mod version;
 mod wait;
 mod watch;
 
@@ -90,6 +91,14 @@ pub(crate) fn run(args: Args) -> Result<(), CliError> {
             let mut client = connect_to_schema(&database, &schema_setting(&args))?;
             known_here(&mut client, &resume.projection)?;
             Ok(resume_projection(&database, &resume.projection)?)
+        }
+        Some(Command::Promote(ref promote)) => {
+            connect_to_schema(&database, &schema_setting(&args))?;
+            version::promote(&database, promote)
+        }
+        Some(Command::Retire(ref retire)) => {
+            connect_to_schema(&database, &schema_setting(&args))?;
+            version::retire(&database, retire)
         }
         Some(Command::DeadLetters(ref command)) => {
             connect_to_schema(&database, &schema_setting(&args))?;

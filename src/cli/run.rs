@@ -108,7 +108,8 @@ fn configured(
 ) -> Result<Builder, Error> {
     let mut builder = builder_of(args, database)?
         .total_partitions(total)
-        .exit_when_caught_up(args.exit_when_caught_up);
+        .exit_when_caught_up(args.exit_when_caught_up)
+        .replay_side_effects(args.replay_side_effects);
     builder = match keys {
         Some(keys) => builder.partitions(keys),
         None => builder.share_partitions(true),

@@ -32,20 +32,23 @@ pub(crate) fn projection_files(paths: &[String]) -> Result<Vec<SqlProjection>, E
     Ok(projections)
 }
 
-/// Refuses two files that define the same projection, naming both.
+/// Refuses two files that define the same version of a projection, naming both (two versions
+/// of one projection may run side by side).
 fn defined_once(projections: &[SqlProjection]) -> Result<(), Error> {
     for (at, projection) in projections.iter().enumerate() {
         if let Some(first) = projections[..at]
             .iter()
-            .find(|earlier| earlier.name() == projection.name())
+            .find(|earlier| {
+                earlier.name() == projection.name() && earlier.version() == projection.version()
+            })
         {
             return Err(Error::invalid_setting(
                 "--projection-file",
                 projection.path(),
                 format!(
                     "projection '{}' is defined here and in {} (or the file is given twice): \
-                     each projection may be defined once",
-                    projection.name(),
+                     each version of a projection may be defined once",
+                    projector::stored_name(projection.name(), projection.version()),
                     first.path()
                 ),
             ));

@@ -28,7 +28,9 @@ pub use drop::{Dropped, drop_parked};
 use crate::event::Event;
 use crate::layout::checkpoint::to_i32;
 use crate::layout::lock_layout;
-use crate::projections::projection::{Context, Projection, apply_each, lock_setup};
+use crate::projections::projection::{
+    AnyProjection, Context, Projection, apply_each, lock_setup,
+};
 use crate::store::{EVENT_COLUMNS, event_from_row};
 use crate::{BoxError, Error, partition_of};
 
@@ -164,12 +166,14 @@ pub fn retry<P: Projection>(
     projection: &mut P,
     aggregate: Option<&str>,
 ) -> Result<Vec<Retried>, Error> {
-    crate::store::check_tables_here(client)?;
+    let schema = crate::store::check_tables_here(client)?;
+    // Under its stored name, in its version's schema.
+    let mut projection = AnyProjection::new(projection.clone()).over_schema(&schema);
     let name = projection.name().to_owned();
     let aggregates = parked_aggregates_named(client, &name, aggregate)?;
     let mut outcomes = Vec::with_capacity(aggregates.len());
     for aggregate_id in aggregates {
-        outcomes.push(retry_one(client, projection, &name, aggregate_id)?);
+        outcomes.push(retry_one(client, &mut projection, &name, aggregate_id)?);
     }
     match (aggregate, outcomes.first()) {
         // The one aggregate asked for was released by someone else between the two reads.
@@ -395,6 +399,7 @@ fn apply_in_order<P: Projection>(
     let context = Context {
         partition,
         total_partitions: total.max(1),
+        version: projection.version(),
     };
     apply_each(projection, tx, events, &context, |_| {})
 }

@@ -430,10 +430,11 @@ pub(crate) fn claim_stored_layout(
 ) -> Result<layout::Layout, Error> {
     let name = plan.projection.name().to_owned();
     follow_stored_layout(client, plan)?;
-    match layout::claim_layout(client, &name, plan.total, false) {
+    let start_from = plan.start_from.clone();
+    match layout::claim_layout(client, &name, plan.total, false, start_from.as_deref()) {
         Err(Error::LayoutMismatch { .. }) => {
             follow_stored_layout(client, plan)?;
-            layout::claim_layout(client, &name, plan.total, false)
+            layout::claim_layout(client, &name, plan.total, false, start_from.as_deref())
         }
         claimed => claimed,
     }

@@ -17,6 +17,8 @@ use crate::partition::{MAX_PARTITIONS, describe_keys};
 use crate::projections::projection::PoisonPolicy;
 use crate::projections::projection::{AnyProjection, Projection, lock_setup};
 use crate::store::database::Pool;
+use crate::store::readers;
+use crate::store::registry::{self, read_model_schema, split_stored_name};
 use crate::{Database, Error, layout, layout::checkpoint, store};
 
 /// The most events one read of the stream may hold, so that memory stays bounded.
@@ -53,6 +55,8 @@ pub struct Builder {
     share: bool,
     /// A streaming replica of `database` that catch-up reads may be served from.
     read_replica: Option<Database>,
+    /// A new version of a projection with side effects starts at the first event too.
+    replay_side_effects: bool,
 }
 
 /// A projection of the runner, with its own partitions when it has them.
@@ -80,6 +84,7 @@ impl Builder {
             on_poison_of: Vec::new(),
             share: false,
             read_replica: None,
+            replay_side_effects: false,
         }
     }
 
@@ -134,6 +139,15 @@ impl Builder {
     /// primary. The replica's tables are looked for in the database's schema.
     pub fn read_replica(mut self, replica: Database) -> Self {
         self.read_replica = Some(replica);
+        self
+    }
+
+    /// Builds a new version of a projection that [has side effects](Projection::has_side_effects)
+    /// from the first event, like any other, instead of from where the live version's
+    /// checkpoints are at its first start (`--replay-side-effects`): its effects are then done
+    /// again for every event. Default: false.
+    pub fn replay_side_effects(mut self, replay: bool) -> Self {
+        self.replay_side_effects = replay;
         self
     }
 
@@ -219,9 +233,11 @@ impl Builder {
         let lanes: usize = planned.iter().map(|p| p.keys.len()).sum();
         let mut pool = self.pool_for(lanes)?;
         let mut reader = connect_to_checked_store(&self.database)?;
+        let schema = self.database.schema_name();
+        let replay = self.replay_side_effects;
         let prepared = planned
             .into_iter()
-            .map(|plan| prepare(&mut reader, plan))
+            .map(|plan| prepare(&mut reader, schema, plan, replay))
             .collect::<Result<Vec<_>, _>>()?;
         let shared_lanes: usize = prepared.iter().map(|p| p.plan.keys.len()).sum();
         if shared_lanes != lanes {
@@ -276,6 +292,7 @@ impl Builder {
                         "each projection may be given once: it is named twice",
                     ));
                 }
+                check_version(&member.projection, self.database.schema_name())?;
                 let shared = self.share && member.own_layout.is_none();
                 let (keys, total) = match &member.own_layout {
                     Some(layout) => layout.clone(),
@@ -283,11 +300,15 @@ impl Builder {
                     None => (self.partitions.clone(), self.total_partitions),
                 };
                 Ok(Plan {
-                    projection: member.projection.clone(),
+                    projection: member
+                        .projection
+                        .clone()
+                        .over_schema(self.database.schema_name()),
                     keys: checked_keys(keys, total)?,
                     total,
                     policy: self.poison_policy_of(&member.projection),
                     shared,
+                    start_from: None,
                 })
             })
             .collect::<Result<Vec<Plan>, Error>>()
@@ -345,6 +366,38 @@ impl Builder {
     }
 }
 
+/// Fails on version 0, on a name that reads as a version of another (`users@2` at version
+/// 1), and on a version whose read-model schema's name would pass PostgreSQL's 63 bytes.
+fn check_version(projection: &AnyProjection, schema: &str) -> Result<(), Error> {
+    let (name, version) = (projection.given_name(), projection.version());
+    if version == 0 {
+        return Err(Error::invalid_setting(
+            "Projection::version",
+            format!("{name}: 0"),
+            "versions start at 1",
+        ));
+    }
+    if split_stored_name(name).1 != 1 {
+        return Err(Error::invalid_setting(
+            "Builder::projection",
+            name,
+            "a projection's name may not end in '@' and a number, which names a version: \
+             rename it, or give it that version (Projection::version, `-- version:`)",
+        ));
+    }
+    match read_model_schema(schema, version) {
+        Some(own) if own.len() > 63 => Err(Error::invalid_setting(
+            "Projection::version",
+            format!("{name}: {version}"),
+            format!(
+                "version {version}'s read model would live in schema '{own}', longer than \
+                 PostgreSQL's 63 bytes: use a shorter schema name"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// `keys` sorted and without repeats, once each is checked against `total`.
 fn checked_keys(mut keys: Vec<u32>, total: u32) -> Result<Vec<u32>, Error> {
     if total == 0 || total > MAX_PARTITIONS {
@@ -387,15 +440,32 @@ fn connect_to_checked_store(database: &Database) -> Result<Client, Error> {
     Ok(client)
 }
 
-/// Claims the projection's layout, sets its read model up and reads its checkpoints.
-fn prepare(client: &mut Client, mut plan: Plan) -> Result<Prepared, Error> {
+/// Records the projection's version, claims its layout, sets its read model up and reads its
+/// checkpoints.
+fn prepare(
+    client: &mut Client,
+    schema: &str,
+    mut plan: Plan,
+    replay_side_effects: bool,
+) -> Result<Prepared, Error> {
     let name = plan.projection.name().to_owned();
+    let given = plan.projection.given_name().to_owned();
+    let (given, version) = (given.as_str(), plan.projection.version());
+    registry::register_start(client, schema, given, version)?;
+    let live = registry::live_version(&registry::states_of(client, given)?);
+    if version != live && plan.projection.has_side_effects() && !replay_side_effects {
+        plan.start_from = Some(registry::stored_name(given, live));
+    }
     let layout = if plan.shared {
         claim_stored_layout(client, &mut plan)?
     } else {
-        layout::claim_layout(client, &name, plan.total, false)?
+        let start_from = plan.start_from.as_deref();
+        layout::claim_layout(client, &name, plan.total, false, start_from)?
     };
     set_up_read_model(client, &mut plan)?;
+    if version != live {
+        publish_live_version(client, schema, given, live, version)?;
+    }
     let checkpoints = checkpoint::load(client, &name, plan.total, &plan.keys)?;
     warn_of_parked_aggregates(client, &name, plan.policy)?;
     let wanted = vec![!plan.shared; plan.keys.len()];
@@ -406,6 +476,29 @@ fn prepare(client: &mut Client, mut plan: Plan) -> Result<Prepared, Error> {
         checkpoints,
         wanted,
     })
+}
+
+/// At the first start of a new version of projection `name`, when the projection has no views
+/// in the readers' schema yet: one view per table of the new version's read model, over the
+/// live version's table of that name, so that readers can move to the stable names before the
+/// switch.
+fn publish_live_version(
+    client: &mut Client,
+    schema: &str,
+    name: &str,
+    live: u32,
+    version: u32,
+) -> Result<(), Error> {
+    let mut tx = client
+        .transaction()
+        .map_err(Error::database("starting to publish the readers' views"))?;
+    lock_setup(&mut tx, name).map_err(Error::database("waiting for other processes' setup"))?;
+    if !readers::has_views(&mut tx, schema, name)? {
+        let tables = readers::read_model_tables(&mut tx, schema, live, version)?;
+        readers::point_readers_at(&mut tx, schema, name, live, &tables)?;
+    }
+    tx.commit()
+        .map_err(Error::database("committing the readers' views"))
 }
 
 /// Says at start when the projection has parked aggregates: their later events are parked

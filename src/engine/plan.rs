@@ -13,6 +13,9 @@ pub(crate) struct Plan {
     pub(crate) policy: PoisonPolicy,
     /// Shares its partitions with the other live processes (`keys` are all of them).
     pub(crate) shared: bool,
+    /// A new version with side effects: the stored name of the live version, whose
+    /// checkpoints its fresh layout starts at.
+    pub(crate) start_from: Option<String>,
 }
 
 /// A projection ready to run: its layout claimed, its read model set up, its checkpoints read.

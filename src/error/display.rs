@@ -166,6 +166,17 @@ impl fmt::Display for Error {
                      again to carry on from the current checkpoints"
                 ),
             },
+            Error::VersionRetired {
+                projection,
+                version,
+                live,
+            } => write!(
+                f,
+                "version {version} of projection '{projection}' was retired: version {live} is \
+                 live (`projector promote`), so this process stops; run version {live}, and \
+                 drop this one with `projector retire --projection {} --version {version}`",
+                crate::shell_word(projection)
+            ),
             Error::ProjectionRunning { projection, held } => {
                 let held: Vec<String> = held
                     .iter()

@@ -173,6 +173,16 @@ pub enum Error {
         /// The partition counts now stored (empty after a reset).
         current: Vec<u32>,
     },
+    /// A version of a projection was replaced by another (`projector promote`): a process of
+    /// it stops at its next transaction, and a start of it is refused.
+    VersionRetired {
+        /// The projection, as it names itself (without `@N`).
+        projection: String,
+        /// The version this process runs.
+        version: u32,
+        /// The version now live.
+        live: u32,
+    },
     /// A reset or a rewind was refused because live processes hold partitions of the projection.
     ProjectionRunning {
         /// The projection.
@@ -347,6 +357,7 @@ impl Error {
                 | Error::UnexpectedColumns { .. }
                 | Error::LayoutMismatch { .. }
                 | Error::Fenced { .. }
+                | Error::VersionRetired { .. }
                 | Error::ProjectionRunning { .. }
                 | Error::NotStarted { .. }
                 | Error::SqlProjectionFile { .. }

@@ -21,6 +21,7 @@ use postgres::{Client, GenericClient, Statement, Transaction};
 
 use crate::Error;
 use crate::store::database::notify_channel;
+use crate::store::registry::{self, VersionState, split_stored_name};
 
 /// The checkpoints of `keys`, in the same order.
 pub(crate) fn load(
@@ -375,8 +376,19 @@ impl PartitionStatements {
         crate::layout::retire_earlier(client, &self.projection, self.total.unsigned_abs())
     }
 
-    /// The error for a worker whose checkpoint row is gone, naming the layout now stored.
+    /// The error for a worker whose checkpoint row is gone, naming the layout now stored, or
+    /// the version now live when this one was retired (`projector promote`).
     pub(crate) fn fenced(&self, client: &mut Client) -> Error {
+        let (name, version) = split_stored_name(&self.projection);
+        if let Ok(states) = registry::states_of(client, name) {
+            if registry::state_of(&states, version) == VersionState::Retired {
+                return Error::VersionRetired {
+                    projection: name.to_owned(),
+                    version,
+                    live: registry::live_version(&states),
+                };
+            }
+        }
         let current = client
             .query(
                 "SELECT DISTINCT total_partitions FROM projector_checkpoints \

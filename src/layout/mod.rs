@@ -147,7 +147,7 @@ pub fn repartition(
     }
     let mut client = database.connect()?;
     crate::store::check_tables(&mut client, database.schema_name())?;
-    Ok(claim_layout(&mut client, projection, total, true)?.change)
+    Ok(claim_layout(&mut client, projection, total, true, None)?.change)
 }
 
 /// Makes sure the projection's checkpoints are kept under `total` partitions, creating the rows
@@ -172,11 +172,16 @@ pub(crate) fn stored_totals(client: &mut Client, projection: &str) -> Result<Vec
         .collect())
 }
 
+///
+/// A layout created here starts at the first event, or, given `start_from` (the stored name
+/// of the live version of a projection with side effects), where that projection's
+/// checkpoints are: see [`start_where`].
 pub(crate) fn claim_layout(
     client: &mut Client,
     projection: &str,
     total: u32,
     repartition: bool,
+    start_from: Option<&str>,
 ) -> Result<Layout, Error> {
     let mut tx = client
         .transaction()
@@ -204,9 +209,13 @@ pub(crate) fn claim_layout(
             .map_err(Error::database("clearing earlier layouts"))?;
             let generation = new_generation(&mut tx)?;
             create_rows(&mut tx, projection, total, generation, 0)?;
+            let earlier = match start_from {
+                Some(live) => start_where(&mut tx, projection, total, live)?,
+                None => Vec::new(),
+            };
             Layout {
                 generation,
-                earlier: Vec::new(),
+                earlier,
                 change: LayoutChange::Created,
             }
         }
@@ -231,6 +240,79 @@ pub(crate) fn claim_layout(
     tx.commit()
         .map_err(Error::database("committing the checkpoints"))?;
     Ok(layout)
+}
+
+/// Moves the fresh checkpoints of `projection` (layout `total`) to where projection `live`'s
+/// are, so that it applies no event `live` applied: partition by partition when `live` has the
+/// same partition count, else as after a re-partitioning from `live`'s layouts (every
+/// partition starts at the lowest of their checkpoints and skips the events they cover, which
+/// are returned and recorded as earlier layouts). Nothing moves when `live` has no checkpoints.
+fn start_where(
+    tx: &mut Transaction<'_>,
+    projection: &str,
+    total: u32,
+    live: &str,
+) -> Result<Vec<EarlierLayout>, Error> {
+    let rows = tx
+        .query(
+            "SELECT total_partitions, array_agg(last_position ORDER BY partition_key) \
+             FROM projector_checkpoints WHERE projection = $1 GROUP BY 1 ORDER BY 1",
+            &[&live],
+        )
+        .map_err(Error::database("reading the live version's checkpoints"))?;
+    let layouts: Vec<EarlierLayout> = rows
+        .iter()
+        .map(|row| EarlierLayout {
+            total_partitions: row.get::<_, i32>(0).unsigned_abs(),
+            checkpoints: row.get(1),
+        })
+        .filter(|layout| layout.checkpoints.len() == layout.total_partitions as usize)
+        .collect();
+    if let [same] = &layouts[..] {
+        if same.total_partitions == total {
+            tx.execute(
+                "UPDATE projector_checkpoints SET last_position = ($3::bigint[])[partition_key + 1] \
+                 WHERE projection = $1 AND total_partitions = $2",
+                &[&projection, &to_i32(total), &same.checkpoints],
+            )
+            .map_err(Error::database("starting where the live version is"))?;
+            info!(
+                "projection '{projection}' has side effects: it starts where '{live}' is, at \
+                 global positions {:?}",
+                same.checkpoints
+            );
+            return Ok(Vec::new());
+        }
+    }
+    let Some(first) = layouts.first().cloned() else {
+        return Ok(Vec::new());
+    };
+    let (start, earlier) = succession(first, layouts[1..].to_vec());
+    tx.execute(
+        "UPDATE projector_checkpoints SET last_position = $3 \
+         WHERE projection = $1 AND total_partitions = $2",
+        &[&projection, &to_i32(total), &start],
+    )
+    .map_err(Error::database("starting where the live version is"))?;
+    for layout in &earlier {
+        tx.execute(
+            "INSERT INTO projector_prior_layouts \
+                 (projection, total_partitions, prior_total, prior_positions) \
+             VALUES ($1, $2, $3, $4)",
+            &[
+                &projection,
+                &to_i32(total),
+                &to_i32(layout.total_partitions),
+                &layout.checkpoints,
+            ],
+        )
+        .map_err(Error::database("recording the live version's layout"))?;
+    }
+    info!(
+        "projection '{projection}' has side effects: it starts where '{live}' is, at global \
+         position {start}, skipping the events '{live}' applied above it"
+    );
+    Ok(earlier)
 }
 
 /// Serialises layout changes, starts and resets of one projection.

@@ -10,6 +10,8 @@
 //! - [`members`]: the processes that share a projection's partitions, for `status`.
 //! - [`rewind`]: a projection's checkpoints moved back to a position or a time, its read model
 //!   left as it is.
+//! - [`version`]: the versions of a projection; [`promote`](crate::promote) and
+//!   [`retire`](crate::retire).
 //!
 //! Operations read the engine's state; the engine never reads them.
 
@@ -20,3 +22,4 @@ pub(crate) mod projection_gauges;
 pub(crate) mod replica_gauges;
 pub(crate) mod rewind;
 pub(crate) mod status;
+pub(crate) mod version;

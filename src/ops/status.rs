@@ -7,7 +7,7 @@ use postgres::{Client, GenericClient};
 
 use crate::layout::checkpoint::{held_partitions, lock_class};
 use crate::layout::{EarlierLayout, lock_layout};
-use crate::projections::projection::{Projection, lock_setup};
+use crate::projections::projection::{AnyProjection, Projection, lock_setup};
 use crate::{BoxError, Error, HeldPartition};
 
 /// One stored checkpoint, as `projector status` shows it.
@@ -196,7 +196,9 @@ struct Lock {
 ///
 /// Fails with [`Error::ProjectionRunning`] while a live process holds one of its partitions.
 pub fn reset<P: Projection>(client: &mut Client, projection: &mut P) -> Result<u64, Error> {
-    crate::store::check_tables_here(client)?;
+    let schema = crate::store::check_tables_here(client)?;
+    // Under its stored name, in its version's schema.
+    let mut projection = AnyProjection::new(projection.clone()).over_schema(&schema);
     let name = projection.name().to_owned();
     let mut tx = client
         .transaction()
@@ -301,7 +303,7 @@ pub(crate) fn refuse_while_held(
 }
 
 /// Deletes the projection's checkpoints, earlier layouts and parked events.
-fn delete_bookkeeping(tx: &mut postgres::Transaction<'_>, name: &str) -> Result<Cleared, Error> {
+pub(crate) fn delete_bookkeeping(tx: &mut postgres::Transaction<'_>, name: &str) -> Result<Cleared, Error> {
     let checkpoints = tx
         .execute(
             "DELETE FROM projector_checkpoints WHERE projection = $1",

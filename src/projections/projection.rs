@@ -7,6 +7,7 @@ use postgres::Transaction;
 use crate::Error;
 use crate::error::BoxError;
 use crate::event::{Event, Scope};
+use crate::store::registry::{read_model_schema, stored_name};
 
 /// What a projection does with an event that still fails after
 /// [`Settings::max_attempts`](crate::Settings::max_attempts) attempts.
@@ -48,6 +49,8 @@ pub struct Context {
     pub partition: u32,
     /// The number of partitions the stream is split into.
     pub total_partitions: u32,
+    /// The version of the projection applying it ([`Projection::version`]).
+    pub version: u32,
 }
 
 /// A read model built from the event stream.
@@ -69,6 +72,26 @@ pub struct Context {
 pub trait Projection: Clone + Send + 'static {
     /// The projection's name: it keys the checkpoints, so renaming it starts from scratch.
     fn name(&self) -> &str;
+
+    /// The projection's version (default 1). Each version has its own checkpoints, layout,
+    /// parked events and states, kept under the name `name@N` from version 2 on (version 1
+    /// keeps the plain name, as before versions existed), and its own read model: the
+    /// transactions of version `N >= 2` have the schema `<schema>_vN` first in their
+    /// `search_path`, so the tables `setup` creates without a schema land there, beside version
+    /// 1's. A new version builds beside the live one; `projector promote` moves readers to it
+    /// (see the crate docs' *Versions*).
+    fn version(&self) -> u32 {
+        1
+    }
+
+    /// True when applying an event does something outside the read model's transaction
+    /// (sends mail, calls a web service), which a rebuild must not do again. A new version of
+    /// such a projection starts where the live version's checkpoints are when it is first
+    /// started, instead of at the first event (unless told otherwise:
+    /// [`Builder::replay_side_effects`](crate::Builder::replay_side_effects)). Default: false.
+    fn has_side_effects(&self) -> bool {
+        false
+    }
 
     /// The events this projection wants (default: every event). Only events in scope reach
     /// [`apply`](Self::apply); the checkpoint still moves across the others. Projections of
@@ -141,8 +164,16 @@ pub trait Projection: Clone + Send + 'static {
     }
 }
 
-/// A projection of any type, so that one runner can host projections of different types.
-pub(crate) struct AnyProjection(Box<dyn DynProjection>);
+/// A projection of any type, so that one runner can host projections of different types,
+/// named by its stored name (`name@N` from version 2 on), with the version's read-model schema
+/// put first in the `search_path` of every transaction that runs its code.
+pub(crate) struct AnyProjection {
+    inner: Box<dyn DynProjection>,
+    stored_name: String,
+    /// For a version whose read model has its own schema: that schema, and the statement that
+    /// puts it first in a transaction's `search_path`.
+    own_schema: Option<(String, String)>,
+}
 
 /// Applies `events` one by one through `projection` (calling `applied` after each), so that a
 /// failure names its event: the index of the one that failed, and why (a panic included).
@@ -187,14 +218,42 @@ pub(crate) fn lock_setup(tx: &mut Transaction<'_>, name: &str) -> Result<(), pos
 
 impl AnyProjection {
     pub(crate) fn new<P: Projection>(projection: P) -> AnyProjection {
-        AnyProjection(Box::new(projection))
+        let stored_name = stored_name(projection.name(), projection.version());
+        AnyProjection {
+            inner: Box::new(projection),
+            stored_name,
+            own_schema: None,
+        }
+    }
+
+    /// The projection as it runs over the database's `schema`: a version from 2 on finds and
+    /// creates its tables in its own schema first.
+    pub(crate) fn over_schema(mut self, schema: &str) -> AnyProjection {
+        self.own_schema = read_model_schema(schema, self.inner.version()).map(|own| {
+            let search_path = format!("SET LOCAL search_path = \"{own}\", \"{schema}\"");
+            (own, search_path)
+        });
+        self
+    }
+
+    /// The name the projection gives itself, without the version.
+    pub(crate) fn given_name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// Puts the version's schema first in `tx`'s `search_path`, when it has one.
+    fn enter_schema(&self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        if let Some((_, search_path)) = &self.own_schema {
+            tx.batch_execute(search_path)?;
+        }
+        Ok(())
     }
 }
 
 impl std::fmt::Debug for AnyProjection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("AnyProjection")
-            .field(&self.0.name())
+            .field(&self.stored_name)
             .finish()
     }
 }
@@ -202,6 +261,8 @@ impl std::fmt::Debug for AnyProjection {
 /// [`Projection`] without `Clone`, which a trait object cannot have.
 trait DynProjection: Send {
     fn name(&self) -> &str;
+    fn version(&self) -> u32;
+    fn has_side_effects(&self) -> bool;
     fn scope(&self) -> Scope;
     fn poison_policy(&self) -> PoisonPolicy;
     fn events_per_transaction(&self) -> Option<usize>;
@@ -225,6 +286,12 @@ trait DynProjection: Send {
 impl<P: Projection> DynProjection for P {
     fn name(&self) -> &str {
         Projection::name(self)
+    }
+    fn version(&self) -> u32 {
+        Projection::version(self)
+    }
+    fn has_side_effects(&self) -> bool {
+        Projection::has_side_effects(self)
     }
     fn scope(&self) -> Scope {
         Projection::scope(self)
@@ -264,28 +331,44 @@ impl<P: Projection> DynProjection for P {
 
 impl Clone for AnyProjection {
     fn clone(&self) -> AnyProjection {
-        AnyProjection(self.0.clone_boxed())
+        AnyProjection {
+            inner: self.inner.clone_boxed(),
+            stored_name: self.stored_name.clone(),
+            own_schema: self.own_schema.clone(),
+        }
     }
 }
 
 impl Projection for AnyProjection {
+    /// The stored name: `name@N` from version 2 on.
     fn name(&self) -> &str {
-        self.0.name()
+        &self.stored_name
+    }
+    fn version(&self) -> u32 {
+        self.inner.version()
+    }
+    fn has_side_effects(&self) -> bool {
+        self.inner.has_side_effects()
     }
     fn scope(&self) -> Scope {
-        self.0.scope()
+        self.inner.scope()
     }
     fn poison_policy(&self) -> PoisonPolicy {
-        self.0.poison_policy()
+        self.inner.poison_policy()
     }
     fn events_per_transaction(&self) -> Option<usize> {
-        self.0.events_per_transaction()
+        self.inner.events_per_transaction()
     }
     fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
-        self.0.setup(tx)
+        if let Some((own, _)) = &self.own_schema {
+            tx.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS \"{own}\""))?;
+        }
+        self.enter_schema(tx)?;
+        self.inner.setup(tx)
     }
     fn reset(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
-        self.0.reset(tx)
+        self.enter_schema(tx)?;
+        self.inner.reset(tx)
     }
     fn apply(
         &mut self,
@@ -293,7 +376,8 @@ impl Projection for AnyProjection {
         event: &Event,
         context: &Context,
     ) -> Result<(), BoxError> {
-        self.0.apply(tx, event, context)
+        self.enter_schema(tx)?;
+        self.inner.apply(tx, event, context)
     }
     fn apply_batch(
         &mut self,
@@ -301,6 +385,7 @@ impl Projection for AnyProjection {
         events: &[Event],
         context: &Context,
     ) -> Result<(), BoxError> {
-        self.0.apply_batch(tx, events, context)
+        self.enter_schema(tx)?;
+        self.inner.apply_batch(tx, events, context)
     }
 }

@@ -135,6 +135,18 @@ pub(crate) const PROJECTION_STATES: Table = Table {
     ],
 };
 
+/// The versions of projections beyond their first (see `crate::store::version`).
+pub(crate) const PROJECTION_VERSIONS: Table = Table {
+    name: "projector_projection_versions",
+    create: include_str!("../../sql/projector_projection_versions.sql"),
+    columns: &[
+        ("projection", TEXT),
+        ("version", INTEGER),
+        ("state", TEXT),
+        ("changed_at", TIMESTAMP),
+    ],
+};
+
 /// Every table the projector needs, in the order they are created.
 pub(crate) const TABLES: [&Table; 5] = [
     &EVENTS,
@@ -146,7 +158,8 @@ pub(crate) const TABLES: [&Table; 5] = [
 
 /// Tables a later version added, which `migrate` creates like the others but a run does not
 /// require: without one, the feature it holds is off and a log line says to run `migrate`.
-pub(crate) const LATER_TABLES: [&Table; 2] = [&DEAD_LETTER_DROPS, &PROJECTION_STATES];
+pub(crate) const LATER_TABLES: [&Table; 3] =
+    [&DEAD_LETTER_DROPS, &PROJECTION_STATES, &PROJECTION_VERSIONS];
 
 /// The tables of the version before the rename, which the projector no longer uses.
 const EARLIER_CHECKPOINTS: &str = "projection_checkpoints";

@@ -6,6 +6,8 @@ pub(crate) mod database;
 pub(crate) mod gap;
 pub(crate) mod migration;
 pub(crate) mod replica;
+pub(crate) mod readers;
+pub(crate) mod registry;
 pub(crate) mod state;
 
 use postgres::types::Oid;

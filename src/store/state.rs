@@ -274,7 +274,7 @@ fn this_process() -> String {
     }
 }
 
-fn table_exists(client: &mut impl GenericClient) -> Result<bool, Error> {
+pub(crate) fn table_exists(client: &mut impl GenericClient) -> Result<bool, Error> {
     Ok(client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&TABLE])
         .map_err(Error::database(format!("looking for {TABLE}")))?

@@ -181,7 +181,16 @@ impl TestSchema {
 impl Drop for TestSchema {
     fn drop(&mut self) {
         if let Ok(mut admin) = Client::connect(&self.url, NoTls) {
-            let _ = admin.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name));
+            // With the schemas of projection versions beside it (`_v2`, ...) and the readers'.
+            let _ = admin.batch_execute(&format!(
+                "DO $$ DECLARE s text; BEGIN \
+                     FOR s IN SELECT nspname FROM pg_namespace \
+                         WHERE nspname = '{0}' OR nspname = '{0}_readers' \
+                             OR nspname ~ ('^' || '{0}' || '_v[0-9]+$') LOOP \
+                         EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', s); \
+                     END LOOP; END $$",
+                self.name
+            ));
         }
     }
 }

@@ -293,6 +293,7 @@ impl Threads {
                 context: Context {
                     partition,
                     total_partitions: plan.total,
+                    version: plan.projection.version(),
                 },
                 settings: Arc::clone(&self.settings),
                 pool: self.pool.clone(),

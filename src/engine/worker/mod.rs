@@ -148,7 +148,7 @@ impl<P: Projection> Worker<P> {
         self.drop_held();
         self.progress.set_state(match &result {
             Ok(_) => LaneState::Stopped,
-            Err(Error::Fenced { .. }) => LaneState::Fenced,
+            Err(Error::Fenced { .. } | Error::VersionRetired { .. }) => LaneState::Fenced,
             Err(_) => LaneState::Failed,
         });
         if result.is_err() {

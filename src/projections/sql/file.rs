@@ -18,6 +18,8 @@ pub(super) struct SqlFile {
     pub(super) scope: Scope,
     /// `-- on-poison:`, stop when not given.
     pub(super) poison: PoisonPolicy,
+    /// `-- version:`, 1 when not given.
+    pub(super) version: u32,
     pub(super) setup: Option<Section>,
     pub(super) apply: Section,
     pub(super) reset: Option<Section>,
@@ -64,6 +66,7 @@ impl SqlProjection {
         let mut name: Option<String> = None;
         let mut scope: Option<Scope> = None;
         let mut poison: Option<PoisonPolicy> = None;
+        let mut version: Option<u32> = None;
         let mut sections: Vec<Section> = Vec::new();
         for (index, line) in text.lines().enumerate() {
             let number = index + 1;
@@ -121,6 +124,27 @@ impl SqlProjection {
                             ));
                         }
                         name = Some(value.to_owned());
+                    } else if key == "version" {
+                        if version.is_some() {
+                            return Err(refuse(
+                                Some(number),
+                                None,
+                                "a second `-- version:` line".into(),
+                            ));
+                        }
+                        version = Some(value.parse::<u32>().ok().filter(|&v| v >= 1).ok_or_else(
+                            || {
+                                refuse(
+                                    Some(number),
+                                    None,
+                                    format!(
+                                        "`-- version: {value}`: expected a whole number from 1 \
+                                         (each version builds its own read model; see \
+                                         docs/operations.md#versions)"
+                                    ),
+                                )
+                            },
+                        )?);
                     } else if key == "on-poison" {
                         if poison.is_some() {
                             return Err(refuse(
@@ -166,7 +190,7 @@ impl SqlProjection {
                             format!(
                                 "`{}` looks like a misspelt `-- {meant}`: the sections are \
                                  `-- setup`, `-- apply` and `-- reset`, the headers \
-                                 `-- projection:`, `-- scope:` and `-- on-poison:`; write it \
+                                 `-- projection:`, `-- scope:`, `-- on-poison:` and `-- version:`; write it \
                                  exactly so, or reword the comment",
                                 line.trim()
                             ),
@@ -230,6 +254,7 @@ impl SqlProjection {
                 name,
                 scope: scope.unwrap_or_else(Scope::all),
                 poison: poison.unwrap_or_default(),
+                version: version.unwrap_or(1),
                 setup,
                 apply,
                 reset,
@@ -262,7 +287,7 @@ fn directive(line: &str) -> Option<Directive<'_>> {
 }
 
 /// The headers a file may have.
-const HEADERS: [&str; 3] = ["projection", "scope", "on-poison"];
+const HEADERS: [&str; 4] = ["projection", "scope", "on-poison", "version"];
 
 /// For a comment line that is not a directive but reads like one (`-- rest`, `-- on_poison:
 /// park`, `-- apply:`), the directive it is close to. Kept as SQL, it would silently run a

@@ -27,6 +27,7 @@ use crate::error::{BoxError, is_connection_loss};
 use crate::event::{Event, Scope};
 use crate::projections::projection::PoisonPolicy;
 use crate::projections::projection::{Context, Projection, lock_setup};
+use crate::store::registry::{enter_version_schema, stored_name};
 use crate::{Error, error_chain};
 
 mod file;
@@ -118,8 +119,10 @@ impl SqlProjection {
         let mut tx = client
             .transaction()
             .map_err(Error::database("starting to check a projection file"))?;
-        lock_setup(&mut tx, &self.file.name)
-            .map_err(Error::database("waiting for other processes' setup"))?;
+        let name = stored_name(&self.file.name, self.file.version);
+        lock_setup(&mut tx, &name).map_err(Error::database("waiting for other processes' setup"))?;
+        enter_version_schema(&mut tx, self.file.version)
+            .map_err(Error::database("entering the version's schema"))?;
         self.set_up(&mut tx)
         // Dropping the transaction rolls it back.
     }
@@ -321,6 +324,10 @@ impl Projection for SqlProjection {
 
     fn poison_policy(&self) -> PoisonPolicy {
         self.file.poison
+    }
+
+    fn version(&self) -> u32 {
+        self.file.version
     }
 
     fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
