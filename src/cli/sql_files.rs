@@ -36,12 +36,9 @@ pub(crate) fn projection_files(paths: &[String]) -> Result<Vec<SqlProjection>, E
 /// of one projection may run side by side).
 fn defined_once(projections: &[SqlProjection]) -> Result<(), Error> {
     for (at, projection) in projections.iter().enumerate() {
-        if let Some(first) = projections[..at]
-            .iter()
-            .find(|earlier| {
-                earlier.name() == projection.name() && earlier.version() == projection.version()
-            })
-        {
+        if let Some(first) = projections[..at].iter().find(|earlier| {
+            earlier.name() == projection.name() && earlier.version() == projection.version()
+        }) {
             return Err(Error::invalid_setting(
                 "--projection-file",
                 projection.path(),

@@ -28,9 +28,7 @@ pub use drop::{Dropped, drop_parked};
 use crate::event::Event;
 use crate::layout::checkpoint::to_i32;
 use crate::layout::lock_layout;
-use crate::projections::projection::{
-    AnyProjection, Context, Projection, apply_each, lock_setup,
-};
+use crate::projections::projection::{AnyProjection, Context, Projection, apply_each, lock_setup};
 use crate::store::{EVENT_COLUMNS, event_from_row};
 use crate::{BoxError, Error, partition_of};
 

@@ -303,7 +303,10 @@ pub(crate) fn refuse_while_held(
 }
 
 /// Deletes the projection's checkpoints, earlier layouts and parked events.
-pub(crate) fn delete_bookkeeping(tx: &mut postgres::Transaction<'_>, name: &str) -> Result<Cleared, Error> {
+pub(crate) fn delete_bookkeeping(
+    tx: &mut postgres::Transaction<'_>,
+    name: &str,
+) -> Result<Cleared, Error> {
     let checkpoints = tx
         .execute(
             "DELETE FROM projector_checkpoints WHERE projection = $1",

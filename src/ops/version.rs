@@ -366,7 +366,11 @@ pub(crate) fn covers(new: &[EarlierLayout], old: &[EarlierLayout]) -> bool {
     }
     if let ([n], [o]) = (new, old) {
         if n.total_partitions == o.total_partitions {
-            return n.checkpoints.iter().zip(&o.checkpoints).all(|(n, o)| n >= o);
+            return n
+                .checkpoints
+                .iter()
+                .zip(&o.checkpoints)
+                .all(|(n, o)| n >= o);
         }
     }
     let lowest = new.iter().map(EarlierLayout::applied_through).min();

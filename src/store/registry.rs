@@ -220,7 +220,13 @@ mod tests {
         assert_eq!(live_version(&states), 2);
         assert_eq!(state_of(&states, 3), VersionState::Building);
         assert_eq!(state_of(&[], 1), VersionState::Live);
-        assert_eq!(state_of(&[(2, VersionState::Building)], 1), VersionState::Live);
-        assert_eq!(state_of(&[(3, VersionState::Live)], 2), VersionState::Retired);
+        assert_eq!(
+            state_of(&[(2, VersionState::Building)], 1),
+            VersionState::Live
+        );
+        assert_eq!(
+            state_of(&[(3, VersionState::Live)], 2),
+            VersionState::Retired
+        );
     }
 }

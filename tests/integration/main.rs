@@ -40,4 +40,5 @@ mod stopping;
 mod store;
 mod store_shape;
 mod util;
+mod versions;
 mod wait;

@@ -120,7 +120,8 @@ impl SqlProjection {
             .transaction()
             .map_err(Error::database("starting to check a projection file"))?;
         let name = stored_name(&self.file.name, self.file.version);
-        lock_setup(&mut tx, &name).map_err(Error::database("waiting for other processes' setup"))?;
+        lock_setup(&mut tx, &name)
+            .map_err(Error::database("waiting for other processes' setup"))?;
         enter_version_schema(&mut tx, self.file.version)
             .map_err(Error::database("entering the version's schema"))?;
         self.set_up(&mut tx)
