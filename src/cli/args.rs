@@ -248,6 +248,10 @@ pub(crate) struct Wait {
     #[argh(option)]
     pub(crate) projection: String,
 
+    /// the version of the projection to wait on, default the live one
+    #[argh(option)]
+    pub(crate) version: Option<String>,
+
     /// the global position of the event, as append returned it; when no event is stored
     /// there, every partition must pass it
     #[argh(option)]
@@ -415,7 +419,10 @@ fn subcommand_flag_takes_value(subcommand: &str, flag: &str) -> bool {
             | ("status", "--watch")
             | ("promote", "--projection" | "--version" | "--timeout")
             | ("retire", "--projection" | "--version")
-            | ("wait", "--position" | "--aggregate" | "--timeout")
+            | (
+                "wait",
+                "--position" | "--aggregate" | "--timeout" | "--version"
+            )
             | (
                 "dead-letters",
                 "--projection" | "--projection-file" | "--aggregate"

@@ -150,6 +150,13 @@ fn known_here(client: &mut projector::postgres::Client, name: &str) -> Result<()
     if KNOWN_PROJECTIONS.contains(&name) || !projector::status(client, Some(name))?.is_empty() {
         return Ok(());
     }
+    // A projection whose version 1 was retired is known by its later versions.
+    if projector::versions(client)?
+        .iter()
+        .any(|version| version.projection == name)
+    {
+        return Ok(());
+    }
     Err(Error::invalid_setting(
         "--projection",
         name,

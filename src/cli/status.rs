@@ -14,6 +14,7 @@ pub(super) fn print_status(
     let rows = rows_of(client, projection)?;
     let states = projector::projection_states(client, projection)?;
     let members = projector::members(client, projection)?;
+    let versions = versions_of(client, projection)?;
     if json {
         let head = match rows.first() {
             Some(row) => row.head_position,
@@ -25,10 +26,13 @@ pub(super) fn print_status(
                 })?
                 .get(0),
         };
-        say!("{}", status_json(head, &rows, &states, &members));
+        let mut document = status_json(head, &rows, &states, &members);
+        document["versions"] = versions.iter().map(version_json).collect();
+        say!("{document}");
         return Ok(());
     }
     let mut text = table(&rows, projection, None);
+    text.push_str(&version_lines(&versions));
     text.push_str(&state_lines(&states));
     text.push_str(&members_lines(&members));
     say!("{}", text.trim_end());
@@ -79,6 +83,59 @@ pub(super) fn state_lines(states: &[ProjectionState]) -> String {
     text
 }
 
+/// The versions of every projection, or of `projection` (by its name or a version's stored
+/// name `name@N`).
+pub(super) fn versions_of(
+    client: &mut projector::postgres::Client,
+    projection: Option<&str>,
+) -> Result<Vec<projector::ProjectionVersion>, Error> {
+    let mut versions = projector::versions(client)?;
+    if let Some(name) = projection {
+        let (name, _) = projector::split_stored_name(name);
+        versions.retain(|version| version.projection == name);
+    }
+    Ok(versions)
+}
+
+/// A line per projection with several versions: `tally: version 1 live; version 2 building,
+/// 1234 position(s) behind the head, ETA 42s (at its average rate since its first start)`.
+pub(super) fn version_lines(versions: &[projector::ProjectionVersion]) -> String {
+    let mut text = String::new();
+    for group in versions.chunk_by(|a, b| a.projection == b.projection) {
+        let each: Vec<String> = group
+            .iter()
+            .map(|version| {
+                let mut one = format!("version {} {}", version.version, version.state.name());
+                if let Some(behind) = version.behind {
+                    one.push_str(&format!(", {behind} position(s) behind the head"));
+                }
+                if let Some(eta) = version.eta {
+                    one.push_str(&format!(
+                        ", ETA {} (at its average rate since its first start)",
+                        projector::readable_duration(eta)
+                    ));
+                }
+                one
+            })
+            .collect();
+        text.push_str(&format!("{}: {}\n", group[0].projection, each.join("; ")));
+    }
+    text
+}
+
+/// A version in `status --json`.
+fn version_json(version: &projector::ProjectionVersion) -> Value {
+    json!({
+        "projection": version.projection,
+        "version": version.version,
+        "stored_name": version.stored_name,
+        "state": version.state.name(),
+        "seconds_in_state": version.since.as_secs_f64(),
+        "positions_behind": version.behind,
+        "eta_seconds": version.eta.map(|eta| eta.as_secs_f64()),
+    })
+}
+
 /// A stored state in `status --json`.
 fn state_json(state: &ProjectionState) -> Value {
     let changed_at = state
@@ -103,7 +160,15 @@ pub(super) fn rows_of(
     client: &mut projector::postgres::Client,
     projection: Option<&str>,
 ) -> Result<Vec<CheckpointStatus>, Error> {
-    let rows = projector::status(client, projection)?;
+    let mut rows = projector::status(client, projection)?;
+    if let Some(name) = projection.filter(|name| projector::split_stored_name(name).1 == 1) {
+        // With the rows of its later versions.
+        for version in versions_of(client, Some(name))? {
+            if version.version > 1 {
+                rows.extend(projector::status(client, Some(&version.stored_name))?);
+            }
+        }
+    }
     match projection {
         Some(name) if rows.is_empty() => super::known_here(client, name).map(|()| rows),
         _ => Ok(rows),

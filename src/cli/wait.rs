@@ -38,11 +38,18 @@ pub(super) fn wait(database: &Database, wait: &Wait) -> Result<(), CliError> {
         Some(text) => super::duration("--timeout", text)?,
         None => DEFAULT_TIMEOUT,
     };
-    let applied = match projector::wait_for(database, &wait.projection, until, timeout) {
+    let projection = match &wait.version {
+        Some(text) => {
+            let (name, _) = projector::split_stored_name(&wait.projection);
+            projector::stored_name(name, super::positive("--version", text)?)
+        }
+        None => wait.projection.clone(),
+    };
+    let applied = match projector::wait_for(database, &projection, until, timeout) {
         Ok(applied) => applied,
-        Err(error @ Error::NotAppliedInTime { .. }) if is_paused(database, &wait.projection) => {
+        Err(error @ Error::NotAppliedInTime { .. }) if is_paused(database, &projection) => {
             return Err(CliError::WaitedWhilePaused {
-                projection: wait.projection.clone(),
+                projection: projection.clone(),
                 because: Box::new(error),
             });
         }

@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use prometheus::{Histogram, HistogramOpts, HistogramVec};
 
 use crate::Error;
+use crate::store::registry::split_stored_name;
 
 /// The label names of a lane's figures.
-pub(crate) const LANE: [&str; 3] = ["projection", "partition", "total_partitions"];
+pub(crate) const LANE: [&str; 4] = ["projection", "version", "partition", "total_partitions"];
 
 /// What a partition's worker is doing, as the `state` label of `projector_partition_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +170,12 @@ impl CommitTimers {
         partition: u32,
         total: u32,
     ) -> prometheus::Histogram {
-        self.0
-            .with_label_values(&[projection, &partition.to_string(), &total.to_string()])
+        let version = split_stored_name(projection).1.to_string();
+        self.0.with_label_values(&[
+            projection,
+            &version,
+            &partition.to_string(),
+            &total.to_string(),
+        ])
     }
 }

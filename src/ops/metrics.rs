@@ -27,6 +27,7 @@ use crate::engine::runner::Figures;
 use crate::lock;
 use crate::ops::projection_gauges::ProjectionGauges;
 use crate::ops::replica_gauges::ReplicaGauges;
+use crate::store::registry::version_label;
 
 /// Up to this many positions behind the head, a partition's lag is counted exactly.
 const COUNTED_LAG: i64 = 10_000;
@@ -149,7 +150,13 @@ impl Families {
                     "projector_partition_state",
                     "1 for the partition's current state: starting, standby, waiting, owned, fenced, failed or stopped.",
                 ),
-                &["projection", "partition", "total_partitions", "state"],
+                &[
+                    "projection",
+                    "version",
+                    "partition",
+                    "total_partitions",
+                    "state",
+                ],
             )?,
             commit_seconds,
             head: IntGauge::new(
@@ -189,14 +196,14 @@ impl Families {
                     "projector_parked_aggregates",
                     "Aggregates with parked events (--on-poison park), per projection.",
                 ),
-                &["projection"],
+                &["projection", "version"],
             )?,
             parked_events: IntGaugeVec::new(
                 Opts::new(
                     "projector_parked_events",
                     "Events parked in projection_dead_letters, per projection.",
                 ),
-                &["projection"],
+                &["projection", "version"],
             )?,
             projections: ProjectionGauges::new(&registry)?,
             replica: match with_replica {
@@ -208,7 +215,7 @@ impl Families {
                     "projector_partitions_owned",
                     "Partitions this process holds (applies), per projection and layout.",
                 ),
-                &["projection", "total_partitions"],
+                &["projection", "version", "total_partitions"],
             )?,
             rebalances: IntCounter::new(
                 "projector_rebalances_total",
@@ -345,7 +352,7 @@ impl Metrics {
         let scrape = &mut *counted;
         let f = &self.shared.families;
         // The label values of each lane, made once per scrape.
-        let keys: Vec<[String; 3]> = self.shared.figures.lanes.iter().map(lane_labels).collect();
+        let keys: Vec<[String; 4]> = self.shared.figures.lanes.iter().map(lane_labels).collect();
         for (index, (lane, key)) in self.shared.figures.lanes.iter().zip(&keys).enumerate() {
             let labels = key.each_ref().map(String::as_str);
             let p = &lane.progress;
@@ -370,7 +377,7 @@ impl Metrics {
             let current = lane.state();
             for (state, name) in STATES {
                 f.state
-                    .with_label_values(&[labels[0], labels[1], labels[2], name])
+                    .with_label_values(&[labels[0], labels[1], labels[2], labels[3], name])
                     .set(i64::from(state == current));
             }
         }
@@ -411,8 +418,9 @@ impl Metrics {
                 .or_default() += i64::from(lane.progress.holds.load(Ordering::Relaxed));
         }
         for ((projection, total), count) in owned {
+            let version = version_label(projection);
             f.owned
-                .with_label_values(&[projection, &total.to_string()])
+                .with_label_values(&[projection, &version, &total.to_string()])
                 .set(count);
         }
         let rebalances = self.shared.figures.rebalances.load(Ordering::Relaxed);
@@ -443,10 +451,13 @@ impl Metrics {
                 .iter()
                 .find(|(projection, _, _)| projection == name)
                 .map_or((0, 0), |&(_, aggregates, events)| (aggregates, events));
+            let version = version_label(name);
             f.parked_aggregates
-                .with_label_values(&[name])
+                .with_label_values(&[name, &version])
                 .set(aggregates);
-            f.parked_events.with_label_values(&[name]).set(events);
+            f.parked_events
+                .with_label_values(&[name, &version])
+                .set(events);
         }
     }
 
@@ -523,10 +534,11 @@ pub(crate) struct Lag {
     seconds: f64,
 }
 
-/// A lane's `projection`, `partition` and `total_partitions` label values.
-fn lane_labels(lane: &LaneProgress) -> [String; 3] {
+/// A lane's `projection`, `version`, `partition` and `total_partitions` label values.
+fn lane_labels(lane: &LaneProgress) -> [String; 4] {
     [
         lane.projection.clone(),
+        version_label(&lane.projection),
         lane.partition.to_string(),
         lane.total.to_string(),
     ]

@@ -6,6 +6,7 @@ use prometheus::{IntGaugeVec, Opts, Registry};
 
 use crate::engine::lane::LaneState;
 use crate::engine::runner::Figures;
+use crate::store::registry::version_label;
 use crate::store::state::{ProjectionState, StateKind};
 
 pub(crate) struct ProjectionGauges {
@@ -16,8 +17,9 @@ pub(crate) struct ProjectionGauges {
 impl ProjectionGauges {
     /// The gauges, registered in `registry`.
     pub(crate) fn new(registry: &Registry) -> Result<ProjectionGauges, prometheus::Error> {
-        let gauge =
-            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["projection"]);
+        let gauge = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["projection", "version"])
+        };
         let gauges = ProjectionGauges {
             failed: gauge(
                 "projector_projection_failed",
@@ -53,11 +55,12 @@ impl ProjectionGauges {
                     lane.projection == name
                         && matches!(lane.state(), LaneState::Failed | LaneState::Fenced)
                 });
+            let version = version_label(name);
             self.failed
-                .with_label_values(&[name])
+                .with_label_values(&[name, &version])
                 .set(i64::from(failed));
             self.paused
-                .with_label_values(&[name])
+                .with_label_values(&[name, &version])
                 .set(i64::from(stored(name, StateKind::Paused)));
         }
     }

@@ -26,6 +26,14 @@ pub struct ProjectionVersion {
     pub stored_name: String,
     /// Building, live or retired.
     pub state: VersionState,
+    /// How long it has been in that state (since its first start, for a building version).
+    pub since: Duration,
+    /// Positions between its lowest checkpoint and the head of the store; `None` without
+    /// checkpoints (a retired version, one that never ran).
+    pub behind: Option<i64>,
+    /// For a building version: when it should reach the head, at its average rate since its
+    /// first start (assumed to be from the first event).
+    pub eta: Option<Duration>,
 }
 
 /// Every version the registry knows, with the live version 1 of projections that have later
@@ -56,15 +64,50 @@ pub fn versions(client: &mut impl GenericClient) -> Result<Vec<ProjectionVersion
         }
         numbers.sort_unstable();
         for version in numbers {
+            let stored = stored_name(&name, version);
+            let (floor, head, since) = progress_of(client, &name, version, &stored)?;
+            let state = state_of(&states, version);
+            let behind = floor.map(|floor| (head - floor).max(0));
+            let eta = match (state, floor, behind) {
+                (VersionState::Building, Some(floor), Some(behind)) if floor > 0 => {
+                    let rate = floor as f64 / since.as_secs_f64().max(0.001);
+                    Some(Duration::from_secs_f64(behind as f64 / rate))
+                }
+                _ => None,
+            };
             listed.push(ProjectionVersion {
                 projection: name.clone(),
                 version,
-                stored_name: stored_name(&name, version),
-                state: state_of(&states, version),
+                stored_name: stored,
+                state,
+                since,
+                behind,
+                eta,
             });
         }
     }
     Ok(listed)
+}
+
+/// The lowest checkpoint of `stored` (if any), the head of the store, and how long ago the
+/// version's state was recorded (zero without a row).
+fn progress_of(
+    client: &mut impl GenericClient,
+    name: &str,
+    version: u32,
+    stored: &str,
+) -> Result<(Option<i64>, i64, Duration), Error> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT MIN(last_position) FROM projector_checkpoints WHERE projection = $1), \
+                 (SELECT COALESCE(MAX(global_position), 0) FROM events), \
+                 (SELECT EXTRACT(EPOCH FROM NOW() - changed_at)::float8 \
+                  FROM projector_projection_versions WHERE projection = $2 AND version = $3)",
+            &[&stored, &name, &to_i32(version)],
+        )
+        .map_err(Error::database("reading the versions' progress"))?;
+    let since = row.get::<_, Option<f64>>(2).unwrap_or(0.0).max(0.0);
+    Ok((row.get(0), row.get(1), Duration::from_secs_f64(since)))
 }
 
 fn has_checkpoints(client: &mut impl GenericClient, stored: &str) -> Result<bool, Error> {

@@ -44,6 +44,12 @@ pub fn split_stored_name(stored: &str) -> (&str, u32) {
     }
 }
 
+/// The `version` label of a projection's figures in `/metrics`, from its stored name (the
+/// `projection` label keeps the stored name, so that no two versions' figures add up).
+pub(crate) fn version_label(stored: &str) -> String {
+    split_stored_name(stored).1.to_string()
+}
+
 /// The schema version `version`'s read model lives in, beside `schema` (the database's):
 /// `None` for version 1 (it stays in `schema`), else `<schema>_v<N>`.
 pub fn read_model_schema(schema: &str, version: u32) -> Option<String> {

@@ -18,6 +18,7 @@ use postgres::{Client, error::SqlState};
 
 use crate::Error;
 use crate::store::database::{Database, notify_channel};
+use crate::store::registry::{self, split_stored_name, stored_name};
 
 mod target;
 
@@ -79,6 +80,10 @@ pub struct Applied {
 /// event of the same aggregate). It does not poll: it listens for the commits of the
 /// projection's workers, and looks again at least once a second besides.
 ///
+/// A projection named without a version is waited on in its live version (`tally` means
+/// `tally@2` once version 2 is promoted); name a version by its stored name (`tally@3`) to
+/// wait on a building one.
+///
 /// Opens a connection for the call, as [`Waiter::connect`] does; a service that waits after
 /// many writes keeps a [`Waiter`] instead. Fails with:
 /// - [`Error::NotAppliedInTime`] when `timeout` passes first, saying how far the partition is,
@@ -120,6 +125,17 @@ pub fn wait_for(
     let started = Instant::now();
     // The connection closes with the call, which ends its LISTEN too.
     Waiter::connect(database)?.wait(projection, &until, started, timeout)
+}
+
+/// The stored name of the live version of `projection` when it is named without a version
+/// (`tally` waits on `tally@2` once version 2 is live); `projection` itself otherwise.
+fn live_stored_name(client: &mut Client, projection: &str) -> Result<String, Error> {
+    let (name, version) = split_stored_name(projection);
+    if version != 1 || name != projection {
+        return Ok(projection.to_owned());
+    }
+    let live = registry::live_version(&registry::states_of(client, name)?);
+    Ok(stored_name(name, live))
 }
 
 /// A connection kept for [`Waiter::wait_for`], for a service that waits after many writes:
@@ -176,6 +192,8 @@ impl Waiter {
         // Kept across a reconnection: the aggregate's latest event as of the call.
         let mut target = None;
         let mut reconnected = false;
+        let live = live_stored_name(&mut self.client, projection)?;
+        let projection = live.as_str();
         loop {
             match self.wait_on_this_connection(projection, until, &mut target, started, deadline) {
                 Err(error) if error.is_connection_loss() && !reconnected => {

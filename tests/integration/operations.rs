@@ -148,7 +148,7 @@ fn metrics_grow_during_a_catch_up_and_the_lag_matches_status_while_a_gap_is_held
     assert_eq!(lags.len(), 4, "{metrics}");
     for row in &rows {
         let labels = format!(
-            "{{partition=\"{}\",projection=\"aggregate-stats\",total_partitions=\"4\"}}",
+            "{{partition=\"{}\",projection=\"aggregate-stats\",total_partitions=\"4\",version=\"1\"}}",
             row.partition_key
         );
         let lag = lags.iter().find(|(l, _)| *l == labels).map(|(_, v)| *v);

@@ -235,10 +235,10 @@ fn an_embedder_is_told_when_each_projection_stops_and_when_the_runner_is_finishe
     assert!(projector::pause(&schema.database, "fine").expect("pause"));
     let metrics = runner.metrics().render();
     for line in [
-        "projector_projection_failed{projection=\"fails\"} 1",
-        "projector_projection_failed{projection=\"fine\"} 0",
-        "projector_projection_paused{projection=\"fails\"} 0",
-        "projector_projection_paused{projection=\"fine\"} 1",
+        "projector_projection_failed{projection=\"fails\",version=\"1\"} 1",
+        "projector_projection_failed{projection=\"fine\",version=\"1\"} 0",
+        "projector_projection_paused{projection=\"fails\",version=\"1\"} 0",
+        "projector_projection_paused{projection=\"fine\",version=\"1\"} 1",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),
