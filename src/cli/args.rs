@@ -59,6 +59,11 @@ pub(crate) struct Args {
     #[argh(switch)]
     pub(crate) replay_side_effects: bool,
 
+    /// promote a later version of a projection file this process runs (`-- version: N`) once
+    /// it is within N positions of the head, as `projector promote` does; off by default
+    #[argh(option)]
+    pub(crate) promote_within: Option<String>,
+
     /// removed: exits 2 saying to run `projector repartition` instead
     #[argh(switch, hidden_help)]
     pub(crate) repartition: bool,
@@ -354,7 +359,7 @@ const CONNECTION_FLAGS: [&str; 5] = [
 ];
 
 /// Flags only running a projection (no subcommand) uses.
-const RUN_FLAGS: [&str; 12] = [
+const RUN_FLAGS: [&str; 13] = [
     "--on-poison",
     "--park-storm-limit",
     "--partition-key",
@@ -367,6 +372,7 @@ const RUN_FLAGS: [&str; 12] = [
     "--ready-max-lag",
     "--read-replica-url",
     "--replay-side-effects",
+    "--promote-within",
 ];
 
 /// Subcommands that take `--projection` themselves.

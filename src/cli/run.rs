@@ -10,7 +10,7 @@ use projector::{Builder, Database, Error, Projection, Stopper, Summary};
 
 use super::args::{Args, flag_or_env};
 use super::error::CliError;
-use super::{duration, positive, serve, sql_files, unknown_projection};
+use super::{duration, positive, serve, sql_files, unknown_projection, version};
 
 /// Runs the projections of `args` on `database` until stopped (or caught up, with
 /// `--exit-when-caught-up`), then logs the summary.
@@ -70,6 +70,7 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Cli
         Some(text) => i64::from(positive("--ready-max-lag", text)?),
         None => 1_000,
     };
+    let promoting = later_versions_to_promote(args)?;
     loop {
         let builder = configured(args, database.clone(), keys.clone(), total)?;
         let runner = builder.start()?;
@@ -78,7 +79,26 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Cli
             Some(listener) => Some(serve::serve(listener, runner.metrics(), ready_max_lag)?),
             None => None,
         };
+        let (stop_promoting, promoter) = match &promoting {
+            Some((candidates, within)) => {
+                let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+                let (database, candidates, within) =
+                    (database.clone(), candidates.clone(), *within);
+                let promoter = std::thread::Builder::new()
+                    .name("projector-promote".into())
+                    .spawn(move || {
+                        version::promote_when_within(&database, candidates, within, &stopped)
+                    })
+                    .ok();
+                (Some(stop), promoter)
+            }
+            None => (None, None),
+        };
         let outcome = runner.join();
+        drop(stop_promoting);
+        if let Some(promoter) = promoter {
+            let _ = promoter.join();
+        }
         drop(server);
         match outcome {
             Err(error) if sharing && error.is_layout_replaced() && !stopping(&signals) => {
@@ -97,6 +117,29 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Cli
             }
         }
     }
+}
+
+/// With `--promote-within N`: the later versions of the projection files given, to promote
+/// once within `N` positions of the head.
+fn later_versions_to_promote(args: &Args) -> Result<Option<(Vec<(String, u32)>, i64)>, Error> {
+    let Some(text) = &args.promote_within else {
+        return Ok(None);
+    };
+    let within = i64::from(whole_number("--promote-within", text)?);
+    let candidates: Vec<(String, u32)> = sql_files::projection_files(&args.projection_file)?
+        .iter()
+        .filter(|file| file.version() >= 2)
+        .map(|file| (file.name().to_owned(), file.version()))
+        .collect();
+    if candidates.is_empty() {
+        return Err(Error::invalid_setting(
+            "--promote-within",
+            text,
+            "no projection file given here has a version from 2 on (`-- version: N`): there \
+             is nothing to promote",
+        ));
+    }
+    Ok(Some((candidates, within)))
 }
 
 /// The runner the flags describe: its projections, partitions (`None`: shared) and settings.

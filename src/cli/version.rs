@@ -1,7 +1,11 @@
 //! `projector promote` and `projector retire`: the switch to a version built beside the live
 //! one, and the removal of the version it replaced.
 
+use std::time::Duration;
+
 use argh::FromArgs;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use log::{info, warn};
 use projector::{Database, Error, VersionState};
 
 use super::error::CliError;
@@ -59,7 +63,7 @@ pub(super) fn promote(database: &Database, promote: &Promote) -> Result<(), CliE
     let version = positive("--version", &promote.version)?;
     let within = match &promote.timeout {
         Some(text) => duration("--timeout", text)?,
-        None => std::time::Duration::from_secs(60),
+        None => Duration::from_secs(60),
     };
     let name = &promote.projection;
     let promoted = projector::promote(database, name, version, within)?;
@@ -131,4 +135,58 @@ pub(super) fn retire(database: &Database, retire: &Retire) -> Result<(), CliErro
         retired.parked_events
     );
     Ok(())
+}
+
+/// `--promote-within N`: promotes each of `candidates` (the later versions this process runs,
+/// as name and version) once it is building within `within` positions of the head, looking
+/// every second until `stop` disconnects (the runner ended). A promotion that fails (the
+/// version did not reach the live one in time) is tried again a second later.
+pub(super) fn promote_when_within(
+    database: &Database,
+    mut candidates: Vec<(String, u32)>,
+    within: i64,
+    stop: &Receiver<()>,
+) {
+    while !candidates.is_empty() {
+        if stop.recv_timeout(Duration::from_secs(1)) != Err(RecvTimeoutError::Timeout) {
+            return;
+        }
+        let versions = database
+            .connect()
+            .and_then(|mut client| projector::versions(&mut client));
+        let Ok(versions) = versions else {
+            continue;
+        };
+        candidates.retain(|(name, version)| {
+            let Some(known) = versions
+                .iter()
+                .find(|known| known.projection == *name && known.version == *version)
+            else {
+                return true;
+            };
+            if known.state != VersionState::Building {
+                return false;
+            }
+            if known.behind.is_none_or(|behind| behind > within) {
+                return true;
+            }
+            match projector::promote(database, name, *version, Duration::from_secs(60)) {
+                Ok(promoted) => {
+                    info!(
+                        "projection '{name}': version {version} promoted (--promote-within \
+                         {within}): readers now see it; version {} is retired",
+                        promoted.from
+                    );
+                    false
+                }
+                Err(error) => {
+                    warn!(
+                        "projection '{name}': version {version} not promoted yet: {}",
+                        projector::error_chain(&error)
+                    );
+                    true
+                }
+            }
+        });
+    }
 }

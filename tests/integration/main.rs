@@ -40,5 +40,6 @@ mod stopping;
 mod store;
 mod store_shape;
 mod util;
+mod version_operations;
 mod versions;
 mod wait;

@@ -16,7 +16,7 @@ use crate::util::{TestSchema, eventually, insert_event, run_within, signal, text
 /// Counts each aggregate's events in `tally`, stamping each row with the version that wrote
 /// it; records the position of every event it applies (its "side effect").
 #[derive(Clone)]
-struct Tally {
+pub(crate) struct Tally {
     version: u32,
     side_effects: bool,
     applied: Arc<Mutex<Vec<i64>>>,
@@ -25,7 +25,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn at(version: u32) -> Tally {
+    pub(crate) fn at(version: u32) -> Tally {
         Tally {
             version,
             side_effects: false,
@@ -85,7 +85,7 @@ impl Projection for Tally {
 }
 
 /// The same read model as a projection file, at `version`.
-fn tally_file(dir: &std::path::Path, version: u32) -> String {
+pub(crate) fn tally_file(dir: &std::path::Path, version: u32) -> String {
     let path = dir.join(format!("tally_v{version}.sql"));
     std::fs::write(
         &path,
@@ -189,14 +189,14 @@ impl Reader {
     }
 }
 
-fn checkpoint_floor(schema: &TestSchema, stored: &str) -> i64 {
+pub(crate) fn checkpoint_floor(schema: &TestSchema, stored: &str) -> i64 {
     schema.count(&format!(
         "SELECT COALESCE(MIN(last_position), 0) FROM projector_checkpoints \
          WHERE projection = '{stored}'"
     ))
 }
 
-fn head(schema: &TestSchema) -> i64 {
+pub(crate) fn head(schema: &TestSchema) -> i64 {
     schema.count("SELECT COALESCE(MAX(global_position), 0) FROM events")
 }
 
@@ -215,7 +215,7 @@ fn assert_nothing_left_of_version_one(schema: &TestSchema) {
     assert_eq!(left, 0, "retire left something of version 1");
 }
 
-fn start(builder: Builder) -> Runner {
+pub(crate) fn start(builder: Builder) -> Runner {
     builder
         .partitions(0..4)
         .total_partitions(4)
@@ -435,96 +435,4 @@ fn a_new_version_with_side_effects_applies_no_event_the_live_version_applied() {
     .join()
     .expect("version 3 catches up");
     assert_eq!(v3.applied.lock().expect("applied").len(), 430);
-}
-
-#[test]
-fn status_metrics_and_wait_tell_the_versions_apart() {
-    let schema = TestSchema::migrated("versions_status");
-    schema.seed(20, 10);
-    let database = schema.database.clone();
-    start(Builder::new(database.clone(), Tally::at(1)).exit_when_caught_up(true))
-        .join()
-        .expect("version 1 catches up");
-    let v2 = start(Builder::new(database.clone(), Tally::at(2)));
-    eventually("version 2 to catch up", Duration::from_secs(30), || {
-        checkpoint_floor(&schema, "tally@2") >= head(&schema)
-    });
-    let status = run_within(
-        schema.projector(&["status", "--projection", "tally"]),
-        Duration::from_secs(30),
-    );
-    let shown = text(&status.stdout);
-    assert!(shown.contains("tally@2 "), "{shown}");
-    assert!(
-        shown.contains("tally: version 1 live, 0 position(s) behind the head; version 2 building"),
-        "{shown}"
-    );
-    let json = run_within(
-        schema.projector(&["status", "--json"]),
-        Duration::from_secs(30),
-    );
-    let document: serde_json::Value =
-        serde_json::from_slice(&json.stdout).expect("status --json is JSON");
-    let states: Vec<(u64, String)> = document["versions"]
-        .as_array()
-        .expect("a versions list")
-        .iter()
-        .map(|v| (v["version"].as_u64().unwrap_or(0), v["state"].to_string()))
-        .collect();
-    assert_eq!(
-        states,
-        [(1, "\"live\"".to_owned()), (2, "\"building\"".to_owned())]
-    );
-    let metrics = v2.metrics().render();
-    assert!(
-        metrics
-            .lines()
-            .any(|line| line.starts_with("projector_checkpoint_position{")
-                && line.contains("projection=\"tally@2\"")
-                && line.contains("version=\"2\"")),
-        "{metrics}"
-    );
-    // `wait` waits on the live version: version 1, which no process runs now.
-    let position = insert_event(&mut schema.client(), "later-1", 1);
-    let position = position.to_string();
-    let on_live = run_within(
-        schema.projector(&[
-            "wait",
-            "--projection",
-            "tally",
-            "--position",
-            &position,
-            "--timeout",
-            "1s",
-        ]),
-        Duration::from_secs(30),
-    );
-    assert_eq!(on_live.status.code(), Some(1), "{}", text(&on_live.stderr));
-    let on_two = run_within(
-        schema.projector(&[
-            "wait",
-            "--projection",
-            "tally",
-            "--version",
-            "2",
-            "--position",
-            &position,
-        ]),
-        Duration::from_secs(30),
-    );
-    assert!(on_two.status.success(), "{}", text(&on_two.stderr));
-    projector::promote(&database, "tally", 2, Duration::from_secs(30)).expect("promote");
-    let position = insert_event(&mut schema.client(), "later-1", 2).to_string();
-    let after = run_within(
-        schema.projector(&["wait", "--projection", "tally", "--position", &position]),
-        Duration::from_secs(30),
-    );
-    assert!(after.status.success(), "{}", text(&after.stderr));
-    assert!(
-        text(&after.stdout).contains("projection 'tally@2' has applied"),
-        "{}",
-        text(&after.stdout)
-    );
-    v2.shutdown();
-    v2.join().expect("version 2 stops cleanly");
 }

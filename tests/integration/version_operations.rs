@@ -1,0 +1,162 @@
+//! Versions as operators see them: `status` lists each version with its state, `/metrics`
+//! labels figures with the version, `wait` waits on the live version unless given one, and
+//! `--promote-within` promotes a new version once it has caught up.
+
+use std::time::Duration;
+
+use projector::Builder;
+
+use crate::util::{TestSchema, eventually, insert_event, run_within, signal, text, wait_within};
+use crate::versions::{Tally, checkpoint_floor, head, start, tally_file};
+
+#[test]
+fn status_metrics_and_wait_tell_the_versions_apart() {
+    let schema = TestSchema::migrated("versions_status");
+    schema.seed(20, 10);
+    let database = schema.database.clone();
+    start(Builder::new(database.clone(), Tally::at(1)).exit_when_caught_up(true))
+        .join()
+        .expect("version 1 catches up");
+    let v2 = start(Builder::new(database.clone(), Tally::at(2)));
+    eventually("version 2 to catch up", Duration::from_secs(30), || {
+        checkpoint_floor(&schema, "tally@2") >= head(&schema)
+    });
+    let status = run_within(
+        schema.projector(&["status", "--projection", "tally"]),
+        Duration::from_secs(30),
+    );
+    let shown = text(&status.stdout);
+    assert!(shown.contains("tally@2 "), "{shown}");
+    assert!(
+        shown.contains("tally: version 1 live, 0 position(s) behind the head; version 2 building"),
+        "{shown}"
+    );
+    let json = run_within(
+        schema.projector(&["status", "--json"]),
+        Duration::from_secs(30),
+    );
+    let document: serde_json::Value =
+        serde_json::from_slice(&json.stdout).expect("status --json is JSON");
+    let states: Vec<(u64, String)> = document["versions"]
+        .as_array()
+        .expect("a versions list")
+        .iter()
+        .map(|v| (v["version"].as_u64().unwrap_or(0), v["state"].to_string()))
+        .collect();
+    assert_eq!(
+        states,
+        [(1, "\"live\"".to_owned()), (2, "\"building\"".to_owned())]
+    );
+    let metrics = v2.metrics().render();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("projector_checkpoint_position{")
+                && line.contains("projection=\"tally@2\"")
+                && line.contains("version=\"2\"")),
+        "{metrics}"
+    );
+    // `wait` waits on the live version: version 1, which no process runs now.
+    let position = insert_event(&mut schema.client(), "later-1", 1);
+    let position = position.to_string();
+    let on_live = run_within(
+        schema.projector(&[
+            "wait",
+            "--projection",
+            "tally",
+            "--position",
+            &position,
+            "--timeout",
+            "1s",
+        ]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(on_live.status.code(), Some(1), "{}", text(&on_live.stderr));
+    let on_two = run_within(
+        schema.projector(&[
+            "wait",
+            "--projection",
+            "tally",
+            "--version",
+            "2",
+            "--position",
+            &position,
+        ]),
+        Duration::from_secs(30),
+    );
+    assert!(on_two.status.success(), "{}", text(&on_two.stderr));
+    projector::promote(&database, "tally", 2, Duration::from_secs(30)).expect("promote");
+    let position = insert_event(&mut schema.client(), "later-1", 2).to_string();
+    let after = run_within(
+        schema.projector(&["wait", "--projection", "tally", "--position", &position]),
+        Duration::from_secs(30),
+    );
+    assert!(after.status.success(), "{}", text(&after.stderr));
+    assert!(
+        text(&after.stdout).contains("projection 'tally@2' has applied"),
+        "{}",
+        text(&after.stdout)
+    );
+    v2.shutdown();
+    v2.join().expect("version 2 stops cleanly");
+}
+
+#[test]
+fn a_new_version_run_with_promote_within_is_promoted_once_caught_up_and_not_before() {
+    let schema = TestSchema::migrated("versions_auto");
+    schema.seed(20, 10);
+    let dir = std::env::temp_dir().join(format!("{}_files", schema.name));
+    std::fs::create_dir_all(&dir).expect("create the files' folder");
+    let (v1_file, v2_file) = (tally_file(&dir, 1), tally_file(&dir, 2));
+    let run = |file: &str, extra: &[&str]| {
+        let mut args = vec!["--projection-file", file, "--partition-key", "0-3"];
+        args.extend_from_slice(extra);
+        schema.projector(&args)
+    };
+    let v1 = run_within(
+        run(&v1_file, &["--exit-when-caught-up"]),
+        Duration::from_secs(60),
+    );
+    assert!(v1.status.success(), "{}", text(&v1.stderr));
+    let live = || {
+        schema.count(
+            "SELECT COALESCE(MAX(version), 1)::bigint FROM projector_projection_versions \
+             WHERE projection = 'tally' AND state = 'live'",
+        )
+    };
+    // Without the flag, a caught-up version waits for the command.
+    let v2 = run_within(
+        run(&v2_file, &["--exit-when-caught-up"]),
+        Duration::from_secs(60),
+    );
+    assert!(v2.status.success(), "{}", text(&v2.stderr));
+    assert_eq!(live(), 1);
+    let mut v2 = run(
+        &v2_file,
+        &["--promote-within", "10", "--poll-interval-ms", "20"],
+    );
+    let v2 = v2
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start version 2");
+    eventually("version 2 to be promoted", Duration::from_secs(30), || {
+        live() == 2
+    });
+    assert_eq!(
+        schema.count(&format!(
+            "SELECT MIN(version)::bigint FROM {}_readers.tally",
+            schema.name
+        )),
+        2
+    );
+    signal(&v2, "TERM");
+    let v2 = wait_within(v2, Duration::from_secs(30));
+    assert_eq!(v2.status.code(), Some(0), "{}", text(&v2.stderr));
+    assert!(
+        text(&v2.stderr).contains("version 2 promoted (--promote-within 10)"),
+        "{}",
+        text(&v2.stderr)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
