@@ -46,6 +46,19 @@
 //! [`rewind`] moves its checkpoints back to a position or a time, leaving its read model as it
 //! is, so that it applies every later event again.
 //!
+//! # Versions
+//! A projection has a version ([`Projection::version`], default 1; `-- version: N` in a SQL
+//! file). Version 1 is kept as before versions existed; version `N >= 2` keeps its checkpoints,
+//! layout, parked events and states under the name `name@N` ([`stored_name`]) and its read
+//! model in the schema `<schema>_vN` ([`read_model_schema`]), first in the `search_path` of its
+//! transactions, so it builds beside the live version (in the same runner, as a straggler of
+//! the shared read, or in its own processes). Readers query the views of the readers' schema
+//! `<schema>_readers` ([`readers_schema`]), over the live version's tables. [`promote`] makes a
+//! caught-up version live in one transaction (the readers' views replaced, the old version's
+//! checkpoints deleted, so its runners stop with [`Error::VersionRetired`]); [`retire`] drops a
+//! version that is not live. A new version of a projection that
+//! [has side effects](Projection::has_side_effects) starts where the live version is.
+//!
 //! # Sharing partitions
 //! Instead of owning given keys, the processes of a projection may share its partitions:
 //! [`Builder::share_partitions`] (`--partition-key auto`). With `P` such processes live, each

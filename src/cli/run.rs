@@ -119,9 +119,13 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Cli
     }
 }
 
+/// The later versions (name and version) of the projection files given, to promote once
+/// within this many positions of the head.
+type ToPromote = (Vec<(String, u32)>, i64);
+
 /// With `--promote-within N`: the later versions of the projection files given, to promote
 /// once within `N` positions of the head.
-fn later_versions_to_promote(args: &Args) -> Result<Option<(Vec<(String, u32)>, i64)>, Error> {
+fn later_versions_to_promote(args: &Args) -> Result<Option<ToPromote>, Error> {
     let Some(text) = &args.promote_within else {
         return Ok(None);
     };

@@ -27,7 +27,10 @@ pub(super) fn print_status(
                 .get(0),
         };
         let mut document = status_json(head, &rows, &states, &members);
-        document["versions"] = versions.iter().map(version_json).collect();
+        if !versions.is_empty() {
+            // Only with versions, so that the document stays as it was without them.
+            document["versions"] = versions.iter().map(version_json).collect();
+        }
         say!("{document}");
         return Ok(());
     }
