@@ -6,15 +6,17 @@
 # aggregate among 10,000), sharing partitions (benches/sharing.rs: 4 processes with
 # --partition-key auto against 4 with explicit keys, and the take-over after a SIGKILL) and
 # the read replica (benches/replica.rs: the primary's CPU time during a catch-up without and
-# with --read-replica-url, on a primary and a pg_basebackup -R replica started for it).
+# with --read-replica-url, on a primary and a pg_basebackup -R replica started for it), and
+# versions (benches/versions.rs: a live version's latency while a new version rebuilds beside
+# it in the same process, and the rebuild's time against a rebuild alone).
 #
 # Usage: scripts/bench.sh [--events N] [--big-events N] [--quick] [--only BENCH]
 #   --events N      events in the main runs (default 1000000)
 #   --big-events N  events for the second peak-memory run (default 5000000, 0 skips it)
 #   --quick         smoke run: 100000 events, no big run, scaling at 1, 4 and 16 partitions,
 #                   latency for 3 s per mode instead of 10, park 3 rounds instead of 7
-#   --only BENCH    run one benchmark: catch_up, projections, latency, park, sharing or
-#                   replica
+#   --only BENCH    run one benchmark: catch_up, projections, latency, park, sharing,
+#                   replica or versions
 #
 # Without DATABASE_URL, a throw-away PostgreSQL server is started for the run. Either way a
 # database projector_bench_<pid>_<time> is created on the server and dropped at the end. The
@@ -24,7 +26,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '11,18s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '13,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 events=1000000
@@ -57,8 +59,8 @@ while [[ $# -gt 0 ]]; do
         shift
         ;;
     --only)
-        if [[ $# -lt 2 || ! $2 =~ ^(catch_up|projections|latency|park|sharing|replica)$ ]]; then
-            printf '%s needs catch_up, projections, latency, park, sharing or replica\n' "$1" >&2
+        if [[ $# -lt 2 || ! $2 =~ ^(catch_up|projections|latency|park|sharing|replica|versions)$ ]]; then
+            printf '%s needs catch_up, projections, latency, park, sharing, replica or versions\n' "$1" >&2
             usage >&2
             exit 2
         fi
@@ -198,7 +200,7 @@ psql=$(psql_bin)
 run nproc
 run cargo build --release
 run cargo bench --no-run --bench catch_up --bench projections --bench latency --bench park \
-    --bench sharing --bench replica
+    --bench sharing --bench replica --bench versions
 
 if ((shared_server)); then
     bench_db=projector_bench_$$_$(date +%s)
@@ -232,4 +234,9 @@ if [[ -z $only || $only == replica ]]; then
     start_replica_pair
     run cargo bench --bench replica -- --database-url "$pair_primary_url" \
         --replica-url "$pair_replica_url" --events "$events"
+fi
+if [[ -z $only || $only == versions ]]; then
+    run cargo bench --bench versions -- \
+        --database-url "$(with_database "$admin_url" "$bench_db")" --events "$events" \
+        --seconds "$latency_seconds"
 fi

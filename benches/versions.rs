@@ -1,0 +1,374 @@
+//! A new version built beside the live one, in the same process: does the live version's
+//! append-to-applied latency hold while the new one rebuilds, and does the rebuild take about
+//! as long as a rebuild alone?
+//!
+//! ```sh
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench --bench versions -- [--events 1000000] [--rate 200] [--seconds 10]
+//! ```
+//!
+//! 1. Seeds `--events` events, then times a rebuild of `aggregate-stats-batch` alone (a fresh
+//!    projection run to the head, as after a reset): the baseline.
+//! 2. Runs the live version (version 1 of `live`, which notifies inside its transaction for
+//!    each event the writers append) with writers appending `--rate` events/s for `--seconds`:
+//!    its quiet append-to-applied latency.
+//! 3. Restarts the process with version 2 of `aggregate-stats-batch` beside version 1 of
+//!    `live`, the writers appending at the same rate until version 2 has reached the head as
+//!    it was at its start: the live version's latency meanwhile, and the rebuild's time.
+//!
+//! Targets (issue 21): the loaded p99 within 2x the quiet p99, the rebuild within 1.3x of the
+//! rebuild alone. Both are printed, not asserted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use projector::postgres::Transaction;
+use projector::postgres::fallible_iterator::FallibleIterator;
+use projector::projections::AggregateStatsBatch;
+use projector::{
+    BoxError, Builder, Context, Database, Event, ExpectedVersion, NewEvent, Projection, Runner,
+    Scope,
+};
+
+mod common;
+
+const USAGE: &str = "usage: versions [--database-url URL] [--events N] [--rate N] [--seconds N]
+  --database-url  server to run against (env DATABASE_URL)
+  --events        events seeded before the rebuilds, default 1000000
+  --rate          appends per second to the live version, default 200
+  --seconds       seconds of the quiet measurement, default 10";
+
+struct Options {
+    url: String,
+    events: i64,
+    rate: u64,
+    seconds: u64,
+}
+
+fn options() -> common::Result<Option<Options>> {
+    let (mut events, mut rate, mut seconds) = (1_000_000, 200, 10);
+    let url = common::read_args(USAGE, |flag, value| {
+        match flag {
+            "--events" => events = common::number(flag, value()?)?,
+            "--rate" => rate = common::number(flag, value()?)?,
+            "--seconds" => seconds = common::number(flag, value()?)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    Ok(url.map(|url| Options {
+        url,
+        events,
+        rate,
+        seconds,
+    }))
+}
+
+fn main() {
+    common::main_of("versions", USAGE, options, |options| {
+        common::in_own_schema(&options.url, "versions", |database| run(database, options))
+    });
+}
+
+/// The live version: notifies `versions_applied` with the position of each event the writers
+/// appended (aggregates `live-...`), in its transaction, so that the notification arrives when
+/// the read-model change commits. The seeded events pass through untouched.
+#[derive(Clone)]
+struct Live;
+
+impl Projection for Live {
+    fn name(&self) -> &str {
+        "live"
+    }
+
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        _: &Context,
+    ) -> Result<(), BoxError> {
+        if event.aggregate_id.starts_with("live-") {
+            tx.execute(
+                "SELECT pg_notify('versions_applied', $1)",
+                &[&event.global_position.to_string()],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A projection at another version than its own.
+#[derive(Clone)]
+struct AtVersion<P> {
+    inner: P,
+    version: u32,
+}
+
+impl<P: Projection> Projection for AtVersion<P> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn scope(&self) -> Scope {
+        self.inner.scope()
+    }
+    fn events_per_transaction(&self) -> Option<usize> {
+        self.inner.events_per_transaction()
+    }
+    fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        self.inner.setup(tx)
+    }
+    fn apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        event: &Event,
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        self.inner.apply(tx, event, context)
+    }
+    fn apply_batch(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        events: &[Event],
+        context: &Context,
+    ) -> Result<(), BoxError> {
+        self.inner.apply_batch(tx, events, context)
+    }
+}
+
+fn run(database: &Database, options: &Options) -> common::Result<()> {
+    let outcome = measure_both(database, options);
+    // The schemas of version 2's read model and of the readers' views, beside the benchmark's.
+    let schema = database.schema_name();
+    database.connect()?.batch_execute(&format!(
+        "DROP SCHEMA IF EXISTS {schema}_v2 CASCADE; DROP SCHEMA IF EXISTS {schema}_readers CASCADE"
+    ))?;
+    outcome
+}
+
+fn measure_both(database: &Database, options: &Options) -> common::Result<()> {
+    projector::migrate(database)?;
+    let seeded = Instant::now();
+    common::seed(database, common::SMALL_EVENTS_SQL, options.events, 10_000)?;
+    println!(
+        "seeded {} events in {:.1} s",
+        options.events,
+        seeded.elapsed().as_secs_f64()
+    );
+    let alone = rebuild_alone(database)?;
+    println!(
+        "rebuild of aggregate-stats-batch alone: {:.2} s",
+        alone.as_secs_f64()
+    );
+
+    let live = start(Builder::new(database.clone(), Live))?;
+    wait_until_applied(database, "live", head(database)?)?;
+    let (quiet, _) = measure(database, options, &live, |started| {
+        started.elapsed() >= Duration::from_secs(options.seconds)
+    })?;
+    live.shutdown();
+    live.join()?;
+
+    let rebuild = AtVersion {
+        inner: AggregateStatsBatch,
+        version: 2,
+    };
+    let target = head(database)?;
+    let both = start(Builder::new(database.clone(), Live).projection(rebuild))?;
+    let rebuilding = Instant::now();
+    let mut rebuilt = None;
+    let (loaded, _) = measure(database, options, &both, |_| {
+        if rebuilt.is_none()
+            && floor(database, "aggregate-stats-batch@2").is_ok_and(|f| f >= target)
+        {
+            rebuilt = Some(rebuilding.elapsed());
+        }
+        rebuilt.is_some()
+    })?;
+    both.shutdown();
+    both.join()?;
+    let beside = rebuilt.ok_or("version 2 never reached the head")?;
+
+    println!();
+    println!(
+        "live version's latency from append commit to read-model commit, {} appends/s from 2 \
+         writers, 4 partitions in one process",
+        options.rate
+    );
+    println!("| live version | samples | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|");
+    let quiet_p99 = print_row("alone (quiet)", quiet);
+    let loaded_p99 = print_row("while version 2 rebuilds beside it", loaded);
+    println!();
+    println!("| rebuild of {} events | s |", options.events);
+    println!("|---|---|");
+    println!("| alone (reset and rebuild) | {:.2} |", alone.as_secs_f64());
+    println!(
+        "| as version 2 beside the live version | {:.2} |",
+        beside.as_secs_f64()
+    );
+    println!();
+    println!(
+        "loaded p99 / quiet p99: {:.2} (target <= 2); rebuild beside / alone: {:.2} (target <= 1.3)",
+        loaded_p99 / quiet_p99.max(0.001),
+        beside.as_secs_f64() / alone.as_secs_f64().max(0.001)
+    );
+    Ok(())
+}
+
+fn start(builder: Builder) -> Result<Runner, projector::Error> {
+    builder.partitions(0..4).total_partitions(4).start()
+}
+
+/// The time a fresh `aggregate-stats-batch` takes to apply the store alone, in a runner of
+/// its own (stopped once caught up).
+fn rebuild_alone(database: &Database) -> common::Result<Duration> {
+    let started = Instant::now();
+    start(Builder::new(database.clone(), AggregateStatsBatch).exit_when_caught_up(true))?.join()?;
+    Ok(started.elapsed())
+}
+
+fn head(database: &Database) -> common::Result<i64> {
+    Ok(database
+        .connect()?
+        .query_one("SELECT COALESCE(MAX(global_position), 0) FROM events", &[])?
+        .get(0))
+}
+
+/// The lowest checkpoint of the projection stored as `stored`.
+fn floor(database: &Database, stored: &str) -> common::Result<i64> {
+    Ok(database
+        .connect()?
+        .query_one(
+            "SELECT COALESCE(MIN(last_position), 0) FROM projector_checkpoints WHERE projection = $1",
+            &[&stored],
+        )?
+        .get(0))
+}
+
+fn wait_until_applied(database: &Database, stored: &str, position: i64) -> common::Result<()> {
+    while floor(database, stored)? < position {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Two writers append `--rate` events per second to `live-...` aggregates, checking `done`
+/// every 100 ms, until it says so; returns the latencies (ms) of the appends from their commit
+/// to the notification of `Live`'s commit.
+fn measure(
+    database: &Database,
+    options: &Options,
+    runner: &Runner,
+    mut done: impl FnMut(Instant) -> bool,
+) -> common::Result<(Vec<f64>, u64)> {
+    let mut listener = database.connect()?;
+    listener.batch_execute("LISTEN versions_applied")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (committed_tx, committed) = mpsc::channel::<(i64, Instant)>();
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (database, stop, committed) =
+                (database.clone(), Arc::clone(&stop), committed_tx.clone());
+            let interval = Duration::from_secs_f64(2.0 / options.rate.max(1) as f64);
+            std::thread::spawn(move || -> Result<u64, BoxError> {
+                let mut client = database.connect()?;
+                let started = Instant::now();
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(wait) =
+                        (started + interval * n).checked_duration_since(Instant::now())
+                    {
+                        std::thread::sleep(wait);
+                    }
+                    let id = format!("live-{w}-{}", n % 250);
+                    let event = NewEvent::new("bench", "Thing", id, "Happened", b"{}".to_vec());
+                    let position =
+                        projector::append(&mut client, ExpectedVersion::Any, &[event])?[0];
+                    let _ = committed.send((position, Instant::now()));
+                    n += 1;
+                }
+                Ok(u64::from(n))
+            })
+        })
+        .collect();
+    drop(committed_tx);
+    let started = Instant::now();
+    let mut applied: HashMap<i64, Instant> = HashMap::new();
+    let mut last_check = Instant::now();
+    loop {
+        let mut notifications = listener.notifications();
+        let mut arrivals = notifications.timeout_iter(Duration::from_millis(5));
+        while let Some(notification) = arrivals.next()? {
+            if let Ok(position) = notification.payload().parse::<i64>() {
+                applied.entry(position).or_insert_with(Instant::now);
+            }
+        }
+        if last_check.elapsed() >= Duration::from_millis(100) {
+            last_check = Instant::now();
+            if runner.is_finished() {
+                return Err("the runner stopped".into());
+            }
+            if done(started) {
+                break;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut written = 0;
+    for writer in writers {
+        written += writer.join().map_err(|_| "writer panicked")??;
+    }
+    let commits: HashMap<i64, Instant> = committed.try_iter().collect();
+    // The last appends' notifications.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while applied.len() < commits.len() && Instant::now() < deadline {
+        let mut notifications = listener.notifications();
+        let mut arrivals = notifications.timeout_iter(Duration::from_millis(50));
+        while let Some(notification) = arrivals.next()? {
+            if let Ok(position) = notification.payload().parse::<i64>() {
+                applied.entry(position).or_insert_with(Instant::now);
+            }
+        }
+    }
+    let samples: Vec<f64> = commits
+        .iter()
+        .filter_map(|(position, committed)| {
+            applied
+                .get(position)
+                .map(|at| at.saturating_duration_since(*committed).as_secs_f64() * 1_000.0)
+        })
+        .collect();
+    if samples.len() < commits.len() {
+        return Err(format!(
+            "only {} of {} appends were applied",
+            samples.len(),
+            commits.len()
+        )
+        .into());
+    }
+    Ok((samples, written))
+}
+
+/// Prints a row of percentiles; returns the p99.
+fn print_row(what: &str, mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        samples
+            .get(((samples.len().max(1) - 1) as f64 * q) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    println!(
+        "| {what} | {} | {:.2} | {:.2} | {:.2} |",
+        samples.len(),
+        at(0.50),
+        at(0.99),
+        samples.last().copied().unwrap_or_default()
+    );
+    at(0.99)
+}
