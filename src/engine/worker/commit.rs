@@ -160,6 +160,7 @@ impl<P: Projection> Worker<P> {
                     info!(
                         "partition {}/{} of '{}' waits for its checkpoint row, which another \
                          session holds (a `projector dead-letters retry` or `drop`, a \
+                         `projector promote` holding the version it replaces, a \
                          re-partitioning, or a session that locked it by hand); it applies \
                          nothing meanwhile, and a stop is seen within {} ms",
                         self.context.partition,
