@@ -3,6 +3,8 @@
 //! - [`builder`]: checks a run's settings and prepares each projection's layout and
 //!   checkpoints before any thread starts ([`Builder`](crate::Builder)).
 //! - [`plan`]: each projection's partitions, layout and checkpoints, as prepared for a run.
+//! - [`version`]: a projection's version checked at start, and the readers' views made at a
+//!   new version's first start (see [`crate::promote`]).
 //! - [`runner`]: starts the threads and joins them ([`Runner`](crate::Runner)).
 //! - [`balancer`]: shares the partitions with the other live processes
 //!   (`--partition-key auto`).
@@ -32,5 +34,6 @@ pub(crate) mod router;
 pub(crate) mod runner;
 pub(crate) mod settings;
 pub(crate) mod straggler;
+pub(crate) mod version;
 pub(crate) mod wanted;
 pub(crate) mod worker;

@@ -5,9 +5,9 @@ pub(crate) mod append;
 pub(crate) mod database;
 pub(crate) mod gap;
 pub(crate) mod migration;
-pub(crate) mod replica;
 pub(crate) mod readers;
 pub(crate) mod registry;
+pub(crate) mod replica;
 pub(crate) mod state;
 
 use postgres::types::Oid;

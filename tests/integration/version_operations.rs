@@ -160,3 +160,34 @@ fn a_new_version_run_with_promote_within_is_promoted_once_caught_up_and_not_befo
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn version_one_runs_as_before_in_a_schema_migrated_before_versions_and_a_later_one_asks_for_migrate()
+ {
+    let schema = TestSchema::migrated("versions_before");
+    // As an earlier release left the schema: no registry of versions.
+    schema
+        .client()
+        .batch_execute("DROP TABLE projector_projection_versions")
+        .expect("drop the registry");
+    schema.seed(10, 5);
+    let database = schema.database.clone();
+    start(Builder::new(database.clone(), Tally::at(1)).exit_when_caught_up(true))
+        .join()
+        .expect("version 1 runs");
+    assert_eq!(
+        schema.count(
+            "SELECT COUNT(*) FROM projector_checkpoints WHERE projection = 'tally' \
+             AND last_position = 50"
+        ),
+        4
+    );
+    assert_eq!(schema.count("SELECT SUM(n)::bigint FROM tally"), 50);
+    let refused = Builder::new(database, Tally::at(2)).start().map(drop);
+    match refused {
+        Err(projector::Error::MissingTables { tables, .. }) => {
+            assert_eq!(tables, ["projector_projection_versions"]);
+        }
+        other => panic!("version 2 without the registry: {other:?}"),
+    }
+}
