@@ -185,7 +185,8 @@ fn migrate_leaves_a_pupsourcing_store_as_it_was() {
             "projection_dead_letters",
             "projector_checkpoints",
             "projector_prior_layouts",
-            "projector_projection_states"
+            "projector_projection_states",
+            "projector_projection_versions",
         ]
     );
 }
@@ -483,7 +484,8 @@ fn a_role_that_is_not_superuser_migrates_and_runs_the_projector() {
             "SELECT COUNT(*) FROM pg_tables WHERE schemaname = '{}' AND tableowner = '{}'",
             schema.name, role.name
         )),
-        6,
-        "the role owns the projector's tables (with the record of drops and the states) and the read model"
+        7,
+        "the role owns the projector's tables (with the record of drops, the states and the \
+         versions) and the read model"
     );
 }

@@ -176,7 +176,8 @@ fn migrate_runs_twice_and_from_several_processes_at_once() {
             "projection_dead_letters",
             "projector_checkpoints",
             "projector_prior_layouts",
-            "projector_projection_states"
+            "projector_projection_states",
+            "projector_projection_versions",
         ]
     );
 }
