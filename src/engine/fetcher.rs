@@ -12,9 +12,8 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 use postgres::{Client, Row, Statement};
 
-use crate::engine::copier::{Copier, FAR_BATCHES};
 use crate::engine::outage::{Attempts, Outage};
-use crate::engine::router::{Chunk, FetchProgress, Lane, Router, Routes, Rows};
+use crate::engine::router::{Chunk, FetchProgress, Lane, Router, Routes};
 use crate::engine::settings::{Settings, Stopper};
 use crate::engine::straggler::Stragglers;
 use crate::engine::wanted::Wanted;
@@ -56,8 +55,6 @@ struct Reader {
     filled: Statement,
     writers: Writers,
     shape: Shape,
-    /// Far from the head: reads by `COPY` up to a settled bound.
-    copier: Copier,
 }
 
 /// How a read gets its rows. Each statement's first step reads after `$1`, `$2` events at
@@ -152,8 +149,6 @@ impl Reader {
             &mut client,
             "SELECT EXISTS (SELECT 1 FROM events WHERE global_position = $1)",
         )?;
-        let copier =
-            Copier::prepare(&mut client).map_err(Error::database("preparing the event query"))?;
         let writers = Writers::find(&mut client)?;
         client
             .batch_execute(database.listen_statement())
@@ -163,7 +158,6 @@ impl Reader {
             filled,
             writers,
             shape,
-            copier,
         })
     }
 
@@ -288,16 +282,6 @@ impl Reader {
     }
 }
 
-/// How a look for a `COPY` far from the head ended.
-enum Copied {
-    /// No settled bound far enough ahead: read as near the head.
-    Nothing,
-    /// The stream is read up to a settled bound.
-    Upto,
-    /// Asked to stop (or the router has gone) in the middle.
-    Stopped,
-}
-
 impl Read {
     /// A read that found nothing new after `position`.
     fn nothing_at(position: i64, held: bool) -> Read {
@@ -371,11 +355,6 @@ impl Fetcher {
         let mut attempts = Attempts::default();
         let mut quiet = 0;
         let mut router_holds = false;
-        // The last read filled its limit: worth looking for a settled bound far ahead.
-        let mut behind = true;
-        // A COPY reads whole rows: for a process that owns at most half of the partitions,
-        // reading the keys first and its own rows only costs less.
-        let copies = !Wanted::new(&self.lanes, &vec![true; self.lanes.len()]).is_at_most_half();
         let limit = i64::from(self.settings.batch_size);
         while !self.stopped() {
             let Some(current) = reader.as_mut() else {
@@ -407,7 +386,7 @@ impl Fetcher {
                 current.forget_notifications();
                 let chunk = Chunk {
                     seen: read.rows.len(),
-                    rows: Rows::Undecoded(read.rows),
+                    rows: read.rows,
                     // Every event, of every partition.
                     covered: None,
                     upto: read.upto,
@@ -422,35 +401,6 @@ impl Fetcher {
                 self.progress.position.store(position, Ordering::Relaxed);
                 quiet = 0;
                 continue;
-            }
-            if behind && copies && matches!(current.shape, Shape::Rows { .. }) {
-                match self.copy_far_ahead(current, &mut position, &reads) {
-                    Ok(Copied::Nothing) => {}
-                    Ok(Copied::Upto) => {
-                        gaps.reset();
-                        router_holds = true;
-                        quiet = 0;
-                        continue;
-                    }
-                    Ok(Copied::Stopped) => break,
-                    Err(source) => {
-                        let error = Error::Database {
-                            action: format!(
-                                "copying events after global position {position} far from the head"
-                            ),
-                            source,
-                        };
-                        if !error.is_connection_loss() {
-                            return Err(error);
-                        }
-                        // Read again from the last position handed out.
-                        reader = None;
-                        if self.wait_before_retry(&mut attempts, error)? {
-                            break;
-                        }
-                        continue;
-                    }
-                }
             }
             let lanes = (self.lanes.as_slice(), &*self.stragglers);
             let batch = match current.read(position, limit, &mut gaps, &self.settings, lanes) {
@@ -473,7 +423,6 @@ impl Fetcher {
             self.progress
                 .note_gap(if batch.held { gaps.held_by() } else { None });
             let caught_up = !batch.full || batch.held;
-            behind = !caught_up;
             if !caught_up {
                 current.forget_notifications();
             }
@@ -487,7 +436,7 @@ impl Fetcher {
                 router_holds = !caught_up;
                 select! {
                     send(reads, Chunk {
-                        rows: Rows::Undecoded(batch.rows),
+                        rows: batch.rows,
                         covered: batch.covered,
                         seen: batch.seen,
                         upto: batch.upto.max(position),
@@ -526,74 +475,6 @@ impl Fetcher {
         self.progress.note_gap(None);
         debug!("fetcher: stopped reading at global position {position}");
         Ok(())
-    }
-
-    /// Far from the head: streams every event up to a settled bound to the router by one
-    /// `COPY`, moving `position` with each chunk handed out (a lost connection reads again
-    /// from there).
-    fn copy_far_ahead(
-        &self,
-        reader: &mut Reader,
-        position: &mut i64,
-        reads: &Sender<Chunk>,
-    ) -> Result<Copied, postgres::Error> {
-        let far = i64::from(self.settings.batch_size).saturating_mul(FAR_BATCHES);
-        let Some(through) =
-            reader
-                .copier
-                .bound(&mut reader.client, &reader.writers, *position, far)?
-        else {
-            return Ok(Copied::Nothing);
-        };
-        self.progress.note_gap(None);
-        reader.forget_notifications();
-        let started = Instant::now();
-        let from = *position;
-        let mut stopped = false;
-        let chunk = self.settings.batch_size as usize;
-        reader
-            .copier
-            .copy
-            .stream(&mut reader.client, (from, through), chunk, |copied| {
-                let seen = copied.rows.len();
-                let upto = match copied.last_position {
-                    Some(last) if !copied.last => last,
-                    // Settled: missing positions up to `through` can never appear.
-                    _ => through,
-                };
-                let chunk = Chunk {
-                    rows: Rows::Copied(copied.rows),
-                    // Whole rows: every lane's events.
-                    covered: None,
-                    seen,
-                    upto,
-                    more_waiting: true,
-                };
-                let sent = select! {
-                    send(reads, chunk) -> sent => sent.is_ok(),
-                    recv(self.stop) -> _ => false,
-                };
-                if !sent {
-                    stopped = true;
-                    return false;
-                }
-                self.progress
-                    .copied
-                    .fetch_add(seen as u64, Ordering::Relaxed);
-                *position = upto;
-                self.progress.position.store(upto, Ordering::Relaxed);
-                true
-            })?;
-        debug!(
-            "fetcher: copied the events in ({from}, {}] in {:.3} s",
-            *position,
-            started.elapsed().as_secs_f64()
-        );
-        Ok(if stopped {
-            Copied::Stopped
-        } else {
-            Copied::Upto
-        })
     }
 
     /// Waits up to `timeout` for a notification of an append; true when asked to stop

@@ -24,7 +24,6 @@
 
 pub(crate) mod balancer;
 pub(crate) mod builder;
-pub(crate) mod copier;
 pub(crate) mod fetcher;
 pub(crate) mod lane;
 pub(crate) mod notice;

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TryRecvError};
 use log::{debug, info};
 use postgres::Row;
-use postgres::binary_copy::BinaryCopyOutRow;
 
 use crate::engine::settings::{Settings, Stopper};
 use crate::engine::straggler::{HandOut, Stragglers};
@@ -17,7 +16,6 @@ use crate::engine::worker::Batch;
 use crate::event::{Event, Scope};
 use crate::now_millis;
 use crate::partition::partition_of;
-use crate::store::copy::event_from_copy;
 use crate::store::event_from_row;
 
 /// Figures the fetcher and router share while they run, for progress lines and metrics.
@@ -25,8 +23,6 @@ use crate::store::event_from_row;
 pub(crate) struct FetchProgress {
     /// Events read, of all partitions.
     pub(crate) read: AtomicU64,
-    /// Events read by `COPY`, far from the head.
-    pub(crate) copied: AtomicU64,
     /// The stream is read up to here.
     pub(crate) position: AtomicI64,
     /// The fetcher is running.
@@ -87,18 +83,10 @@ pub(crate) struct Lane {
     pub(crate) min_batch: usize,
 }
 
-/// Events as the fetcher read them.
-pub(crate) enum Rows {
-    /// Rows of a query, decoded by the router.
-    Undecoded(Vec<Row>),
-    /// Rows of a binary `COPY`, decoded by the router.
-    Copied(Vec<BinaryCopyOutRow>),
-}
-
 /// What the fetcher hands the router.
 pub(crate) struct Chunk {
-    /// Events in position order: every wanted event up to `upto` not sent before.
-    pub(crate) rows: Rows,
+    /// Rows in position order: every wanted event up to `upto` not sent before.
+    pub(crate) rows: Vec<Row>,
     /// Per lane, whether `rows` has its events; `None` when it has every lane's. A lane on the
     /// shared read always is covered (see `crate::engine::straggler`): one handed a chunk
     /// without is stepped aside, and reads its events itself.
@@ -268,21 +256,12 @@ impl Router<'_> {
         let mut alive = vec![true; self.lanes.len()];
         let mut targets = Vec::new();
         for chunk in reads {
-            match chunk.rows {
-                Rows::Undecoded(rows) => {
-                    for row in &rows {
-                        self.routes
-                            .route(event_from_row(row), &mut held, &mut targets);
-                    }
-                }
-                Rows::Copied(rows) => {
-                    for row in &rows {
-                        self.routes
-                            .route(event_from_copy(row), &mut held, &mut targets);
-                    }
-                }
+            for row in &chunk.rows {
+                self.routes
+                    .route(event_from_row(row), &mut held, &mut targets);
             }
             read += chunk.seen as u64;
+            drop(chunk.rows);
             for (events, since) in held.iter().zip(&mut since) {
                 if !events.is_empty() && since.is_none() {
                     *since = Some(Instant::now());

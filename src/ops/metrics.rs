@@ -67,7 +67,6 @@ struct Counted {
     retries: Vec<u64>,
     failures: Vec<u64>,
     rows_read: u64,
-    rows_copied: u64,
     replica_read: u64,
     gap_wait: f64,
     rebalances: u64,
@@ -97,7 +96,6 @@ struct Families {
     head: IntGauge,
     read_position: IntGauge,
     rows_read: IntCounter,
-    rows_copied: IntCounter,
     gap_wait: Counter,
     gap_age: Gauge,
     gap_pid: IntGauge,
@@ -173,10 +171,6 @@ impl Families {
                 "projector_events_read_total",
                 "Events the fetcher read, of every partition.",
             )?,
-            rows_copied: IntCounter::new(
-                "projector_events_copied_total",
-                "Events the fetcher read far from the head by COPY, of every partition.",
-            )?,
             gap_wait: Counter::new(
                 "projector_gap_wait_seconds_total",
                 "Time the fetcher spent held at a position that may still commit.",
@@ -245,7 +239,6 @@ impl Families {
         r.register(Box::new(families.head.clone()))?;
         r.register(Box::new(families.read_position.clone()))?;
         r.register(Box::new(families.rows_read.clone()))?;
-        r.register(Box::new(families.rows_copied.clone()))?;
         r.register(Box::new(families.gap_wait.clone()))?;
         r.register(Box::new(families.gap_age.clone()))?;
         r.register(Box::new(families.gap_pid.clone()))?;
@@ -394,11 +387,6 @@ impl Metrics {
         if read > scrape.rows_read {
             f.rows_read.inc_by(read - scrape.rows_read);
             scrape.rows_read = read;
-        }
-        let copied = fetch.copied.load(Ordering::Relaxed);
-        if copied > scrape.rows_copied {
-            f.rows_copied.inc_by(copied - scrape.rows_copied);
-            scrape.rows_copied = copied;
         }
         let waited = fetch.gap_wait_seconds();
         if waited > scrape.gap_wait {

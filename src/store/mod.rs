@@ -2,7 +2,6 @@
 //! ([`append`]), and reads.
 
 pub(crate) mod append;
-pub(crate) mod copy;
 pub(crate) mod database;
 pub(crate) mod gap;
 pub(crate) mod migration;

@@ -9,7 +9,6 @@ mod backlog;
 mod cli;
 mod cluster;
 mod connection;
-mod copy_reads;
 mod dead_letters;
 mod faults;
 mod gap;
