@@ -191,6 +191,7 @@ pub use partition::{
 };
 pub use postgres;
 pub use projections::projection::{Context, PoisonPolicy, Projection};
+pub use projections::queued::QueuedWrite;
 pub use store::append::{Appender, append};
 pub use store::database::{Database, Pool};
 pub use store::migration::migrate;
