@@ -170,7 +170,11 @@ fn check_names(schema: &TestSchema, aggregates: i64, per_aggregate: i64) {
     for row in rows {
         let (id, name, position, events, last): (String, String, i64, i64, i64) =
             (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-        assert_eq!(name, format!("{id}@{per_aggregate}"), "the last write of {id}");
+        assert_eq!(
+            name,
+            format!("{id}@{per_aggregate}"),
+            "the last write of {id}"
+        );
         assert_eq!(position, last, "the last position of {id}");
         assert_eq!(events, per_aggregate, "the events counted for {id}");
     }
@@ -219,7 +223,10 @@ fn queued_writes_apply_exactly_once_across_a_restart_mid_stream() {
     // Every queued write of a committed event is in, and none of the others.
     let mut client = schema.client();
     let counted: i64 = client
-        .query_one("SELECT COALESCE(sum(events), 0)::int8 FROM name_counts", &[])
+        .query_one(
+            "SELECT COALESCE(sum(events), 0)::int8 FROM name_counts",
+            &[],
+        )
         .expect("sum counts")
         .get(0);
     assert_eq!(counted, applied_first);
@@ -399,10 +406,7 @@ impl Projection for OneStatementPerEvent {
                         &event.aggregate_version,
                     ],
                 )?;
-                let (total, key) = (
-                    context.total_partitions as i32,
-                    context.partition as i32,
-                );
+                let (total, key) = (context.total_partitions as i32, context.partition as i32);
                 tx.execute(
                     "INSERT INTO user_partition_counts VALUES ($1, $2, 1) \
                      ON CONFLICT (total_partitions, partition_key) \
@@ -413,13 +417,21 @@ impl Projection for OneStatementPerEvent {
             "UserRenamed" => {
                 tx.execute(
                     "UPDATE users SET name = $2, version = $3 WHERE id = $1",
-                    &[&event.aggregate_id, &field("name"), &event.aggregate_version],
+                    &[
+                        &event.aggregate_id,
+                        &field("name"),
+                        &event.aggregate_version,
+                    ],
                 )?;
             }
             "UserEmailChanged" => {
                 tx.execute(
                     "UPDATE users SET email = $2, version = $3 WHERE id = $1",
-                    &[&event.aggregate_id, &field("email"), &event.aggregate_version],
+                    &[
+                        &event.aggregate_id,
+                        &field("email"),
+                        &event.aggregate_version,
+                    ],
                 )?;
             }
             _ => {}
@@ -479,8 +491,13 @@ fn the_queued_built_ins_leave_the_read_models_of_one_statement_per_event() {
         name: "aggregate-stats",
     };
     catch_up(&plain, stats, PoisonPolicy::Stop, 500).expect("plain aggregate-stats");
-    catch_up(&plain, OneStatementPerEvent { name: "users" }, PoisonPolicy::Stop, 500)
-        .expect("plain users");
+    catch_up(
+        &plain,
+        OneStatementPerEvent { name: "users" },
+        PoisonPolicy::Stop,
+        500,
+    )
+    .expect("plain users");
     let (queued_rows, plain_rows) = (read_models(&queued), read_models(&plain));
     assert_eq!(queued_rows.len(), 60 + 50 + 60 + 2);
     assert_eq!(queued_rows, plain_rows);
