@@ -137,6 +137,15 @@ impl Queue {
         write: &QueuedWrite,
         row: &[&(dyn ToSql + Sync)],
     ) -> Result<(), BoxError> {
+        if write.key_columns > write.columns.len() {
+            return Err(format!(
+                "a queued write keyed by {} of its {} columns ({})",
+                write.key_columns,
+                write.columns.len(),
+                write.sql
+            )
+            .into());
+        }
         if row.len() != write.columns.len() {
             return Err(format!(
                 "a row of {} values queued for a write of {} columns ({})",
@@ -378,6 +387,8 @@ mod tests {
         assert!(queue.push(&KEYED, &[&"a"]).is_err());
         let not_array = QueuedWrite::new("x", &[Type::TEXT]);
         assert!(queue.push(&not_array, &[&"a"]).is_err());
+        let keyed_too_far = QueuedWrite::new("y", &[Type::TEXT_ARRAY]).keyed_by(2);
+        assert!(queue.push(&keyed_too_far, &[&"a"]).is_err());
         assert!(queue.rows.is_empty() && queue.values.is_empty());
     }
 
