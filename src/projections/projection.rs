@@ -9,8 +9,8 @@ use postgres::types::ToSql;
 use crate::Error;
 use crate::error::BoxError;
 use crate::event::{Event, Scope};
-use crate::store::registry::{read_model_schema, stored_name};
 use crate::projections::queued::{Queue, QueuedWrite};
+use crate::store::registry::{read_model_schema, stored_name};
 
 /// What a projection does with an event that still fails after
 /// [`Settings::max_attempts`](crate::Settings::max_attempts) attempts.
