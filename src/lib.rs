@@ -26,6 +26,16 @@
 //! the others go on. A partition far behind the others at start (a projection just added)
 //! reads its own events until it has caught up, then joins the shared read.
 
+//! # Queued writes
+//! A handler that sends one statement per event pays a round trip per event. Instead,
+//! [`Projection::apply`] can queue a row of a [`QueuedWrite`] on its [`Context`]
+//! ([`Context::queue`]): the worker sends the rows of a transaction's events together, one
+//! execution per statement with an array per column (`unnest`), before it writes the
+//! checkpoint, in the same transaction. Rows that repeat a key go into later executions, in
+//! the order queued, so a later write of a key wins; a failure of a sent statement is traced
+//! to its event by applying the events again one by one. The built-in `aggregate-stats` and
+//! `users` work this way.
+//!
 //! # Checkpoints
 //! A checkpoint is kept per projection, partition count and partition. The worker locks its
 //! row (`FOR UPDATE`) in every transaction and applies only events above it, so a restart
@@ -191,6 +201,7 @@ pub use partition::{
 };
 pub use postgres;
 pub use projections::projection::{Context, PoisonPolicy, Projection};
+pub use projections::queued::QueuedWrite;
 pub use store::append::{Appender, append};
 pub use store::database::{Database, Pool};
 pub use store::migration::migrate;

@@ -394,11 +394,7 @@ fn apply_in_order<P: Projection>(
     let name = projection.name().to_owned();
     lock_setup(tx, &name).map_err(|e| (None, e.into()))?;
     projection.setup(tx).map_err(|e| (None, e))?;
-    let context = Context {
-        partition,
-        total_partitions: total.max(1),
-        version: projection.version(),
-    };
+    let context = Context::new(partition, total.max(1), projection.version());
     apply_each(projection, tx, events, &context, |_| {})
 }
 

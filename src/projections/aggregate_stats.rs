@@ -3,19 +3,20 @@
 use std::collections::HashMap;
 
 use postgres::Transaction;
-use postgres::types::ToSql;
+use postgres::types::{ToSql, Type};
 
 use crate::error::BoxError;
 use crate::event::Event;
 use crate::projections::projection::{Context, Projection};
+use crate::projections::queued::QueuedWrite;
 
 /// One row per aggregate in `aggregate_stats`: events applied, last version, last global
 /// position. An event whose version is not the last applied version plus one fails its batch,
 /// so the table checks by itself that every event was applied once, in order.
 ///
-/// Writes one upsert per event, in order. A batch's upserts run in a server-side loop (the
-/// function `aggregate_stats_apply`, created by `setup`), so a batch costs one round trip
-/// however many events it holds; a single event is one plain upsert.
+/// Writes one upsert per event, in order, as a queued write ([`Context::queue`]): the worker
+/// sends a transaction's upserts together, as many executions as the most events one
+/// aggregate has in it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AggregateStats;
 
@@ -40,33 +41,30 @@ const CREATE: &str = "CREATE TABLE IF NOT EXISTS {table} (
     PRIMARY KEY (bounded_context, aggregate_type, aggregate_id)
 )";
 
-/// Runs [`UPSERT_ONE`] for each event of a batch, in order, and returns the position of the
-/// first event that does not follow the last applied version (0 when all do).
-const CREATE_APPLY: &str = "CREATE OR REPLACE FUNCTION aggregate_stats_apply(
-    contexts TEXT[], types TEXT[], ids TEXT[], versions BIGINT[], positions BIGINT[]
-) RETURNS BIGINT LANGUAGE plpgsql AS $$
-DECLARE
-    event RECORD;
-    applied BIGINT;
-BEGIN
-    FOR event IN SELECT * FROM unnest(contexts, types, ids, versions, positions)
-            AS e(bounded_context, aggregate_type, aggregate_id, version, position) LOOP
-        applied := NULL;
-        INSERT INTO aggregate_stats AS s VALUES (event.bounded_context, event.aggregate_type,
-                event.aggregate_id, 1, event.version, event.position)
-            ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO UPDATE
-                SET events_applied = s.events_applied + 1,
-                    last_version = EXCLUDED.last_version,
-                    last_global_position = EXCLUDED.last_global_position
-                WHERE s.last_version + 1 = EXCLUDED.last_version
-            RETURNING s.events_applied INTO applied;
-        IF applied IS NULL OR (applied = 1 AND event.version <> 1) THEN
-            RETURN event.position;
-        END IF;
-    END LOOP;
-    RETURN 0;
-END
-$$";
+/// Adds the queued events, each updating its aggregate only when it follows the last applied
+/// version (or creating it at version 1); the worker sends the events of one aggregate in
+/// order, one per execution, and fails when a row is not written.
+const UPSERT_QUEUED: QueuedWrite = QueuedWrite::new(
+    "INSERT INTO aggregate_stats AS s \
+     SELECT r.c, r.t, r.a, 1, r.v, r.p \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[]) AS r(c, t, a, v, p) \
+     WHERE r.v = 1 OR EXISTS (SELECT FROM aggregate_stats e \
+         WHERE (e.bounded_context, e.aggregate_type, e.aggregate_id) = (r.c, r.t, r.a)) \
+     ON CONFLICT (bounded_context, aggregate_type, aggregate_id) DO UPDATE \
+         SET events_applied = s.events_applied + 1, \
+             last_version = EXCLUDED.last_version, \
+             last_global_position = EXCLUDED.last_global_position \
+         WHERE s.last_version + 1 = EXCLUDED.last_version",
+    &[
+        Type::TEXT_ARRAY,
+        Type::TEXT_ARRAY,
+        Type::TEXT_ARRAY,
+        Type::INT8_ARRAY,
+        Type::INT8_ARRAY,
+    ],
+)
+.keyed_by(3)
+.every_row_writes("the event does not follow the last applied version of its aggregate");
 
 /// Adds one event; updates only when the event follows the last applied version.
 const UPSERT_ONE: &str = "INSERT INTO {table} AS s VALUES ($1, $2, $3, 1, $4, $5) \
@@ -132,7 +130,6 @@ impl Projection for AggregateStats {
 
     fn setup(&mut self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
         tx.batch_execute(&on(CREATE, TABLE))?;
-        tx.batch_execute(CREATE_APPLY)?;
         Ok(())
     }
 
@@ -143,38 +140,11 @@ impl Projection for AggregateStats {
 
     fn apply(
         &mut self,
-        tx: &mut Transaction<'_>,
+        _: &mut Transaction<'_>,
         event: &Event,
-        _: &Context,
+        context: &Context,
     ) -> Result<(), BoxError> {
-        upsert_one(tx, TABLE, event)
-    }
-
-    fn apply_batch(
-        &mut self,
-        tx: &mut Transaction<'_>,
-        events: &[Event],
-        _: &Context,
-    ) -> Result<(), BoxError> {
-        let column = |f: fn(&Event) -> &str| events.iter().map(f).collect::<Vec<&str>>();
-        let versions: Vec<i64> = events.iter().map(|e| e.aggregate_version).collect();
-        let positions: Vec<i64> = events.iter().map(|e| e.global_position).collect();
-        let failed: i64 = tx
-            .query_one(
-                "SELECT aggregate_stats_apply($1, $2, $3, $4, $5)",
-                &[
-                    &column(|e| &e.bounded_context),
-                    &column(|e| &e.aggregate_type),
-                    &column(|e| &e.aggregate_id),
-                    &versions,
-                    &positions,
-                ],
-            )?
-            .get(0);
-        match events.iter().find(|e| e.global_position == failed) {
-            Some(event) => Err(out_of_order(event)),
-            None => Ok(()),
-        }
+        context.queue(&UPSERT_QUEUED, &params(event))
     }
 }
 

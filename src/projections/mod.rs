@@ -24,6 +24,7 @@
 mod aggregate_stats;
 mod noop;
 pub(crate) mod projection;
+pub(crate) mod queued;
 mod sql;
 mod users;
 

@@ -1,12 +1,15 @@
 //! The trait a read model implements.
 
+use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use postgres::Transaction;
+use postgres::types::ToSql;
 
 use crate::Error;
 use crate::error::BoxError;
 use crate::event::{Event, Scope};
+use crate::projections::queued::{Queue, QueuedWrite};
 use crate::store::registry::{read_model_schema, stored_name};
 
 /// What a projection does with an event that still fails after
@@ -41,8 +44,9 @@ impl PoisonPolicy {
     }
 }
 
-/// Where an event is being applied: which partition of how many.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where an event is being applied (which partition of how many), and the writes its
+/// [`apply`](Projection::apply) queued.
+#[derive(Debug)]
 #[non_exhaustive]
 pub struct Context {
     /// The partition key of the worker applying the event.
@@ -51,6 +55,72 @@ pub struct Context {
     pub total_partitions: u32,
     /// The version of the projection applying it ([`Projection::version`]).
     pub version: u32,
+    /// Rows queued by `apply` since the last flush.
+    queued: RefCell<Queue>,
+}
+
+impl Context {
+    pub(crate) fn new(partition: u32, total_partitions: u32, version: u32) -> Context {
+        Context {
+            partition,
+            total_partitions,
+            version,
+            queued: RefCell::new(Queue::default()),
+        }
+    }
+
+    /// Queues one row of `write` (its values in column order), instead of a statement of its
+    /// own: the worker sends the rows of the transaction's events together, one execution per
+    /// statement, before it writes the checkpoint, in the same transaction. A transaction
+    /// costs a few round trips instead of one per event, with the same guarantees: applied
+    /// exactly once, in order per key (see [`QueuedWrite`]); a failure of the sent statement
+    /// names its event (the events are applied again one by one, each sending its own rows, to
+    /// find it), and an event whose `apply` fails or panics leaves none of its rows.
+    ///
+    /// The values are encoded at once: one of the wrong type or count for the statement fails
+    /// here. Only the worker's transaction sees the rows, after `apply` returns: `apply` must
+    /// not read back what it queued.
+    ///
+    /// ```
+    /// use projector::{BoxError, Context, Event, Projection, QueuedWrite};
+    /// use projector::postgres::Transaction;
+    /// use projector::postgres::types::Type;
+    ///
+    /// const LAST_SEEN: QueuedWrite = QueuedWrite::new(
+    ///     "INSERT INTO last_seen AS l (aggregate_id, position) \
+    ///      SELECT * FROM unnest($1::text[], $2::int8[]) \
+    ///      ON CONFLICT (aggregate_id) DO UPDATE SET position = EXCLUDED.position",
+    ///     &[Type::TEXT_ARRAY, Type::INT8_ARRAY],
+    /// )
+    /// .keyed_by(1);
+    ///
+    /// #[derive(Clone)]
+    /// struct LastSeen;
+    ///
+    /// impl Projection for LastSeen {
+    ///     fn name(&self) -> &str {
+    ///         "last-seen"
+    ///     }
+    ///
+    ///     fn apply(&mut self, _: &mut Transaction<'_>, event: &Event, context: &Context)
+    ///         -> Result<(), BoxError> {
+    ///         context.queue(&LAST_SEEN, &[&event.aggregate_id, &event.global_position])
+    ///     }
+    /// }
+    /// ```
+    pub fn queue(&self, write: &QueuedWrite, row: &[&(dyn ToSql + Sync)]) -> Result<(), BoxError> {
+        self.queued.borrow_mut().push(write, row)
+    }
+
+    /// Sends the rows queued so far through `tx`.
+    pub(crate) fn flush_queued(&self, tx: &mut Transaction<'_>) -> Result<(), BoxError> {
+        self.queued.borrow_mut().flush(tx)
+    }
+
+    /// Forgets the rows queued so far (their event failed, or its transaction did).
+    pub(crate) fn discard_queued(&self) {
+        self.queued.borrow_mut().clear();
+    }
 }
 
 /// A read model built from the event stream.
@@ -175,8 +245,9 @@ pub(crate) struct AnyProjection {
     own_schema: Option<(String, String)>,
 }
 
-/// Applies `events` one by one through `projection` (calling `applied` after each), so that a
-/// failure names its event: the index of the one that failed, and why (a panic included).
+/// Applies `events` one by one through `projection`, each sending the writes it queued
+/// (calling `applied` after each), so that a failure names its event: the index of the one
+/// that failed, and why (a panic included).
 pub(crate) fn apply_each<P: Projection>(
     projection: &mut P,
     tx: &mut Transaction<'_>,
@@ -184,12 +255,19 @@ pub(crate) fn apply_each<P: Projection>(
     context: &Context,
     mut applied: impl FnMut(&Event),
 ) -> Result<(), (Option<usize>, BoxError)> {
+    context.discard_queued();
     for (index, event) in events.iter().enumerate() {
-        match catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event, context))) {
-            Ok(Ok(())) => applied(event),
-            Ok(Err(source)) => return Err((Some(index), source)),
-            Err(panic) => return Err((Some(index), panic_message(panic).into())),
+        let outcome = match catch_unwind(AssertUnwindSafe(|| projection.apply(tx, event, context)))
+        {
+            Ok(Ok(())) => context.flush_queued(tx),
+            Ok(Err(source)) => Err(source),
+            Err(panic) => Err(panic_message(panic).into()),
+        };
+        if let Err(source) = outcome {
+            context.discard_queued();
+            return Err((Some(index), source));
         }
+        applied(event);
     }
     Ok(())
 }

@@ -4,11 +4,51 @@ use std::cell::Cell;
 
 use log::{debug, info};
 use postgres::Transaction;
+use postgres::types::Type;
 use serde_json::Value;
 
 use crate::error::BoxError;
 use crate::event::Event;
 use crate::projections::projection::{Context, Projection};
+use crate::projections::queued::QueuedWrite;
+
+/// A new user: an insert (a second `UserCreated` of one id fails, as a plain insert would).
+const CREATE: QueuedWrite = QueuedWrite::new(
+    "INSERT INTO users (id, email, name, version) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[])",
+    &[
+        Type::TEXT_ARRAY,
+        Type::TEXT_ARRAY,
+        Type::TEXT_ARRAY,
+        Type::INT8_ARRAY,
+    ],
+)
+.keyed_by(1);
+
+/// One more user created on a partition: counted per partition by the statement itself, so
+/// its rows need no key.
+const COUNT: QueuedWrite = QueuedWrite::new(
+    "INSERT INTO user_partition_counts AS c \
+     SELECT t, k, count(*) FROM unnest($1::int4[], $2::int4[]) AS r(t, k) GROUP BY t, k \
+     ON CONFLICT (total_partitions, partition_key) DO UPDATE SET users = c.users + EXCLUDED.users",
+    &[Type::INT4_ARRAY, Type::INT4_ARRAY],
+);
+
+/// A new name (of a user that exists).
+const RENAME: QueuedWrite = QueuedWrite::new(
+    "UPDATE users AS u SET name = r.name, version = r.version \
+     FROM unnest($1::text[], $2::text[], $3::int8[]) AS r(id, name, version) WHERE u.id = r.id",
+    &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT8_ARRAY],
+)
+.keyed_by(1);
+
+/// A new e-mail address (of a user that exists).
+const CHANGE_EMAIL: QueuedWrite = QueuedWrite::new(
+    "UPDATE users AS u SET email = r.email, version = r.version \
+     FROM unnest($1::text[], $2::text[], $3::int8[]) AS r(id, email, version) WHERE u.id = r.id",
+    &[Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::INT8_ARRAY],
+)
+.keyed_by(1);
 
 /// How many created users a worker logs at info level; the rest go to debug.
 const SHOWN_PER_PARTITION: u32 = 3;
@@ -40,7 +80,8 @@ fn show_created(id: &str, email: &str, name: &str, context: &Context) {
 /// each partition created, in `user_partition_counts`.
 ///
 /// Understands `UserCreated` (`{"email", "name"}`), `UserRenamed` (`{"name"}`) and
-/// `UserEmailChanged` (`{"email"}`); other events pass through untouched.
+/// `UserEmailChanged` (`{"email"}`); other events pass through untouched. Its writes are
+/// queued ([`Context::queue`]) and sent together per transaction.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Users;
 
@@ -74,7 +115,7 @@ impl Projection for Users {
 
     fn apply(
         &mut self,
-        tx: &mut Transaction<'_>,
+        _: &mut Transaction<'_>,
         event: &Event,
         context: &Context,
     ) -> Result<(), BoxError> {
@@ -91,39 +132,26 @@ impl Projection for Users {
             serde_json::from_slice(&event.payload)
                 .map_err(|e| format!("{} payload is not JSON: {e}", event.event_type).into())
         };
+        let (id, version) = (&event.aggregate_id, &event.aggregate_version);
         match event.event_type.as_str() {
             "UserCreated" => {
                 let payload = payload()?;
                 let (email, name) = (field(&payload, "email")?, field(&payload, "name")?);
-                tx.execute(
-                    "INSERT INTO users (id, email, name, version) VALUES ($1, $2, $3, $4)",
-                    &[&event.aggregate_id, &email, &name, &event.aggregate_version],
-                )?;
+                context.queue(&CREATE, &[id, &email, &name, version])?;
                 let (total, key) = (
                     i32::try_from(context.total_partitions)?,
                     i32::try_from(context.partition)?,
                 );
-                tx.execute(
-                    "INSERT INTO user_partition_counts VALUES ($1, $2, 1) \
-                     ON CONFLICT (total_partitions, partition_key) \
-                     DO UPDATE SET users = user_partition_counts.users + 1",
-                    &[&total, &key],
-                )?;
+                context.queue(&COUNT, &[&total, &key])?;
                 show_created(&event.aggregate_id, &email, &name, context);
             }
             "UserRenamed" => {
                 let name = field(&payload()?, "name")?;
-                tx.execute(
-                    "UPDATE users SET name = $2, version = $3 WHERE id = $1",
-                    &[&event.aggregate_id, &name, &event.aggregate_version],
-                )?;
+                context.queue(&RENAME, &[id, &name, version])?;
             }
             "UserEmailChanged" => {
                 let email = field(&payload()?, "email")?;
-                tx.execute(
-                    "UPDATE users SET email = $2, version = $3 WHERE id = $1",
-                    &[&event.aggregate_id, &email, &event.aggregate_version],
-                )?;
+                context.queue(&CHANGE_EMAIL, &[id, &email, version])?;
             }
             _ => {}
         }

@@ -25,6 +25,7 @@ mod probes;
 mod projection_state;
 mod proxy;
 mod pupsourcing;
+mod queued_writes;
 mod repartition;
 mod repartition_command;
 mod replica;

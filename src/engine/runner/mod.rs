@@ -290,11 +290,7 @@ impl Threads {
             });
             let worker = Worker {
                 projection: plan.projection.clone(),
-                context: Context {
-                    partition,
-                    total_partitions: plan.total,
-                    version: plan.projection.version(),
-                },
+                context: Context::new(partition, plan.total, plan.projection.version()),
                 settings: Arc::clone(&self.settings),
                 pool: self.pool.clone(),
                 batches,

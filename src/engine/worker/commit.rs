@@ -175,8 +175,8 @@ impl<P: Projection> Worker<P> {
         }
     }
 
-    /// Applies `events` through the projection: all at once (`whole`), or one by one so that
-    /// a failure names its event (the index into `events`).
+    /// Applies `events` through the projection and sends the writes they queued: all at once
+    /// (`whole`), or one by one so that a failure names its event (the index into `events`).
     pub(crate) fn apply(
         &mut self,
         tx: &mut postgres::Transaction<'_>,
@@ -189,10 +189,17 @@ impl<P: Projection> Worker<P> {
         let projection = &mut self.projection;
         let context = &self.context;
         if whole {
-            return match catch_unwind(AssertUnwindSafe(|| {
+            context.discard_queued();
+            let applied = match catch_unwind(AssertUnwindSafe(|| {
                 projection.apply_batch(tx, events, context)
             })) {
-                Ok(Ok(())) => {
+                // The writes the events queued go with them, before the checkpoint.
+                Ok(Ok(())) => context.flush_queued(tx),
+                Ok(Err(source)) => Err(source),
+                Err(panic) => Err(panic_message(panic).into()),
+            };
+            return match applied {
+                Ok(()) => {
                     debug!(
                         "partition {}/{}: applied {} events up to {}",
                         context.partition,
@@ -207,8 +214,10 @@ impl<P: Projection> Worker<P> {
                     }
                     Ok(())
                 }
-                Ok(Err(source)) => Err((None, source)),
-                Err(panic) => Err((None, panic_message(panic).into())),
+                Err(source) => {
+                    context.discard_queued();
+                    Err((None, source))
+                }
             };
         }
         apply_each(projection, tx, events, context, |event| {
