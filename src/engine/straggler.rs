@@ -221,30 +221,22 @@ impl Stragglers {
         let Some(read_for) = reads.get_mut(lane) else {
             return Rejoin::Rejoined;
         };
+        // Once the router has closed no chunk will come: the lane has all there is.
         let closed = self.closed.load(Ordering::Acquire);
-        match *read_for {
-            _ if closed => {
-                // No chunk will come: the lane has all there is to hand out.
-                *read_for = ReadFor::No;
-                if let Some(flag) = self.flags.get(lane) {
-                    flag.store(false, Ordering::Release);
-                }
-                Rejoin::Rejoined
+        let read_for_since_handed =
+            matches!(*read_for, ReadFor::From(from) if from <= *handed_through);
+        if closed || read_for_since_handed {
+            *read_for = ReadFor::No;
+            if let Some(flag) = self.flags.get(lane) {
+                flag.store(false, Ordering::Release);
             }
-            ReadFor::From(from) if from <= *handed_through => {
-                *read_for = ReadFor::No;
-                if let Some(flag) = self.flags.get(lane) {
-                    flag.store(false, Ordering::Release);
-                }
-                Rejoin::Rejoined
-            }
-            ReadFor::No => {
-                *read_for = ReadFor::Asked;
-                self.asked.store(true, Ordering::Relaxed);
-                Rejoin::WaitForRead
-            }
-            ReadFor::Asked | ReadFor::From(_) => Rejoin::WaitForRead,
+            return Rejoin::Rejoined;
         }
+        if *read_for == ReadFor::No {
+            *read_for = ReadFor::Asked;
+            self.asked.store(true, Ordering::Relaxed);
+        }
+        Rejoin::WaitForRead
     }
 }
 
