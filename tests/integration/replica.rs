@@ -70,10 +70,15 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// Events the runner has read from the replica, from its metrics.
 fn read_from_replica(runner_metrics: &projector::Metrics) -> u64 {
+    counter(runner_metrics, "projector_replica_events_read_total")
+}
+
+/// The value of the unlabelled counter `name` in the runner's metrics (0 before it shows).
+fn counter(runner_metrics: &projector::Metrics, name: &str) -> u64 {
     let rendered = runner_metrics.render();
     rendered
         .lines()
-        .find_map(|line| line.strip_prefix("projector_replica_events_read_total "))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse::<f64>().ok())
         .map_or(0, |value| value as u64)
 }
@@ -98,12 +103,29 @@ fn a_catch_up_reads_from_the_replica_every_event_once_in_order() {
     let pair = Pair::start("replica_catch_up");
     let events = pair.schema.seed(500, 100);
     pair.replica_replays_all();
-    let mut settings = Settings::default();
+    // The runner's own start-up writes (setup, checkpoints) must reach the replica before the
+    // first bound is readable there; until then the primary serves. The gate holds the workers
+    // (and so the fetcher) near the start until the replica has replayed them, however slow
+    // the machine, so what the primary serves is bounded by the gate and the queues.
+    let gate = Arc::new(AtomicBool::new(false));
+    let mut settings = small_batches();
     settings.exit_when_caught_up = true;
-    let runner = builder(&pair, AggregateStats, settings)
+    settings.straggler_after = Duration::from_secs(120);
+    settings.queue_depth = 1;
+    settings.max_events_per_transaction = 1_000;
+    let gated = Gated {
+        gate: Arc::clone(&gate),
+        from: 2_000,
+    };
+    let runner = builder(&pair, gated, settings)
         .start()
         .expect("start the runner");
     let metrics = runner.metrics();
+    eventually("the fetcher to read", WAIT, || {
+        counter(&metrics, "projector_events_read_total") > 0
+    });
+    pair.replica_replays_all();
+    gate.store(true, Ordering::Release);
     join_within(runner, WAIT).expect("the runner catches up");
     assert_eq!(pair.schema.stats_applied(), events);
     assert_eq!(
