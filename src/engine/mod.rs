@@ -14,6 +14,8 @@
 //!   every projection of the runner.
 //! - [`straggler`]: a partition far behind steps out of the shared read and reads its own
 //!   events until it has caught up.
+//! - [`catch_up_read`]: the partitions that start far behind (a new version built beside
+//!   the live one) are read for together, once, until they near the shared read.
 //! - [`worker`]: one thread per owned partition; applies events and commits them with the
 //!   checkpoint in one transaction (its parts: commit, retry, ownership, parking).
 //! - [`notice`]: a projection that stops is told to an embedder, and stored when it failed.
@@ -24,6 +26,7 @@
 
 pub(crate) mod balancer;
 pub(crate) mod builder;
+pub(crate) mod catch_up_read;
 pub(crate) mod fetcher;
 pub(crate) mod lane;
 pub(crate) mod notice;

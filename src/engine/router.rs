@@ -72,7 +72,7 @@ impl FetchProgress {
 }
 
 /// The queue of one worker: one partition of one projection.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Lane {
     pub(crate) projection: String,
     pub(crate) partition: u32,
@@ -173,8 +173,18 @@ impl Routes {
         self.projections.iter().map(|p| p.scope.as_ref()).collect()
     }
 
+    /// How many streams the lanes make.
+    pub(crate) fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The lanes (by index in the lanes the routes were made of) of `stream`.
+    pub(crate) fn lanes_of(&self, stream: usize) -> &[usize] {
+        self.streams.get(stream).map_or(&[], Vec::as_slice)
+    }
+
     /// Adds `event` to every stream that takes it; `targets` is scratch space.
-    fn route(&self, event: Event, held: &mut [Vec<Event>], targets: &mut Vec<usize>) {
+    pub(crate) fn route(&self, event: Event, held: &mut [Vec<Event>], targets: &mut Vec<usize>) {
         targets.clear();
         let mut partition = None;
         for projection in &self.projections {

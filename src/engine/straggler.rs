@@ -64,6 +64,9 @@ pub(crate) struct Stragglers {
     /// The router has handed out its last chunk (the runner is stopping, or has read all it
     /// was to read): a straggler that has everything up to `handed_through` is done.
     closed: AtomicBool,
+    /// Per lane: a straggler fed by the read for the lanes that started behind (see
+    /// `crate::engine::catch_up_read`): its worker waits for its queue instead of reading.
+    fed: Vec<AtomicBool>,
 }
 
 /// Whether the fetcher reads a straggler's events.
@@ -101,7 +104,34 @@ impl Stragglers {
             reads: Mutex::new(vec![ReadFor::No; behind.len()]),
             asked: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            fed: behind.iter().map(|_| AtomicBool::new(false)).collect(),
         }
+    }
+
+    /// `lane`, a straggler, is fed by the read for the lanes that started behind.
+    pub(crate) fn start_feeding(&self, lane: usize) {
+        if let Some(fed) = self.fed.get(lane) {
+            fed.store(true, Ordering::Release);
+        }
+    }
+
+    /// `lane` is fed no more: once its queue is empty, its worker reads by itself.
+    pub(crate) fn stop_feeding(&self, lane: usize) {
+        if let Some(fed) = self.fed.get(lane) {
+            fed.store(false, Ordering::Release);
+        }
+    }
+
+    /// True while `lane` is fed (its worker is not to read its own events).
+    pub(crate) fn is_fed(&self, lane: usize) -> bool {
+        self.fed
+            .get(lane)
+            .is_some_and(|fed| fed.load(Ordering::Acquire))
+    }
+
+    /// How far the router has handed the stream out (the stream is complete up to here).
+    pub(crate) fn handed(&self) -> i64 {
+        self.handed.load(Ordering::Acquire)
     }
 
     /// True while `lane` reads its own events.

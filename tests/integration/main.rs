@@ -6,6 +6,7 @@
 
 mod append_command;
 mod backlog;
+mod catch_up_read;
 mod cli;
 mod cluster;
 mod connection;

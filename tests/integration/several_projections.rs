@@ -12,17 +12,17 @@ use crate::util::{TestSchema, eventually, insert_event, run_within, text};
 /// Records, per projection and aggregate, how many events it applied and whether they came in
 /// version order: a doubled event shows as a count too high, a lost one as a count too low.
 #[derive(Clone)]
-struct Recorder {
+pub(crate) struct Recorder {
     name: String,
     scope: Scope,
     /// Fails on this aggregate's event of this version.
     poison: Option<(String, i64)>,
     /// Time taken per event, to make a rebuild slow.
-    per_event: Duration,
+    pub(crate) per_event: Duration,
 }
 
 impl Recorder {
-    fn named(name: &str) -> Recorder {
+    pub(crate) fn named(name: &str) -> Recorder {
         Recorder {
             name: name.into(),
             scope: Scope::all(),
@@ -83,7 +83,7 @@ impl Projection for Recorder {
 
 /// Aggregates `thing-1..=aggregates` each recorded by `projection` exactly `per_aggregate`
 /// times, in order.
-fn recorded_exactly(
+pub(crate) fn recorded_exactly(
     schema: &TestSchema,
     projection: &str,
     aggregates: i64,
@@ -114,7 +114,7 @@ pub(crate) fn checkpoints_at(schema: &TestSchema, projection: &str) -> Vec<i64> 
         .collect()
 }
 
-fn catch_up(builder: Builder) -> Summary {
+pub(crate) fn catch_up(builder: Builder) -> Summary {
     builder
         .partitions(0..4)
         .total_partitions(4)

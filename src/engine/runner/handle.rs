@@ -14,6 +14,8 @@ pub struct Runner {
     pub(crate) monitor: Option<JoinHandle<Result<(), Error>>>,
     /// Shares the partitions with other processes, when they are shared.
     pub(crate) balancer: Option<JoinHandle<Result<(), Error>>>,
+    /// Reads for the lanes that started far behind, while it does.
+    pub(crate) catch_up: Option<JoinHandle<Result<(), Error>>>,
     pub(crate) started: Instant,
     /// What the runner shows of itself, for [`Runner::metrics`].
     pub(crate) figures: Figures,
@@ -150,6 +152,9 @@ impl Runner {
         }
         if let Some(balancer) = self.balancer.take() {
             let _ = join(balancer, "projector-balance");
+        }
+        if let Some(catch_up) = self.catch_up.take() {
+            let _ = join(catch_up, "projector-behind");
         }
         match first_error {
             Some(error) => Err(error),

@@ -17,6 +17,7 @@ use postgres::Client;
 use prometheus::HistogramVec;
 
 use crate::engine::balancer::Balancer;
+use crate::engine::catch_up_read::CatchUpRead;
 use crate::engine::fetcher::Fetcher;
 use crate::engine::lane::{CommitTimers, LaneProgress, Progress};
 use crate::engine::notice::{ProjectionEnd, ProjectionStopped, states_at_start};
@@ -59,6 +60,8 @@ pub(crate) struct Threads {
     notices: Sender<ProjectionStopped>,
     /// A streaming replica the fetcher reads from far from the head.
     read_replica: Option<Database>,
+    /// Per lane: its checkpoint, when it starts behind the shared read and is to be held.
+    starts_behind: Vec<Option<i64>>,
 }
 
 impl Threads {
@@ -83,6 +86,15 @@ impl Threads {
                     .map(|(&c, &wanted)| c < start || !wanted)
             })
             .collect();
+        let starts_behind = prepared
+            .iter()
+            .flat_map(|p| {
+                p.checkpoints
+                    .iter()
+                    .zip(&p.wanted)
+                    .map(|(&c, &wanted)| (c < start && wanted).then_some(c))
+            })
+            .collect();
         Ok(Threads {
             database,
             pool,
@@ -100,6 +112,7 @@ impl Threads {
             stores_states: false,
             notices: unbounded().0,
             read_replica: None,
+            starts_behind,
         })
     }
 
@@ -132,6 +145,10 @@ impl Threads {
         let mut progress = Vec::new();
         let mut projections = Vec::new();
         let timers = CommitTimers::new()?;
+        // Sharing processes hand partitions to and fro: their stragglers read by themselves.
+        if balancer.is_none() {
+            self.mark_the_lanes_behind_fed();
+        }
         for (index, prepared) in std::mem::take(&mut self.prepared).into_iter().enumerate() {
             let sinks = Sinks {
                 lanes: &mut lanes,
@@ -157,6 +174,10 @@ impl Threads {
             rebalances: balancer
                 .as_ref()
                 .map_or_else(Arc::default, |b| Arc::clone(&b.rebalances)),
+        };
+        let catch_up = match balancer {
+            None => self.feed_the_lanes_behind(&lanes)?,
+            Some(_) => None,
         };
         let fetcher = Fetcher {
             database: self.database.clone(),
@@ -218,11 +239,63 @@ impl Threads {
             projections,
             monitor: Some(monitor),
             balancer,
+            catch_up,
             started,
             figures,
             metrics: OnceLock::new(),
             stopped,
         })
+    }
+
+    /// Marks the lanes that start behind the shared read as fed, before their workers start
+    /// (which would otherwise begin reading by themselves).
+    fn mark_the_lanes_behind_fed(&self) {
+        for (index, behind) in self.starts_behind.iter().enumerate() {
+            if behind.is_some() {
+                self.stragglers.start_feeding(index);
+            }
+        }
+    }
+
+    /// Spawns the read for the lanes that start behind the shared read, if any (see
+    /// `crate::engine::catch_up_read`); they were marked fed.
+    fn feed_the_lanes_behind(
+        &self,
+        lanes: &[Lane],
+    ) -> Result<Option<JoinHandle<Result<(), Error>>>, Error> {
+        let behind: Vec<(usize, i64)> = self
+            .starts_behind
+            .iter()
+            .enumerate()
+            .filter_map(|(index, checkpoint)| checkpoint.map(|c| (index, c)))
+            .filter(|&(index, _)| index < lanes.len())
+            .collect();
+        let Some(from) = behind.iter().map(|&(_, c)| c).min() else {
+            return Ok(None);
+        };
+        let read = CatchUpRead {
+            database: self.database.clone(),
+            settings: Arc::clone(&self.settings),
+            lanes: behind
+                .iter()
+                .map(|&(index, _)| lanes[index].clone())
+                .collect(),
+            indexes: behind.iter().map(|&(index, _)| index).collect(),
+            from,
+            stragglers: Arc::clone(&self.stragglers),
+            stop: self.stop.clone(),
+        };
+        let stopper = self.stopper.clone();
+        let handle = spawn("projector-behind".into(), move || {
+            stop_all_on_panic(&stopper, || read.run());
+            Ok(())
+        });
+        if handle.is_err() {
+            for &(index, _) in &behind {
+                self.stragglers.stop_feeding(index);
+            }
+        }
+        handle.map(Some)
     }
 
     /// Spawns one worker per owned partition of projection number `index`, adding their lanes

@@ -196,6 +196,7 @@ impl<P: Projection> Worker<P> {
             if carried.is_none()
                 && self.held.is_empty()
                 && self.stragglers.is_straggler(self.lane)
+                && !self.stragglers.is_fed(self.lane)
                 && self.batches.is_empty()
             {
                 if self.catch_up_alone(connection, &mut summary, &mut received)? {
