@@ -67,6 +67,8 @@ fn options() -> common::Result<Option<Options>> {
 }
 
 fn main() {
+    // RUST_LOG=projector=info shows what the runs do (the read for the version behind).
+    let _ = env_logger::try_init();
     common::main_of("versions", USAGE, options, |options| {
         common::in_own_schema(&options.url, "versions", |database| run(database, options))
     });

@@ -23,16 +23,17 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, SendTimeoutError, TryRecvError};
+use crossbeam_channel::{Receiver, SendTimeoutError, TryRecvError, bounded};
 use log::{info, warn};
 use postgres::types::ToSql;
+use postgres::{Client, Row, Statement};
 
 use crate::engine::router::{Lane, Routes};
 use crate::engine::settings::Settings;
 use crate::engine::straggler::Stragglers;
 use crate::engine::worker::Batch;
 use crate::event::{Event, Scope};
-use crate::store::{EVENT_COLUMNS, event_from_row, scope_filter};
+use crate::store::{EVENT_COLUMNS, ScopeFilter, event_from_row, scope_filter};
 use crate::{Database, Error, error_chain};
 
 /// How often a hand-out waiting on a full queue looks whether the runner is stopping.
@@ -93,77 +94,90 @@ impl CatchUpRead {
     }
 
     /// Reads and hands out batch after batch; the position fed up to, `None` when stopped.
+    /// One thread reads while this one decodes and hands out what it read before.
     fn feed(&self) -> Result<Option<i64>, Error> {
-        let mut client = self.database.connect()?;
         let routes = Routes::new(&self.lanes);
-        // One projection taking every event: no filter (nor for an empty list).
-        let scopes: Option<Vec<&Scope>> = routes.scopes().into_iter().collect();
-        let filter = scope_filter(&scopes.unwrap_or_default(), 3);
-        let in_scope = filter
-            .as_ref()
-            .map_or(String::new(), |f| format!(" AND {}", f.condition));
-        // No upper bound in the statement: with one, a generic plan may fetch the whole range
-        // by a bitmap scan and sort it; rows past the bound are dropped here instead.
-        let statement = client
-            .prepare(&format!(
-                "SELECT {EVENT_COLUMNS} FROM events \
-                 WHERE global_position > $1{in_scope} \
-                 ORDER BY global_position LIMIT $2"
-            ))
-            .map_err(Error::database(
-                "preparing the read of the partitions behind",
-            ))?;
-        let limit = i64::from(self.settings.batch_size);
+        let mut reader = Reader::open(&self.database, &routes, &self.settings, self.from)?;
+        let (reads_tx, reads) = bounded::<Read>(2);
+        std::thread::scope(|scope| {
+            let reading = scope.spawn(move || -> Result<(), Error> {
+                loop {
+                    let read = reader.next(self.stragglers.handed())?;
+                    let last = read.last;
+                    if reads_tx.send(read).is_err() || last {
+                        return Ok(());
+                    }
+                }
+            });
+            let fed = self.hand_out(&routes, &reads);
+            // Ends a reader waiting to send.
+            drop(reads);
+            let read = reading.join().unwrap_or_else(|_| {
+                Err(Error::ThreadPanicked {
+                    thread: "projector-behind (reader)".into(),
+                })
+            });
+            match (fed, read) {
+                (Some(position), _) => Ok(Some(position)),
+                (None, Err(error)) => Err(error),
+                (None, Ok(())) => Ok(None),
+            }
+        })
+    }
+
+    /// Hands out each read's events; the position fed up to once the last read is out, `None`
+    /// when stopped or the reads ended early (the reader's error says why).
+    fn hand_out(&self, routes: &Routes, reads: &Receiver<Read>) -> Option<i64> {
         let mut fed = vec![true; self.lanes.len()];
-        let mut position = self.from;
         let mut held: Vec<Vec<Event>> = vec![Vec::new(); routes.stream_count()];
         let mut targets = Vec::new();
-        loop {
-            let through = self.stragglers.handed();
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&position, &limit];
-            params.extend(filter.iter().flat_map(|f| f.params()));
-            let mut rows = client
-                .query(&statement, &params)
-                .map_err(Error::database(format!(
-                    "reading events after global position {position} for the partitions behind"
-                )))?;
-            let last = rows.last().map(|row| row.get::<_, i64>(0));
-            let full = rows.len() as i64 == limit && last.is_some_and(|last| last <= through);
-            rows.retain(|row| row.get::<_, i64>(0) <= through);
-            let upto = match last {
-                Some(last) if full => last,
-                _ => through,
-            };
-            for row in &rows {
+        for read in reads {
+            for row in &read.rows {
                 routes.route(event_from_row(row), &mut held, &mut targets);
             }
-            drop(rows);
+            drop(read.rows);
             for (stream, events) in held.iter_mut().enumerate() {
-                let events = Arc::new(std::mem::take(events));
-                for &lane in routes.lanes_of(stream) {
-                    if fed[lane] && !self.hand(lane, Arc::clone(&events), upto) {
+                // Large transactions, as the router makes them while catching up.
+                if !read.last && !events.is_empty() && events.len() < routes.min_batch(stream) {
+                    continue;
+                }
+                let lanes: Vec<usize> = routes
+                    .lanes_of(stream)
+                    .iter()
+                    .copied()
+                    .filter(|&lane| fed[lane])
+                    .collect();
+                // The last lane gets the only reference left, so that a worker alone on its
+                // stream may merge the batches queued behind this one.
+                let mut events = Some(Arc::new(std::mem::take(events)));
+                for (n, &lane) in lanes.iter().enumerate() {
+                    let batch = if n + 1 == lanes.len() {
+                        events.take()
+                    } else {
+                        events.clone()
+                    };
+                    if !self.hand(lane, batch.unwrap_or_default(), read.upto) {
                         fed[lane] = false;
                         self.stragglers.stop_feeding(self.indexes[lane]);
                     }
                 }
             }
             if self.stopping() {
-                return Ok(None);
+                return None;
             }
-            position = upto;
-            if !full || !fed.contains(&true) {
-                break;
+            if read.last || !fed.contains(&true) {
+                // Wake the workers still fed: they read the rest themselves.
+                for (lane, _) in fed.iter().enumerate().filter(|(_, fed)| **fed) {
+                    self.stragglers.stop_feeding(self.indexes[lane]);
+                    let _ = self.lanes[lane].queue.try_send(Batch {
+                        events: Arc::default(),
+                        upto: read.upto,
+                    });
+                }
+                return Some(read.upto);
             }
         }
-        // Wake the workers still fed: the feed has ended, they read the rest themselves.
-        for (lane, _) in fed.iter().enumerate().filter(|(_, fed)| **fed) {
-            self.stragglers.stop_feeding(self.indexes[lane]);
-            let _ = self.lanes[lane].queue.try_send(Batch {
-                events: Arc::default(),
-                upto: position,
-            });
-        }
-        Ok(Some(position))
+        None
     }
 
     /// Puts a batch on `lane`'s queue; false when its worker took nothing for
@@ -185,5 +199,83 @@ impl CatchUpRead {
 
     fn stopping(&self) -> bool {
         !matches!(self.stop.try_recv(), Err(TryRecvError::Empty))
+    }
+}
+
+/// One read: rows in position order, every one of the lanes' events up to `upto`.
+struct Read {
+    rows: Vec<Row>,
+    upto: i64,
+    /// The read reached the position handed out: it is the feed's last.
+    last: bool,
+}
+
+/// The reading side of the feed, on a connection of its own.
+struct Reader {
+    client: Client,
+    statement: Statement,
+    filter: Option<ScopeFilter>,
+    limit: i64,
+    position: i64,
+}
+
+impl Reader {
+    fn open(
+        database: &Database,
+        routes: &Routes,
+        settings: &Settings,
+        from: i64,
+    ) -> Result<Reader, Error> {
+        let mut client = database.connect()?;
+        // One projection taking every event: no filter (nor for an empty list).
+        let scopes: Option<Vec<&Scope>> = routes.scopes().into_iter().collect();
+        let filter = scope_filter(&scopes.unwrap_or_default(), 3);
+        let in_scope = filter
+            .as_ref()
+            .map_or(String::new(), |f| format!(" AND {}", f.condition));
+        // No upper bound in the statement: with one, a generic plan may fetch the whole range
+        // by a bitmap scan and sort it; rows past the bound are dropped here instead.
+        let statement = client
+            .prepare(&format!(
+                "SELECT {EVENT_COLUMNS} FROM events \
+                 WHERE global_position > $1{in_scope} \
+                 ORDER BY global_position LIMIT $2"
+            ))
+            .map_err(Error::database(
+                "preparing the read of the partitions behind",
+            ))?;
+        Ok(Reader {
+            client,
+            statement,
+            filter,
+            limit: i64::from(settings.batch_size),
+            position: from,
+        })
+    }
+
+    /// The next read after the last, never past `through` (the stream is complete up to it).
+    fn next(&mut self, through: i64) -> Result<Read, Error> {
+        let position = self.position;
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&position, &self.limit];
+        params.extend(self.filter.iter().flat_map(|f| f.params()));
+        let mut rows = self
+            .client
+            .query(&self.statement, &params)
+            .map_err(Error::database(format!(
+                "reading events after global position {position} for the partitions behind"
+            )))?;
+        let last_row = rows.last().map(|row| row.get::<_, i64>(0));
+        let full = rows.len() as i64 == self.limit && last_row.is_some_and(|l| l <= through);
+        rows.retain(|row| row.get::<_, i64>(0) <= through);
+        let upto = match last_row {
+            Some(last_row) if full => last_row,
+            _ => through.max(position),
+        };
+        self.position = upto;
+        Ok(Read {
+            rows,
+            upto,
+            last: !full,
+        })
     }
 }

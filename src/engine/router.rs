@@ -178,6 +178,11 @@ impl Routes {
         self.streams.len()
     }
 
+    /// The events a batch of `stream` gathers while catching up (see [`Lane::min_batch`]).
+    pub(crate) fn min_batch(&self, stream: usize) -> usize {
+        self.min_batch.get(stream).copied().unwrap_or(1)
+    }
+
     /// The lanes (by index in the lanes the routes were made of) of `stream`.
     pub(crate) fn lanes_of(&self, stream: usize) -> &[usize] {
         self.streams.get(stream).map_or(&[], Vec::as_slice)
