@@ -47,23 +47,33 @@ pub(crate) struct CatchUpRead {
     pub(crate) lanes: Vec<Lane>,
     /// Each fed lane's index among the runner's lanes.
     pub(crate) indexes: Vec<usize>,
+    /// Each fed lane's checkpoint: it is handed nothing the read has not passed it by.
+    pub(crate) checkpoints: Vec<i64>,
     /// The lowest checkpoint of the fed lanes: the read starts after it.
     pub(crate) from: i64,
     pub(crate) stragglers: Arc<Stragglers>,
     pub(crate) stop: Receiver<()>,
 }
 
-/// Clears the fed flags however the read ends (a panic included), so that no worker waits for
-/// a feed that no longer comes.
+/// Clears the fed flags however the read ends (a panic or a lost connection included), and
+/// wakes the workers, so that none waits for a feed that no longer comes.
 struct FeedEnds<'a> {
     stragglers: &'a Stragglers,
     indexes: &'a [usize],
+    lanes: &'a [Lane],
 }
 
 impl Drop for FeedEnds<'_> {
     fn drop(&mut self) {
-        for &index in self.indexes {
-            self.stragglers.stop_feeding(index);
+        for (&index, lane) in self.indexes.iter().zip(self.lanes) {
+            if self.stragglers.is_fed(index) {
+                self.stragglers.stop_feeding(index);
+                // Claims nothing (a worker keeps the highest position it was told of).
+                let _ = lane.queue.try_send(Batch {
+                    events: Arc::default(),
+                    upto: i64::MIN,
+                });
+            }
         }
     }
 }
@@ -75,6 +85,7 @@ impl CatchUpRead {
         let _ends = FeedEnds {
             stragglers: &self.stragglers,
             indexes: &self.indexes,
+            lanes: &self.lanes,
         };
         let started = Instant::now();
         match self.feed() {
@@ -141,11 +152,12 @@ impl CatchUpRead {
                 if !read.last && !events.is_empty() && events.len() < routes.min_batch(stream) {
                     continue;
                 }
+                // A lane whose checkpoint the read has not passed has all of it already.
                 let lanes: Vec<usize> = routes
                     .lanes_of(stream)
                     .iter()
                     .copied()
-                    .filter(|&lane| fed[lane])
+                    .filter(|&lane| fed[lane] && read.upto > self.checkpoints[lane])
                     .collect();
                 // The last lane gets the only reference left, so that a worker alone on its
                 // stream may merge the batches queued behind this one.

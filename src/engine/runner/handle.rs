@@ -89,6 +89,8 @@ impl Runner {
             .all(|(_, worker)| worker.is_finished())
             && self.fetcher.as_ref().is_none_or(JoinHandle::is_finished)
             && self.monitor.as_ref().is_none_or(JoinHandle::is_finished)
+            && self.balancer.as_ref().is_none_or(JoinHandle::is_finished)
+            && self.catch_up.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// A channel that receives a [`ProjectionStopped`] when a projection of this runner stops

@@ -281,6 +281,7 @@ impl Threads {
                 .map(|&(index, _)| lanes[index].clone())
                 .collect(),
             indexes: behind.iter().map(|&(index, _)| index).collect(),
+            checkpoints: behind.iter().map(|&(_, checkpoint)| checkpoint).collect(),
             from,
             stragglers: Arc::clone(&self.stragglers),
             stop: self.stop.clone(),
