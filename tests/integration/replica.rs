@@ -108,15 +108,8 @@ fn a_catch_up_reads_from_the_replica_every_event_once_in_order() {
     // (and so the fetcher, once the queues are full) near the start until the replica has
     // replayed them, however slow the machine: from then on every read is the replica's.
     let gate = Arc::new(AtomicBool::new(false));
-    let mut settings = small_batches();
+    let (gated, mut settings) = held_back_from(2_000, &gate);
     settings.exit_when_caught_up = true;
-    settings.straggler_after = Duration::from_secs(120);
-    settings.queue_depth = 1;
-    settings.max_events_per_transaction = 1_000;
-    let gated = Gated {
-        gate: Arc::clone(&gate),
-        from: 2_000,
-    };
     let runner = builder(&pair, gated, settings)
         .start()
         .expect("start the runner");
@@ -161,6 +154,21 @@ fn read_until_held_back(metrics: &projector::Metrics) -> u64 {
         still_since.elapsed() >= Duration::from_millis(500)
     });
     last
+}
+
+/// A `Gated` projection held back past `from` until `gate` opens, and settings under which the
+/// held-back workers hold the fetcher back (instead of stepping aside): small batches, one
+/// batch queued, no straggler for two minutes.
+fn held_back_from(from: i64, gate: &Arc<AtomicBool>) -> (Gated, Settings) {
+    let mut settings = small_batches();
+    settings.straggler_after = Duration::from_secs(120);
+    settings.queue_depth = 1;
+    settings.max_events_per_transaction = 1_000;
+    let gated = Gated {
+        gate: Arc::clone(gate),
+        from,
+    };
+    (gated, settings)
 }
 
 /// `AggregateStats`, whose worker waits for `gate` before applying an event past `from`.
@@ -213,15 +221,7 @@ fn a_replica_that_stops_replaying_is_left_for_the_primary_until_it_replays_again
         .expect("pause the replica's replay");
     let more = pair.schema.seed_prefixed("more", 600, 100);
     let gate = Arc::new(AtomicBool::new(false));
-    let mut settings = small_batches();
-    // The held-back workers hold the fetcher back (instead of stepping aside).
-    settings.straggler_after = Duration::from_secs(120);
-    settings.queue_depth = 1;
-    settings.max_events_per_transaction = 1_000;
-    let gated = Gated {
-        gate: Arc::clone(&gate),
-        from: 10_000,
-    };
+    let (gated, settings) = held_back_from(10_000, &gate);
     let runner: Runner = builder(&pair, gated, settings)
         .start()
         .expect("start the runner");
@@ -313,14 +313,7 @@ fn a_replica_that_goes_down_while_read_is_left_for_the_primary_nothing_skipped()
     let events = pair.schema.seed(600, 100);
     pair.replica_replays_all();
     let gate = Arc::new(AtomicBool::new(false));
-    let mut settings = small_batches();
-    settings.straggler_after = Duration::from_secs(120);
-    settings.queue_depth = 1;
-    settings.max_events_per_transaction = 1_000;
-    let gated = Gated {
-        gate: Arc::clone(&gate),
-        from: 10_000,
-    };
+    let (gated, settings) = held_back_from(10_000, &gate);
     let runner = builder(&pair, gated, settings)
         .start()
         .expect("start the runner");
