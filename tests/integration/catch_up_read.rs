@@ -161,3 +161,51 @@ fn a_fed_partition_too_slow_for_the_read_catches_up_alone_and_nothing_is_lost_or
         );
     }
 }
+
+#[test]
+fn connections_cut_while_the_partitions_behind_are_fed_lose_and_double_nothing() {
+    let schema = TestSchema::migrated("behind_cut");
+    schema.seed(300, 40);
+    catch_up(Builder::new(
+        schema.database.clone(),
+        Recorder::named("live"),
+    ));
+    // A name of its own, so that only this test's connections are cut.
+    let url = crate::util::database_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let database =
+        projector::Database::new(&format!("{url}{separator}application_name=cut_behind"))
+            .and_then(|d| d.schema(&schema.name))
+            .expect("database");
+    let mut settings = Settings::default();
+    settings.catch_up_alone_beyond = 100;
+    settings.batch_size = 200;
+    settings.exit_when_caught_up = true;
+    // Slow enough that its workers are still being fed (mid-transaction) when cut.
+    let mut newcomer = Recorder::named("newcomer");
+    newcomer.per_event = Duration::from_micros(300);
+    let runner = Builder::new(database, Recorder::named("live"))
+        .projection(newcomer)
+        .partitions(0..4)
+        .total_partitions(4)
+        .settings(settings)
+        .start()
+        .expect("start");
+    let mut admin = crate::util::admin();
+    let mut kills = 0;
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(300));
+        kills += admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE application_name = 'cut_behind' AND datname = current_database()",
+                &[],
+            )
+            .expect("terminate the projector's connections")
+            .len();
+    }
+    runner.join().expect("the runner survives lost connections");
+    assert!(kills > 0, "no connection was cut: the test proves nothing");
+    assert!(recorded_exactly(&schema, "newcomer", 300, 40));
+    assert!(recorded_exactly(&schema, "live", 300, 40));
+}
