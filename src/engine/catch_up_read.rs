@@ -23,13 +23,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, SendTimeoutError, TryRecvError, bounded};
+use crossbeam_channel::{Receiver, SendTimeoutError, bounded};
 use log::{info, warn};
 use postgres::types::ToSql;
 use postgres::{Client, Row, Statement};
 
-use crate::engine::router::{Lane, Routes};
-use crate::engine::settings::Settings;
+use crate::engine::router::{Lane, Routes, shared_by};
+use crate::engine::settings::{Settings, stop_asked};
 use crate::engine::straggler::Stragglers;
 use crate::engine::worker::Batch;
 use crate::event::{Event, Scope};
@@ -159,16 +159,9 @@ impl CatchUpRead {
                     .copied()
                     .filter(|&lane| fed[lane] && read.upto > self.checkpoints[lane])
                     .collect();
-                // The last lane gets the only reference left, so that a worker alone on its
-                // stream may merge the batches queued behind this one.
-                let mut events = Some(Arc::new(std::mem::take(events)));
-                for (n, &lane) in lanes.iter().enumerate() {
-                    let batch = if n + 1 == lanes.len() {
-                        events.take()
-                    } else {
-                        events.clone()
-                    };
-                    if !self.hand(lane, batch.unwrap_or_default(), read.upto) {
+                let copies = shared_by(std::mem::take(events), lanes.len());
+                for (&lane, events) in lanes.iter().zip(copies) {
+                    if !self.hand(lane, events, read.upto) {
                         fed[lane] = false;
                         self.stragglers.stop_feeding(self.indexes[lane]);
                     }
@@ -178,14 +171,7 @@ impl CatchUpRead {
                 return None;
             }
             if read.last || !fed.contains(&true) {
-                // Wake the workers still fed: they read the rest themselves.
-                for (lane, _) in fed.iter().enumerate().filter(|(_, fed)| **fed) {
-                    self.stragglers.stop_feeding(self.indexes[lane]);
-                    let _ = self.lanes[lane].queue.try_send(Batch {
-                        events: Arc::default(),
-                        upto: read.upto,
-                    });
-                }
+                // The workers still fed are woken as the feed ends (`FeedEnds`).
                 return Some(read.upto);
             }
         }
@@ -210,7 +196,7 @@ impl CatchUpRead {
     }
 
     fn stopping(&self) -> bool {
-        !matches!(self.stop.try_recv(), Err(TryRecvError::Empty))
+        stop_asked(&self.stop)
     }
 }
 

@@ -14,7 +14,7 @@ use postgres::{Client, Row, Statement};
 
 use crate::engine::outage::{Attempts, Outage};
 use crate::engine::router::{Chunk, FetchProgress, Lane, Router, Routes};
-use crate::engine::settings::{Settings, Stopper};
+use crate::engine::settings::{Settings, Stopper, stop_asked};
 use crate::engine::straggler::Stragglers;
 use crate::engine::wanted::Wanted;
 use crate::event::Scope;
@@ -550,7 +550,6 @@ impl Fetcher {
     }
 
     fn stopped(&self) -> bool {
-        use crossbeam_channel::TryRecvError::Disconnected;
-        matches!(self.stop.try_recv(), Err(Disconnected) | Ok(()))
+        stop_asked(&self.stop)
     }
 }

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use log::{debug, info};
 use postgres::Row;
 
-use crate::engine::settings::{Settings, Stopper};
+use crate::engine::settings::{Settings, Stopper, stop_asked};
 use crate::engine::straggler::{HandOut, Stragglers};
 use crate::engine::worker::Batch;
 use crate::event::{Event, Scope};
@@ -224,6 +224,24 @@ impl Routes {
     }
 }
 
+/// One copy of `events` for each of `takers` lanes, shared by the workers of a stream's
+/// projections; the last one gets the original reference, so that a worker alone on its stream
+/// holds its batch alone (and may merge the batches queued behind it).
+pub(crate) fn shared_by(
+    events: Vec<Event>,
+    takers: usize,
+) -> impl Iterator<Item = Arc<Vec<Event>>> {
+    let mut shared = Some(Arc::new(events));
+    (0..takers).map(move |n| {
+        let copy = if n + 1 == takers {
+            shared.take()
+        } else {
+            shared.clone()
+        };
+        copy.unwrap_or_default()
+    })
+}
+
 /// How often the router, waiting on a full queue, looks whether the worker has stepped aside
 /// or the runner is stopping.
 const STEP_ASIDE_CHECK: Duration = Duration::from_millis(10);
@@ -340,21 +358,10 @@ impl Router<'_> {
                 .copied()
                 .filter(|&index| alive[index] && !self.stragglers.is_straggler(index))
                 .collect();
-            // One copy of the events, shared by the workers of the stream's projections; the
-            // last one gets the router's own reference, so that a worker alone on its stream
-            // holds its batch alone (and may merge the batches queued behind it).
-            let mut shared = Some(Arc::new(std::mem::take(&mut held[stream])));
-            for (n, &index) in takers.iter().enumerate() {
+            let copies = shared_by(std::mem::take(&mut held[stream]), takers.len());
+            for (&index, events) in takers.iter().zip(copies) {
                 let lane = &self.lanes[index];
-                let events = if n + 1 == takers.len() {
-                    shared.take()
-                } else {
-                    shared.clone()
-                };
-                let batch = Batch {
-                    events: events.unwrap_or_default(),
-                    upto,
-                };
+                let batch = Batch { events, upto };
                 match self.send(lane, index, batch) {
                     Sent::Taken | Sent::SteppedAside => {}
                     Sent::Gone => {
@@ -423,7 +430,7 @@ impl Router<'_> {
                 Err(SendTimeoutError::Disconnected(_)) => return Sent::Gone,
                 Err(SendTimeoutError::Timeout(back)) => batch = back,
             }
-            if !matches!(self.stop.try_recv(), Err(TryRecvError::Empty)) {
+            if stop_asked(self.stop) {
                 return Sent::Stopping;
             }
             if self.stragglers.is_straggler(index) {

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded};
 
 /// The runtime's settings. [`Settings::default`] holds every default in one place.
 #[derive(Debug, Clone)]
@@ -127,6 +127,12 @@ pub struct Stopper {
     sender: Arc<Mutex<Option<Sender<()>>>>,
     /// Stopped with this one: the stoppers of a runner's projections.
     members: Arc<Vec<Stopper>>,
+}
+
+/// True once the stopper whose signal `stop` is has been told to stop (the channel never
+/// carries a message: it disconnects).
+pub(crate) fn stop_asked(stop: &Receiver<()>) -> bool {
+    !matches!(stop.try_recv(), Err(TryRecvError::Empty))
 }
 
 impl Stopper {
