@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use projector::{Builder, Settings};
+use projector::{Builder, Database, Settings};
 
 use crate::several_projections::{Recorder, catch_up, recorded_exactly};
-use crate::util::{TestSchema, eventually, insert_event};
+use crate::util::{TestSchema, cut_connections_named, database_named, eventually, insert_event};
 
 /// Rows of `events` read so far, by sequential and index scans, as the server counts them.
 fn events_rows_read(schema: &TestSchema) -> i64 {
@@ -42,6 +42,25 @@ fn settled_rows_read(schema: &TestSchema) -> i64 {
     last
 }
 
+/// `live` caught up on 4 partitions in `schema`, as a running service's projection is.
+fn live_caught_up(schema: &TestSchema) {
+    catch_up(Builder::new(
+        schema.database.clone(),
+        Recorder::named("live"),
+    ));
+}
+
+/// `live` and `newcomer` in one runner on 4 partitions, the newcomer starting far behind
+/// (beyond 100 positions).
+fn beside_live(database: Database, newcomer: Recorder, mut settings: Settings) -> Builder {
+    settings.catch_up_alone_beyond = 100;
+    Builder::new(database, Recorder::named("live"))
+        .projection(newcomer)
+        .partitions(0..4)
+        .total_partitions(4)
+        .settings(settings)
+}
+
 #[test]
 fn partitions_that_start_behind_are_read_for_in_one_read_of_the_stream() {
     let schema = TestSchema::migrated("behind_one_read");
@@ -51,25 +70,21 @@ fn partitions_that_start_behind_are_read_for_in_one_read_of_the_stream() {
         .client()
         .batch_execute("ANALYZE events")
         .expect("analyze the events");
-    catch_up(Builder::new(
-        schema.database.clone(),
-        Recorder::named("live"),
-    ));
+    live_caught_up(&schema);
     let before = settled_rows_read(&schema);
 
     let mut settings = Settings::default();
-    settings.catch_up_alone_beyond = 100;
     settings.batch_size = 1_000;
     settings.exit_when_caught_up = true;
-    let summary = Builder::new(schema.database.clone(), Recorder::named("live"))
-        .projection(Recorder::named("newcomer"))
-        .partitions(0..4)
-        .total_partitions(4)
-        .settings(settings)
-        .start()
-        .expect("start")
-        .join()
-        .expect("join");
+    let summary = beside_live(
+        schema.database.clone(),
+        Recorder::named("newcomer"),
+        settings,
+    )
+    .start()
+    .expect("start")
+    .join()
+    .expect("join");
     assert_eq!(summary.projections[1].applied(), events as u64);
     assert!(recorded_exactly(&schema, "newcomer", 500, 40));
 
@@ -86,10 +101,7 @@ fn partitions_that_start_behind_are_read_for_in_one_read_of_the_stream() {
 fn a_fed_partition_too_slow_for_the_read_catches_up_alone_and_nothing_is_lost_or_doubled() {
     let schema = TestSchema::migrated("behind_too_slow");
     schema.seed(200, 20);
-    catch_up(Builder::new(
-        schema.database.clone(),
-        Recorder::named("live"),
-    ));
+    live_caught_up(&schema);
 
     // The newcomer takes far longer per event than the read takes to hand events out: the
     // read leaves its partitions behind (each reads the rest by itself) while a writer
@@ -97,15 +109,10 @@ fn a_fed_partition_too_slow_for_the_read_catches_up_alone_and_nothing_is_lost_or
     let mut newcomer = Recorder::named("newcomer");
     newcomer.per_event = Duration::from_millis(1);
     let mut settings = Settings::default();
-    settings.catch_up_alone_beyond = 100;
     settings.batch_size = 100;
     settings.queue_depth = 1;
     settings.straggler_after = Duration::from_millis(200);
-    let runner = Builder::new(schema.database.clone(), Recorder::named("live"))
-        .projection(newcomer)
-        .partitions(0..4)
-        .total_partitions(4)
-        .settings(settings)
+    let runner = beside_live(schema.database.clone(), newcomer, settings)
         .start()
         .expect("start");
     let stop = Arc::new(AtomicBool::new(false));
@@ -166,43 +173,23 @@ fn a_fed_partition_too_slow_for_the_read_catches_up_alone_and_nothing_is_lost_or
 fn connections_cut_while_the_partitions_behind_are_fed_lose_and_double_nothing() {
     let schema = TestSchema::migrated("behind_cut");
     schema.seed(300, 40);
-    catch_up(Builder::new(
-        schema.database.clone(),
-        Recorder::named("live"),
-    ));
+    live_caught_up(&schema);
     // A name of its own, so that only this test's connections are cut.
-    let url = crate::util::database_url();
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let database =
-        projector::Database::new(&format!("{url}{separator}application_name=cut_behind"))
-            .and_then(|d| d.schema(&schema.name))
-            .expect("database");
+    let database = database_named(&schema, "cut_behind");
     let mut settings = Settings::default();
-    settings.catch_up_alone_beyond = 100;
     settings.batch_size = 200;
     settings.exit_when_caught_up = true;
     // Slow enough that its workers are still being fed (mid-transaction) when cut.
     let mut newcomer = Recorder::named("newcomer");
     newcomer.per_event = Duration::from_micros(300);
-    let runner = Builder::new(database, Recorder::named("live"))
-        .projection(newcomer)
-        .partitions(0..4)
-        .total_partitions(4)
-        .settings(settings)
+    let runner = beside_live(database, newcomer, settings)
         .start()
         .expect("start");
     let mut admin = crate::util::admin();
     let mut kills = 0;
     for _ in 0..4 {
         std::thread::sleep(Duration::from_millis(300));
-        kills += admin
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE application_name = 'cut_behind' AND datname = current_database()",
-                &[],
-            )
-            .expect("terminate the projector's connections")
-            .len();
+        kills += cut_connections_named(&mut admin, "cut_behind");
     }
     runner.join().expect("the runner survives lost connections");
     assert!(kills > 0, "no connection was cut: the test proves nothing");

@@ -468,13 +468,6 @@ fn spawn_live(schema: &TestSchema, keys: &str, total: &str, extra: &[&str]) -> C
         .expect("start a projector")
 }
 
-/// The test database's URL with an `application_name` to find a process's connections by.
-fn url_named(name: &str) -> String {
-    let url = crate::util::database_url();
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}application_name={name}")
-}
-
 #[test]
 fn status_shows_layout_lag_holder_and_repartitioning_as_a_table_and_as_json() {
     let schema = TestSchema::migrated("status_situations");
@@ -695,7 +688,7 @@ fn spawn_live_named(schema: &TestSchema, name: &str) -> Child {
             "--projection",
             "aggregate-stats",
         ])
-        .env("DATABASE_URL", url_named(name))
+        .env("DATABASE_URL", crate::util::url_named(name))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

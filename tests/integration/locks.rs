@@ -13,13 +13,8 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// A connection of another application, named `someone-else`, holding the session advisory
 /// lock that partition `key` of `total` of `aggregate-stats` takes in `schema`; and its pid.
 fn stranger_holding(schema: &TestSchema, total: i32, key: i32) -> (Client, i32) {
-    let url = crate::util::database_url();
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let mut stranger = Client::connect(
-        &format!("{url}{separator}application_name=someone-else"),
-        NoTls,
-    )
-    .expect("connect as another application");
+    let mut stranger = Client::connect(&crate::util::url_named("someone-else"), NoTls)
+        .expect("connect as another application");
     let pid: i32 = stranger
         .query_one(
             "SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock( \

@@ -374,11 +374,7 @@ fn lost_connections_are_retried_and_nothing_is_skipped_or_repeated() {
     let schema = TestSchema::migrated("lost_connection");
     let events = schema.seed(300, 40);
     // A name of its own, so that only this test's connections are cut.
-    let url = crate::util::database_url();
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let database = projector::Database::new(&format!("{url}{separator}application_name=cut_me"))
-        .and_then(|d| d.schema(&schema.name))
-        .expect("database");
+    let database = crate::util::database_named(&schema, "cut_me");
     let runner = Builder::new(database, AggregateStats)
         .partitions([0, 1, 2, 3])
         .total_partitions(4)
@@ -390,14 +386,7 @@ fn lost_connections_are_retried_and_nothing_is_skipped_or_repeated() {
     let mut kills = 0;
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(150));
-        kills += admin
-            .query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE application_name = 'cut_me' AND datname = current_database()",
-                &[],
-            )
-            .expect("terminate the projector's connections")
-            .len();
+        kills += crate::util::cut_connections_named(&mut admin, "cut_me");
     }
     let summary = runner.join().expect("the runner survives lost connections");
     assert!(kills > 0, "no connection was cut: the test proves nothing");

@@ -200,6 +200,32 @@ pub fn admin() -> Client {
     Client::connect(&database_url(), NoTls).expect("connect to DATABASE_URL")
 }
 
+/// The test database's URL with an `application_name` to find a test's connections by.
+pub fn url_named(name: &str) -> String {
+    let url = database_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}application_name={name}")
+}
+
+/// `schema`'s database with its connections named `name`, so that a test cuts its own alone.
+pub fn database_named(schema: &TestSchema, name: &str) -> Database {
+    Database::new(&url_named(name))
+        .and_then(|d| d.schema(&schema.name))
+        .expect("the test database under an application name")
+}
+
+/// Terminates every connection of this database named `name`; how many there were.
+pub fn cut_connections_named(admin: &mut Client, name: &str) -> usize {
+    admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND datname = current_database()",
+            &[&name],
+        )
+        .expect("terminate the connections")
+        .len()
+}
+
 /// Runs `command` to its end, failing the test if it takes longer than `limit`.
 pub fn run_within(mut command: impl BorrowMut<Command>, limit: Duration) -> Output {
     let child = command
