@@ -1,5 +1,6 @@
 //! What the benchmarks share: running one, its command line, a schema of its own, seeding,
-//! the COPY limit (R0), medians. Each benchmark uses only some of it.
+//! the COPY limit (R0), medians, and the summary lines of ratios that `scripts/bench.sh`
+//! gathers. Each benchmark uses only some of it.
 #![allow(dead_code)]
 
 use std::io::BufRead;
@@ -154,4 +155,105 @@ pub(crate) fn copy_all_events(client: &mut Client) -> Result<(Duration, u64)> {
         }
     }
     Ok(best.ok_or("no COPY run")?)
+}
+
+/// The median, lowest and highest of one figure over rounds (a median of an even count is the
+/// mean of the two middle figures).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Spread {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+    /// Figures it was taken over (the rounds).
+    pub(crate) rounds: usize,
+}
+
+impl Spread {
+    /// Over the finite `values`; `None` without any.
+    pub(crate) fn of(values: impl IntoIterator<Item = f64>) -> Option<Spread> {
+        let mut values: Vec<f64> = values.into_iter().filter(|v| v.is_finite()).collect();
+        values.sort_by(f64::total_cmp);
+        let (&min, &max) = (values.first()?, values.last()?);
+        let n = values.len();
+        let median = if n % 2 == 1 {
+            values[n / 2]
+        } else {
+            (values[n / 2 - 1] + values[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min,
+            max,
+            rounds: n,
+        })
+    }
+
+    /// `median` alone for one round, else `median (min–max)`, each with `decimals`.
+    pub(crate) fn text(&self, decimals: usize) -> String {
+        if self.rounds <= 1 {
+            format!("{:.decimals$}", self.median)
+        } else {
+            format!(
+                "{:.decimals$} ({:.decimals$}–{:.decimals$})",
+                self.median, self.min, self.max
+            )
+        }
+    }
+}
+
+/// What a ratio should be (issue 22's targets), judged on its median.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Target {
+    pub(crate) fn met_by(self, value: f64) -> bool {
+        match self {
+            Target::AtLeast(floor) => value >= floor,
+            Target::AtMost(ceiling) => value <= ceiling,
+        }
+    }
+
+    /// `target >= 0.95: met` for `value`.
+    pub(crate) fn verdict(self, value: f64) -> String {
+        let (sign, bound) = match self {
+            Target::AtLeast(floor) => (">=", floor),
+            Target::AtMost(ceiling) => ("<=", ceiling),
+        };
+        let met = if self.met_by(value) { "met" } else { "not met" };
+        format!("target {sign} {bound}: {met}")
+    }
+}
+
+/// Prints the summary line of one ratio, which `scripts/bench.sh` gathers into its table of
+/// every ratio: `ratio|<key>|<median>|<min>|<max>|<rounds>|<what>` (`n/a` and 0 rounds
+/// without figures). With a target, `what` ends with it and whether the median meets it.
+pub(crate) fn print_ratio(key: &str, spread: Option<Spread>, what: &str, target: Option<Target>) {
+    let mut what = what.replace('|', "/");
+    match spread {
+        Some(spread) => {
+            if let Some(target) = target {
+                what.push_str(&format!("; {} (median)", target.verdict(spread.median)));
+            }
+            println!(
+                "ratio|{key}|{}|{}|{}|{}|{what}",
+                figure(spread.median),
+                figure(spread.min),
+                figure(spread.max),
+                spread.rounds
+            );
+        }
+        None => println!("ratio|{key}|n/a|n/a|n/a|0|{what}"),
+    }
+}
+
+/// A figure for a summary line: whole from 1,000 on, else 3 decimals.
+fn figure(value: f64) -> String {
+    if value.abs() >= 1_000.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.3}")
+    }
 }
