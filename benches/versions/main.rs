@@ -3,20 +3,26 @@
 //! as long as a rebuild alone?
 //!
 //! ```sh
-//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench --bench versions -- [--events 1000000] [--rate 200] [--seconds 10]
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres cargo bench --bench versions -- [--events 1000000] [--rate 200] [--seconds 10] [--rounds 3]
 //! ```
 //!
-//! 1. Seeds `--events` events, then times a rebuild of `aggregate-stats-batch` alone (a fresh
-//!    projection run to the head, as after a reset): the baseline.
-//! 2. Runs the live version (version 1 of `live`, which notifies inside its transaction for
-//!    each event the writers append) with writers appending `--rate` events/s for `--seconds`:
-//!    its quiet append-to-applied latency.
-//! 3. Restarts the process with version 2 of `aggregate-stats-batch` beside version 1 of
-//!    `live`, the writers appending at the same rate until version 2 has reached the head as
-//!    it was at its start: the live version's latency meanwhile, and the rebuild's time.
+//! Seeds `--events` events, then runs `--rounds` rounds of two steps, the rebuild alone first
+//! in rounds 1, 3, ... and second in rounds 2, 4, ...:
 //!
-//! Targets (issue 21): the loaded p99 within 2x the quiet p99, the rebuild within 1.3x of the
-//! rebuild alone. Both are printed, not asserted.
+//! - alone: `aggregate-stats-batch` reset (`projector::reset`: checkpoints and read model) and
+//!   rebuilt to the head in a runner of its own (stopped once caught up): the baseline.
+//! - beside: version 2 of `aggregate-stats-batch` dropped (`projector::retire`: its schema,
+//!   checkpoints and registry row), then the live version (version 1 of `live`, which notifies
+//!   inside its transaction for each event the writers append) run with writers appending
+//!   `--rate` events/s for `--seconds` (its quiet append-to-applied latency), then the process
+//!   restarted with version 2 of `aggregate-stats-batch` beside it, the writers appending at
+//!   the same rate until version 2 has reached the head as it was at its start (the live
+//!   version's latency meanwhile, and the rebuild's time).
+//!
+//! Each round gives loaded p99 / quiet p99 and rebuild beside / alone (per event rebuilt: the
+//! writers add events between the rebuilds); the medians over the rounds are reported, with a
+//! summary line of each for `scripts/bench.sh`. Targets (issue 21): the loaded p99 within 2x
+//! the quiet p99, the rebuild within 1.3x of the rebuild alone. Both are printed, not asserted.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,37 +38,53 @@ use projector::{
     Scope,
 };
 
+#[path = "../common/mod.rs"]
 mod common;
+mod report;
 
-const USAGE: &str = "usage: versions [--database-url URL] [--events N] [--rate N] [--seconds N]
+use report::{Beside, Latencies, Rebuild, Round, report};
+
+const USAGE: &str =
+    "usage: versions [--database-url URL] [--events N] [--rate N] [--seconds N] [--rounds R]
   --database-url  server to run against (env DATABASE_URL)
   --events        events seeded before the rebuilds, default 1000000
   --rate          appends per second to the live version, default 200
-  --seconds       seconds of the quiet measurement, default 10";
+  --seconds       seconds of the quiet measurement, default 10
+  --rounds        rounds of the rebuild alone and beside the live version, alternating which
+                  comes first; the medians are reported, default 3";
 
-struct Options {
+/// The projection rebuilt, alone and as version 2 beside the live one.
+const REBUILT: &str = "aggregate-stats-batch";
+
+pub(crate) struct Options {
     url: String,
-    events: i64,
-    rate: u64,
+    pub(crate) events: i64,
+    pub(crate) rate: u64,
     seconds: u64,
+    rounds: usize,
 }
 
 fn options() -> common::Result<Option<Options>> {
-    let (mut events, mut rate, mut seconds) = (1_000_000, 200, 10);
+    let (mut events, mut rate, mut seconds, mut rounds) = (1_000_000, 200, 10, 3);
     let url = common::read_args(USAGE, |flag, value| {
         match flag {
             "--events" => events = common::number(flag, value()?)?,
             "--rate" => rate = common::number(flag, value()?)?,
             "--seconds" => seconds = common::number(flag, value()?)?,
+            "--rounds" => rounds = common::number(flag, value()?)?,
             _ => return Ok(false),
         }
         Ok(true)
     })?;
+    if rounds < 1 {
+        return Err(format!("--rounds must be at least 1\n{USAGE}").into());
+    }
     Ok(url.map(|url| Options {
         url,
         events,
         rate,
         seconds,
+        rounds,
     }))
 }
 
@@ -161,12 +183,42 @@ fn measure_both(database: &Database, options: &Options) -> common::Result<()> {
         options.events,
         seeded.elapsed().as_secs_f64()
     );
-    let alone = rebuild_alone(database)?;
-    println!(
-        "rebuild of aggregate-stats-batch alone: {:.2} s",
-        alone.as_secs_f64()
-    );
+    let mut rounds = Vec::new();
+    for round in 0..options.rounds {
+        let alone_first = round % 2 == 0;
+        println!(
+            "\n## Round {}/{}: the rebuild alone {}",
+            round + 1,
+            options.rounds,
+            if alone_first { "first" } else { "second" }
+        );
+        let (alone, beside) = if alone_first {
+            let alone = rebuild_alone(database)?;
+            (alone, beside_live(database, options)?)
+        } else {
+            let beside = beside_live(database, options)?;
+            (rebuild_alone(database)?, beside)
+        };
+        let round = Round {
+            alone_first,
+            alone,
+            beside,
+        };
+        round.print(options);
+        rounds.push(round);
+    }
+    report(options, &rounds);
+    Ok(())
+}
 
+/// Version 2 of [`REBUILT`] dropped, then the live version alone (quiet) and with version 2
+/// rebuilding beside it.
+fn beside_live(database: &Database, options: &Options) -> common::Result<Beside> {
+    let retired = projector::retire(database, REBUILT, 2)?;
+    println!(
+        "retired version 2 of {REBUILT}: dropped {:?}, {} checkpoint(s)",
+        retired.dropped, retired.checkpoints
+    );
     let live = start(Builder::new(database.clone(), Live))?;
     wait_until_applied(database, "live", head(database)?)?;
     let (quiet, _) = measure(database, options, &live, |started| {
@@ -183,55 +235,48 @@ fn measure_both(database: &Database, options: &Options) -> common::Result<()> {
     let both = start(Builder::new(database.clone(), Live).projection(rebuild))?;
     let rebuilding = Instant::now();
     let mut rebuilt = None;
+    let stored = projector::stored_name(REBUILT, 2);
     let (loaded, _) = measure(database, options, &both, |_| {
-        if rebuilt.is_none()
-            && floor(database, "aggregate-stats-batch@2").is_ok_and(|f| f >= target)
-        {
+        if rebuilt.is_none() && floor(database, &stored).is_ok_and(|f| f >= target) {
             rebuilt = Some(rebuilding.elapsed());
         }
         rebuilt.is_some()
     })?;
     both.shutdown();
     both.join()?;
-    let beside = rebuilt.ok_or("version 2 never reached the head")?;
-
-    println!();
-    println!(
-        "live version's latency from append commit to read-model commit, {} appends/s from 2 \
-         writers, 4 partitions in one process",
-        options.rate
-    );
-    println!("| live version | samples | p50 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|");
-    let quiet_p99 = print_row("alone (quiet)", quiet);
-    let loaded_p99 = print_row("while version 2 rebuilds beside it", loaded);
-    println!();
-    println!("| rebuild of {} events | s |", options.events);
-    println!("|---|---|");
-    println!("| alone (reset and rebuild) | {:.2} |", alone.as_secs_f64());
-    println!(
-        "| as version 2 beside the live version | {:.2} |",
-        beside.as_secs_f64()
-    );
-    println!();
-    println!(
-        "loaded p99 / quiet p99: {:.2} (target <= 2); rebuild beside / alone: {:.2} (target <= 1.3)",
-        loaded_p99 / quiet_p99.max(0.001),
-        beside.as_secs_f64() / alone.as_secs_f64().max(0.001)
-    );
-    Ok(())
+    let took = rebuilt.ok_or("version 2 never reached the head")?;
+    Ok(Beside {
+        quiet: Latencies::of(quiet),
+        loaded: Latencies::of(loaded),
+        rebuild: Rebuild {
+            took,
+            events: target,
+        },
+    })
 }
 
 fn start(builder: Builder) -> Result<Runner, projector::Error> {
     builder.partitions(0..4).total_partitions(4).start()
 }
 
-/// The time a fresh `aggregate-stats-batch` takes to apply the store alone, in a runner of
+/// [`REBUILT`] reset (checkpoints and read model), then rebuilt to the head in a runner of
 /// its own (stopped once caught up).
-fn rebuild_alone(database: &Database) -> common::Result<Duration> {
+fn rebuild_alone(database: &Database) -> common::Result<Rebuild> {
+    let deleted = projector::reset(&mut database.connect()?, &mut AggregateStatsBatch)?;
+    println!("reset {REBUILT}: deleted {deleted} checkpoint(s) and its read model's rows");
+    let events = head(database)?;
     let started = Instant::now();
     start(Builder::new(database.clone(), AggregateStatsBatch).exit_when_caught_up(true))?.join()?;
-    Ok(started.elapsed())
+    let rebuild = Rebuild {
+        took: started.elapsed(),
+        events,
+    };
+    println!(
+        "rebuild of {REBUILT} alone: {} events in {:.2} s",
+        events,
+        rebuild.took.as_secs_f64()
+    );
+    Ok(rebuild)
 }
 
 fn head(database: &Database) -> common::Result<i64> {
@@ -354,23 +399,4 @@ fn measure(
         .into());
     }
     Ok((samples, written))
-}
-
-/// Prints a row of percentiles; returns the p99.
-fn print_row(what: &str, mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        samples
-            .get(((samples.len().max(1) - 1) as f64 * q) as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
-    println!(
-        "| {what} | {} | {:.2} | {:.2} | {:.2} |",
-        samples.len(),
-        at(0.50),
-        at(0.99),
-        samples.last().copied().unwrap_or_default()
-    );
-    at(0.99)
 }
