@@ -3,12 +3,14 @@
 //!
 //! Each run is a runner owning 4 partitions of 4 catching a no-op projection up from the first
 //! event with default settings; the runs alternate, `--rounds` times each (every other round
-//! in the reverse order), and the medians are reported. A server's CPU time is read from
-//! `/proc`: its postmaster's own time and that of the children it has reaped (`cutime`,
-//! `cstime`: backends that have ended), plus every live child's (backends, WAL writer and
-//! sender, checkpointer, autovacuum), read 300 ms after the runner has stopped so that its
-//! connections' processes have ended; so the servers must run on this machine. The primary's
-//! figure includes what it spends streaming WAL to the replica and writing checkpoints.
+//! in the reverse order), and the medians are reported, with a summary line of the ratio for
+//! `scripts/bench.sh` (each round's with / without: median, min and max). A server's CPU time
+//! is read from `/proc`: its postmaster's own time and that of the children it has reaped
+//! (`cutime`, `cstime`: backends that have ended), plus every live child's (backends, WAL
+//! writer and sender, checkpointer, autovacuum), read 300 ms after the runner has stopped so
+//! that its connections' processes have ended; so the servers must run on this machine. The
+//! primary's figure includes what it spends streaming WAL to the replica and writing
+//! checkpoints.
 //!
 //! ```text
 //! cargo bench --bench replica -- --database-url PRIMARY --replica-url REPLICA [--events N] [--rounds R]
@@ -172,6 +174,14 @@ fn report(options: &Options, runs: &mut [Runs; 2]) {
         "| run | wall s | events/s | primary CPU s | replica CPU s | events read from the replica |"
     );
     println!("|---|---:|---:|---:|---:|---:|");
+    // Each round's own ratio, before the medians below sort the rounds' figures.
+    let per_round = common::Spread::of(
+        runs[1]
+            .primary_cpu
+            .iter()
+            .zip(&runs[0].primary_cpu)
+            .map(|(with, without)| with.as_secs_f64() / without.as_secs_f64().max(f64::EPSILON)),
+    );
     let mut primary_cpu = [0.0; 2];
     for (kind, kind_runs) in runs.iter_mut().enumerate() {
         let wall = common::median(&mut kind_runs.walls).as_secs_f64();
@@ -187,8 +197,17 @@ fn report(options: &Options, runs: &mut [Runs; 2]) {
         );
     }
     println!(
-        "\nPrimary CPU time with the replica: **{:.3} x** without it.",
-        primary_cpu[1] / primary_cpu[0].max(f64::EPSILON)
+        "\nPrimary CPU time with the replica: **{:.3} x** without it (medians); each round's \
+         with / without: {} (median (min–max)).\n",
+        primary_cpu[1] / primary_cpu[0].max(f64::EPSILON),
+        per_round.map_or_else(|| "n/a".into(), |spread| spread.text(3))
+    );
+    common::print_ratio(
+        "replica primary CPU with / without",
+        per_round,
+        "primary's CPU time during a catch-up with --read-replica-url over without, each \
+         round's pair",
+        None,
     );
 }
 

@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR disable=SC2317 # cleanup runs from a trap
-# The benchmarks against a database of their own: catch-up (benches/catch_up.rs), several
+# The benchmarks against a database of their own: catch-up (benches/catch_up/), several
 # projections (benches/projections.rs), latency (benches/latency.rs: from append to read
 # model, and read-your-writes waits), the park policy (benches/park.rs: one poison
 # aggregate among 10,000), sharing partitions (benches/sharing.rs: 4 processes with
 # --partition-key auto against 4 with explicit keys, and the take-over after a SIGKILL) and
 # the read replica (benches/replica.rs: the primary's CPU time during a catch-up without and
 # with --read-replica-url, on a primary and a pg_basebackup -R replica started for it), and
-# versions (benches/versions.rs: a live version's latency while a new version rebuilds beside
+# versions (benches/versions/: a live version's latency while a new version rebuilds beside
 # it in the same process, and the rebuild's time against a rebuild alone).
 #
-# Usage: scripts/bench.sh [--events N] [--big-events N] [--quick] [--only BENCH]
+# Usage: scripts/bench.sh [--events N] [--big-events N] [--rounds N] [--quick] [--only BENCH]
 #   --events N      events in the main runs (default 1000000)
 #   --big-events N  events for the second peak-memory run (default 5000000, 0 skips it)
+#   --rounds N      rounds of catch_up, replica and versions, every other one in reverse
+#                   order; their ratios are medians over the rounds (default 3)
 #   --quick         smoke run: 100000 events, no big run, scaling at 1, 4 and 16 partitions,
-#                   latency for 3 s per mode instead of 10, park 3 rounds instead of 7
+#                   latency for 3 s per mode instead of 10, park 3 rounds instead of 7,
+#                   1 round of catch_up, replica and versions (unless --rounds is given)
 #   --only BENCH    run one benchmark: catch_up, projections, latency, park, sharing,
 #                   replica or versions
+#
+# catch_up, replica and versions each end with a summary line per ratio
+# (ratio|key|median|min|max|rounds|what); the script gathers them from the benchmarks' output
+# and ends with one table of every ratio.
 #
 # Without DATABASE_URL, a throw-away PostgreSQL server is started for the run. Either way a
 # database projector_bench_<pid>_<time> is created on the server and dropped at the end. The
@@ -26,7 +33,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '13,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '13,23s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
 events=1000000
@@ -34,6 +41,8 @@ big_events=5000000
 scale=1,2,4,8,16
 events_set=0
 big_set=0
+rounds=3
+rounds_set=0
 quick=0
 only=
 latency_seconds=10
@@ -52,6 +61,15 @@ while [[ $# -gt 0 ]]; do
         else
             big_events=$2 big_set=1
         fi
+        shift 2
+        ;;
+    --rounds)
+        if [[ $# -lt 2 || ! $2 =~ ^[1-9][0-9]*$ ]]; then
+            printf '%s needs a whole number of at least 1\n' "$1" >&2
+            usage >&2
+            exit 2
+        fi
+        rounds=$2 rounds_set=1
         shift 2
         ;;
     --quick)
@@ -81,6 +99,7 @@ done
 if ((quick)); then
     ((events_set)) || events=100000
     ((big_set)) || big_events=0
+    ((rounds_set)) || rounds=1
     scale=1,4,16
     latency_seconds=3
     park_rounds=3
@@ -139,6 +158,8 @@ psql_bin() {
 admin_url=
 bench_db=
 pair_dirs=()
+output=
+finished=0
 cleanup() {
     if [[ -n $bench_db ]]; then
         run "$psql" "$admin_url" -qX -v ON_ERROR_STOP=1 \
@@ -150,6 +171,11 @@ cleanup() {
         rm -rf -- "$dir"
     done
     pg_stop_temp
+    # Last, after the servers' clean-up, once every benchmark has run.
+    if [[ -n $output ]]; then
+        ((finished == 0)) || print_ratios
+        rm -f -- "$output"
+    fi
 }
 
 # Starts a throw-away primary and a streaming replica of it (pg_basebackup -R), each in a new
@@ -183,6 +209,24 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# What catch_up, replica and versions print (shown as they run), for their summary lines.
+output=$(mktemp "${TMPDIR:-/tmp}/projector-bench-output.XXXXXX")
+
+# At exit (from cleanup): one table of the summary lines in $output
+# (ratio|key|median|min|max|rounds|what).
+print_ratios() {
+    local tag key median min max count what plural=s
+    grep -q '^ratio|' "$output" || return 0
+    ((rounds == 1)) && plural=
+    printf '\n## Every ratio (median of %s round%s, alternating order)\n\n' "$rounds" "$plural"
+    printf '| ratio | median | min–max | rounds | target/what |\n'
+    printf '|---|---:|---:|---:|---|\n'
+    while IFS='|' read -r tag key median min max count what; do
+        [[ $tag == ratio ]] || continue
+        printf '| %s | %s | %s–%s | %s | %s |\n' "$key" "$median" "$min" "$max" "$count" "$what"
+    done <"$output"
+}
+
 # The replica benchmark alone needs no server but the pair it starts.
 shared_server=1
 [[ $only == replica ]] && shared_server=0
@@ -210,7 +254,8 @@ fi
 if [[ -z $only || $only == catch_up ]]; then
     run cargo bench --bench catch_up -- \
         --database-url "$(with_database "$admin_url" "$bench_db")" \
-        --events "$events" --big-events "$big_events" --scale "$scale"
+        --events "$events" --big-events "$big_events" --scale "$scale" --rounds "$rounds" |
+        tee -a "$output"
 fi
 if [[ -z $only || $only == projections ]]; then
     run cargo bench --bench projections -- \
@@ -233,10 +278,12 @@ fi
 if [[ -z $only || $only == replica ]]; then
     start_replica_pair
     run cargo bench --bench replica -- --database-url "$pair_primary_url" \
-        --replica-url "$pair_replica_url" --events "$events"
+        --replica-url "$pair_replica_url" --events "$events" --rounds "$rounds" |
+        tee -a "$output"
 fi
 if [[ -z $only || $only == versions ]]; then
     run cargo bench --bench versions -- \
         --database-url "$(with_database "$admin_url" "$bench_db")" --events "$events" \
-        --seconds "$latency_seconds"
+        --seconds "$latency_seconds" --rounds "$rounds" | tee -a "$output"
 fi
+finished=1
