@@ -2,7 +2,7 @@
 //! catching up from position 0, P3 plain in this process, and the read models' checks.
 
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use postgres::Client;
 use projector::{Builder, Database};
@@ -40,6 +40,8 @@ const SQL_PROJECTION_FILE: &str = concat!(
 );
 /// Lines of a failed child's stderr to show.
 const STDERR_TAIL: usize = 30;
+/// The longest wait, before a run, for the server's autovacuum workers to finish.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
 
 /// The database the runs measure, and how to run the projector on it.
 pub(crate) struct Bench<'a> {
@@ -146,6 +148,7 @@ impl Bench<'_> {
     /// One run of a round, from position 0 with an empty read model (see [`Self::reset`]);
     /// an `aggregate-stats` read model is checked after it. `label` names it in the output.
     pub(crate) fn measure(&mut self, run: Run, label: &str) -> Result<Outcome> {
+        self.settle(label)?;
         let keys4 = ["0-3".to_owned()];
         let (outcome, table) = match run {
             Run::R0 => return self.copy_all(label),
@@ -172,7 +175,46 @@ impl Bench<'_> {
             Some(table) => Some(self.aggregate_stats_check(outcome.events, table)?),
             None => None,
         };
+        if let Some(table) = table {
+            self.drop_read_model(table)?;
+        }
         Ok(Outcome { check, ..outcome })
+    }
+
+    /// Before a run: waits (at most [`SETTLE_LIMIT`]) until no autovacuum worker runs, then
+    /// asks for a `CHECKPOINT` (skipped when the role may not), so that no run shares the
+    /// cores with the clean-up after the one before it.
+    fn settle(&mut self, label: &str) -> Result<()> {
+        let start = Instant::now();
+        while self.autovacuum_workers()? > 0 && start.elapsed() < SETTLE_LIMIT {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        if start.elapsed() >= Duration::from_millis(200) {
+            println!(
+                "settle ({label}): waited {:.1} s for autovacuum",
+                start.elapsed().as_secs_f64()
+            );
+        }
+        if let Err(error) = self.client.batch_execute("CHECKPOINT") {
+            println!("settle ({label}): no CHECKPOINT ({error})");
+        }
+        Ok(())
+    }
+
+    fn autovacuum_workers(&mut self) -> Result<i64> {
+        let row = self.client.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'",
+            &[],
+        )?;
+        Ok(row.get(0))
+    }
+
+    /// Drops a checked read model at once, so that autovacuum does not clean up its million
+    /// dead row versions during the runs after it.
+    fn drop_read_model(&mut self, table: &str) -> Result<()> {
+        println!("sql> DROP TABLE {table}");
+        self.client.batch_execute(&format!("DROP TABLE {table}"))?;
+        Ok(())
     }
 
     /// R0: the stream read in full, in order, by one binary `COPY`; the faster of two runs.
