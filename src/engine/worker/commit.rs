@@ -60,7 +60,7 @@ impl<P: Projection> Worker<P> {
         // The events of parked aggregates are recorded, not applied (whatever the policy).
         let pending = pending_at.len();
         let pending_at = self
-            .set_parked_aside(&mut tx, events, pending_at)
+            .set_parked_aside(&mut tx, &connection.parked_lookup, events, pending_at)
             .map_err(|e| self.failure(e))?;
         let parked = (pending - pending_at.len()) as u64;
         // Applied run by run (usually one: the tail of the batch), in order, without copying

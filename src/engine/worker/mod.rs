@@ -112,6 +112,8 @@ pub(crate) struct Connection {
     pub(crate) client:
         r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>>,
     pub(crate) statements: PartitionStatements,
+    /// The projection's parked aggregates (see `parking`), read by every transaction.
+    pub(crate) parked_lookup: postgres::Statement,
     /// This connection holds the partition's session lock.
     pub(crate) holds: bool,
     /// Since taking the lock, no live process of another layout was seen holding a partition.
@@ -423,6 +425,13 @@ impl<P: Projection> Worker<P> {
             .pool
             .get()
             .map_err(|e| Failure::Connection(Error::from(e)))?;
+        let failure = |error: Error| {
+            if error.is_connection_loss() {
+                Failure::Connection(error)
+            } else {
+                Failure::Fatal(error)
+            }
+        };
         let statements = PartitionStatements::prepare(
             &mut client,
             self.projection.name(),
@@ -430,16 +439,12 @@ impl<P: Projection> Worker<P> {
             self.context.partition,
             self.generation,
         )
-        .map_err(|error| {
-            if error.is_connection_loss() {
-                Failure::Connection(error)
-            } else {
-                Failure::Fatal(error)
-            }
-        })?;
+        .map_err(failure)?;
+        let parked_lookup = parking::prepare_parked_lookup(&mut client).map_err(failure)?;
         Ok(Connection {
             client,
             statements,
+            parked_lookup,
             holds: false,
             clear: false,
         })

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::warn;
-use postgres::Transaction;
 use postgres::types::Type;
+use postgres::{Client, Statement, Transaction};
 
 use crate::engine::settings::Settings;
 use crate::engine::worker::Worker;
@@ -18,10 +18,19 @@ use crate::event::Event;
 use crate::layout::checkpoint::to_i32;
 use crate::projections::projection::PoisonPolicy;
 use crate::projections::projection::Projection;
-use crate::{BoxError, error_chain, partition_of};
+use crate::{BoxError, Error, error_chain, partition_of};
 
 /// The parked aggregates of projection `$1`.
 const PARKED_AGGREGATES: &str = include_str!("../../../sql/parked_aggregates.sql");
+
+/// Prepares the parked-aggregates lookup on a worker's connection, once: planning its
+/// recursive query took longer than running it (about 0.4 ms against 0.1 ms with nothing
+/// parked), in every transaction.
+pub(crate) fn prepare_parked_lookup(client: &mut Client) -> Result<Statement, Error> {
+    client
+        .prepare_typed(PARKED_AGGREGATES, &[Type::TEXT])
+        .map_err(Error::database("preparing the parked-aggregates lookup"))
+}
 
 /// The event a parking worker gave up on: it is parked in the next commit.
 #[derive(Debug)]
@@ -139,6 +148,7 @@ impl<P: Projection> Worker<P> {
     pub(crate) fn set_parked_aside(
         &mut self,
         tx: &mut Transaction<'_>,
+        parked_lookup: &Statement,
         events: &[Event],
         pending_at: Vec<usize>,
     ) -> Result<Vec<usize>, postgres::Error> {
@@ -153,7 +163,7 @@ impl<P: Projection> Worker<P> {
         // are not looked at one by one.
         let (partition, total) = (self.context.partition, self.context.total_partitions);
         parking.seen = tx
-            .query_typed(PARKED_AGGREGATES, &[(&name, Type::TEXT)])?
+            .query(parked_lookup, &[&name])?
             .iter()
             .map(|row| row.get::<_, String>(0))
             .filter(|id| partition_of(id, total) == partition)
