@@ -6,6 +6,7 @@ mod dead_letters;
 #[cfg(test)]
 mod documented_commands;
 pub(crate) mod error;
+mod flag_order;
 pub(crate) mod logs;
 pub(crate) mod output;
 mod reset;

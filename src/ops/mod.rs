@@ -3,7 +3,8 @@
 //! - [`status`]: where each partition's checkpoint stands, which process holds it, and
 //!   [`reset`](crate::reset) to rebuild a projection.
 //! - [`metrics`]: a runner's figures in the Prometheus text format, read from the engine's
-//!   lane figures ([`crate::engine::progress`]) and the database.
+//!   lane figures ([`crate::engine::progress`]) and the database; [`metric_families`] names
+//!   and registers them.
 //! - [`projection_gauges`]: the gauges of a projection that failed here, or is paused.
 //! - [`replica_gauges`]: what the read replica served, and how far behind it was.
 //! - [`health`]: liveness and readiness of a runner, for probes.
@@ -17,6 +18,7 @@
 
 pub(crate) mod health;
 pub(crate) mod members;
+pub(crate) mod metric_families;
 pub(crate) mod metrics;
 pub(crate) mod projection_gauges;
 pub(crate) mod replica_gauges;
