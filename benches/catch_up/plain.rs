@@ -27,7 +27,7 @@ impl Projection for PlainAggregateStats {
                  last_version BIGINT NOT NULL,
                  last_global_position BIGINT NOT NULL,
                  PRIMARY KEY (bounded_context, aggregate_type, aggregate_id)
-             )",
+             ) WITH (fillfactor = 50)",
         )?;
         Ok(())
     }

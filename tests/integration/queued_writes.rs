@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use projector::postgres::Transaction;
 use projector::postgres::types::Type;
-use projector::projections::{AggregateStats, Users};
+use projector::projections::{AggregateStats, AggregateStatsBatch, Users};
 use projector::{
     BoxError, Builder, Context, Error, Event, PoisonPolicy, Projection, QueuedWrite, Settings,
     Summary, dead_letters,
@@ -524,4 +524,24 @@ fn queued_aggregate_stats_still_refuses_an_event_out_of_order() {
         "{error}"
     );
     assert_eq!(schema.stats_applied(), 15);
+}
+
+#[test]
+fn the_built_in_aggregate_stats_tables_leave_room_for_updates_on_their_pages() {
+    let schema = TestSchema::migrated("stats_fillfactor");
+    schema.seed(3, 2);
+    catch_up(&schema, AggregateStats, PoisonPolicy::Stop, 100).expect("aggregate-stats");
+    catch_up(&schema, AggregateStatsBatch, PoisonPolicy::Stop, 100).expect("batch");
+    let mut client = schema.client();
+    for table in ["aggregate_stats", "aggregate_stats_batch"] {
+        let options: Option<Vec<String>> = client
+            .query_one(
+                "SELECT reloptions FROM pg_class WHERE oid = to_regclass($1)",
+                &[&table],
+            )
+            .expect("reloptions")
+            .get(0);
+        assert_eq!(options, Some(vec!["fillfactor=50".to_owned()]), "{table}");
+    }
+    assert_eq!(schema.stats_mismatches(), 0);
 }
