@@ -189,11 +189,14 @@ impl Bench<'_> {
         while self.autovacuum_workers()? > 0 && start.elapsed() < SETTLE_LIMIT {
             std::thread::sleep(Duration::from_millis(200));
         }
-        if start.elapsed() >= Duration::from_millis(200) {
+        let waited = start.elapsed().as_secs_f64();
+        let still = self.autovacuum_workers()?;
+        if still > 0 {
             println!(
-                "settle ({label}): waited {:.1} s for autovacuum",
-                start.elapsed().as_secs_f64()
+                "settle ({label}): gave up after {waited:.1} s, {still} autovacuum worker(s) still running"
             );
+        } else if waited >= 0.2 {
+            println!("settle ({label}): waited {waited:.1} s for autovacuum");
         }
         if let Err(error) = self.client.batch_execute("CHECKPOINT") {
             println!("settle ({label}): no CHECKPOINT ({error})");
@@ -209,11 +212,13 @@ impl Bench<'_> {
         Ok(row.get(0))
     }
 
-    /// Drops a checked read model at once, so that autovacuum does not clean up its million
-    /// dead row versions during the runs after it.
+    /// Drops a checked read model at once, so that autovacuum does not clean up its dead row
+    /// versions during the runs after it.
     fn drop_read_model(&mut self, table: &str) -> Result<()> {
-        println!("sql> DROP TABLE {table}");
-        self.client.batch_execute(&format!("DROP TABLE {table}"))?;
+        println!("sql> DROP TABLE IF EXISTS {table}");
+        self.client.batch_execute(&format!(
+            "SET client_min_messages = warning; DROP TABLE IF EXISTS {table}"
+        ))?;
         Ok(())
     }
 

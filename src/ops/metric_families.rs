@@ -11,34 +11,34 @@ use crate::ops::projection_gauges::ProjectionGauges;
 use crate::ops::replica_gauges::ReplicaGauges;
 
 /// Every family, and the registry that holds them.
-pub(crate) struct Families {
-    pub(crate) registry: Registry,
-    pub(crate) applied: IntCounterVec,
-    pub(crate) retries: IntCounterVec,
-    pub(crate) failures: IntCounterVec,
-    pub(crate) checkpoint: IntGaugeVec,
-    pub(crate) lag_events: IntGaugeVec,
-    pub(crate) lag_seconds: GaugeVec,
-    pub(crate) state: IntGaugeVec,
-    pub(crate) commit_seconds: HistogramVec,
-    pub(crate) head: IntGauge,
-    pub(crate) read_position: IntGauge,
-    pub(crate) rows_read: IntCounter,
-    pub(crate) gap_wait: Counter,
-    pub(crate) gap_age: Gauge,
-    pub(crate) gap_pid: IntGauge,
-    pub(crate) figures_age: Gauge,
-    pub(crate) notifications_held: IntGauge,
-    pub(crate) parked_aggregates: IntGaugeVec,
-    pub(crate) parked_events: IntGaugeVec,
-    pub(crate) projections: ProjectionGauges,
-    pub(crate) replica: Option<ReplicaGauges>,
-    pub(crate) owned: IntGaugeVec,
-    pub(crate) rebalances: IntCounter,
+pub(super) struct Families {
+    pub(super) registry: Registry,
+    pub(super) applied: IntCounterVec,
+    pub(super) retries: IntCounterVec,
+    pub(super) failures: IntCounterVec,
+    pub(super) checkpoint: IntGaugeVec,
+    pub(super) lag_events: IntGaugeVec,
+    pub(super) lag_seconds: GaugeVec,
+    pub(super) state: IntGaugeVec,
+    pub(super) commit_seconds: HistogramVec,
+    pub(super) head: IntGauge,
+    pub(super) read_position: IntGauge,
+    pub(super) rows_read: IntCounter,
+    pub(super) gap_wait: Counter,
+    pub(super) gap_age: Gauge,
+    pub(super) gap_pid: IntGauge,
+    pub(super) figures_age: Gauge,
+    pub(super) notifications_held: IntGauge,
+    pub(super) parked_aggregates: IntGaugeVec,
+    pub(super) parked_events: IntGaugeVec,
+    pub(super) projections: ProjectionGauges,
+    pub(super) replica: Option<ReplicaGauges>,
+    pub(super) owned: IntGaugeVec,
+    pub(super) rebalances: IntCounter,
 }
 
 impl Families {
-    pub(crate) fn new(
+    pub(super) fn new(
         commit_seconds: HistogramVec,
         with_replica: bool,
     ) -> Result<Families, prometheus::Error> {

@@ -18,7 +18,7 @@
 
 pub(crate) mod health;
 pub(crate) mod members;
-pub(crate) mod metric_families;
+mod metric_families;
 pub(crate) mod metrics;
 pub(crate) mod projection_gauges;
 pub(crate) mod replica_gauges;

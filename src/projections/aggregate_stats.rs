@@ -31,9 +31,9 @@ const TABLE: &str = "aggregate_stats";
 const BATCH_TABLE: &str = "aggregate_stats_batch";
 
 /// Creates table `{table}`. Each row is updated once per event of its aggregate; half of
-/// each page is left free so that an update can stay on its row's page (a HOT update: no new
-/// index entry, the old version pruned with the page) instead of adding to both the table and
-/// its index: catching up 1,000,000 events on 10,000 aggregates took 5.3 s instead of 9.1 s.
+/// each page is left free so that an update can put its new row version on the same page (a
+/// HOT update: no new index entry, and the old version reclaimed by page pruning without
+/// waiting for VACUUM). See docs/benchmarks.md ("Room on the read model's pages").
 const CREATE: &str = "CREATE TABLE IF NOT EXISTS {table} (
     bounded_context TEXT NOT NULL,
     aggregate_type TEXT NOT NULL,

@@ -96,6 +96,23 @@ fn a_partition_that_only_receives_empty_batches_for_long_keeps_its_session() {
         )
         .expect("seed");
     let head = schema.count("SELECT MAX(global_position) FROM events");
+    // The read model made slow (a sleep per row written), so that partition 1's catch-up lasts
+    // well past the session timeout below on any machine, while the fetcher keeps handing
+    // partition 0 its empty batches.
+    schema
+        .client()
+        .batch_execute(
+            "CREATE TABLE aggregate_stats (bounded_context TEXT NOT NULL, \
+                 aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, \
+                 events_applied BIGINT NOT NULL, last_version BIGINT NOT NULL, \
+                 last_global_position BIGINT NOT NULL, \
+                 PRIMARY KEY (bounded_context, aggregate_type, aggregate_id)); \
+             CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN PERFORM pg_sleep(0.00005); RETURN NEW; END $$; \
+             CREATE TRIGGER slow_write BEFORE INSERT OR UPDATE ON aggregate_stats \
+                 FOR EACH ROW EXECUTE FUNCTION slow_write()",
+        )
+        .expect("a slow read model");
     // Partition 0 reaches the head first: in the next run it receives nothing but empty
     // batches below its checkpoint while partition 1 catches up.
     let first = crate::util::run_within(

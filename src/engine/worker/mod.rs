@@ -112,7 +112,8 @@ pub(crate) struct Connection {
     pub(crate) client:
         r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>>,
     pub(crate) statements: PartitionStatements,
-    /// The projection's parked aggregates (see `parking`), read by every transaction.
+    /// The projection's parked aggregates (see `parking`), read by every transaction that
+    /// applies events.
     pub(crate) parked_lookup: postgres::Statement,
     /// This connection holds the partition's session lock.
     pub(crate) holds: bool,
