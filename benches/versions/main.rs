@@ -30,12 +30,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use projector::postgres::Transaction;
 use projector::postgres::fallible_iterator::FallibleIterator;
+use projector::postgres::{Client, Transaction};
 use projector::projections::AggregateStatsBatch;
 use projector::{
-    BoxError, Builder, Context, Database, Event, ExpectedVersion, NewEvent, Projection, Runner,
-    Scope,
+    Appender, BoxError, Builder, Context, Database, Event, ExpectedVersion, NewEvent, Projection,
+    Runner, Scope,
 };
 
 #[path = "../common/mod.rs"]
@@ -236,8 +236,11 @@ fn beside_live(database: &Database, options: &Options) -> common::Result<Beside>
     let rebuilding = Instant::now();
     let mut rebuilt = None;
     let stored = projector::stored_name(REBUILT, 2);
+    // One connection for the whole wait: the check runs every 100 ms while the listener thread
+    // timestamps the live version's notifications.
+    let mut checker = database.connect()?;
     let (loaded, _) = measure(database, options, &both, |_| {
-        if rebuilt.is_none() && floor(database, &stored).is_ok_and(|f| f >= target) {
+        if rebuilt.is_none() && floor(&mut checker, &stored).is_ok_and(|f| f >= target) {
             rebuilt = Some(rebuilding.elapsed());
         }
         rebuilt.is_some()
@@ -287,9 +290,8 @@ fn head(database: &Database) -> common::Result<i64> {
 }
 
 /// The lowest checkpoint of the projection stored as `stored`.
-fn floor(database: &Database, stored: &str) -> common::Result<i64> {
-    Ok(database
-        .connect()?
+fn floor(client: &mut Client, stored: &str) -> common::Result<i64> {
+    Ok(client
         .query_one(
             "SELECT COALESCE(MIN(last_position), 0) FROM projector_checkpoints WHERE projection = $1",
             &[&stored],
@@ -298,7 +300,8 @@ fn floor(database: &Database, stored: &str) -> common::Result<i64> {
 }
 
 fn wait_until_applied(database: &Database, stored: &str, position: i64) -> common::Result<()> {
-    while floor(database, stored)? < position {
+    let mut client = database.connect()?;
+    while floor(&mut client, stored)? < position {
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
@@ -307,14 +310,16 @@ fn wait_until_applied(database: &Database, stored: &str, position: i64) -> commo
 /// Two writers append `--rate` events per second to `live-...` aggregates, checking `done`
 /// every 100 ms, until it says so; returns the latencies (ms) of the appends from their commit
 /// to the notification of `Live`'s commit.
+///
+/// The notifications are timestamped on a thread of their own, which does nothing else: a
+/// check of `done` (a query) never delays a timestamp.
 fn measure(
     database: &Database,
     options: &Options,
     runner: &Runner,
     mut done: impl FnMut(Instant) -> bool,
 ) -> common::Result<(Vec<f64>, u64)> {
-    let mut listener = database.connect()?;
-    listener.batch_execute("LISTEN versions_applied")?;
+    let (listening, arrivals) = listen(database)?;
     let stop = Arc::new(AtomicBool::new(false));
     let (committed_tx, committed) = mpsc::channel::<(i64, Instant)>();
     let writers: Vec<_> = (0..2)
@@ -324,6 +329,9 @@ fn measure(
             let interval = Duration::from_secs_f64(2.0 / options.rate.max(1) as f64);
             std::thread::spawn(move || -> Result<u64, BoxError> {
                 let mut client = database.connect()?;
+                // Prepared once: the writers stand for another service, and planning the append
+                // for each event would take the shared cores from the projector.
+                let appender = Appender::prepare(&mut client)?;
                 let started = Instant::now();
                 let mut n = 0u32;
                 while !stop.load(Ordering::Relaxed) {
@@ -334,8 +342,9 @@ fn measure(
                     }
                     let id = format!("live-{w}-{}", n % 250);
                     let event = NewEvent::new("bench", "Thing", id, "Happened", b"{}".to_vec());
-                    let position =
-                        projector::append(&mut client, ExpectedVersion::Any, &[event])?[0];
+                    let mut tx = client.transaction()?;
+                    let position = appender.append(&mut tx, ExpectedVersion::Any, &[event])?[0];
+                    tx.commit()?;
                     let _ = committed.send((position, Instant::now()));
                     n += 1;
                 }
@@ -345,24 +354,13 @@ fn measure(
         .collect();
     drop(committed_tx);
     let started = Instant::now();
-    let mut applied: HashMap<i64, Instant> = HashMap::new();
-    let mut last_check = Instant::now();
     loop {
-        let mut notifications = listener.notifications();
-        let mut arrivals = notifications.timeout_iter(Duration::from_millis(5));
-        while let Some(notification) = arrivals.next()? {
-            if let Ok(position) = notification.payload().parse::<i64>() {
-                applied.entry(position).or_insert_with(Instant::now);
-            }
+        std::thread::sleep(Duration::from_millis(100));
+        if runner.is_finished() {
+            return Err("the runner stopped".into());
         }
-        if last_check.elapsed() >= Duration::from_millis(100) {
-            last_check = Instant::now();
-            if runner.is_finished() {
-                return Err("the runner stopped".into());
-            }
-            if done(started) {
-                break;
-            }
+        if done(started) {
+            break;
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -372,16 +370,15 @@ fn measure(
     }
     let commits: HashMap<i64, Instant> = committed.try_iter().collect();
     // The last appends' notifications.
+    let mut applied: HashMap<i64, Instant> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while applied.len() < commits.len() && Instant::now() < deadline {
-        let mut notifications = listener.notifications();
-        let mut arrivals = notifications.timeout_iter(Duration::from_millis(50));
-        while let Some(notification) = arrivals.next()? {
-            if let Ok(position) = notification.payload().parse::<i64>() {
-                applied.entry(position).or_insert_with(Instant::now);
-            }
+        if let Ok((position, at)) = arrivals.recv_timeout(Duration::from_millis(50)) {
+            applied.entry(position).or_insert(at);
         }
     }
+    applied.extend(arrivals.try_iter());
+    listening.store(false, Ordering::Relaxed);
     let samples: Vec<f64> = commits
         .iter()
         .filter_map(|(position, committed)| {
@@ -399,4 +396,37 @@ fn measure(
         .into());
     }
     Ok((samples, written))
+}
+
+/// A position notified as applied, and when its notification arrived.
+type Arrival = (i64, Instant);
+
+/// A thread listening on `versions_applied` that sends each notification's position with the
+/// instant it arrived, until the flag returned is cleared; LISTEN has run when this returns.
+fn listen(database: &Database) -> common::Result<(Arc<AtomicBool>, mpsc::Receiver<Arrival>)> {
+    let mut listener = database.connect()?;
+    listener.batch_execute("LISTEN versions_applied")?;
+    let listening = Arc::new(AtomicBool::new(true));
+    let (arrived, arrivals) = mpsc::channel();
+    let flag = Arc::clone(&listening);
+    std::thread::spawn(move || {
+        while flag.load(Ordering::Relaxed) {
+            let mut notifications = listener.notifications();
+            let mut iter = notifications.timeout_iter(Duration::from_millis(20));
+            loop {
+                let notification = match iter.next() {
+                    Ok(Some(notification)) => notification,
+                    Ok(None) => break,
+                    Err(_) => return,
+                };
+                let at = Instant::now();
+                if let Ok(position) = notification.payload().parse::<i64>() {
+                    if arrived.send((position, at)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok((listening, arrivals))
 }
