@@ -77,24 +77,13 @@ impl Threads {
             prepared.iter().map(|_| Stopper::new()).collect();
         let (stopper, stop) =
             Stopper::over(projection_stops.iter().map(|(s, _)| s.clone()).collect());
-        let behind: Vec<bool> = prepared
+        // Per lane: off the shared read at start (behind it, or not this process's to hold),
+        // and its checkpoint when it is behind and to be held (fed by the catch-up read).
+        let (behind, starts_behind): (Vec<bool>, Vec<Option<i64>>) = prepared
             .iter()
-            .flat_map(|p| {
-                p.checkpoints
-                    .iter()
-                    .zip(&p.wanted)
-                    .map(|(&c, &wanted)| c < start || !wanted)
-            })
-            .collect();
-        let starts_behind = prepared
-            .iter()
-            .flat_map(|p| {
-                p.checkpoints
-                    .iter()
-                    .zip(&p.wanted)
-                    .map(|(&c, &wanted)| (c < start && wanted).then_some(c))
-            })
-            .collect();
+            .flat_map(|p| p.checkpoints.iter().zip(&p.wanted))
+            .map(|(&c, &wanted)| (c < start || !wanted, (c < start && wanted).then_some(c)))
+            .unzip();
         Ok(Threads {
             database,
             pool,
