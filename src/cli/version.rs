@@ -110,7 +110,17 @@ pub(super) fn retire(database: &Database, retire: &Retire) -> Result<(), CliErro
             None => "its tables named like the live version's".to_owned(),
         };
         let state = match known.state {
-            VersionState::Live => "live: it cannot be retired",
+            VersionState::Live => {
+                return Err(Error::invalid_setting(
+                    "--version",
+                    version,
+                    format!(
+                        "version {version} of projection '{name}' is live: promote another \
+                         version first (`projector promote`); nothing was dropped"
+                    ),
+                )
+                .into());
+            }
             VersionState::Building => "building",
             _ => "retired",
         };
@@ -123,6 +133,19 @@ pub(super) fn retire(database: &Database, retire: &Retire) -> Result<(), CliErro
         return Ok(());
     }
     let retired = projector::retire(database, name, version)?;
+    if !retired.kept_for.is_empty() {
+        say!(
+            "projection '{name}': version {version}'s read model left in place: its tables are \
+             found through a version schema that {} also keep(s) a read model in, and cannot be \
+             told apart from theirs; drop them by hand if no longer wanted",
+            retired
+                .kept_for
+                .iter()
+                .map(|p| format!("'{p}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     say!(
         "projection '{name}': version {version} retired: dropped {} and {} checkpoint(s), {} \
          parked event(s)",

@@ -232,8 +232,12 @@ pub struct Retired {
     /// The version dropped.
     pub version: u32,
     /// The read model dropped: `schema <name>` for a version with its own schema, else its
-    /// tables.
+    /// tables. Nothing when other projections keep a version in the same schema (`kept_for`).
     pub dropped: Vec<String>,
+    /// The other projections whose read models share the version's schema (a schema
+    /// `<schema>_vN` holds version N of every projection): the read model was left in place
+    /// for them, to be dropped by hand.
+    pub kept_for: Vec<String>,
     /// Its checkpoints deleted (none once [`promote`] fenced it).
     pub checkpoints: u64,
     /// Its parked events deleted.
@@ -245,7 +249,10 @@ pub struct Retired {
 /// like the live version's tables, which ran the same setup) and every row kept under its
 /// stored name (checkpoints, earlier layouts, parked events, states, its registry row). The
 /// record of dropped dead letters is kept. Refused while live processes hold its partitions
-/// ([`Error::ProjectionRunning`]) and for the live version.
+/// ([`Error::ProjectionRunning`]), for the live version, and for a version the projection
+/// does not have. The schema `<schema>_vN` holds version N of every projection that has one:
+/// while another projection has a version N registered, the read model is left in place
+/// ([`Retired::kept_for`] names them) and only the bookkeeping goes.
 pub fn retire(database: &Database, projection: &str, version: u32) -> Result<Retired, Error> {
     let schema = database.schema_name();
     let mut client = database.connect()?;
@@ -267,9 +274,27 @@ pub fn retire(database: &Database, projection: &str, version: u32) -> Result<Ret
             ),
         ));
     }
+    if !states.iter().any(|&(known, _)| known == version) {
+        return Err(Error::invalid_setting(
+            "--version",
+            version,
+            format!(
+                "projection '{projection}' has no version {version} in schema '{schema}' \
+                 (`projector status` lists every version); nothing was dropped"
+            ),
+        ));
+    }
     let stored = stored_name(projection, version);
     refuse_while_held(&mut tx, &stored)?;
-    let dropped = drop_read_model(&mut tx, schema, version, live)?;
+    // The schema `<schema>_vN` holds version N of every projection that has one; for version 1
+    // the tables dropped are found by the names in the live version's schema.
+    let listed_in = if version >= 2 { version } else { live };
+    let shared_with = others_with_version(&mut tx, projection, listed_in)?;
+    let dropped = if shared_with.is_empty() {
+        drop_read_model(&mut tx, schema, version, live)?
+    } else {
+        Vec::new()
+    };
     let cleared = delete_bookkeeping(&mut tx, &stored)?;
     if crate::store::state::table_exists(&mut tx)? {
         tx.execute(
@@ -289,9 +314,32 @@ pub fn retire(database: &Database, projection: &str, version: u32) -> Result<Ret
         projection: projection.to_owned(),
         version,
         dropped,
+        kept_for: shared_with,
         checkpoints: cleared.checkpoints,
         parked_events: cleared.parked_events,
     })
+}
+
+/// The other projections with a version `version` registered: their read models share the
+/// schema of that version, which retiring `projection`'s must then leave alone.
+fn others_with_version(
+    tx: &mut Transaction<'_>,
+    projection: &str,
+    version: u32,
+) -> Result<Vec<String>, Error> {
+    if version < 2 {
+        return Ok(Vec::new());
+    }
+    Ok(tx
+        .query(
+            "SELECT projection FROM projector_projection_versions \
+             WHERE version = $1 AND projection <> $2 ORDER BY 1",
+            &[&to_i32(version), &projection],
+        )
+        .map_err(Error::database("reading the other projections' versions"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
 }
 
 /// Drops the read model of `version` (see [`retire`]); what was dropped.

@@ -191,3 +191,83 @@ fn version_one_runs_as_before_in_a_schema_migrated_before_versions_and_a_later_o
         other => panic!("version 2 without the registry: {other:?}"),
     }
 }
+
+/// A projection file `name` (`name_counts` its table) at `version`.
+fn counts_file(dir: &std::path::Path, name: &str, version: u32) -> String {
+    let path = dir.join(format!("{name}_v{version}.sql"));
+    std::fs::write(
+        &path,
+        format!(
+            "-- projection: {name}\n\
+             -- version: {version}\n\
+             -- setup\n\
+             CREATE TABLE IF NOT EXISTS {name}_counts (aggregate_id TEXT PRIMARY KEY, \
+                 n BIGINT NOT NULL);\n\
+             -- apply\n\
+             INSERT INTO {name}_counts SELECT aggregate_id, count(*) FROM batch \
+                 GROUP BY aggregate_id ON CONFLICT (aggregate_id) \
+                 DO UPDATE SET n = {name}_counts.n + EXCLUDED.n;\n"
+        ),
+    )
+    .expect("write the projection file");
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn retire_drops_nothing_for_a_version_that_does_not_exist_nor_another_projections_read_model() {
+    let schema = TestSchema::migrated("versions_retire_other");
+    schema.seed(20, 5);
+    let dir = std::env::temp_dir().join(format!("{}_files", schema.name));
+    std::fs::create_dir_all(&dir).expect("create the files' folder");
+    // Version 2 of two projections, built: both keep their read model in `<schema>_v2`.
+    for file in [counts_file(&dir, "left", 2), counts_file(&dir, "right", 2)] {
+        let built = run_within(
+            schema.projector(&[
+                "--projection-file",
+                &file,
+                "--partition-key",
+                "0-3",
+                "--exit-when-caught-up",
+            ]),
+            Duration::from_secs(60),
+        );
+        assert!(built.status.success(), "{}", text(&built.stderr));
+    }
+    let rows = |table: &str| {
+        schema.count(&format!(
+            "SELECT COALESCE(SUM(n), 0)::bigint FROM {}_v2.{table}",
+            schema.name
+        ))
+    };
+    assert_eq!((rows("left_counts"), rows("right_counts")), (100, 100));
+    // No such projection, and no version 3 of an existing one: refused, with --yes too.
+    for (projection, version) in [("nosuch", "2"), ("left", "3")] {
+        for yes in [false, true] {
+            let mut args = vec!["retire", "--projection", projection, "--version", version];
+            if yes {
+                args.push("--yes");
+            }
+            let refused = run_within(schema.projector(&args), Duration::from_secs(30));
+            let stderr = text(&refused.stderr);
+            assert_eq!(refused.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!("has no version {version}")),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+    // Retiring one of the two leaves the schema they share, and the other's rows in it.
+    let retired = projector::retire(&schema.database, "left", 2).expect("retire left@2");
+    assert!(retired.dropped.is_empty(), "{retired:?}");
+    assert_eq!(retired.kept_for, ["right"]);
+    assert_eq!(rows("right_counts"), 100);
+    assert_eq!(
+        schema.count("SELECT COUNT(*) FROM projector_checkpoints WHERE projection = 'left@2'"),
+        0
+    );
+    // The last one with a version 2 drops the schema.
+    let retired = projector::retire(&schema.database, "right", 2).expect("retire right@2");
+    assert_eq!(retired.dropped, [format!("schema {}_v2", schema.name)]);
+    assert!(retired.kept_for.is_empty());
+    let _ = std::fs::remove_dir_all(dir);
+}
