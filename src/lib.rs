@@ -207,7 +207,8 @@ pub use store::database::{Database, Pool};
 pub use store::migration::migrate;
 pub use store::read_stream;
 pub use store::registry::{
-    VersionState, read_model_schema, readers_schema, split_stored_name, stored_name,
+    VersionState, live_stored_name, read_model_schema, readers_schema, split_stored_name,
+    stored_name,
 };
 pub use store::state::{ProjectionState, StateKind, pause, projection_states, resume};
 pub use wait::{Applied, Until, Waiter, wait_for};

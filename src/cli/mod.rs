@@ -86,12 +86,14 @@ pub(crate) fn run(args: Args) -> Result<(), CliError> {
         Some(Command::Pause(ref pause)) => {
             let mut client = connect_to_schema(&database, &schema_setting(&args))?;
             known_here(&mut client, &pause.projection)?;
-            Ok(pause_projection(&database, &pause.projection)?)
+            let name = projector::live_stored_name(&mut client, &pause.projection)?;
+            Ok(pause_projection(&database, &name)?)
         }
         Some(Command::Resume(ref resume)) => {
             let mut client = connect_to_schema(&database, &schema_setting(&args))?;
             known_here(&mut client, &resume.projection)?;
-            Ok(resume_projection(&database, &resume.projection)?)
+            let name = projector::live_stored_name(&mut client, &resume.projection)?;
+            Ok(resume_projection(&database, &name)?)
         }
         Some(Command::Promote(ref promote)) => {
             connect_to_schema(&database, &schema_setting(&args))?;

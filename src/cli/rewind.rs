@@ -49,7 +49,8 @@ pub(crate) struct Rewind {
 /// Rewinds the projection, or says what a rewind would move (exit 2) without `--yes`.
 pub(super) fn rewind(mut client: Client, args: &Rewind) -> Result<(), CliError> {
     let to = target(args)?;
-    let name = args.projection.as_str();
+    // A bare name is the live version's (`tally` is `tally@2` once version 2 is live).
+    let name = &projector::live_stored_name(&mut client, &args.projection)?;
     let rows = projector::status(&mut client, Some(name))?;
     if rows.is_empty() {
         return Err(Error::invalid_setting(

@@ -104,7 +104,8 @@ pub fn plan_rewind(
 /// Moves every partition checkpoint of `projection`'s current layout back to the position
 /// `to` names (never forward), in one transaction, and returns what it did: the projection's
 /// next start applies every event after that position again, on top of its read model, which
-/// is **not** cleared.
+/// is **not** cleared. A name without a version (`tally`) is the live version's
+/// ([`live_stored_name`](crate::live_stored_name)); `tally@2` names another.
 ///
 /// Fails with [`Error::ProjectionRunning`] while a live process holds one of its partitions,
 /// and with [`Error::NotStarted`] when it has no checkpoints. Processes of the projection that
@@ -159,6 +160,7 @@ pub fn plan_rewind(
 /// projection stays until its next successful start (as after any fix), and a pause stays.
 pub fn rewind(client: &mut Client, projection: &str, to: RewindTo) -> Result<Rewind, Error> {
     let schema = crate::store::check_tables_here(client)?;
+    let projection = &crate::store::registry::live_stored_name(client, projection)?;
     let mut tx = client
         .transaction()
         .map_err(Error::database("starting the rewind"))?;

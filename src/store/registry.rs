@@ -111,6 +111,21 @@ impl VersionState {
     }
 }
 
+/// The stored name of the live version of `projection` when it is named without a version
+/// (`tally` is `tally@2` once version 2 is live); `projection` itself otherwise (a name with
+/// `@N`, or a projection whose live version is 1). What `wait`, `pause`, `resume` and
+/// `rewind` act on when given a bare name.
+pub fn live_stored_name(
+    client: &mut impl GenericClient,
+    projection: &str,
+) -> Result<String, Error> {
+    let (name, version) = split_stored_name(projection);
+    if version != 1 || name != projection {
+        return Ok(projection.to_owned());
+    }
+    Ok(stored_name(name, live_version(&states_of(client, name)?)))
+}
+
 /// Whether the registry's table exists in the current schema.
 pub(crate) fn table_exists(client: &mut impl GenericClient) -> Result<bool, Error> {
     Ok(client

@@ -11,6 +11,7 @@ use log::{info, warn};
 use postgres::GenericClient;
 
 use crate::store::migration::{PROJECTION_STATES, check_columns};
+use crate::store::registry::live_stored_name;
 use crate::{Database, Error, error_chain};
 
 /// The name of the table, as queries use it.
@@ -105,13 +106,15 @@ pub fn projection_states(
 /// Pauses `projection`: its running processes finish the transaction in progress, then hold
 /// their partitions without applying (they look at least once a second) until [`resume`]. A
 /// process started meanwhile holds them too. True when it was paused just now, false when it
-/// already was.
+/// already was. A name without a version (`tally`) is the live version's
+/// ([`live_stored_name`]); `tally@2` names another.
 ///
 /// Fails with [`Error::MissingTables`] in a schema without `projector_projection_states` (run
 /// [`migrate`](crate::migrate)).
 pub fn pause(database: &Database, projection: &str) -> Result<bool, Error> {
     let mut client = database.connect()?;
     require_table(&mut client, database)?;
+    let projection = &live_stored_name(&mut client, projection)?;
     let inserted = client
         .execute(
             &format!(
@@ -125,10 +128,11 @@ pub fn pause(database: &Database, projection: &str) -> Result<bool, Error> {
 }
 
 /// Resumes a projection [`pause`]d: its running processes apply again within about a second.
-/// True when it was paused.
+/// True when it was paused. A name without a version is the live version's, as for [`pause`].
 pub fn resume(database: &Database, projection: &str) -> Result<bool, Error> {
     let mut client = database.connect()?;
     require_table(&mut client, database)?;
+    let projection = &live_stored_name(&mut client, projection)?;
     let deleted = client
         .execute(
             &format!("DELETE FROM {TABLE} WHERE projection = $1 AND state = 'paused'"),

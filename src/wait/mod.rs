@@ -18,7 +18,7 @@ use postgres::{Client, error::SqlState};
 
 use crate::Error;
 use crate::store::database::{Database, notify_channel};
-use crate::store::registry::{self, split_stored_name, stored_name};
+use crate::store::registry;
 
 mod target;
 
@@ -127,17 +127,6 @@ pub fn wait_for(
     Waiter::connect(database)?.wait(projection, &until, started, timeout)
 }
 
-/// The stored name of the live version of `projection` when it is named without a version
-/// (`tally` waits on `tally@2` once version 2 is live); `projection` itself otherwise.
-fn live_stored_name(client: &mut Client, projection: &str) -> Result<String, Error> {
-    let (name, version) = split_stored_name(projection);
-    if version != 1 || name != projection {
-        return Ok(projection.to_owned());
-    }
-    let live = registry::live_version(&registry::states_of(client, name)?);
-    Ok(stored_name(name, live))
-}
-
 /// A connection kept for [`Waiter::wait_for`], for a service that waits after many writes:
 /// it saves a connection per wait. It listens only while it waits, so an idle waiter holds
 /// up nothing on the server.
@@ -192,7 +181,7 @@ impl Waiter {
         // Kept across a reconnection: the aggregate's latest event as of the call.
         let mut target = None;
         let mut reconnected = false;
-        let live = live_stored_name(&mut self.client, projection)?;
+        let live = registry::live_stored_name(&mut self.client, projection)?;
         let projection = live.as_str();
         loop {
             match self.wait_on_this_connection(projection, until, &mut target, started, deadline) {

@@ -271,3 +271,63 @@ fn retire_drops_nothing_for_a_version_that_does_not_exist_nor_another_projection
     assert!(retired.kept_for.is_empty());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn after_a_promotion_pause_resume_and_rewind_act_on_the_live_version_when_named_without_one() {
+    let schema = TestSchema::migrated("versions_bare_name");
+    schema.seed(10, 5);
+    let database = schema.database.clone();
+    for version in [1, 2] {
+        start(Builder::new(database.clone(), Tally::at(version)).exit_when_caught_up(true))
+            .join()
+            .expect("the version catches up");
+    }
+    projector::promote(&database, "tally", 2, Duration::from_secs(30)).expect("promote");
+    let paused = run_within(
+        schema.projector(&["pause", "--projection", "tally"]),
+        Duration::from_secs(30),
+    );
+    assert!(paused.status.success(), "{}", text(&paused.stderr));
+    assert!(
+        text(&paused.stdout).contains("paused 'tally@2'"),
+        "{}",
+        text(&paused.stdout)
+    );
+    // Version 2's process holds its partitions without applying.
+    let v2 = start(Builder::new(database.clone(), Tally::at(2)));
+    let position = insert_event(&mut schema.client(), "later-1", 1);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        checkpoint_floor(&schema, "tally@2") < position
+            && schema.count(&format!(
+                "SELECT COUNT(*) FROM {}_v2.tally WHERE aggregate_id = 'later-1'",
+                schema.name
+            )) == 0,
+        "version 2 applied while its projection was paused"
+    );
+    let resumed = run_within(
+        schema.projector(&["resume", "--projection", "tally"]),
+        Duration::from_secs(30),
+    );
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
+    eventually(
+        "version 2 to apply once resumed",
+        Duration::from_secs(30),
+        || {
+            schema.count(&format!(
+                "SELECT COUNT(*) FROM {}_v2.tally WHERE aggregate_id = 'later-1'",
+                schema.name
+            )) == 1
+        },
+    );
+    v2.shutdown();
+    v2.join().expect("a clean stop");
+    // The dry run of a rewind names version 2's checkpoints.
+    let rewind = run_within(
+        schema.projector(&["rewind", "--projection", "tally", "--to-position", "0"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(rewind.status.code(), Some(2), "{}", text(&rewind.stderr));
+    let said = format!("{}{}", text(&rewind.stdout), text(&rewind.stderr));
+    assert!(said.contains("'tally@2'"), "{said}");
+}
