@@ -99,8 +99,8 @@ pub(super) fn rewind(mut client: Client, args: &Rewind) -> Result<(), CliError> 
         say!("{}", parked(&done).trim_start_matches("; "));
     }
     say!(
-        "a process of '{name}' still running without a partition (a standby) stops at its next \
-         check: start it again to carry on from the rewound checkpoints"
+        "if a process of '{name}' is still running without a partition (a standby), it stops \
+         at its next check: start it again to carry on from the rewound checkpoints"
     );
     Ok(())
 }

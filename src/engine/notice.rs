@@ -72,7 +72,10 @@ impl ProjectionEnd {
             first_error.get_or_insert_with(|| error_chain(error));
             first
         };
-        if first && self.stores_states {
+        // A version replaced by a promotion ends as planned: `status` lists it as retired,
+        // not as a failure.
+        let planned = matches!(error, Error::VersionRetired { .. });
+        if first && self.stores_states && !planned {
             state::record_failure(&self.database, &self.name, error);
         }
     }

@@ -262,6 +262,9 @@ fn a_new_version_built_in_the_same_process_takes_over_atomically_and_the_old_one
         message.contains("version 1 of projection 'tally' was retired: version 2 is live"),
         "{message}"
     );
+    // A planned end: `status` does not show version 1 as failed.
+    let states = projector::projection_states(&mut schema.client(), Some("tally")).expect("states");
+    assert!(states.is_empty(), "{states:?}");
     thread::sleep(Duration::from_millis(300));
     writers.stop();
     let total = head(&schema);
