@@ -37,6 +37,9 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Cli
         args.partition_key.clone(),
         "PARTITION_KEY",
     ) else {
+        // A bad value of another flag is named first: fixing only the partition key would
+        // just lead to it.
+        configured(args, database.clone(), None, total)?;
         return Err(CliError::NotSet {
             setting: "--partition-key".into(),
             hint: format!(

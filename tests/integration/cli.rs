@@ -202,6 +202,15 @@ fn bad_flags_exit_2_naming_the_flag_and_the_value() {
             &["--total-partitions", "4"],
             "error: --partition-key is not set: it is required to run a projection",
         ),
+        // Another flag's bad value is named before the missing partition key.
+        (
+            &["--batch-size", "0"],
+            "error: invalid value '0' for --batch-size",
+        ),
+        (
+            &["--on-poison", "maybe"],
+            "error: invalid value 'maybe' for --on-poison",
+        ),
         (
             &["--partition-key", "0", "--total-partitions", "0"],
             "error: invalid value '0' for --total-partitions: there must be at least 1 partition",
