@@ -240,7 +240,13 @@ cleanup() {
 
 on_signal() {
     trap '' INT TERM HUP
-    log "stopping ${#pids[@]} projector process(es)"
+    # Those still running: one killed meanwhile may linger as a zombie until reaped.
+    local running=0 pid state
+    for pid in "${pids[@]}"; do
+        state=$(ps -o stat= -p "$pid" 2>/dev/null) || true
+        [[ -n $state && $state != Z* ]] && running=$((running + 1))
+    done
+    log "stopping $running projector process(es)"
     stop_children
     exit 0
 }
