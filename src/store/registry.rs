@@ -207,6 +207,9 @@ pub(crate) fn register_start(
             live: live_version(&states),
         });
     }
+    if version >= 2 && !states.iter().any(|&(known, _)| known == version) {
+        refuse_a_shared_version_schema(client, schema, name, version)?;
+    }
     if version >= 2 {
         client
             .execute(
@@ -217,6 +220,46 @@ pub(crate) fn register_start(
             .map_err(Error::database("recording the projection's version"))?;
     }
     Ok(())
+}
+
+/// Refuses a new version `version` of `name` when another projection has a version of that
+/// number: its read model would share the schema `<schema>_vN`, where the projector cannot
+/// tell one projection's tables from another's (a promotion would point readers at the
+/// other's tables, a retirement could not drop only this one's).
+fn refuse_a_shared_version_schema(
+    client: &mut impl GenericClient,
+    schema: &str,
+    name: &str,
+    version: u32,
+) -> Result<(), Error> {
+    let rows = client
+        .query(
+            "SELECT projection, (SELECT MAX(version) FROM projector_projection_versions) \
+             FROM projector_projection_versions WHERE version = $1 AND projection <> $2 \
+             ORDER BY 1",
+            &[&i32::try_from(version).unwrap_or(i32::MAX), &name],
+        )
+        .map_err(Error::database("reading the other projections' versions"))?;
+    let Some(first) = rows.first() else {
+        return Ok(());
+    };
+    let highest: i32 = first.get(1);
+    let others: Vec<String> = rows
+        .iter()
+        .map(|row| format!("'{}'", row.get::<_, String>(0)))
+        .collect();
+    Err(Error::invalid_setting(
+        format!("the version of projection '{name}'"),
+        version,
+        format!(
+            "schema '{}' already holds version {version} of {}, and two projections' read models \
+             cannot share a version's schema: give this one a version number no other \
+             projection of schema '{schema}' has (`projector status` lists them), such as {}",
+            read_model_schema(schema, version).unwrap_or_default(),
+            others.join(", "),
+            highest.saturating_add(1)
+        ),
+    ))
 }
 
 #[cfg(test)]

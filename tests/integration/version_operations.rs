@@ -219,27 +219,39 @@ fn retire_drops_nothing_for_a_version_that_does_not_exist_nor_another_projection
     schema.seed(20, 5);
     let dir = std::env::temp_dir().join(format!("{}_files", schema.name));
     std::fs::create_dir_all(&dir).expect("create the files' folder");
-    // Version 2 of two projections, built: both keep their read model in `<schema>_v2`.
-    for file in [counts_file(&dir, "left", 2), counts_file(&dir, "right", 2)] {
-        let built = run_within(
+    let build = |file: &str| {
+        run_within(
             schema.projector(&[
                 "--projection-file",
-                &file,
+                file,
                 "--partition-key",
                 "0-3",
                 "--exit-when-caught-up",
             ]),
             Duration::from_secs(60),
-        );
-        assert!(built.status.success(), "{}", text(&built.stderr));
-    }
+        )
+    };
+    // Version 2 of `left`, built in `<schema>_v2`.
+    let built = build(&counts_file(&dir, "left", 2));
+    assert!(built.status.success(), "{}", text(&built.stderr));
+    // A version 2 of another projection would share that schema: refused, naming a number.
+    let refused = build(&counts_file(&dir, "right", 2));
+    let stderr = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "schema '{}_v2' already holds version 2 of 'left'",
+            schema.name
+        )) && stderr.contains("such as 3"),
+        "{stderr}"
+    );
     let rows = |table: &str| {
         schema.count(&format!(
             "SELECT COALESCE(SUM(n), 0)::bigint FROM {}_v2.{table}",
             schema.name
         ))
     };
-    assert_eq!((rows("left_counts"), rows("right_counts")), (100, 100));
+    assert_eq!(rows("left_counts"), 100);
     // No such projection, and no version 3 of an existing one: refused, with --yes too.
     for (projection, version) in [("nosuch", "2"), ("left", "3")] {
         for yes in [false, true] {
@@ -256,7 +268,18 @@ fn retire_drops_nothing_for_a_version_that_does_not_exist_nor_another_projection
             );
         }
     }
-    // Retiring one of the two leaves the schema they share, and the other's rows in it.
+    assert_eq!(rows("left_counts"), 100);
+    // A schema where two projections got a version 2 before that rule (made here by hand):
+    // retiring one leaves the schema they share, and the other's rows in it.
+    schema
+        .client()
+        .batch_execute(&format!(
+            "INSERT INTO projector_projection_versions (projection, version, state) \
+                 VALUES ('right', 2, 'building'); \
+             CREATE TABLE {}_v2.right_counts AS SELECT * FROM {}_v2.left_counts",
+            schema.name, schema.name
+        ))
+        .expect("a second version 2");
     let retired = projector::retire(&schema.database, "left", 2).expect("retire left@2");
     assert!(retired.dropped.is_empty(), "{retired:?}");
     assert_eq!(retired.kept_for, ["right"]);
