@@ -53,8 +53,8 @@ pub(crate) fn run(args: Args) -> Result<(), CliError> {
             let mut client = connect_to_schema(&database, &schema_setting(&args))?;
             match &status.watch {
                 Some(_) if status.json => Err(Error::invalid_setting(
-                    "--watch",
-                    "",
+                    "--json",
+                    "with --watch",
                     "--watch redraws the table: leave out --json (or run status --json in a loop)",
                 )
                 .into()),

@@ -212,6 +212,10 @@ fn bad_flags_exit_2_naming_the_flag_and_the_value() {
             "error: invalid value 'maybe' for --on-poison",
         ),
         (
+            &["status", "--watch", "--json"],
+            "error: invalid value 'with --watch' for --json: --watch redraws the table",
+        ),
+        (
             &["--partition-key", "0", "--total-partitions", "0"],
             "error: invalid value '0' for --total-partitions: there must be at least 1 partition",
         ),
