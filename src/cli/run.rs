@@ -38,8 +38,11 @@ pub(super) fn run_projections(args: &Args, database: Database) -> Result<(), Cli
         "PARTITION_KEY",
     ) else {
         // A bad value of another flag is named first: fixing only the partition key would
-        // just lead to it.
-        configured(args, database.clone(), None, total)?;
+        // just lead to it. (Not with projection files: checking them connects and runs their
+        // setup, too much for a missing flag.)
+        if args.projection_file.is_empty() {
+            configured(args, database.clone(), None, total)?;
+        }
         return Err(CliError::NotSet {
             setting: "--partition-key".into(),
             hint: format!(

@@ -89,7 +89,7 @@ pub struct PartitionRewind {
 
 /// What [`rewind`] would do to `projection`'s checkpoints now, without changing anything (and
 /// without checking whether live processes hold its partitions: [`status`](crate::status)
-/// shows that).
+/// shows that). A bare name is the live version's, as for [`rewind`].
 ///
 /// Fails with [`Error::NotStarted`] when the projection has no checkpoints in the schema.
 pub fn plan_rewind(
@@ -98,6 +98,7 @@ pub fn plan_rewind(
     to: RewindTo,
 ) -> Result<Rewind, Error> {
     let schema = crate::store::check_tables_here(client)?;
+    let projection = &crate::store::registry::live_stored_name(client, projection)?;
     plan(client, &schema, projection, to, false)
 }
 

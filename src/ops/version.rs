@@ -250,9 +250,11 @@ pub struct Retired {
 /// stored name (checkpoints, earlier layouts, parked events, states, its registry row). The
 /// record of dropped dead letters is kept. Refused while live processes hold its partitions
 /// ([`Error::ProjectionRunning`]), for the live version, and for a version the projection
-/// does not have. The schema `<schema>_vN` holds version N of every projection that has one:
-/// while another projection has a version N registered, the read model is left in place
-/// ([`Retired::kept_for`] names them) and only the bookkeeping goes.
+/// does not have. The schema `<schema>_vN` holds version N of every projection that has one
+/// (in a schema from before a version number was kept to one projection): while another
+/// projection has a version N registered, the read model is left in place
+/// ([`Retired::kept_for`] names them), the bookkeeping goes, and the version's registry row
+/// stays as retired, so that retiring the others leaves its tables in place too.
 pub fn retire(database: &Database, projection: &str, version: u32) -> Result<Retired, Error> {
     let schema = database.schema_name();
     let mut client = database.connect()?;
@@ -303,11 +305,17 @@ pub fn retire(database: &Database, projection: &str, version: u32) -> Result<Ret
         )
         .map_err(Error::database("deleting the version's states"))?;
     }
-    tx.execute(
-        "DELETE FROM projector_projection_versions WHERE projection = $1 AND version = $2",
-        &[&projection, &to_i32(version)],
-    )
-    .map_err(Error::database("deleting the version's record"))?;
+    if shared_with.is_empty() {
+        tx.execute(
+            "DELETE FROM projector_projection_versions WHERE projection = $1 AND version = $2",
+            &[&projection, &to_i32(version)],
+        )
+        .map_err(Error::database("deleting the version's record"))?;
+    } else {
+        // Its tables are still in the shared schema: the record stays (retired), so that a
+        // later retirement of the others' versions leaves them too.
+        set_state(&mut tx, projection, version, VersionState::Retired)?;
+    }
     tx.commit()
         .map_err(Error::database("committing the retirement"))?;
     Ok(Retired {

@@ -288,10 +288,19 @@ fn retire_drops_nothing_for_a_version_that_does_not_exist_nor_another_projection
         schema.count("SELECT COUNT(*) FROM projector_checkpoints WHERE projection = 'left@2'"),
         0
     );
-    // The last one with a version 2 drops the schema.
+    // Its record stays, retired, its tables being still there: retiring the other keeps the
+    // schema too (dropped by hand in such a schema), and both their rows.
+    assert_eq!(
+        schema.count(
+            "SELECT COUNT(*) FROM projector_projection_versions \
+             WHERE projection = 'left' AND version = 2 AND state = 'retired'"
+        ),
+        1
+    );
     let retired = projector::retire(&schema.database, "right", 2).expect("retire right@2");
-    assert_eq!(retired.dropped, [format!("schema {}_v2", schema.name)]);
-    assert!(retired.kept_for.is_empty());
+    assert!(retired.dropped.is_empty(), "{retired:?}");
+    assert_eq!(retired.kept_for, ["left"]);
+    assert_eq!((rows("left_counts"), rows("right_counts")), (100, 100));
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -345,7 +354,14 @@ fn after_a_promotion_pause_resume_and_rewind_act_on_the_live_version_when_named_
     );
     v2.shutdown();
     v2.join().expect("a clean stop");
-    // The dry run of a rewind names version 2's checkpoints.
+    // The library's plan of a rewind, and the command's dry run, act on version 2.
+    let plan = projector::plan_rewind(
+        &mut schema.client(),
+        "tally",
+        projector::RewindTo::Position(0),
+    )
+    .expect("a plan");
+    assert_eq!(plan.projection, "tally@2");
     let rewind = run_within(
         schema.projector(&["rewind", "--projection", "tally", "--to-position", "0"]),
         Duration::from_secs(30),
