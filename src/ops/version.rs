@@ -291,7 +291,11 @@ pub fn retire(database: &Database, projection: &str, version: u32) -> Result<Ret
     // The schema `<schema>_vN` holds version N of every projection that has one; for version 1
     // the tables dropped are found by the names in the live version's schema.
     let listed_in = if version >= 2 { version } else { live };
-    let shared_with = others_with_version(&mut tx, projection, listed_in)?;
+    let shared_with = if listed_in >= 2 {
+        registry::other_projections_with_version(&mut tx, projection, listed_in)?
+    } else {
+        Vec::new()
+    };
     let dropped = if shared_with.is_empty() {
         drop_read_model(&mut tx, schema, version, live)?
     } else {
@@ -326,28 +330,6 @@ pub fn retire(database: &Database, projection: &str, version: u32) -> Result<Ret
         checkpoints: cleared.checkpoints,
         parked_events: cleared.parked_events,
     })
-}
-
-/// The other projections with a version `version` registered: their read models share the
-/// schema of that version, which retiring `projection`'s must then leave alone.
-fn others_with_version(
-    tx: &mut Transaction<'_>,
-    projection: &str,
-    version: u32,
-) -> Result<Vec<String>, Error> {
-    if version < 2 {
-        return Ok(Vec::new());
-    }
-    Ok(tx
-        .query(
-            "SELECT projection FROM projector_projection_versions \
-             WHERE version = $1 AND projection <> $2 ORDER BY 1",
-            &[&to_i32(version), &projection],
-        )
-        .map_err(Error::database("reading the other projections' versions"))?
-        .iter()
-        .map(|row| row.get(0))
-        .collect())
 }
 
 /// Drops the read model of `version` (see [`retire`]); what was dropped.

@@ -207,10 +207,10 @@ pub(crate) fn register_start(
             live: live_version(&states),
         });
     }
-    if version >= 2 && !states.iter().any(|&(known, _)| known == version) {
-        refuse_a_shared_version_schema(client, schema, name, version)?;
-    }
     if version >= 2 {
+        if !states.iter().any(|&(known, _)| known == version) {
+            refuse_a_shared_version_schema(client, schema, name, version)?;
+        }
         client
             .execute(
                 "INSERT INTO projector_projection_versions (projection, version, state) \
@@ -220,6 +220,25 @@ pub(crate) fn register_start(
             .map_err(Error::database("recording the projection's version"))?;
     }
     Ok(())
+}
+
+/// The other projections than `name` with a version `version` registered (in any state), in
+/// name order: from version 2 on, their read models are in the same schema `<schema>_vN`.
+pub(crate) fn other_projections_with_version(
+    client: &mut impl GenericClient,
+    name: &str,
+    version: u32,
+) -> Result<Vec<String>, Error> {
+    Ok(client
+        .query(
+            "SELECT projection FROM projector_projection_versions \
+             WHERE version = $1 AND projection <> $2 ORDER BY 1",
+            &[&i32::try_from(version).unwrap_or(i32::MAX), &name],
+        )
+        .map_err(Error::database("reading the other projections' versions"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
 }
 
 /// Refuses a new version `version` of `name` when another projection has a version of that
@@ -232,22 +251,18 @@ fn refuse_a_shared_version_schema(
     name: &str,
     version: u32,
 ) -> Result<(), Error> {
-    let rows = client
-        .query(
-            "SELECT projection, (SELECT MAX(version) FROM projector_projection_versions) \
-             FROM projector_projection_versions WHERE version = $1 AND projection <> $2 \
-             ORDER BY 1",
-            &[&i32::try_from(version).unwrap_or(i32::MAX), &name],
-        )
-        .map_err(Error::database("reading the other projections' versions"))?;
-    let Some(first) = rows.first() else {
+    let others = other_projections_with_version(client, name, version)?;
+    if others.is_empty() {
         return Ok(());
-    };
-    let highest: i32 = first.get(1);
-    let others: Vec<String> = rows
-        .iter()
-        .map(|row| format!("'{}'", row.get::<_, String>(0)))
-        .collect();
+    }
+    let highest: i32 = client
+        .query_one(
+            "SELECT MAX(version) FROM projector_projection_versions",
+            &[],
+        )
+        .map_err(Error::database("reading the highest version"))?
+        .get(0);
+    let others: Vec<String> = others.iter().map(|other| format!("'{other}'")).collect();
     Err(Error::invalid_setting(
         format!("the version of projection '{name}'"),
         version,
